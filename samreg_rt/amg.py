@@ -1,0 +1,165 @@
+"""Automatic mask generation on the decoder graph: a grid of prompts -> filtered masks.
+
+Follows SAM's automatic mask generator and the HuggingFace ``mask-generation`` pipeline that the
+reference code runs: predicted-IoU filter, stability score, binarisation at the mask threshold,
+box NMS. The encoder is never run here: the caller passes the image's embedding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from . import amg_utils, masks as mask_ops
+from .engine import Engine, ImageEmbedding
+from .preprocess import Frame
+from .spec import ModelSpec
+
+LOW_RES = 256
+
+
+@dataclass(frozen=True)
+class AmgParams:
+    """Parameters of automatic mask generation.
+
+    prompt_kind: ``points`` (a points_per_side^2 grid of single foreground points) or ``boxes``
+    (boxes of each size in ``box_sizes``, as fractions of the image side, centred on the grid).
+    mask_output: ``multimask`` uses SAM's three multimask outputs per prompt, ``single`` the
+    single-mask output. stability_on: ``original`` computes the stability score on logits
+    upscaled to the working grid (as SAM and the HF pipeline do); ``low_res`` on the 256x256
+    logits (cheaper; opt-in).
+    """
+
+    prompt_kind: str = "points"
+    points_per_side: int = 32
+    box_sizes: tuple[float, ...] = (0.1, 0.2, 0.4)
+    mask_output: str = "multimask"
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    mask_threshold: float = 0.0
+    box_nms_thresh: float = 0.7
+    batch_size: int = 64
+    stability_on: str = "original"
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, **overrides) -> "AmgParams":
+        """Defaults of a model: its prompt kind, mask output and thresholds."""
+        base = dict(prompt_kind=spec.prompt_kind, mask_output=spec.mask_output,
+                    pred_iou_thresh=spec.pred_iou_thresh,
+                    stability_score_thresh=spec.stability_score_thresh,
+                    mask_threshold=spec.mask_threshold)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+@dataclass
+class MaskSet:
+    """Masks of one image on the working grid, sorted by predicted IoU (descending).
+
+    masks: bool (N, H, W). iou_preds, stability: float32 (N,). boxes: float32 (N, 4) xyxy in
+    working-grid pixels (inclusive max, as SAM's mask-to-box). prompt_ids: int64 (N,) index of the
+    prompt that produced each mask. counts: how many candidates survived each stage.
+    """
+
+    masks: np.ndarray
+    iou_preds: np.ndarray
+    stability: np.ndarray
+    boxes: np.ndarray
+    prompt_ids: np.ndarray
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
+
+
+def build_prompts(params: AmgParams, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt grid in model-frame pixels.
+
+    Returns point_coords (B, 2, 2) and point_labels (B, 2): a foreground point plus SAM's padding
+    point (label -1) for ``points``; the two corners (labels 2, 3) for ``boxes``.
+    """
+    h, w = frame.original_shape
+    if params.prompt_kind == "points":
+        pts = amg_utils.point_grid(params.points_per_side) * np.array([w, h])
+        coords = np.stack([frame.to_model(pts), np.zeros_like(pts)], axis=1)
+        labels = np.tile(np.array([1.0, -1.0]), (len(pts), 1))
+    elif params.prompt_kind == "boxes":
+        boxes = amg_utils.box_grid(params.points_per_side, params.box_sizes) * np.array([w, h, w, h])
+        coords = frame.to_model(boxes.reshape(-1, 2, 2))
+        labels = np.tile(np.array([2.0, 3.0]), (len(boxes), 1))
+    else:
+        raise ValueError(f"prompt_kind {params.prompt_kind!r}: expected 'points' or 'boxes'")
+    return coords.astype(np.float32), labels.astype(np.float32)
+
+
+def upscale_logits(low: np.ndarray, frame: Frame, out_shape: tuple[int, int]) -> np.ndarray:
+    """Low-resolution logits (K, 256, 256) -> (K, H, W) on the working grid.
+
+    As SAM's ``postprocess_masks``: bilinear to S x S, crop the padding, bilinear to ``out_shape``.
+    """
+    k = low.shape[0]
+    out = np.empty((k, *out_shape), np.float32)
+    s = frame.input_size
+    h, w = frame.resized_shape
+    for start in range(0, k, 256):  # OpenCV resizes at most 512 channels at once
+        chunk = np.ascontiguousarray(low[start:start + 256].transpose(1, 2, 0))
+        big = cv2.resize(chunk, (s, s), interpolation=cv2.INTER_LINEAR)
+        big = big.reshape(s, s, -1)[:h, :w]
+        small = cv2.resize(np.ascontiguousarray(big), (out_shape[1], out_shape[0]),
+                           interpolation=cv2.INTER_LINEAR)
+        out[start:start + 256] = small.reshape(*out_shape, -1).transpose(2, 0, 1)
+    return out
+
+
+def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
+             out_shape: tuple[int, int] | None = None) -> MaskSet:
+    """Run the prompt grid through the decoder and filter the masks.
+
+    emb: the image's embedding (from ``Engine.embed``); out_shape: (H, W) of the working grid
+    on which masks are returned (default: the image's own shape).
+    """
+    frame = emb.frame
+    out_shape = tuple(out_shape or frame.original_shape)
+    coords, labels = build_prompts(params, frame)
+    outputs = [1, 2, 3] if params.mask_output == "multimask" else [0]
+    valid = (int(np.ceil(frame.resized_shape[0] * LOW_RES / frame.input_size)),
+             int(np.ceil(frame.resized_shape[1] * LOW_RES / frame.input_size)))
+    kept_masks, kept_iou, kept_stab, kept_ids = [], [], [], []
+    counts = {"prompts": len(coords), "candidates": 0, "pred_iou": 0, "stability": 0}
+    for start in range(0, len(coords), params.batch_size):
+        iou, low = engine.decode(emb.embedding, coords[start:start + params.batch_size],
+                                 labels[start:start + params.batch_size], batch_size=params.batch_size)
+        iou = iou[:, outputs].reshape(-1)
+        low = low[:, outputs].reshape(-1, LOW_RES, LOW_RES)
+        ids = np.repeat(np.arange(start, start + len(coords[start:start + params.batch_size])), len(outputs))
+        counts["candidates"] += len(iou)
+        keep = iou > params.pred_iou_thresh if params.pred_iou_thresh > 0 else np.ones(len(iou), bool)
+        counts["pred_iou"] += int(keep.sum())
+        iou, low, ids = iou[keep], low[keep], ids[keep]
+        if params.stability_on == "low_res":
+            stab = mask_ops.stability_scores(np.ascontiguousarray(low[:, :valid[0], :valid[1]]),
+                                             params.mask_threshold, params.stability_score_offset)
+            keep = stab > params.stability_score_thresh if params.stability_score_thresh > 0 else np.ones(len(iou), bool)
+            iou, low, ids, stab = iou[keep], low[keep], ids[keep], stab[keep]
+            up = upscale_logits(low, frame, out_shape)
+        else:
+            up = upscale_logits(low, frame, out_shape)
+            stab = mask_ops.stability_scores(up, params.mask_threshold, params.stability_score_offset)
+            keep = stab > params.stability_score_thresh if params.stability_score_thresh > 0 else np.ones(len(iou), bool)
+            iou, up, ids, stab = iou[keep], up[keep], ids[keep], stab[keep]
+        counts["stability"] += len(iou)
+        kept_masks.append(up > params.mask_threshold)
+        kept_iou.append(iou)
+        kept_stab.append(stab)
+        kept_ids.append(ids)
+    masks = np.concatenate(kept_masks) if kept_masks else np.zeros((0, *out_shape), bool)
+    iou = np.concatenate(kept_iou).astype(np.float32) if kept_iou else np.zeros(0, np.float32)
+    stab = np.concatenate(kept_stab).astype(np.float32) if kept_stab else np.zeros(0, np.float32)
+    ids = np.concatenate(kept_ids).astype(np.int64) if kept_ids else np.zeros(0, np.int64)
+    boxes = amg_utils.batched_mask_to_box(masks).astype(np.float32)
+    order = mask_ops.box_nms(boxes, iou, params.box_nms_thresh)
+    counts["nms"] = len(order)
+    return MaskSet(masks=masks[order], iou_preds=iou[order], stability=stab[order],
+                   boxes=boxes[order], prompt_ids=ids[order], counts=counts)

@@ -1,0 +1,264 @@
+"""ONNX Runtime engine: verified graphs, one session per graph, ``embed`` and ``decode``."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import InputError, ManifestError, ModelError, ModelNotAvailableError
+from .io import validate_image
+from .manifest import read_manifest
+from .preprocess import Frame, to_model_input
+from .spec import ModelSpec
+
+log = logging.getLogger("samreg_rt")
+
+PROVIDER_ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+ENCODER_IO = (("image",), ("image_embeddings",))
+DECODER_IO = (("image_embeddings", "point_coords", "point_labels"), ("iou_predictions", "low_res_masks"))
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """Encoder output for one image: embedding (C, 64, 64) float32 and the image's frame."""
+
+    embedding: np.ndarray
+    frame: Frame
+
+
+def select_providers(requested: str | Sequence[str] = "auto") -> list[str]:
+    """Execution providers to use, best first.
+
+    ``auto`` takes TensorRT > CUDA > CPU from what this ONNX Runtime build offers; otherwise a
+    name (``tensorrt``, ``cuda``, ``cpu`` or ORT's own provider names) or a list of them, each of
+    which must be available (``ModelError`` otherwise). CPU is always appended as the fallback.
+    """
+    available = ort.get_available_providers()
+    if requested == "auto":
+        chosen = [p for p in PROVIDER_PREFERENCE if p in available]
+    else:
+        names = [requested] if isinstance(requested, str) else list(requested)
+        chosen = []
+        for name in names:
+            full = PROVIDER_ALIASES.get(name.lower(), name)
+            if full not in available:
+                raise ModelError(
+                    f"execution provider {name!r} is not available in this onnxruntime build "
+                    f"(available: {', '.join(available)})"
+                )
+            chosen.append(full)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def resolve_model_dir(model: str | os.PathLike) -> Path:
+    """A registry name, an exported model directory, an HF ``SamModel`` directory or a Meta
+    ``.pth`` -> the directory holding manifest.json and the graphs.
+
+    Names and checkpoints not yet exported are exported into the cache on first use, in a
+    separate process (the runtime never imports torch); without the export extra this raises
+    ``ModelNotAvailableError`` saying how to install it.
+    """
+    from samreg_rt.models import REGISTRY, cache_dir
+
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return path
+    if text in REGISTRY:
+        target = cache_dir() / text
+        if (target / "manifest.json").is_file():
+            return target
+        return _export(REGISTRY[text].source, target, name=text)
+    if path.is_dir() and (path / "config.json").is_file() or path.is_file() and path.suffix in (".pth", ".pt"):
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        target = cache_dir() / f"local-{path.stem}-{digest}"
+        if (target / "manifest.json").is_file():
+            return target
+        source = f"hf:{path}" if path.is_dir() else str(path)
+        return _export(source, target, name=path.stem)
+    if path.exists():
+        raise ModelError(
+            f"{path}: not a model: expected an exported model directory (with manifest.json), an HF "
+            "SamModel directory (with config.json) or a Meta .pth / MobileSAM .pt checkpoint"
+        )
+    raise ModelNotAvailableError(
+        f"unknown model {text!r}: not a registry name ({', '.join(sorted(REGISTRY))}) and no such path"
+    )
+
+
+def _export(source: str, target: Path, name: str) -> Path:
+    try:
+        import importlib.util
+
+        has_export = importlib.util.find_spec("torch") is not None
+    except ValueError:
+        has_export = False
+    if not has_export:
+        raise ModelNotAvailableError(
+            f"model {name!r} is not exported yet (looked in {target}) and the export extra is not "
+            "installed: run `pip install -e .[export]` (see README) or pass --model DIR of an "
+            "exported model"
+        )
+    log.info("exporting %s to %s (first use)", source, target)
+    cmd = [sys.executable, "-m", "samreg_export", "--model", source, "--out", str(target), "--name", name]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise ModelNotAvailableError(f"exporting {source!r} failed: {tail[0]}")
+    return target
+
+
+class Engine:
+    """Loaded encoder and decoder sessions of one exported model.
+
+    Create with ``Engine.load``. ``embed`` runs the encoder once per image; ``decode`` runs the
+    decoder on batches of prompts against one embedding.
+    """
+
+    def __init__(self, model_dir: Path, manifest: dict, spec: ModelSpec, precision: str,
+                 encoder: ort.InferenceSession, decoder: ort.InferenceSession, providers: list[str]):
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.manifest_sha256 = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()
+        self.spec = spec
+        self.precision = precision
+        self.encoder = encoder
+        self.decoder = decoder
+        self.providers = providers
+
+    @classmethod
+    def load(cls, model: str | os.PathLike, providers: str | Sequence[str] = "auto",
+             threads: int | None = None, precision: str = "fp32") -> "Engine":
+        """Load and verify a model (see ``resolve_model_dir``) and create its sessions.
+
+        Every graph file is hashed and checked against the manifest before a session is built
+        from those same bytes (``ManifestError`` names the file on mismatch).
+        ``threads``: intra-op threads (None: ONNX Runtime's default).
+        """
+        model_dir = resolve_model_dir(model)
+        manifest = read_manifest(model_dir)
+        graphs = manifest.get("graphs", {})
+        if precision not in graphs:
+            raise ModelError(
+                f"{model_dir / 'manifest.json'}: no {precision!r} graphs (has {', '.join(sorted(graphs))})"
+            )
+        try:
+            spec = ModelSpec.from_dict(manifest["spec"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"{model_dir / 'manifest.json'}: invalid model spec ({exc})") from None
+        chosen = select_providers(providers)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        sessions = []
+        for role, (inputs, outputs) in (("encoder", ENCODER_IO), ("decoder", DECODER_IO)):
+            entry = graphs[precision].get(role)
+            if entry is None:
+                raise ManifestError(f"{model_dir / 'manifest.json'}: no {role} graph for {precision}")
+            path = model_dir / entry["file"]
+            data = _read_verified(path, entry)
+            sessions.append(_session(path, data, options, chosen, inputs, outputs, model_dir, precision))
+        log.info("loaded %s (%s) with %s", manifest.get("name"), precision, sessions[0].get_providers()[0])
+        return cls(model_dir, manifest, spec, precision, sessions[0], sessions[1], sessions[0].get_providers())
+
+    @property
+    def provider(self) -> str:
+        """The execution provider that runs the encoder."""
+        return self.providers[0]
+
+    def embed(self, image: np.ndarray, name: str = "image") -> ImageEmbedding:
+        """Encode one image (HxW or HxWxC array, see ``io.validate_image``) -> ``ImageEmbedding``."""
+        array = validate_image(image, name)
+        tensor, frame = to_model_input(array, self.spec)
+        (embedding,) = self.encoder.run(None, {"image": tensor})
+        return ImageEmbedding(embedding=embedding[0], frame=frame)
+
+    def decode(self, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray,
+               batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Run the mask decoder on B prompts of N points each.
+
+        embedding: (C, 64, 64) or (1, C, 64, 64) float32.
+        point_coords: (B, N, 2) float, (x, y) in pixels of the S x S model frame.
+        point_labels: (B, N), 1 foreground, 0 background, -1 padding, 2/3 box corners.
+        Returns iou_predictions (B, 4) and low-resolution mask logits (B, 4, 256, 256), float32;
+        output 0 is the single-mask output, 1..3 the multimask outputs.
+        """
+        emb = np.ascontiguousarray(embedding, np.float32)
+        if emb.ndim == 3:
+            emb = emb[None]
+        coords = np.asarray(point_coords, np.float32)
+        labels = np.asarray(point_labels, np.float32)
+        if emb.ndim != 4 or emb.shape[0] != 1:
+            raise InputError(f"embedding: expected (C, 64, 64) or (1, C, 64, 64), got {embedding.shape}")
+        if coords.ndim != 3 or coords.shape[2] != 2 or labels.shape != coords.shape[:2]:
+            raise InputError(
+                f"prompts: expected point_coords (B, N, 2) and point_labels (B, N), got "
+                f"{coords.shape} and {labels.shape}"
+            )
+        if not (np.isfinite(coords).all() and np.isin(labels, (-1, 0, 1, 2, 3)).all()):
+            raise InputError("prompts: coordinates must be finite and labels in {-1, 0, 1, 2, 3}")
+        b = coords.shape[0]
+        if b == 0:
+            return np.zeros((0, 4), np.float32), np.zeros((0, 4, 256, 256), np.float32)
+        ious, masks = [], []
+        for start in range(0, b, max(1, batch_size)):
+            stop = start + max(1, batch_size)
+            iou, low = self.decoder.run(None, {"image_embeddings": emb,
+                                               "point_coords": coords[start:stop],
+                                               "point_labels": labels[start:stop]})
+            ious.append(iou)
+            masks.append(low)
+        return np.concatenate(ious), np.concatenate(masks)
+
+
+def _read_verified(path: Path, entry: dict) -> bytes:
+    if not path.is_file():
+        raise ManifestError(f"{path}: graph file listed in the manifest is missing")
+    data = path.read_bytes()
+    if len(data) != entry.get("bytes", len(data)):
+        raise ManifestError(f"{path}: size {len(data)} bytes, manifest says {entry['bytes']} (file changed?)")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry.get("sha256"):
+        raise ManifestError(f"{path}: sha256 {digest} does not match the manifest ({entry.get('sha256')})")
+    return data
+
+
+def _session(path: Path, data: bytes, options: ort.SessionOptions, providers: list[str],
+             inputs: tuple[str, ...], outputs: tuple[str, ...], model_dir: Path,
+             precision: str) -> ort.InferenceSession:
+    provider_args = []
+    for name in providers:
+        if name == "TensorrtExecutionProvider":
+            cache = model_dir / "trt_cache"
+            provider_args.append((name, {"trt_engine_cache_enable": True,
+                                         "trt_engine_cache_path": str(cache),
+                                         "trt_fp16_enable": precision == "fp16"}))
+        else:
+            provider_args.append(name)
+    try:
+        session = ort.InferenceSession(data, sess_options=options, providers=provider_args)
+    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: not a loadable ONNX graph ({first[:300]})") from None
+    got_in = tuple(i.name for i in session.get_inputs())
+    got_out = tuple(o.name for o in session.get_outputs())
+    if got_in != inputs or got_out != outputs:
+        raise ModelError(f"{path}: graph has inputs {got_in} and outputs {got_out}; expected {inputs} and {outputs}")
+    return session

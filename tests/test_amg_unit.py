@@ -1,0 +1,84 @@
+"""Automatic mask generation pieces that need no model: prompt grids, logit upscaling, pooling
+weights in the padded model frame, and the generator on a scripted decoder."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from samreg_rt import amg
+from samreg_rt.engine import ImageEmbedding
+from samreg_rt.pipeline import embedding_weights
+from samreg_rt.preprocess import Frame
+
+
+def test_point_prompts_in_model_frame_with_padding_point():
+    frame = Frame((200, 400), (512, 1024), 1024)
+    coords, labels = amg.build_prompts(amg.AmgParams(points_per_side=4), frame)
+    assert coords.shape == (16, 2, 2) and labels.shape == (16, 2)
+    assert np.all(labels[:, 0] == 1) and np.all(labels[:, 1] == -1) and np.all(coords[:, 1] == 0)
+    np.testing.assert_allclose(coords[0, 0], [0.125 * 1024, 0.125 * 512])
+
+
+def test_box_prompts_corners():
+    frame = Frame((100, 100), (256, 256), 256)
+    coords, labels = amg.build_prompts(amg.AmgParams(prompt_kind="boxes", points_per_side=2, box_sizes=(0.2,)), frame)
+    assert coords.shape == (4, 2, 2) and np.all(labels == [2, 3])
+    np.testing.assert_allclose(coords[0], [[0.15 * 256, 0.15 * 256], [0.35 * 256, 0.35 * 256]], atol=1e-4)
+
+
+def test_upscale_matches_sam_postprocess():
+    """SAM/HF post_process_masks: bilinear to SxS, crop padding, bilinear to the original size."""
+    rng = np.random.default_rng(0)
+    low = rng.normal(size=(5, 256, 256)).astype(np.float32)
+    frame = Frame((216, 256), (864, 1024), 1024)
+    ours = amg.upscale_logits(low, frame, (216, 256))
+    t = F.interpolate(torch.from_numpy(low)[None], (1024, 1024), mode="bilinear", align_corners=False)
+    t = F.interpolate(t[..., :864, :1024], (216, 256), mode="bilinear", align_corners=False)[0].numpy()
+    np.testing.assert_allclose(ours, t, atol=1e-4)
+
+
+def test_area_weights_respect_padding():
+    frame = Frame((100, 200), (128, 256), 256)  # bottom half of the model frame is padding
+    emb = ImageEmbedding(np.zeros((4, 64, 64), np.float32), frame)
+    full = np.ones((1, 100, 200), bool)
+    w = embedding_weights(full, emb, "area")
+    assert w.shape == (1, 64, 64)
+    np.testing.assert_allclose(w[0, :32], 1.0)
+    np.testing.assert_allclose(w[0, 32:], 0.0)
+    left = np.zeros((1, 100, 200), bool)
+    left[:, :, :100] = True
+    np.testing.assert_allclose(embedding_weights(left, emb, "area").sum(), 32 * 32, rtol=1e-6)
+
+
+class _ScriptedEngine:
+    """Decoder that returns a disk per prompt whose logit scale and IoU we choose."""
+
+    def __init__(self, ious):
+        self.ious = np.asarray(ious, np.float32)
+        self.calls = 0
+
+    def decode(self, embedding, coords, labels, batch_size=64):
+        b = len(coords)
+        yy, xx = np.mgrid[:256, :256]
+        low = np.empty((b, 4, 256, 256), np.float32)
+        for i in range(b):
+            cx, cy = coords[i, 0] * 256 / 1024
+            low[i] = 10.0 * (12 ** 2 - (xx - cx) ** 2 - (yy - cy) ** 2) / 12 ** 2
+        iou = np.repeat(self.ious[self.calls:self.calls + b, None], 4, axis=1)
+        self.calls += b
+        return iou, low
+
+
+def test_generate_filters_and_nms():
+    frame = Frame((256, 256), (1024, 1024), 1024)
+    emb = ImageEmbedding(np.zeros((256, 64, 64), np.float32), frame)
+    params = amg.AmgParams(points_per_side=2, mask_output="single", pred_iou_thresh=0.5,
+                           stability_score_thresh=0.5, batch_size=3)
+    ious = [0.9, 0.4, 0.95, 0.7]
+    out = amg.generate(_ScriptedEngine(ious), emb, params)
+    assert out.counts["prompts"] == 4 and out.counts["pred_iou"] == 3
+    assert list(out.prompt_ids) == [2, 0, 3]           # sorted by predicted IoU, disjoint disks
+    assert out.masks.shape == (3, 256, 256) and out.masks.dtype == bool
+    assert np.all(np.diff(out.iou_preds) <= 0)
