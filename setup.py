@@ -10,6 +10,7 @@ RUNTIME = [
     "nibabel==5.4.2",
     "tqdm==4.70.1",
     "scipy==1.17.1",
+    "pillow==13.0.0",
 ]
 EXTRAS = {
     "gpu": ["onnxruntime-gpu==1.31.1"],

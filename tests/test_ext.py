@@ -1,0 +1,470 @@
+"""The native kernels (samreg_rt._ext) against their numpy twins (tests/twins.py), against
+SAM's own helpers where torch is installed, argument validation, and samreg_rt.amg_utils."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests import twins
+from samreg_rt import _ext, amg_utils, masks
+from samreg_rt.errors import InputError
+
+MASK_SHAPES = [(0, 5, 7), (1, 1, 1), (3, 8, 8), (4, 13, 17), (2, 1, 65), (3, 0, 5), (5, 64, 64),
+               (2, 256, 256), (3, 200, 200)]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="module")
+def sam_amg():
+    """segment_anything/utils/amg.py loaded on its own (the package __init__ needs torchvision)."""
+    torch = pytest.importorskip("torch")
+    spec = importlib.util.find_spec("segment_anything")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("segment-anything is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "utils" / "amg.py"
+    module_spec = importlib.util.spec_from_file_location("_sam_amg", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module, torch
+
+
+def random_masks(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
+    """Masks with varied density, including an empty and a full one when there is room."""
+    n = shape[0]
+    density = rng.uniform(0, 1, size=(n, 1, 1))
+    masks_ = rng.uniform(size=shape) < density
+    if n >= 3:
+        masks_[0] = False
+        masks_[1] = True
+    return masks_
+
+
+# ------------------------------------------------------------------------------------------------
+# Packing, areas, overlap matrices
+
+@pytest.mark.parametrize("shape", MASK_SHAPES)
+def test_pack_unpack_match_twin(rng, shape):
+    m = random_masks(rng, shape)
+    packed = _ext.pack_masks(m)
+    np.testing.assert_array_equal(packed, twins.pack_masks(m))
+    assert packed.dtype == np.uint64 and packed.shape == (shape[0], -(-shape[1] * shape[2] // 64))
+    np.testing.assert_array_equal(_ext.unpack_masks(packed, shape[1], shape[2]), m)
+    np.testing.assert_array_equal(twins.unpack_masks(packed, shape[1], shape[2]), m)
+
+
+def test_pack_bit_layout():
+    m = np.zeros((1, 3, 50), dtype=bool)  # 150 pixels -> 3 words
+    m[0, 0, 0] = m[0, 1, 14] = m[0, 2, 49] = True  # pixels 0, 64, 149
+    packed = _ext.pack_masks(m)
+    np.testing.assert_array_equal(packed, np.array([[1, 1, 1 << 21]], dtype=np.uint64))
+
+
+def test_pack_treats_any_nonzero_byte_as_true():
+    raw = np.array([[[0, 1, 2, 255, 128, 0, 7, 0, 1]]], dtype=np.uint8)
+    m = raw.view(bool)
+    np.testing.assert_array_equal(_ext.pack_masks(m), [[0b101011110]])
+
+
+@pytest.mark.parametrize("shape", MASK_SHAPES)
+def test_overlap_kernels_match_twins(rng, shape):
+    a = _ext.pack_masks(random_masks(rng, shape))
+    b = _ext.pack_masks(random_masks(rng, (shape[0] + 1,) + shape[1:]))
+    np.testing.assert_array_equal(_ext.mask_areas(a), twins.mask_areas(a))
+    for name in ("intersection_matrix", "iou_matrix", "containment_matrix"):
+        got, want = getattr(_ext, name)(a, b), getattr(twins, name)(a, b)
+        assert got.dtype == want.dtype and got.shape == (len(a), len(b))
+        np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_overlap_values_by_hand():
+    a = np.zeros((3, 4, 5), dtype=bool)
+    a[0, :2] = True             # 10 px
+    a[1, :1, :2] = True         # 2 px, inside a[0]
+    b = np.zeros((2, 4, 5), dtype=bool)
+    b[0, 1:3] = True            # 10 px, 5 shared with a[0]
+    pa, pb = _ext.pack_masks(a), _ext.pack_masks(b)
+    np.testing.assert_array_equal(_ext.mask_areas(pa), [10, 2, 0])
+    np.testing.assert_array_equal(_ext.intersection_matrix(pa, pb), [[5, 0], [0, 0], [0, 0]])
+    iou = _ext.iou_matrix(pa, pb)
+    assert iou[0, 0] == np.float32(5 / 15) and iou[2, 1] == 0.0  # empty vs empty -> 0
+    cont = _ext.containment_matrix(pa, pa)
+    assert cont[0, 1] == 1.0 and cont[1, 0] == 1.0 and cont[2, 2] == 0.0
+
+
+def test_overlap_of_empty_sets():
+    empty = np.zeros((0, 3), dtype=np.uint64)
+    some = np.ones((2, 3), dtype=np.uint64)
+    assert _ext.iou_matrix(empty, some).shape == (0, 2)
+    assert _ext.containment_matrix(some, empty).shape == (2, 0)
+    assert _ext.intersection_matrix(empty, empty).shape == (0, 0)
+    assert _ext.mask_areas(empty).shape == (0,)
+
+
+# ------------------------------------------------------------------------------------------------
+# NMS
+
+def random_boxes(rng: np.random.Generator, n: int, tie_levels: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    xy = rng.uniform(0, 200, size=(n, 2))
+    wh = rng.uniform(1, 80, size=(n, 2))
+    boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+    if tie_levels:
+        scores = rng.integers(0, tie_levels, size=n).astype(np.float32) / tie_levels
+    else:
+        scores = rng.uniform(size=n).astype(np.float32)
+    return boxes, scores
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 10, 300, 2000])
+@pytest.mark.parametrize("thresh", [0.0, 0.3, 0.7, 1.0])
+def test_nms_matches_twin(rng, n, thresh):
+    for tie_levels in (None, 3):
+        boxes, scores = random_boxes(rng, n, tie_levels)
+        got = _ext.box_nms(boxes, scores, thresh)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, twins.box_nms(boxes, scores, thresh))
+
+
+def test_nms_by_hand():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10]],
+                     dtype=np.float32)
+    scores = np.array([0.8, 0.9, 0.7, 0.9], dtype=np.float32)
+    # visit order 1, 3 (tie: index order), 0, 2; IoU(1, 3) = IoU(1, 0) = 81 / 119
+    np.testing.assert_array_equal(_ext.box_nms(boxes, scores, 0.5), [1, 2])
+    np.testing.assert_array_equal(_ext.box_nms(boxes, scores, 0.99), [1, 3, 2])
+
+
+def test_nms_suppresses_strictly_above_threshold():
+    boxes = np.array([[0, 0, 2, 1], [1, 0, 3, 1]], dtype=np.float32)  # IoU exactly 1/3
+    scores = np.array([0.5, 0.4], dtype=np.float32)
+    np.testing.assert_array_equal(_ext.box_nms(boxes, scores, np.float32(1 / 3)), [0, 1])
+    np.testing.assert_array_equal(_ext.box_nms(boxes, scores, 0.3), [0])
+    # float32 IoU 0.33333334 against the float64 threshold 0.333...: above it, as in torchvision
+    np.testing.assert_array_equal(_ext.box_nms(boxes, scores, 1 / 3), [0])
+    np.testing.assert_array_equal(twins.box_nms(boxes, scores, 1 / 3), [0])
+
+
+def test_nms_zero_area_boxes_are_never_suppressed():
+    boxes = np.array([[5, 5, 5, 5], [5, 5, 5, 5], [0, 0, 10, 0]], dtype=np.float32)
+    scores = np.array([0.3, 0.2, 0.1], dtype=np.float32)  # IoU 0/0 = NaN is not > thresh
+    np.testing.assert_array_equal(_ext.box_nms(boxes, scores, 0.0), [0, 1, 2])
+    np.testing.assert_array_equal(twins.box_nms(boxes, scores, 0.0), [0, 1, 2])
+
+
+# ------------------------------------------------------------------------------------------------
+# Stability score
+
+@pytest.mark.parametrize("shape", [(0, 4, 4), (1, 1, 1), (5, 37, 41), (8, 256, 256)])
+@pytest.mark.parametrize("threshold, offset", [(0.0, 1.0), (0.1, 0.3), (-0.7, 0.05)])
+def test_stability_matches_twin(rng, shape, threshold, offset):
+    logits = rng.normal(0, 3, size=shape).astype(np.float32)
+    if shape[0]:
+        logits[0] = -10.0  # empty at both thresholds: 0/0
+    got = _ext.stability_scores(logits, threshold, offset)
+    np.testing.assert_array_equal(got, twins.stability_scores(logits, threshold, offset))
+    if shape[0]:
+        assert np.isnan(got[0])
+
+
+def test_stability_is_strict_and_rounds_thresholds_to_float32():
+    # 0.1 + 0.3 = 0.4000000000000001 < float(float32(0.4)): compared in float64 the float32(0.4)
+    # logit would pass the upper threshold; in float32 (as torch does) it does not (strict >).
+    assert float(np.float32(0.4)) > 0.1 + 0.3
+    logits = np.array([[[np.float32(0.4), 1.0, -1.0, 0.0]]], dtype=np.float32)
+    assert _ext.stability_scores(logits, 0.1, 0.3)[0] == np.float32(1) / np.float32(3)
+
+
+def test_stability_matches_sam(rng, sam_amg):
+    amg, torch = sam_amg
+    logits = rng.normal(0, 2, size=(6, 64, 64)).astype(np.float32)
+    logits[2] = -5
+    logits[3, :3, :3] = 1.0  # exactly at the upper threshold
+    for t, off in [(0.0, 1.0), (0.2, 0.7)]:
+        want = amg.calculate_stability_score(torch.from_numpy(logits), t, off).numpy()
+        np.testing.assert_array_equal(_ext.stability_scores(logits, t, off), want)
+
+
+# ------------------------------------------------------------------------------------------------
+# Greedy matching
+
+def reference_greedy(sim: np.ndarray, threshold: float, num_pair: int, torch) -> np.ndarray:
+    """SAMReg RoiMatching._roi_match, torch, as in the reference (blanking with -1)."""
+    matrix = torch.from_numpy(sim.copy())
+    pairs = []
+    while torch.any(matrix > threshold):
+        max_idx = torch.argmax(matrix)
+        i, j = int(max_idx // matrix.shape[1]), int(max_idx % matrix.shape[1])
+        if matrix[i, j] > threshold:
+            pairs.append((i, j))
+        matrix[i, :] = -1
+        matrix[:, j] = -1
+    if num_pair > 0 and len(pairs) >= num_pair:
+        pairs = pairs[:num_pair]
+    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (0, 5), (4, 0), (1, 1), (7, 3), (3, 7), (60, 60)])
+@pytest.mark.parametrize("max_pairs", [0, 1, 2, 100])
+def test_greedy_matches_twin(rng, shape, max_pairs):
+    for quantised in (False, True):  # quantised: many exact ties
+        sim = rng.uniform(-1, 1, size=shape)
+        if quantised:
+            sim = np.round(sim * 4) / 4
+        sim = sim.astype(np.float32)
+        for thr in (-1.0, 0.0, 0.5, 0.8):
+            pairs, values = _ext.greedy_match(sim, thr, max_pairs)
+            want_pairs, want_values = twins.greedy_match(sim, thr, max_pairs)
+            np.testing.assert_array_equal(pairs, want_pairs)
+            np.testing.assert_array_equal(values, want_values)
+            assert pairs.dtype == np.int64 and values.dtype == np.float32
+            np.testing.assert_array_equal(values, sim[pairs[:, 0], pairs[:, 1]])
+            assert np.all(np.diff(values) <= 0)
+
+
+def test_greedy_ties_take_row_major_first():
+    sim = np.array([[0.5, 0.9, 0.9], [0.9, 0.9, 0.1], [0.2, 0.3, 0.9]], dtype=np.float32)
+    pairs, values = _ext.greedy_match(sim, 0.4, 0)
+    np.testing.assert_array_equal(pairs, [[0, 1], [1, 0], [2, 2]])
+    np.testing.assert_array_equal(values, np.float32([0.9, 0.9, 0.9]))
+
+
+def test_greedy_threshold_compared_in_float32():
+    sim = np.array([[0.8, 0.81]], dtype=np.float32)
+    pairs, _ = _ext.greedy_match(sim, 0.8, 0)  # float32(0.8) is not > float32(0.8)
+    np.testing.assert_array_equal(pairs, [[0, 1]])
+    pairs, _ = _ext.greedy_match(sim[:, :1].copy(), 0.8, 0)
+    assert pairs.shape == (0, 2)
+
+
+def test_greedy_matches_reference_loop(rng, sam_amg):
+    _, torch = sam_amg
+    for _ in range(20):
+        sim = (np.round(rng.uniform(-1, 1, size=(rng.integers(1, 30), rng.integers(1, 30))) * 8)
+               / 8).astype(np.float32)
+        for thr, num_pair in [(0.8, 0), (0.25, 0), (0.0, 3)]:
+            pairs, _ = _ext.greedy_match(sim, thr, num_pair)
+            np.testing.assert_array_equal(pairs, reference_greedy(sim, thr, num_pair, torch))
+
+
+# ------------------------------------------------------------------------------------------------
+# Property tests on random shapes
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 6), h=st.integers(0, 40), w=st.integers(0, 40),
+       seed=st.integers(0, 2**32 - 1))
+def test_property_packing_and_overlaps(n, h, w, seed):
+    rng = np.random.default_rng(seed)
+    m = rng.uniform(size=(n, h, w)) < rng.uniform()
+    packed = _ext.pack_masks(m)
+    np.testing.assert_array_equal(packed, twins.pack_masks(m))
+    np.testing.assert_array_equal(_ext.unpack_masks(packed, h, w), m)
+    np.testing.assert_array_equal(_ext.mask_areas(packed), m.sum(axis=(1, 2)))
+    np.testing.assert_array_equal(_ext.iou_matrix(packed, packed), twins.iou_matrix(packed, packed))
+    np.testing.assert_array_equal(_ext.containment_matrix(packed, packed),
+                                  twins.containment_matrix(packed, packed))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 60), levels=st.integers(1, 5), thresh=st.floats(0, 1),
+       seed=st.integers(0, 2**32 - 1))
+def test_property_nms(n, levels, thresh, seed):
+    boxes, scores = random_boxes(np.random.default_rng(seed), n, levels)
+    np.testing.assert_array_equal(_ext.box_nms(boxes, scores, thresh),
+                                  twins.box_nms(boxes, scores, thresh))
+
+
+@settings(max_examples=100, deadline=None)
+@given(n1=st.integers(0, 12), n2=st.integers(0, 12), levels=st.integers(1, 6),
+       thresh=st.floats(-1, 1), max_pairs=st.integers(-1, 5), seed=st.integers(0, 2**32 - 1))
+def test_property_greedy(n1, n2, levels, thresh, max_pairs, seed):
+    rng = np.random.default_rng(seed)
+    sim = (rng.integers(-levels, levels + 1, size=(n1, n2)) / levels).astype(np.float32)
+    got = _ext.greedy_match(sim, thresh, max_pairs)
+    want = twins.greedy_match(sim, thresh, max_pairs)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    rows, cols = got[0].T
+    assert len(set(rows.tolist())) == len(rows) and len(set(cols.tolist())) == len(cols)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 5), h=st.integers(1, 30), w=st.integers(1, 30),
+       threshold=st.floats(-2, 2), offset=st.floats(0, 2), seed=st.integers(0, 2**32 - 1))
+def test_property_stability(n, h, w, threshold, offset, seed):
+    logits = np.random.default_rng(seed).normal(0, 2, size=(n, h, w)).astype(np.float32)
+    np.testing.assert_array_equal(_ext.stability_scores(logits, threshold, offset),
+                                  twins.stability_scores(logits, threshold, offset))
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument validation, in C++ and in the Python wrappers
+
+def _calls(packed: np.ndarray):
+    return {
+        "pack_masks": lambda x: _ext.pack_masks(x),
+        "unpack_masks": lambda x: _ext.unpack_masks(x, 4, 4),
+        "mask_areas": lambda x: _ext.mask_areas(x),
+        "iou_matrix": lambda x: _ext.iou_matrix(x, packed),
+        "containment_matrix": lambda x: _ext.containment_matrix(packed, x),
+        "intersection_matrix": lambda x: _ext.intersection_matrix(x, packed),
+        "stability_scores": lambda x: _ext.stability_scores(x, 0.0, 1.0),
+        "greedy_match": lambda x: _ext.greedy_match(x, 0.5, 0),
+    }
+
+
+GOOD = {
+    "pack_masks": np.zeros((2, 4, 4), bool), "unpack_masks": np.zeros((2, 1), np.uint64),
+    "mask_areas": np.zeros((2, 1), np.uint64), "iou_matrix": np.zeros((2, 1), np.uint64),
+    "containment_matrix": np.zeros((2, 1), np.uint64),
+    "intersection_matrix": np.zeros((2, 1), np.uint64),
+    "stability_scores": np.zeros((2, 4, 4), np.float32),
+    "greedy_match": np.zeros((4, 4), np.float32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_kernels_reject_bad_arrays(name):
+    call = _calls(np.zeros((3, 1), np.uint64))[name]
+    good = GOOD[name]
+    call(good)  # accepted
+    wrong_dtype = good.astype(np.float64 if good.dtype != np.float64 else np.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        call(wrong_dtype)
+    with pytest.raises(TypeError, match="ndarray"):
+        call(good.tolist())
+    with pytest.raises(ValueError, match="dimensions"):
+        call(good[None])
+    strided = np.repeat(good, 2, axis=-1)[..., ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        call(strided)
+    if good.dtype.itemsize > 1:
+        with pytest.raises(TypeError, match="dtype"):
+            call(good.astype(good.dtype.newbyteorder()))
+
+
+def test_kernels_reject_bad_shapes_and_values():
+    a, b = np.zeros((2, 3), np.uint64), np.zeros((2, 4), np.uint64)
+    for fn in (_ext.iou_matrix, _ext.containment_matrix, _ext.intersection_matrix):
+        with pytest.raises(ValueError, match="mismatched word counts"):
+            fn(a, b)
+    with pytest.raises(ValueError, match="needs 2"):
+        _ext.unpack_masks(np.zeros((1, 3), np.uint64), 10, 10)
+    with pytest.raises(ValueError, match=">= 0"):
+        _ext.unpack_masks(np.zeros((1, 0), np.uint64), -1, 0)
+    boxes = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="one per box"):
+        _ext.box_nms(boxes, np.zeros(2, np.float32), 0.5)
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        _ext.box_nms(np.zeros((3, 5), np.float32), np.zeros(3, np.float32), 0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        _ext.box_nms(boxes, np.array([0, np.nan, 1], np.float32), 0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        _ext.greedy_match(np.array([[np.nan]], np.float32), 0.5, 0)
+    with pytest.raises(TypeError, match="dtype"):
+        _ext.box_nms(boxes.astype(np.float64), np.zeros(3, np.float32), 0.5)
+
+
+def test_kernels_reject_unaligned_data():
+    unaligned = np.zeros(17, np.uint8)[1:].view(np.uint64).reshape(2, 1)
+    assert unaligned.flags.c_contiguous and not unaligned.flags.aligned
+    with pytest.raises(ValueError, match="not aligned"):
+        _ext.mask_areas(unaligned)
+
+
+def test_wrappers_validate_with_named_arguments():
+    with pytest.raises(TypeError, match="masks: expected dtype bool"):
+        masks.pack_masks(np.zeros((1, 2, 2), np.uint8))
+    with pytest.raises(InputError, match="C-contiguous"):
+        masks.mask_areas(np.zeros((2, 4), np.uint64)[:, ::2])
+    with pytest.raises(InputError, match="mismatched word counts"):
+        masks.iou_matrix(np.zeros((1, 2), np.uint64), np.zeros((1, 3), np.uint64))
+    with pytest.raises(InputError, match="needs 2"):
+        masks.unpack_masks(np.zeros((1, 3), np.uint64), 10, 10)
+    with pytest.raises(InputError, match=r"\(N, 4\)"):
+        masks.box_nms(np.zeros((2, 4), np.float32), np.zeros(3, np.float32), 0.5)
+    with pytest.raises(InputError, match="3 dimensions"):
+        masks.stability_scores(np.zeros((4, 4), np.float32), 0.0, 1.0)
+    with pytest.raises(TypeError, match="sim"):
+        masks.greedy_match(np.zeros((2, 2)), 0.5)
+
+
+def test_wrappers_forward_to_kernels(rng):
+    m = random_masks(rng, (4, 9, 11))
+    p = masks.pack_masks(m)
+    np.testing.assert_array_equal(masks.unpack_masks(p, 9, 11), m)
+    np.testing.assert_array_equal(masks.iou_matrix(p, p), twins.iou_matrix(p, p))
+    np.testing.assert_array_equal(masks.containment_matrix(p, p), twins.containment_matrix(p, p))
+    np.testing.assert_array_equal(masks.intersection_matrix(p, p), twins.intersection_matrix(p, p))
+    assert masks.n_words(9, 11) == p.shape[1] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# amg_utils: SAM's mask-generator helpers
+
+def test_point_grid(sam_amg):
+    amg, _ = sam_amg
+    for n in (1, 4, 32):
+        np.testing.assert_array_equal(amg_utils.point_grid(n), amg.build_point_grid(n))
+    grid = amg_utils.point_grid(2)
+    np.testing.assert_array_equal(grid, [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
+    with pytest.raises(ValueError):
+        amg_utils.point_grid(0)
+
+
+def test_box_grid_layout_and_clipping():
+    boxes = amg_utils.box_grid(2, [0.2, 1.0])
+    assert boxes.shape == (8, 4)
+    np.testing.assert_allclose(boxes[0], [0.15, 0.15, 0.35, 0.35])   # centre (0.25, 0.25), 0.2
+    np.testing.assert_allclose(boxes[1], [0.0, 0.0, 0.75, 0.75])     # same centre, clipped
+    np.testing.assert_allclose(boxes[2], [0.65, 0.15, 0.85, 0.35])   # centre (0.75, 0.25)
+    assert boxes.min() >= 0 and boxes.max() <= 1
+    with pytest.raises(ValueError):
+        amg_utils.box_grid(2, [])
+    with pytest.raises(ValueError):
+        amg_utils.box_grid(2, [0.1, -0.1])
+
+
+def test_batched_mask_to_box(rng, sam_amg):
+    amg, torch = sam_amg
+    m = random_masks(rng, (3, 17, 23)) & (rng.uniform(size=(3, 17, 23)) < 0.1)
+    m[0] = False
+    m = np.stack([m, m[::-1]])  # (2, 3, H, W)
+    want = amg.batched_mask_to_box(torch.from_numpy(m)).numpy()
+    got = amg_utils.batched_mask_to_box(m)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got[0, 0], [0, 0, 0, 0])
+    one = np.zeros((5, 6), bool)
+    one[1:3, 2:5] = True
+    np.testing.assert_array_equal(amg_utils.batched_mask_to_box(one), [2, 1, 4, 2])
+    assert amg_utils.batched_mask_to_box(np.zeros((0, 4, 4), bool)).shape == (0, 4)
+
+
+def test_rle_roundtrip_and_sam_parity(rng, sam_amg):
+    amg, torch = sam_amg
+    m = random_masks(rng, (5, 13, 7))
+    m[2] = False
+    m[2, 0, 0] = True
+    rles = amg_utils.mask_to_rle(m)
+    assert rles == amg.mask_to_rle_pytorch(torch.from_numpy(m))
+    for mask, rle in zip(m, rles):
+        np.testing.assert_array_equal(amg_utils.rle_to_mask(rle), mask)
+        np.testing.assert_array_equal(amg_utils.rle_to_mask(rle), amg.rle_to_mask(rle))
+        assert amg_utils.area_from_rle(rle) == mask.sum()
+    assert rles[0]["counts"] == [13 * 7] and rles[1]["counts"] == [0, 13 * 7]
+    with pytest.raises(ValueError, match="sum"):
+        amg_utils.rle_to_mask({"size": [2, 2], "counts": [1, 2]})
+
+
+def test_amg_stability_wrapper_defaults(rng):
+    logits = rng.normal(size=(3, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(amg_utils.stability_scores(logits),
+                                  twins.stability_scores(logits, 0.0, 1.0))

@@ -1,0 +1,115 @@
+"""Numpy twins of the kernels in ``samreg_rt._ext``.
+
+Each twin is a direct, unoptimised statement of what its kernel computes, including the float
+widths and comparison precisions, so tests can demand bit-identical results. The kernels'
+argument validation is not repeated here.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """bool[N, H, W] -> uint64[N, ceil(H*W/64)]; bit i of word w is pixel w*64+i (row-major)."""
+    n = masks.shape[0]
+    pixels = masks.shape[1] * masks.shape[2]
+    words = -(-pixels // 64)
+    flat = np.zeros((n, words * 64), dtype=bool)
+    flat[:, :pixels] = masks.reshape(n, pixels)
+    packed = np.packbits(flat, axis=1, bitorder="little")
+    return packed.view("<u8").astype(np.uint64).reshape(n, words)
+
+
+def unpack_masks(packed: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint64[N, ceil(H*W/64)] -> bool[N, H, W]."""
+    return _bits(packed)[:, : height * width].reshape(packed.shape[0], height, width)
+
+
+def _bits(packed: np.ndarray) -> np.ndarray:
+    """uint64[N, words] -> bool[N, words*64], padding bits included."""
+    n, words = packed.shape
+    as_bytes = packed.astype("<u8").view(np.uint8).reshape(n, words * 8)
+    return np.unpackbits(as_bytes, axis=1, bitorder="little").astype(bool)
+
+
+def mask_areas(packed: np.ndarray) -> np.ndarray:
+    """uint64[N, words] -> int64[N] pixel counts."""
+    return _bits(packed).sum(axis=1, dtype=np.int64)
+
+
+def intersection_matrix(a_packed: np.ndarray, b_packed: np.ndarray) -> np.ndarray:
+    """-> int64[Na, Nb] of |A_i & B_j|."""
+    a = _bits(a_packed).astype(np.int64)
+    b = _bits(b_packed).astype(np.int64)
+    return a @ b.T
+
+
+def iou_matrix(a_packed: np.ndarray, b_packed: np.ndarray) -> np.ndarray:
+    """-> float32[Na, Nb]: float32(inter / union) in float64; 0 where the union is empty."""
+    inter = intersection_matrix(a_packed, b_packed)
+    union = mask_areas(a_packed)[:, None] + mask_areas(b_packed)[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / union.astype(np.float64), 0.0)
+    return iou.astype(np.float32)
+
+
+def containment_matrix(a_packed: np.ndarray, b_packed: np.ndarray) -> np.ndarray:
+    """-> float32[Na, Nb]: float32(inter / min(|A_i|, |B_j|)) in float64; 0 if either is empty."""
+    inter = intersection_matrix(a_packed, b_packed)
+    small = np.minimum(mask_areas(a_packed)[:, None], mask_areas(b_packed)[None, :])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(small > 0, inter / small.astype(np.float64), 0.0)
+    return ratio.astype(np.float32)
+
+
+def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_thresh: float) -> np.ndarray:
+    """torchvision.ops.nms (CPU kernel) in float32: stable descending sort by score, area
+    (x2-x1)*(y2-y1), suppress float32 IoU > iou_thresh compared in float64. -> int64[K]."""
+    x1, y1, x2, y2 = (boxes[:, k].astype(np.float32) for k in range(4))
+    areas = (x2 - x1) * (y2 - y1)
+    order = np.argsort(-scores, kind="stable")
+    suppressed = np.zeros(len(scores), dtype=bool)
+    keep = []
+    for pos, i in enumerate(order):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        rest = order[pos + 1:]
+        rest = rest[~suppressed[rest]]
+        w = np.maximum(np.float32(0), np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(np.float32(0), np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ovr = inter / (areas[i] + areas[rest] - inter)
+        suppressed[rest[ovr.astype(np.float64) > iou_thresh]] = True
+    return np.asarray(keep, dtype=np.int64)
+
+
+def stability_scores(logits: np.ndarray, mask_threshold: float, offset: float) -> np.ndarray:
+    """float32[N, H, W] -> float32[N]: |x > t+off| / |x > t-off|, thresholds rounded to float32,
+    division in float32 (NaN for 0/0), as SAM's calculate_stability_score."""
+    hi = np.float32(mask_threshold + offset)
+    lo = np.float32(mask_threshold - offset)
+    n_hi = (logits > hi).sum(axis=(1, 2)).astype(np.float32)
+    n_lo = (logits > lo).sum(axis=(1, 2)).astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (n_hi / n_lo).astype(np.float32)
+
+
+def greedy_match(sim: np.ndarray, threshold: float, max_pairs: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The reference loop: while any entry > float32(threshold), take the row-major first argmax,
+    record it and remove its row and column. -> (int64[K, 2], float32[K])."""
+    s = sim.astype(np.float32).copy()
+    thr = np.float32(threshold)
+    pairs, values = [], []
+    while s.size and np.any(s > thr):
+        if max_pairs > 0 and len(pairs) >= max_pairs:
+            break
+        i, j = np.unravel_index(np.argmax(s), s.shape)
+        pairs.append((i, j))
+        values.append(sim[i, j])
+        s[i, :] = -np.inf
+        s[:, j] = -np.inf
+    return (np.asarray(pairs, dtype=np.int64).reshape(-1, 2),
+            np.asarray(values, dtype=np.float32))
