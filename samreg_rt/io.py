@@ -130,6 +130,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary readable files
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
