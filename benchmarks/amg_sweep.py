@@ -19,7 +19,6 @@ import platform
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from samreg_rt import amg, amg_utils, roi
@@ -28,33 +27,13 @@ from samreg_rt.io import load_image
 from samreg_rt.masks import box_nms, iou_matrix, pack_masks, stability_scores
 from samreg_rt.pipeline import PRESETS, work_shape
 
+from common import labelled_images, structures  # benchmarks/common.py (the script's folder is on sys.path)
+
 GRIDS = (8, 16)
-SIZE_SETS = ((0.1, 0.2, 0.4), (0.15, 0.3), (0.1, 0.2, 0.3, 0.5), (0.2,), (0.3,))
-IOU_THRESH = (0.7, 0.8, 0.88)
-STAB_THRESH = (0.8, 0.9)
+SIZE_SETS = ((0.1, 0.2, 0.4), (0.1, 0.2), (0.2, 0.4), (0.2,), (0.4,))
+IOU_THRESH = (0.6, 0.7, 0.8, 0.88)
+STAB_THRESH = (0.7, 0.8, 0.9)
 ALL_SIZES = tuple(sorted({s for sizes in SIZE_SETS for s in sizes}))
-
-
-def labelled_images(data: Path, limit: int | None) -> list[tuple[str, Path, Path]]:
-    manifest = json.loads((data / "manifest.json").read_text())
-    out = []
-    for pair in manifest["pairs"]:
-        if pair["dim"] != 2 or not pair["fixed_label"]:
-            continue
-        for side in ("fixed", "moving"):
-            out.append((f"{pair['id']}/{side}", data / pair[side], data / pair[f"{side}_label"]))
-    return out[:limit] if limit else out
-
-
-def structures(label_path: Path, shape: tuple[int, int]) -> list[np.ndarray]:
-    """Binary masks of each labelled structure (each class value; 0/255 and grey renders >= 128)."""
-    lab = load_image(label_path).array
-    lab = lab[..., 0] if lab.ndim == 3 else lab
-    lab = cv2.resize(lab, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-    values = [v for v in np.unique(lab) if v != 0]
-    if len(values) > 4:  # a rendered label with grey edges: binarise at 128
-        return [lab >= 128]
-    return [lab == v for v in values]
 
 
 def main() -> None:
@@ -62,14 +41,14 @@ def main() -> None:
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--model", default="litemedsam")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    ap.add_argument("--limit", type=int, default=None, help="first N labelled images only")
+    ap.add_argument("--per-application", type=int, default=None, help="at most N pairs per application")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     engine = Engine.load(args.model, threads=args.threads)
     preset = PRESETS["default"]
     rows: dict[tuple, list[dict]] = {}
     t0 = time.perf_counter()
-    for name, image_path, label_path in labelled_images(Path(args.data), args.limit):
+    for name, image_path, label_path in labelled_images(Path(args.data), args.per_application):
         image = load_image(image_path)
         emb = engine.embed(image.array, name=str(image_path))
         shape = work_shape(image.array.shape[:2], preset)
@@ -115,7 +94,7 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}"
     (out / "amg_sweep.json").write_text(json.dumps({"machine": machine, "model": args.model, "rows": table}, indent=1))
     lines = [f"# LiteMedSAM box-grid sweep ({args.model})", "",
-             "Command: `python benchmarks/amg_sweep.py` " + (f"--limit {args.limit}" if args.limit else ""),
+             "Command: `python benchmarks/amg_sweep.py` " + (f"--per-application {args.per_application}" if args.per_application else ""),
              f"Machine: {machine}, {args.threads} threads. Images: {table[0]['images']} labelled 2-D images of ../shared/data.", "",
              "| grid | box sizes | pred IoU > | stability > | prompts | masks | ROIs | best Dice per structure | structures with ROI Dice >= 0.5 |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -17,6 +17,7 @@ from .preprocess import Frame
 from .spec import ModelSpec
 
 LOW_RES = 256
+CV_MAX_CHANNELS = 128  # OpenCV 5 resizes at most 128 channels at once (4.x: 512)
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,13 @@ def upscale_logits(low: np.ndarray, frame: Frame, out_shape: tuple[int, int]) ->
     out = np.empty((k, *out_shape), np.float32)
     s = frame.input_size
     h, w = frame.resized_shape
-    for start in range(0, k, 256):  # OpenCV resizes at most 512 channels at once
-        chunk = np.ascontiguousarray(low[start:start + 256].transpose(1, 2, 0))
+    for start in range(0, k, CV_MAX_CHANNELS):
+        chunk = np.ascontiguousarray(low[start:start + CV_MAX_CHANNELS].transpose(1, 2, 0))
         big = cv2.resize(chunk, (s, s), interpolation=cv2.INTER_LINEAR)
         big = big.reshape(s, s, -1)[:h, :w]
         small = cv2.resize(np.ascontiguousarray(big), (out_shape[1], out_shape[0]),
                            interpolation=cv2.INTER_LINEAR)
-        out[start:start + 256] = small.reshape(*out_shape, -1).transpose(2, 0, 1)
+        out[start:start + CV_MAX_CHANNELS] = small.reshape(*out_shape, -1).transpose(2, 0, 1)
     return out
 
 

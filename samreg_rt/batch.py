@@ -6,8 +6,10 @@ import json
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from .correspondence import overlay, write_png
@@ -15,6 +17,7 @@ from .engine import Engine
 from .errors import InputError, SamregError
 from .io import atomic_write, load_image
 from .pipeline import register
+from .prompt import register_prompts
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DONE_FILE = "run.json"
@@ -54,34 +57,87 @@ def is_done(out_dir: Path) -> bool:
     return all((out_dir / name).is_file() for name in record.get("outputs", []))
 
 
+def dense_field(corr, fixed_img, moving_img) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Fit the dense field to the ROI pairs; return it with the warped moving image.
+
+    Field: float64 (H, W, 2) (dy, dx) px on the fixed image's original grid (backward warp:
+    warped(p) = moving(p + u(p))). Warped: RGB uint8 (H, W, 3). With no ROI pair the field is the
+    identity (with a warning). Also returns the fit's summary (folding ratio, iterations,
+    convergence, ROI Dice).
+    """
+    from . import ddf
+
+    shape = fixed_img.array.shape[:2]
+    if len(corr.pairs) == 0:
+        warnings.warn("no ROI pairs: the dense field is the identity", stacklevel=2)
+        field = ddf.identity(shape)
+        summary = {"folding_ratio": 0.0, "iterations": 0, "converged": True, "roi_dice_mean": None}
+    else:
+        result = ddf.fit_correspondence(corr)
+        field = ddf.resize_field(result.field_px, shape, moving_img.array.shape[:2])
+        summary = {"folding_ratio": float(result.folding_ratio), "iterations": int(result.iterations),
+                   "converged": bool(result.converged), "roi_dice_mean": float(np.mean(result.roi_dice))}
+    moving = moving_img.array
+    warped = ddf.warp(moving.astype(np.float32), field, order=1)
+    if moving.dtype == np.uint8:
+        warped = np.clip(np.rint(warped), 0, 255).astype(np.uint8)
+    else:
+        lo, hi = float(moving.min()), float(moving.max())
+        warped = np.clip((warped - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(warped), 0, 255).astype(np.uint8)
+    rgb = warped if warped.ndim == 3 else np.repeat(warped[:, :, None], 3, axis=2)
+    return field, rgb, summary
+
+
 def register_one(fixed: str, moving: str, engine: Engine, out_dir: str | os.PathLike,
-                 preset: str = "default", **overrides) -> dict:
-    """Register one pair and write correspondence.npz, pairs.csv, overlay.png and run.json.
+                 preset: str = "default", fit_ddf: bool = False,
+                 prompts: list[tuple[float, ...]] | None = None, **overrides) -> dict:
+    """Register one pair and write correspondence.npz, pairs.csv, overlay.png and run.json
+    (and ddf.npy + warped_moving.png with ``fit_ddf``). With ``prompts`` (points x,y or boxes
+    x0,y0,x1,y1 in fixed-image pixels) the prompt mode replaces automatic mask generation.
 
     Each file is written atomically; run.json comes last and marks the pair as complete.
     """
     out = Path(out_dir)
     fixed_img, moving_img = load_image(fixed), load_image(moving)
     t = time.perf_counter()
-    reg = register(fixed_img, moving_img, engine, preset=preset, **overrides)
+    if prompts:
+        corr = register_prompts(fixed_img, moving_img, engine, prompts, preset=preset)
+        timings: dict[str, float] = {}
+        counts = {"fixed": {"rois": len(corr.fixed.masks)}, "moving": {"rois": len(corr.moving.masks)},
+                  "pairs": int(len(corr.pairs))}
+    else:
+        reg = register(fixed_img, moving_img, engine, preset=preset, **overrides)
+        corr, timings, counts = reg.correspondence, reg.timings, reg.counts
     total = time.perf_counter() - t
-    corr = reg.correspondence
+    field_summary = None
+    if fit_ddf:  # everything is computed before the first file is written
+        t = time.perf_counter()
+        field, warped, field_summary = dense_field(corr, fixed_img, moving_img)
+        timings["ddf"] = time.perf_counter() - t
+    picture = overlay(corr, fixed_img.array, moving_img.array)
     t = time.perf_counter()
     corr.save(out / "correspondence.npz")
     corr.write_pairs_csv(out / "pairs.csv")
-    write_png(out / "overlay.png", overlay(corr, fixed_img.array, moving_img.array))
-    reg.timings["write"] = time.perf_counter() - t
+    write_png(out / "overlay.png", picture)
+    outputs = ["correspondence.npz", "pairs.csv", "overlay.png"]
+    if fit_ddf:
+        from .ddf import save_field
+
+        save_field(out / "ddf.npy", field)
+        write_png(out / "warped_moving.png", warped)
+        outputs += ["ddf.npy", "warped_moving.png"]
+    timings["write"] = time.perf_counter() - t
     record = {"fixed": fixed, "moving": moving, "preset": preset, "model": corr.model,
-              "timings_s": {k: round(v, 4) for k, v in reg.timings.items()}, "register_s": round(total, 4),
-              "counts": reg.counts, "params": corr.params,
-              "outputs": ["correspondence.npz", "pairs.csv", "overlay.png"]}
+              "timings_s": {k: round(v, 4) for k, v in timings.items()}, "register_s": round(total, 4),
+              "counts": counts, "params": corr.params, "ddf": field_summary, "outputs": outputs}
     with atomic_write(out / DONE_FILE, "w") as handle:
         json.dump(record, handle, indent=1)
     return record
 
 
 def register_many(jobs: list[tuple[str, str, str]], engine: Engine, out_dir: str | os.PathLike,
-                  preset: str = "default", progress: bool = True, **overrides) -> dict:
+                  preset: str = "default", progress: bool = True, fit_ddf: bool = False,
+                  prompts: list[tuple[float, ...]] | None = None, **overrides) -> dict:
     """Register (id, fixed, moving) jobs with one engine; pairs already complete are skipped.
 
     A single job with an empty id writes straight into ``out_dir``. A job that fails with a
@@ -95,7 +151,8 @@ def register_many(jobs: list[tuple[str, str, str]], engine: Engine, out_dir: str
             summary["skipped"].append(pair_id or str(target))
             continue
         try:
-            record = register_one(fixed, moving, engine, target, preset=preset, **overrides)
+            record = register_one(fixed, moving, engine, target, preset=preset, fit_ddf=fit_ddf, prompts=prompts,
+                                  **overrides)
         except SamregError as exc:
             summary["errors"][pair_id or str(target)] = str(exc)
             continue

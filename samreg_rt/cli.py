@@ -81,9 +81,20 @@ def _cmd_register(args: argparse.Namespace) -> int:
     engine = Engine.load(args.model, providers=args.provider, threads=args.threads, precision=args.precision)
     if not engine.manifest.get("source", {}).get("trained", True):
         print("WARNING: model is UNTRAINED (random weights); the correspondence is meaningless", file=sys.stderr)
-    summary = register_many(jobs, engine, args.out, preset=args.preset, progress=bool(args.pairs), **overrides)
+    summary = register_many(jobs, engine, args.out, preset=args.preset, progress=bool(args.pairs),
+                            fit_ddf=args.ddf, prompts=args.prompt, **overrides)
     print(json.dumps(summary, indent=1))
     return 0 if summary["failed"] == 0 else 1
+
+
+def _prompt(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected numbers x,y or x0,y0,x1,y1") from None
+    if len(values) not in (2, 4):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected x,y or x0,y0,x1,y1")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred-iou-thresh", type=float, default=None)
     p.add_argument("--stability-thresh", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="prompts per decoder call")
+    p.add_argument("--prompt", action="append", type=_prompt, default=None, metavar="x,y|x0,y0,x1,y1",
+                   help="prompt mode: a point or box in fixed-image pixels (repeatable); its ROI and the "
+                        "counterpart found in the moving image form the correspondence")
+    p.add_argument("--ddf", action="store_true", help="also fit a dense field: ddf.npy + warped_moving.png")
     _engine_args(p)
     p.set_defaults(func=_cmd_register)
     return parser

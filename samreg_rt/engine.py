@@ -178,6 +178,12 @@ class Engine:
         log.info("loaded %s (%s) with %s", manifest.get("name"), precision, sessions[0].get_providers()[0])
         return cls(model_dir, manifest, spec, precision, sessions[0], sessions[1], sessions[0].get_providers())
 
+    def with_spec(self, spec: ModelSpec) -> "Engine":
+        """The same sessions with another preprocessing/prompting spec (same input size)."""
+        if spec.input_size != self.spec.input_size:
+            raise ModelError(f"spec input_size {spec.input_size} differs from the graphs' {self.spec.input_size}")
+        return Engine(self.model_dir, self.manifest, spec, self.precision, self.encoder, self.decoder, self.providers)
+
     @property
     def provider(self) -> str:
         """The execution provider that runs the encoder."""

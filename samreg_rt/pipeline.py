@@ -29,7 +29,8 @@ class Preset:
     area_min/area_max: ROI area limits, in pixels of the working grid (``area_unit="px"``) or as
     fractions of its area (``"fraction"``). pooling: ``nearest`` (reference: the mask resized to
     the embedding grid with nearest neighbour) or ``area`` (exact area weights in the model frame,
-    padding aware). strategy/threshold/geometry/num_pairs: see ``match.pair``.
+    padding aware). strategy/threshold/geometry/num_pairs: see ``match.pair``; the geometric check's
+    RANSAC inlier distance is ``reproj_frac`` of the moving image's diagonal.
     """
 
     name: str
@@ -44,6 +45,7 @@ class Preset:
     threshold: float
     geometry: str | None
     num_pairs: int = 0
+    reproj_frac: float = 0.05
 
 
 PRESETS = {
@@ -174,7 +176,8 @@ def register(fixed: Image | np.ndarray | str | os.PathLike, moving: Image | np.n
     sim = match.cosine_matrix(protos["fixed"], protos["moving"])
     result = match.pair(sim, threshold=p.threshold, strategy=p.strategy, num_pairs=p.num_pairs,
                         fixed_xy=centres["fixed"] if p.geometry else None,
-                        moving_xy=centres["moving"] if p.geometry else None, geometry=p.geometry)
+                        moving_xy=centres["moving"] if p.geometry else None, geometry=p.geometry,
+                        reproj_thresh=p.reproj_frac * float(np.hypot(*images["moving"].array.shape[:2])))
     timings["match"] = time.perf_counter() - t
     counts["pairs"] = int(len(result.pairs))
     counts["dropped"] = {k: int(len(v)) for k, v in result.dropped.items()}

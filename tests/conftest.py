@@ -28,3 +28,12 @@ def data_dir() -> Path:
     if not (DATA / "manifest.json").is_file():
         pytest.fail(f"shared data not found at {DATA} (tests read ../shared/data beside the repo)")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def litemedsam_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LiteMedSAM (real weights) exported once per test session, fp32 graphs."""
+    from samreg_export.export import export_model
+
+    return export_model("litemedsam", tmp_path_factory.mktemp("litemedsam"), precisions=("fp32",),
+                        name="litemedsam")

@@ -31,7 +31,7 @@ def test_box_prompts_corners():
 def test_upscale_matches_sam_postprocess():
     """SAM/HF post_process_masks: bilinear to SxS, crop padding, bilinear to the original size."""
     rng = np.random.default_rng(0)
-    low = rng.normal(size=(5, 256, 256)).astype(np.float32)
+    low = rng.normal(size=(300, 256, 256)).astype(np.float32)  # more than OpenCV's channel limit
     frame = Frame((216, 256), (864, 1024), 1024)
     ours = amg.upscale_logits(low, frame, (216, 256))
     t = F.interpolate(torch.from_numpy(low)[None], (1024, 1024), mode="bilinear", align_corners=False)

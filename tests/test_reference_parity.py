@@ -10,7 +10,12 @@ Both sides get the same model: a transformers ``SamModel`` whose prompt encoder 
 hold LiteMedSAM's real weights (mapped to HF names), saved as an HF directory; samreg-rt exports
 that directory through its own HF loader. A random SAM gives noise masks (one mask per image after
 NMS), so real decoder weights and real image embeddings (LiteMedSAM's encoder on each image) are
-used, and fed to both sides. Thresholds are set so that both yield tens of masks.
+used, and fed to both sides. LiteMedSAM was trained with boxes and its three multimask outputs
+were never trained (from point prompts they are empty: stability 0, predicted IoU ~0.15), while
+the pipeline always uses the multimask outputs; so the test model's multimask slots 1..3 are
+copies of the single-mask slot 0 (mask token, hypernetwork and IoU-head row), which makes every
+candidate a real mask (the three copies are identical and NMS keeps one). Thresholds are set so
+that both sides yield tens of masks.
 """
 from __future__ import annotations
 
@@ -36,8 +41,8 @@ from samreg_rt.spec import ModelSpec
 from tests.conftest import DATA, REPO
 
 REF_PYTHON = Path(os.environ.get("SAMREG_REF_PYTHON", REPO / ".venv-ref" / "bin" / "python"))
-PAIRS = ("acdc2d_example", "case001_slice_s100")
-PARAMS = {"points_per_side": 16, "pred_iou_thresh": 0.6, "stability_score_thresh": 0.8}
+PAIRS = ("acdc2d_example", "case001_slice_s100", "inter_example_1_2")
+PARAMS = {"points_per_side": 16, "pred_iou_thresh": 0.3, "stability_score_thresh": 0.2}
 
 
 def _squash(path: Path) -> np.ndarray:
@@ -58,7 +63,14 @@ def setup(tmp_path_factory, ref_python):
 
     root = tmp_path_factory.mktemp("parity")
     lite = load_source("litemedsam").model
-    lite_state = lite.state_dict()
+    lite_state = {k: v.clone() for k, v in lite.state_dict().items()}
+    for k in (1, 2, 3):  # multimask slots <- the trained single-mask slot (see module docstring)
+        lite_state["mask_decoder.mask_tokens.weight"][k] = lite_state["mask_decoder.mask_tokens.weight"][0]
+        for name in [n for n in lite_state if n.startswith("mask_decoder.output_hypernetworks_mlps.0.")]:
+            lite_state[name.replace(".0.", f".{k}.", 1)] = lite_state[name].clone()
+        for part in ("weight", "bias"):
+            head = lite_state[f"mask_decoder.iou_prediction_head.layers.2.{part}"]
+            head[k] = head[0]
     torch.manual_seed(0)
     vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
                   global_attn_indexes=[1], output_channels=256)

@@ -1,0 +1,144 @@
+"""Engine: loading with manifest verification, providers, embed/decode, typed errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from samreg_export.export import export_model
+from samreg_rt.engine import Engine, resolve_model_dir, select_providers
+from samreg_rt.errors import InputError, ManifestError, ModelError, ModelNotAvailableError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return export_model("random:tiny", tmp_path_factory.mktemp("tiny"), precisions=("fp32",), name="random_tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    return Engine.load(tiny_dir, threads=1)
+
+
+def _copy(tiny_dir, tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(tiny_dir, target)
+    return target
+
+
+def test_load_embed_decode(engine):
+    assert engine.provider == "CPUExecutionProvider"
+    assert engine.spec.input_size == 256 and not engine.manifest["source"]["trained"]
+    emb = engine.embed(np.random.default_rng(0).integers(0, 255, (50, 80), np.uint8))
+    assert emb.embedding.shape == (256, 64, 64) and emb.embedding.dtype == np.float32
+    assert emb.frame.original_shape == (50, 80) and emb.frame.resized_shape == (160, 256)
+    assert np.isfinite(emb.embedding).all() and emb.embedding.std() > 1e-3
+    coords = np.array([[[10.0, 20.0], [0.0, 0.0]]] * 5, np.float32)
+    labels = np.array([[1.0, -1.0]] * 5, np.float32)
+    iou, masks = engine.decode(emb.embedding, coords, labels, batch_size=2)
+    assert iou.shape == (5, 4) and masks.shape == (5, 4, 256, 256)
+    iou1, masks1 = engine.decode(emb.embedding, coords[:1], labels[:1])
+    np.testing.assert_allclose(masks1, masks[:1], atol=1e-5)  # batching does not change results
+    boxes = np.array([[[10.0, 10.0], [100.0, 90.0]]], np.float32)
+    assert engine.decode(emb.embedding, boxes, np.array([[2.0, 3.0]], np.float32))[1].shape == (1, 4, 256, 256)
+    empty = engine.decode(emb.embedding, np.zeros((0, 2, 2), np.float32), np.zeros((0, 2), np.float32))
+    assert empty[0].shape == (0, 4) and empty[1].shape == (0, 4, 256, 256)
+
+
+@pytest.mark.parametrize("coords, labels, problem", [
+    (np.zeros((2, 2), np.float32), np.zeros((2,), np.float32), "expected point_coords"),
+    (np.zeros((1, 2, 2), np.float32), np.array([[1.0, 7.0]], np.float32), "labels"),
+    (np.full((1, 2, 2), np.nan, np.float32), np.array([[1.0, -1.0]], np.float32), "finite"),
+])
+def test_decode_rejects_bad_prompts(engine, coords, labels, problem):
+    with pytest.raises(InputError, match=problem):
+        engine.decode(np.zeros((256, 64, 64), np.float32), coords, labels)
+
+
+@pytest.mark.parametrize("image, problem", [
+    (np.zeros((5,), np.uint8), "expected an HxW"),
+    (np.full((8, 8), np.nan, np.float32), "NaN"),
+    (np.zeros((8, 8, 2), np.uint8), "expected an HxW"),
+])
+def test_embed_rejects_bad_images(engine, image, problem):
+    with pytest.raises(InputError, match=problem):
+        engine.embed(image, name="bad.png")
+
+
+def test_tampered_graph_is_detected(tiny_dir, tmp_path):
+    model = _copy(tiny_dir, tmp_path)
+    data = bytearray((model / "decoder.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (model / "decoder.onnx").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="decoder.onnx.*sha256"):
+        Engine.load(model)
+
+
+def test_missing_graph_and_future_manifest(tiny_dir, tmp_path):
+    model = _copy(tiny_dir, tmp_path)
+    (model / "encoder.onnx").unlink()
+    with pytest.raises(ManifestError, match="encoder.onnx"):
+        Engine.load(model)
+    model2 = _copy(tiny_dir, tmp_path / "b")
+    manifest = json.loads((model2 / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (model2 / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="format_version"):
+        Engine.load(model2)
+
+
+def _rehash(model, role, data):
+    import hashlib
+
+    (model / f"{role}.onnx").write_bytes(data)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["graphs"]["fp32"][role].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (model / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_truncated_or_foreign_graph_is_a_model_error(tiny_dir, tmp_path):
+    model = _copy(tiny_dir, tmp_path)
+    _rehash(model, "decoder", (model / "decoder.onnx").read_bytes()[:5000])
+    with pytest.raises(ModelError, match="decoder.onnx: not a loadable ONNX graph"):
+        Engine.load(model)
+    model2 = _copy(tiny_dir, tmp_path / "b")
+    _rehash(model2, "encoder", b"this is not onnx at all")
+    with pytest.raises(ModelError, match="encoder.onnx"):
+        Engine.load(model2)
+
+
+def test_graph_with_wrong_input_names(tiny_dir, tmp_path):
+    model = _copy(tiny_dir, tmp_path)
+    graph = onnx.load(str(model / "encoder.onnx"))
+    old = graph.graph.input[0].name
+    graph.graph.input[0].name = "pixels"
+    for node in graph.graph.node:
+        node.input[:] = ["pixels" if i == old else i for i in node.input]
+    _rehash(model, "encoder", graph.SerializeToString())
+    with pytest.raises(ModelError, match="expected \\('image',\\)"):
+        Engine.load(model)
+
+
+def test_unknown_precision_and_provider(tiny_dir):
+    with pytest.raises(ModelError, match="no 'int8' graphs"):
+        Engine.load(tiny_dir, precision="int8")
+    with pytest.raises(ModelError, match="not available"):
+        select_providers("tensorrt")
+    assert select_providers("auto")[-1] == "CPUExecutionProvider"
+
+
+def test_resolve_unknown_model(tmp_path):
+    with pytest.raises(ModelNotAvailableError, match="unknown model"):
+        resolve_model_dir("no_such_model")
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(ModelError, match="not a model"):
+        resolve_model_dir(tmp_path / "junk")
+
+
+def test_registry_name_is_exported_on_first_use(_model_cache):
+    engine = Engine.load("random_tiny", threads=1)  # exported into the session's cache by a subprocess
+    assert (_model_cache / "random_tiny" / "manifest.json").is_file()
+    assert engine.manifest["name"] == "random_tiny" and engine.manifest["source"]["trained"] is False
