@@ -1,4 +1,4 @@
-"""Command line: ``samreg-rt models | export | embed | register``."""
+"""Command line: ``samreg-rt models | export | embed | register | eval``."""
 from __future__ import annotations
 
 import argparse
@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ddf", action="store_true", help="also fit a dense field: ddf.npy + warped_moving.png")
     _engine_args(p)
     p.set_defaults(func=_cmd_register)
+
+    from .evaluate import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

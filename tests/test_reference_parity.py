@@ -42,7 +42,7 @@ from tests.conftest import DATA, REPO
 
 REF_PYTHON = Path(os.environ.get("SAMREG_REF_PYTHON", REPO / ".venv-ref" / "bin" / "python"))
 PAIRS = ("acdc2d_example", "case001_slice_s100", "inter_example_1_2")
-PARAMS = {"points_per_side": 16, "pred_iou_thresh": 0.3, "stability_score_thresh": 0.2}
+PARAMS = {"points_per_side": 16, "pred_iou_thresh": 0.2, "stability_score_thresh": 0.1}
 
 
 def _squash(path: Path) -> np.ndarray:
@@ -146,7 +146,7 @@ def test_masks_match_transformers_pipeline(setup):
         assert np.all(iou >= 0.99), f"image {n}: mask IoU {iou.min():.4f}"
         np.testing.assert_allclose(ours.iou_preds, ref[f"scores_{n}"], atol=1e-4)
         total += len(theirs)
-    assert total >= 40, f"parity covers only {total} masks"
+    assert total >= 100, f"parity covers only {total} masks"
 
 
 @pytest.mark.slow

@@ -1,0 +1,318 @@
+"""PyTorch SAM -> ``encoder.onnx`` and ``decoder.onnx`` (graph contract: docs/contracts.md).
+
+Both graphs are traced with the TorchScript exporter (``torch.onnx.export(dynamo=False)``), checked
+with ``onnx.checker``, simplified with onnxslim, checked again and held to an operator allow-list.
+
+Operator allow-list (``PORTABLE_OPS``): the operators of the standard ONNX domain that all three
+execution providers this project targets run natively:
+
+- TensorRT 10: onnx/onnx-tensorrt ``docs/operators.md`` (commit 96e7811, "TensorRT 10.0 supports
+  operators in the inclusive range of opset 9 to opset 20"), rows marked ``Y``;
+- ONNX Runtime CPU and CUDA: microsoft/onnxruntime ``docs/OperatorKernels.md``: every operator
+  below has a kernel for float and float16 on both (Einsum, LayerNormalization and Erf included).
+
+It is not every op those lists support: it is the ops SAM ViT, TinyViT and the decoder wrapper
+actually produce at opset 17, so a new op (for example after an exporter upgrade) fails the check
+and has to be looked up and added on purpose. Int8 graphs add ``INT8_CPU_OPS``: ONNX Runtime's
+dynamic quantization operators, which TensorRT does not parse (``DynamicQuantizeLinear`` and
+``MatMulInteger`` are ``N`` in its table) and which ONNX Runtime CUDA runs only in part, so the
+int8 variant is meant for the CPU execution provider.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import onnx
+import onnxslim
+import torch
+from torch import nn
+
+from samreg_rt.errors import ModelError
+
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+MIN_OPSET = 17
+ENCODER_IO = (["image"], ["image_embeddings"])
+DECODER_IO = (["image_embeddings", "point_coords", "point_labels"], ["iou_predictions", "low_res_masks"])
+DECODER_DYNAMIC_AXES = {
+    "point_coords": {0: "B", 1: "N"},
+    "point_labels": {0: "B", 1: "N"},
+    "iou_predictions": {0: "B"},
+    "low_res_masks": {0: "B"},
+}
+# Protobuf cannot serialise a message over 2 GiB: larger graphs keep their weights in one
+# external-data file beside the graph (SAM ViT-H's fp32 encoder).
+PROTOBUF_LIMIT = 2**31 - 1
+
+PORTABLE_OPS = frozenset({
+    "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "Div",
+    "Einsum", "Equal", "Erf", "Expand", "Flatten", "Gather", "Gemm", "Identity", "LayerNormalization",
+    "MatMul", "Mul", "Neg", "Pad", "Pow", "Range", "ReduceMean", "Relu", "Reshape", "Resize", "Shape",
+    "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile",
+    "Transpose", "Unsqueeze", "Where",
+})
+INT8_CPU_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "QuantizeLinear", "DequantizeLinear"})
+
+
+class GraphCheckError(ModelError):
+    """An exported graph that fails ``onnx.checker``, has a too-old opset or an op off the allow-list."""
+
+
+class PromptDecoder(nn.Module):
+    """SAM prompt encoder + mask decoder for ONNX export, batched over prompts.
+
+    ``forward(image_embeddings [1,C,h,w], point_coords [B,N,2], point_labels [B,N])`` ->
+    ``iou_predictions [B,K]``, ``low_res_masks [B,K,4h,4w]`` with K = 4 mask tokens (index 0 the
+    single-mask output, 1..3 the multimask outputs). Coordinates are pixels of the S x S model frame;
+    labels -1 padding, 0 background, 1 foreground, 2 / 3 box corners. There is no mask input: the
+    dense prompt is SAM's ``no_mask_embed``.
+
+    Same arithmetic as Meta's ``PromptEncoder`` + ``MaskDecoder.predict_masks``, with two changes
+    that keep the outputs equal: the image embedding is never repeated per prompt (the first layer's
+    image-side projections run once per image and broadcast over B, which also keeps B dynamic
+    where ``repeat_interleave`` would trace it as a constant), and the dense positional encoding
+    is a constant.
+    """
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+        height, width = self.prompt_encoder.input_image_size
+        if height != width:
+            raise ValueError(f"model frame must be square, got {height}x{width}")
+        self.input_size = float(height)
+        with torch.no_grad():
+            dense_pe = self.prompt_encoder.get_dense_pe()  # [1, C, h, w]
+        self.embedding_hw = tuple(dense_pe.shape[-2:])
+        self.register_buffer("image_pe", dense_pe.flatten(2).transpose(1, 2).contiguous())  # [1, hw, C]
+        self.register_buffer("no_mask", self.prompt_encoder.no_mask_embed.weight.detach().reshape(1, -1, 1, 1))
+
+    def embed_points(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
+        """[B,N,2] pixels, [B,N] labels -> sparse prompt embeddings [B,N,C]."""
+        coords = (point_coords + 0.5) / self.input_size
+        embedding = self.prompt_encoder.pe_layer._pe_encoding(coords)
+        labels = point_labels.unsqueeze(-1)
+        embedding = torch.where(labels == -1, self.prompt_encoder.not_a_point_embed.weight, embedding)
+        for i, point_embedding in enumerate(self.prompt_encoder.point_embeddings):
+            embedding = embedding + point_embedding.weight * (labels == i)
+        return embedding
+
+    def forward(
+        self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        decoder = self.mask_decoder
+        sparse = self.embed_points(point_coords, point_labels)
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
+        image = (image_embeddings + self.no_mask).flatten(2).transpose(1, 2)  # [1, hw, C]
+        queries, keys = self._two_way_transformer(image, tokens)  # [B, T, C], [B, hw, C]
+
+        num_masks = decoder.num_mask_tokens
+        iou_predictions = decoder.iou_prediction_head(queries[:, 0, :])
+        mask_tokens = queries[:, 1 : 1 + num_masks, :]
+        hyper_in = torch.stack(
+            [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
+        )  # [B, K, C/8]
+        h, w = self.embedding_hw
+        src = keys.transpose(1, 2).reshape(-1, keys.shape[-1], h, w)
+        upscaled = decoder.output_upscaling(src)  # [B, C/8, 4h, 4w]
+        masks = (hyper_in @ upscaled.flatten(2)).reshape(-1, num_masks, 4 * h, 4 * w)
+        return iou_predictions, masks
+
+    def _two_way_transformer(self, keys: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Meta's ``TwoWayTransformer.forward`` on keys [1, hw, C] broadcast against tokens [B, T, C]."""
+        transformer = self.mask_decoder.transformer
+        key_pe, query_pe, queries = self.image_pe, tokens, tokens
+        for layer in transformer.layers:
+            if layer.skip_first_layer_pe:
+                queries = _attention(layer.self_attn, queries, queries, queries)
+            else:
+                q = queries + query_pe
+                queries = queries + _attention(layer.self_attn, q, q, queries)
+            queries = layer.norm1(queries)
+            q, k = queries + query_pe, keys + key_pe
+            queries = layer.norm2(queries + _attention(layer.cross_attn_token_to_image, q, k, keys))
+            queries = layer.norm3(queries + layer.mlp(queries))
+            q, k = queries + query_pe, keys + key_pe
+            keys = layer.norm4(keys + _attention(layer.cross_attn_image_to_token, k, q, queries))
+        q, k = queries + query_pe, keys + key_pe
+        queries = transformer.norm_final_attn(queries + _attention(transformer.final_attn_token_to_image, q, k, keys))
+        return queries, keys
+
+
+def _attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Meta's SAM ``Attention.forward`` with batch axes that broadcast ([1,...] against [B,...])."""
+    heads = attn.num_heads
+    head_dim = attn.q_proj.out_features // heads
+    q, k, v = (
+        proj(x).unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [b, heads, n, head_dim]
+        for proj, x in ((attn.q_proj, q), (attn.k_proj, k), (attn.v_proj, v))
+    )
+    weights = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(head_dim), dim=-1)
+    return attn.out_proj((weights @ v).transpose(1, 2).flatten(2))
+
+
+def export_encoder(sam: nn.Module, path: str | Path, opset: int = MIN_OPSET) -> onnx.ModelProto:
+    """Trace ``sam.image_encoder`` ([1,3,S,S] -> [1,C,h,w]), simplify, check, save; return the graph."""
+    size = int(sam.prompt_encoder.input_image_size[0])
+    image = torch.zeros(1, 3, size, size)
+    model = _trace(sam.image_encoder, (image,), *ENCODER_IO, None, opset)
+    embedding_shape = [1, sam.prompt_encoder.embed_dim, *sam.prompt_encoder.image_embedding_size]
+    _set_static_shape(model.graph.output[0], embedding_shape)
+    return _finish(model, path, PORTABLE_OPS)
+
+
+def export_decoder(sam: nn.Module, path: str | Path, opset: int = MIN_OPSET) -> onnx.ModelProto:
+    """Trace ``PromptDecoder(sam)`` with dynamic B and N, simplify, check, save; return the graph."""
+    wrapper = PromptDecoder(sam).eval()
+    channels, (h, w) = sam.prompt_encoder.embed_dim, wrapper.embedding_hw
+    args = (
+        torch.zeros(1, channels, h, w),
+        torch.full((2, 3, 2), 8.0),
+        torch.tensor([[1.0, 0.0, -1.0], [2.0, 3.0, 1.0]]),
+    )
+    model = _trace(wrapper, args, *DECODER_IO, DECODER_DYNAMIC_AXES, opset)
+    return _finish(model, path, PORTABLE_OPS)
+
+
+def _trace(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]] | None,
+    opset: int,
+) -> onnx.ModelProto:
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} < {MIN_OPSET} (LayerNormalization needs 17)")
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad(), warnings.catch_warnings():
+        # Tracer warnings (Meta's encoder turns traced sizes into Python numbers: static for a fixed
+        # S; unfoldable strided Slice) and the TorchScript exporter's deprecation notice.
+        warnings.simplefilter("ignore")
+        path = Path(tmp) / "graph.onnx"
+        torch.onnx.export(
+            module.eval(), args, str(path), dynamo=False, opset_version=opset,
+            input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
+            do_constant_folding=True,
+        )
+        return onnx.load(str(path))
+
+
+def _set_static_shape(value: onnx.ValueInfoProto, shape: list[int]) -> None:
+    """Pin a graph output's shape (the tracer leaves some encoder outputs' batch axis symbolic)."""
+    dims = value.type.tensor_type.shape.dim
+    del dims[:]
+    for size in shape:
+        dims.add().dim_value = int(size)
+
+
+def _finish(model: onnx.ModelProto, path: str | Path, allowed: Iterable[str]) -> onnx.ModelProto:
+    """Check, simplify with onnxslim, check against ``allowed``, save."""
+    # The raw trace still computes static shapes at run time (Mod, Shape arithmetic); the
+    # allow-list applies to the simplified graph, which folds them.
+    check_graph(model, allowed=None)
+    model = onnxslim.slim(model)
+    check_graph(model, allowed)
+    save_model(model, path)
+    return model
+
+
+def op_types(model: onnx.ModelProto) -> set[str]:
+    """Operator types of the main graph and of every subgraph (``If``/``Loop`` bodies)."""
+    found: set[str] = set()
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            found.add(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}")
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    visit(sub)
+
+    visit(model.graph)
+    return found
+
+
+def onnx_opset(model: onnx.ModelProto) -> int:
+    """Opset version of the default ONNX domain."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def check_graph(model: onnx.ModelProto, allowed: Iterable[str] | None = PORTABLE_OPS) -> set[str]:
+    """Run ``onnx.checker`` (full, with shape inference), require opset >= 17 and every op in
+    ``allowed`` (``None``: any op); return the op types. Raises ``GraphCheckError``."""
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model, full_check=True)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_model(model, Path(tmp) / "check.onnx")
+                onnx.checker.check_model(str(Path(tmp) / "check.onnx"), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise GraphCheckError(f"graph {model.graph.name!r} fails onnx.checker: {e}") from e
+    opset = onnx_opset(model)
+    if opset < MIN_OPSET:
+        raise GraphCheckError(f"graph {model.graph.name!r}: opset {opset} < {MIN_OPSET}")
+    ops = op_types(model)
+    unexpected = ops - set(ops if allowed is None else allowed)
+    if unexpected:
+        raise GraphCheckError(
+            f"graph {model.graph.name!r} uses operators outside the allow-list: {sorted(unexpected)} "
+            "(see samreg_export.onnx_export for how the list was made)"
+        )
+    return ops
+
+
+def save_model(model: onnx.ModelProto, path: str | Path) -> list[Path]:
+    """Write ``model`` to ``path`` atomically (temp files in the same directory + ``os.replace``).
+
+    A graph over the protobuf limit keeps its weights in ``<name>.data`` beside it. Returns the
+    files written (graph first)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    external = model.ByteSize() >= PROTOBUF_LIMIT
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp-") as tmp:
+        staged = Path(tmp) / path.name
+        if external:
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(model, str(staged))
+        written = [staged] + ([Path(tmp) / (path.name + ".data")] if external else [])
+        finals = [path.parent / f.name for f in written]
+        for src, dst in reversed(list(zip(written, finals))):  # weights before the graph naming them
+            os.replace(src, dst)
+    stale = path.parent / (path.name + ".data")
+    if not external and stale.exists():
+        stale.unlink()
+    return finals
+
+
+def graph_files(path: str | Path) -> list[Path]:
+    """A saved graph and, if it has one, its external-data file (as ``save_model`` returns them)."""
+    path = Path(path)
+    data = path.parent / (path.name + ".data")
+    return [path, data] if data.exists() else [path]
+
+
+def graph_io(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """Names, shapes (ints, or dim names for dynamic axes) and dtypes of the graph inputs/outputs."""
+
+    def describe(values: Iterable[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+            out.append({"name": v.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})
+        return out
+
+    initializers = {i.name for i in model.graph.initializer}
+    return {
+        "inputs": describe(v for v in model.graph.input if v.name not in initializers),
+        "outputs": describe(model.graph.output),
+    }

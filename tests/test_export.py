@@ -1,0 +1,258 @@
+"""Export: graph structure and allow-list, decoder batching, parity against PyTorch per precision,
+and the manifest's integrity checks. Each model is exported once per session."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from samreg_rt.errors import ManifestError
+from samreg_rt.manifest import FORMAT_VERSION, read_manifest, verify_files
+from samreg_rt.spec import ModelSpec
+
+torch = pytest.importorskip("torch")
+from samreg_export import onnx_export, parity  # noqa: E402
+from samreg_export.checkpoints import load_source  # noqa: E402
+from samreg_export.export import export_model  # noqa: E402
+
+PRECISIONS = ("fp32", "fp16", "int8")
+PARITY_IMAGE = "prostate_mr/prostate_slice_s30/fixed.png"
+
+
+def _figures(model_dir: Path) -> dict:
+    return read_manifest(model_dir)["parity"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """random:tiny in every precision; 8 prompts of each kind are enough for structure tests."""
+    return export_model("random:tiny", tmp_path_factory.mktemp("tiny"), precisions=PRECISIONS, parity_prompts=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return load_source("random:tiny").model
+
+
+@pytest.fixture(scope="session")
+def litemedsam_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    return export_model("litemedsam", tmp_path_factory.mktemp("litemedsam"), precisions=PRECISIONS,
+                        parity_image=data_dir / PARITY_IMAGE)
+
+
+@pytest.fixture(scope="session")
+def vit_b_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """fp32 and int8 only: fp16 is covered on LiteMedSAM, and on this CPU ONNX Runtime runs most
+    fp16 nodes in float32 anyway; converting and running ViT-B's fp16 graph adds minutes."""
+    return export_model("random:vit_b", tmp_path_factory.mktemp("vit_b"), precisions=("fp32", "int8"),
+                        parity_image=data_dir / PARITY_IMAGE)
+
+
+# --- graph structure -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_graphs_pass_checker_opset_and_allow_list(tiny_dir: Path, precision: str) -> None:
+    manifest = read_manifest(tiny_dir)
+    assert manifest["opset"] >= 17
+    allowed = onnx_export.PORTABLE_OPS | (onnx_export.INT8_CPU_OPS if precision == "int8" else set())
+    for graph in ("encoder", "decoder"):
+        model = onnx.load(str(tiny_dir / manifest["graphs"][precision][graph]["file"]))
+        ops = onnx_export.check_graph(model, allowed)
+        assert onnx_export.onnx_opset(model) >= 17
+        if precision != "int8":
+            assert not ops & onnx_export.INT8_CPU_OPS
+
+
+def test_allow_list_rejects_unknown_op() -> None:
+    node = onnx.helper.make_node("NonZero", ["x"], ["y"])
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.INT64, [1, None])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    with pytest.raises(onnx_export.GraphCheckError, match="NonZero"):
+        onnx_export.check_graph(model)
+
+
+def test_io_names_and_shapes(tiny_dir: Path) -> None:
+    io = read_manifest(tiny_dir)["io"]
+    assert io["encoder"]["inputs"] == [{"name": "image", "shape": [1, 3, 256, 256], "dtype": "float32"}]
+    assert io["encoder"]["outputs"] == [{"name": "image_embeddings", "shape": [1, 256, 64, 64], "dtype": "float32"}]
+    assert [(v["name"], v["shape"]) for v in io["decoder"]["inputs"]] == [
+        ("image_embeddings", [1, 256, 64, 64]), ("point_coords", ["B", "N", 2]), ("point_labels", ["B", "N"])]
+    assert [(v["name"], v["shape"]) for v in io["decoder"]["outputs"]] == [
+        ("iou_predictions", ["B", 4]), ("low_res_masks", ["B", 4, 256, 256])]
+    for precision in PRECISIONS:  # every precision keeps float32 inputs and outputs
+        session = parity.session(tiny_dir / read_manifest(tiny_dir)["graphs"][precision]["decoder"]["file"])
+        assert {v.type for v in session.get_inputs() + session.get_outputs()} == {"tensor(float)"}
+
+
+# --- decoder batching --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["points", "boxes"])
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_decoder_any_batch_matches_pytorch(tiny_dir: Path, tiny_model, kind: str, batch: int) -> None:
+    """The graph runs at any B; rows first, middle and last match PyTorch (the PyTorch decoder
+    is per-prompt, so checking a subset keeps the test cheap)."""
+    make = parity.point_prompts if kind == "points" else parity.box_prompts
+    coords, labels = make(batch, 256, seed=batch)
+    embedding = np.random.default_rng(batch).standard_normal((1, 256, 64, 64)).astype(np.float32)
+    iou, masks = parity.session(tiny_dir / "decoder.onnx").run(
+        None, {"image_embeddings": embedding, "point_coords": coords, "point_labels": labels})
+    assert iou.shape == (batch, 4) and masks.shape == (batch, 4, 256, 256)
+    rows = sorted({0, batch // 2, batch - 1})
+    ref_iou, ref_masks = parity.torch_decoder(tiny_model, embedding, coords[rows], labels[rows], kind)
+    assert parity.max_abs(ref_iou, iou[rows]) <= 1e-4
+    assert parity.max_abs(ref_masks, masks[rows]) <= 1e-4
+
+
+def test_decoder_several_points_with_padding(tiny_dir: Path, tiny_model) -> None:
+    coords = np.float32([[[10, 20], [200, 40], [50, 250], [0, 0]], [[5, 5], [6, 6], [128, 128], [0, 0]]])
+    labels = np.float32([[1, 0, 1, -1], [1, 1, 0, -1]])
+    embedding = np.random.default_rng(0).standard_normal((1, 256, 64, 64)).astype(np.float32)
+    iou, masks = parity.session(tiny_dir / "decoder.onnx").run(
+        None, {"image_embeddings": embedding, "point_coords": coords, "point_labels": labels})
+    ref_iou, ref_masks = parity.torch_decoder(tiny_model, embedding, coords, labels, "points")
+    assert parity.max_abs(ref_iou, iou) <= 1e-4 and parity.max_abs(ref_masks, masks) <= 1e-4
+
+
+# --- parity -----------------------------------------------------------------------------------
+
+def _assert_parity(model_dir: Path, precisions: tuple[str, ...] = PRECISIONS) -> None:
+    figures = _figures(model_dir)
+    assert set(figures) == set(precisions)
+    for precision in precisions:
+        assert parity.check_bounds(precision, figures[precision]) == [], (precision, figures[precision])
+        assert figures[precision]["within_bounds"] is True
+        assert set(figures[precision]["decoder"]) == {"points", "boxes"}
+        if precision != "fp32":
+            assert set(figures[precision]["end_to_end"]) == {"points", "boxes"}
+
+
+def test_parity_litemedsam(litemedsam_dir: Path) -> None:
+    _assert_parity(litemedsam_dir)
+    manifest = read_manifest(litemedsam_dir)
+    assert manifest["parity_setup"]["prompts"]["points"] == 64
+    assert manifest["source"]["trained"] is True and manifest["spec"]["trained"] is True
+    assert manifest["spec"]["prompt_kind"] == "boxes"
+
+
+@pytest.mark.slow
+def test_parity_vit_b_random(vit_b_dir: Path) -> None:
+    _assert_parity(vit_b_dir, ("fp32", "int8"))
+    manifest = read_manifest(vit_b_dir)
+    assert manifest["source"]["trained"] is False and manifest["spec"]["trained"] is False
+    assert manifest["spec"]["input_size"] == 1024
+
+
+def test_fp32_parity_bounds_are_tight(tiny_dir: Path) -> None:
+    fp32 = _figures(tiny_dir)["fp32"]
+    assert fp32["encoder"]["max_abs"] <= 1e-3 and fp32["encoder"]["cosine"] >= 0.9999
+    for kind in ("points", "boxes"):
+        assert fp32["decoder"][kind]["iou_max_abs"] <= 1e-3
+        assert fp32["decoder"][kind]["mask_max_abs"] <= 1e-3
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+def test_manifest_contents(tiny_dir: Path) -> None:
+    manifest = read_manifest(tiny_dir)
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["source"]["id"].startswith("random:tiny") and manifest["source"]["trained"] is False
+    spec = ModelSpec.from_dict(manifest["spec"])
+    assert spec.arch == "tiny" and spec.input_size == 256 and spec.trained is False
+    assert set(manifest["graphs"]) == set(PRECISIONS) == set(manifest["precisions"])
+    assert manifest["graphs"]["fp16"]["encoder"]["file"] == "encoder.fp16.onnx"
+    assert manifest["graphs"]["int8"]["encoder"]["file"] == "encoder.int8.onnx"
+    assert manifest["graphs"]["int8"]["decoder"] == manifest["graphs"]["fp32"]["decoder"]  # fp32 decoder reused
+    assert {"torch", "onnx", "onnxslim", "onnxruntime", "samreg_rt"} <= set(manifest["exporter"])
+    assert set(manifest["operators"]["fp32"]["encoder"]) <= onnx_export.PORTABLE_OPS
+    assert "MatMulInteger" in manifest["operators"]["int8"]["encoder"]
+    for precision in PRECISIONS:
+        verify_files(tiny_dir, manifest, precision)
+
+
+@pytest.fixture
+def model_copy(tiny_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+
+
+def _edit_manifest(model_dir: Path, edit) -> None:
+    path = model_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_tampered_graph_byte_names_file(model_copy: Path) -> None:
+    path = model_copy / "decoder.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"decoder\.onnx.*sha256"):
+        verify_files(model_copy, read_manifest(model_copy), "fp32")
+
+
+def test_changed_sha_names_file(model_copy: Path) -> None:
+    _edit_manifest(model_copy, lambda m: m["graphs"]["int8"]["encoder"].update(sha256="0" * 64))
+    verify_files(model_copy, read_manifest(model_copy), "fp32")
+    with pytest.raises(ManifestError, match=r"encoder\.int8\.onnx"):
+        verify_files(model_copy, read_manifest(model_copy), "int8")
+
+
+def test_truncated_graph_names_file(model_copy: Path) -> None:
+    path = model_copy / "encoder.fp16.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ManifestError, match=r"encoder\.fp16\.onnx.*size"):
+        verify_files(model_copy, read_manifest(model_copy), "fp16")
+
+
+def test_missing_graph_names_file(model_copy: Path) -> None:
+    (model_copy / "encoder.int8.onnx").unlink()
+    with pytest.raises(ManifestError, match=r"encoder\.int8\.onnx.*missing"):
+        verify_files(model_copy, read_manifest(model_copy), "int8")
+
+
+def test_future_format_version(model_copy: Path) -> None:
+    _edit_manifest(model_copy, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(ManifestError, match="newer"):
+        read_manifest(model_copy)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"format_version": 1}', ""])
+def test_malformed_manifest(model_copy: Path, text: str) -> None:
+    (model_copy / "manifest.json").write_text(text)
+    with pytest.raises(ManifestError, match="manifest.json"):
+        read_manifest(model_copy)
+
+
+def test_missing_manifest_and_unknown_precision(model_copy: Path) -> None:
+    with pytest.raises(ManifestError, match="no 'bf16' graphs"):
+        verify_files(model_copy, read_manifest(model_copy), "bf16")
+    (model_copy / "manifest.json").unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        read_manifest(model_copy)
+
+
+def test_file_entry_outside_directory_is_rejected(model_copy: Path) -> None:
+    _edit_manifest(model_copy, lambda m: m["graphs"]["fp32"]["encoder"].update(file="../encoder.onnx"))
+    with pytest.raises(ManifestError, match="plain file name"):
+        read_manifest(model_copy)
+
+
+def test_external_data_graph_is_listed_and_verified(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A graph over the protobuf limit (ViT-H fp32) is saved with one external-data file."""
+    from samreg_export.manifest import file_entry
+
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 1 << 20)
+    files = onnx_export.save_model(onnx.load(str(tiny_dir / "encoder.onnx")), tmp_path / "encoder.onnx")
+    assert [f.name for f in files] == ["encoder.onnx", "encoder.onnx.data"]
+    entry = file_entry(files)
+    assert entry["data"]["file"] == "encoder.onnx.data" and entry["bytes"] < 1 << 20
+    image = np.zeros((1, 3, 256, 256), np.float32)
+    expected = parity.session(tiny_dir / "encoder.onnx").run(None, {"image": image})[0]
+    assert np.array_equal(parity.session(tmp_path / "encoder.onnx").run(None, {"image": image})[0], expected)
