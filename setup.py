@@ -25,6 +25,19 @@ EXTRAS = {
         "huggingface_hub==0.36.2",
         "safetensors==0.8.0",
     ],
+    # classical baselines and plots of `samreg-rt eval`; antspyx itself is installed with --no-deps
+    # by scripts/install.sh (it declares numpy<2.4 and scipy<1.16, yet runs with the pins here), so
+    # its runtime dependencies are listed instead
+    "eval": [
+        "itk-elastix==0.25.4",
+        "matplotlib==3.11.2",
+        "pandas==3.1.1",
+        "pyyaml==6.0.4",
+        "requests==2.34.2",
+        "scikit-learn==1.9.1",
+        "statsmodels==0.15.0",
+        "webcolors==25.10.0",
+    ],
     "test": [
         "pytest==9.2.0",
         "hypothesis==6.155.2",
