@@ -8,11 +8,13 @@ runtime feeds every precision alike (docs/contracts.md).
   is a weight: weights int8 per output channel with a 7-bit range (``reduce_range``), activations
   uint8 quantized at run time. No calibration data, so one recipe serves every model. The
   activation x activation MatMuls of attention stay float (8-bit softmax probabilities over
-  4096 keys lose most of their information), and so do convolutions (``ConvInteger`` is slower
-  than the float convolution in ONNX Runtime's CPU provider). ``reduce_range`` avoids the int16
+  4096 keys lose most of their information), and so do convolutions (with ``ConvInteger`` the
+  LiteMedSAM encoder took 5.5 instead of 3.0 CPU s and its cosine fell to 0.73). ``reduce_range`` avoids the int16
   saturation of the u8 x s8 ``vpmaddubsw`` path on x86 CPUs without VNNI. Measured on LiteMedSAM
   (AMD EPYC, AVX2, 1 thread): encoder cosine to fp32 0.976 plain, 0.986 per channel, 0.994 per
-  channel + reduce_range; static QDQ (8 calibration images, Conv+MatMul) 0.66. Runs on ONNX
+  channel + reduce_range; static QDQ (8 calibration images, Conv+MatMul) 0.66. Speed on this
+  AVX2-only CPU: no gain (LiteMedSAM 3.04 vs 3.05 CPU s, SAM ViT-B 33.0 vs 36.1; MLAS's u8 x s8
+  kernel is no faster than its fp32 SGEMM without VNNI); CPUs with VNNI are where int8 pays. Runs on ONNX
   Runtime's CPU execution provider; TensorRT does not parse ``MatMulInteger`` /
   ``DynamicQuantizeLinear`` (see ``onnx_export``).
   The int8 variant quantizes the encoder only and reuses the fp32 decoder: on the same CPU the
