@@ -7,8 +7,8 @@ exporter (``samreg_export``), then timed in the same process, on the same normal
 same thread count for torch (``torch.set_num_threads``) and ONNX Runtime (``intra_op_num_threads``).
 Latency is the median wall time of the timed repeats; the process CPU time of the same runs is
 kept too, because on a shared machine wall time also counts other processes' load (the load
-average before and after each model is recorded). GFLOP/s = multiply-adds x 2 of the fp32 graph's
-MatMul / Gemm / Conv / Einsum nodes (from ONNX shape inference) / latency. Writes
+average before and after each model is recorded). GFLOP/s = encoder FLOPs (2 x multiply-adds of
+matmuls, convolutions and einsums, counted by ``torch.utils.flop_counter``) / latency. Writes
 ``benchmarks/results/encoder.md`` and ``encoder.json``.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from samreg_export import onnx_export, parity, quantize
 from samreg_export.checkpoints import load_source
@@ -58,36 +59,12 @@ def machine() -> dict[str, Any]:
     }
 
 
-def graph_flops(model: onnx.ModelProto) -> int:
-    """2 x multiply-adds of the MatMul, Gemm, Conv, ConvTranspose and Einsum nodes of a graph with
-    static shapes."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes: dict[str, list[int]] = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        shapes[value.name] = [d.dim_value for d in value.type.tensor_type.shape.dim]
-    for init in inferred.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    macs = 0
-    for node in inferred.graph.node:
-        ins = [shapes.get(name, []) for name in node.input]
-        out = shapes.get(node.output[0], [])
-        if node.op_type in ("MatMul", "Gemm"):
-            a = ins[0]
-            trans_a = any(at.name == "transA" and at.i for at in node.attribute)
-            macs += int(np.prod(out)) * (a[-2] if trans_a else a[-1])
-        elif node.op_type == "Conv":
-            w = ins[1]
-            macs += int(np.prod(out)) * int(np.prod(w[1:]))
-        elif node.op_type == "ConvTranspose":
-            x, w = ins[0], ins[1]
-            macs += int(np.prod(x)) * int(np.prod(w[1:]))
-        elif node.op_type == "Einsum":
-            equation = next(at.s.decode() for at in node.attribute if at.name == "equation")
-            sizes: dict[str, int] = {}
-            for term, shape in zip(equation.split("->")[0].split(","), ins):
-                sizes.update(zip(term.strip(), shape))
-            macs += int(np.prod(list(sizes.values())))
-    return 2 * macs
+def encoder_flops(sam: torch.nn.Module, image: torch.Tensor) -> int:
+    """FLOPs (2 x multiply-adds of matmuls, convolutions and einsums) of one encoder pass, counted by
+    ``torch.utils.flop_counter`` (ONNX shape inference leaves too many of ViT-B's shapes unknown)."""
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        sam.image_encoder(image)
+    return counter.get_total_flops()
 
 
 def time_runs(run: Callable[[], Any], warmup: int, repeats: int) -> dict[str, float]:
@@ -111,10 +88,10 @@ def bench_model(key: str, threads: int, warmup: int, repeats: int, work: Path) -
     spec = default_spec(key, MODELS[key], loaded.arch, size, loaded.trained)
     image = parity.model_input(read_parity_image(IMAGE) if IMAGE.exists() else parity.synthetic_image(), spec)
     paths = {"fp32": work / f"{key}.encoder.onnx"}
-    fp32_graph = onnx_export.export_encoder(sam, paths["fp32"])
+    onnx_export.export_encoder(sam, paths["fp32"])
     paths["fp16"] = quantize.to_fp16(paths["fp32"], work / f"{key}.encoder.fp16.onnx")[0]
     paths["int8"] = quantize.to_int8(paths["fp32"], work / f"{key}.encoder.int8.onnx")[0]
-    flops = graph_flops(fp32_graph)
+    flops = encoder_flops(sam, torch.from_numpy(image))
 
     load_before = os.getloadavg()[0]
     torch.set_num_threads(threads)

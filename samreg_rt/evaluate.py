@@ -92,8 +92,9 @@ class EvalSettings:
 
     def signature(self, method: str, model: dict) -> dict:
         """What a stored record must match to be reused."""
-        if method in SAMREG_METHODS:
-            return {"amg": self.amg, "model": model.get("manifest_sha256")}
+        if method in SAMREG_METHODS:      # the decoder batch size changes memory, not results
+            amg = {k: v for k, v in self.amg.items() if k != "batch_size"}
+            return {"amg": amg, "model": model.get("manifest_sha256")}
         if method in BASELINE_METHODS:
             return {"baseline_max_side": self.baseline_max_side, "input": BASELINE_INPUT}
         return {}
@@ -716,7 +717,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if unknown or not methods:
         raise InputError(f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(METHODS)}")
     amg = {k: v for k, v in (("points_per_side", args.points_per_side), ("pred_iou_thresh", args.pred_iou_thresh),
-                             ("stability_score_thresh", args.stability_thresh)) if v is not None}
+                             ("stability_score_thresh", args.stability_thresh), ("batch_size", args.batch_size))
+           if v is not None}
     engine = None
     if any(m in SAMREG_METHODS for m in methods):
         engine = Engine.load(args.model, providers=args.provider, threads=args.threads, precision=args.precision)
@@ -741,6 +743,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--points-per-side", type=int, default=None, help="AMG prompt grid (default: the model's)")
     p.add_argument("--pred-iou-thresh", type=float, default=None)
     p.add_argument("--stability-thresh", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="prompts per decoder call (memory: about 70 MB per prompt for SAM-style decoders)")
     p.add_argument("--baseline-max-side", type=int, default=512, help="2-D working size of elastix/ANTs (px)")
     p.add_argument("--model", default="litemedsam", help="registry name, exported model dir, HF dir or .pth")
     p.add_argument("--provider", default="auto", help="auto | tensorrt | cuda | cpu")
