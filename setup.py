@@ -42,7 +42,16 @@ EXTRAS = {
         "pytest==9.2.0",
         "hypothesis==6.155.2",
         "segment-anything==1.0",
+        "httpx==0.28.1",
     ],
+    # `samreg-rt serve`: the HTTP service (multipart uploads)
+    "serve": [
+        "fastapi==0.165.0",
+        "uvicorn==0.54.0",
+        "python-multipart==0.0.34",
+    ],
+    # `samreg-rt register --pairs LIST.csv --ray [ADDRESS]`
+    "ray": ["ray==2.60.0"],
 }
 
 ext = Pybind11Extension(

