@@ -2,19 +2,22 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import re
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
 
 from .correspondence import overlay, write_png
 from .engine import Engine
-from .errors import InputError, SamregError
+from .errors import InputError, OutputError, SamregError
 from .io import atomic_write, load_image
 from .pipeline import register
 from .prompt import register_prompts
@@ -43,9 +46,42 @@ def read_pairs_list(path: str | os.PathLike) -> list[tuple[str, str, str]]:
         if not SAFE_ID.match(pair_id) or pair_id in seen:
             raise InputError(f"{path}: row {n}: id {pair_id!r} is not a unique plain name ([A-Za-z0-9._-])")
         seen.add(pair_id)
-        fixed, moving = (str((path.parent / row[k].strip()).resolve()) for k in ("fixed", "moving"))
+        cells = [row.get(k) for k in ("fixed", "moving")]
+        if any(not isinstance(c, str) or not c.strip() for c in cells):
+            raise InputError(f"{path}: row {n}: needs a fixed and a moving image path, got {cells}")
+        fixed, moving = (str((path.parent / c.strip()).resolve()) for c in cells)
         jobs.append((pair_id, fixed, moving))
     return jobs
+
+
+@contextmanager
+def pair_lock(target: Path) -> Iterator[bool]:
+    """Create the output folder ``target`` if needed and hold an exclusive lock on it (``flock`` on
+    the folder itself: no lock file) while a pair is checked, registered and written. Two runs
+    writing into one output folder thus never register the same pair at the same time: the second
+    waits, then finds the pair complete. The kernel drops the lock when its process dies (SIGKILL
+    included), so a killed run leaves no stale lock. Yields whether this call created the folder.
+    """
+    created = not target.exists()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot create or open the output folder ({exc.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield created
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def remove_stale_temporaries(target: Path) -> list[str]:
+    """Delete the temporary files (``.NAME.*.tmp`` of ``io.atomic_write``) that a killed run left
+    in ``target``; call only while holding ``pair_lock(target)``. Returns their names."""
+    stale = sorted(p.name for p in target.glob(".*.tmp") if p.is_file())
+    for name in stale:
+        (target / name).unlink(missing_ok=True)
+    return stale
 
 
 def is_done(out_dir: Path) -> bool:
@@ -116,22 +152,25 @@ def register_one(fixed: str, moving: str, engine: Engine, out_dir: str | os.Path
         timings["ddf"] = time.perf_counter() - t
     picture = overlay(corr, fixed_img.array, moving_img.array)
     t = time.perf_counter()
-    corr.save(out / "correspondence.npz")
-    corr.write_pairs_csv(out / "pairs.csv")
-    write_png(out / "overlay.png", picture)
-    outputs = ["correspondence.npz", "pairs.csv", "overlay.png"]
-    if fit_ddf:
-        from .ddf import save_field
+    try:
+        corr.save(out / "correspondence.npz")
+        corr.write_pairs_csv(out / "pairs.csv")
+        write_png(out / "overlay.png", picture)
+        outputs = ["correspondence.npz", "pairs.csv", "overlay.png"]
+        if fit_ddf:
+            from .ddf import save_field
 
-        save_field(out / "ddf.npy", field)
-        write_png(out / "warped_moving.png", warped)
-        outputs += ["ddf.npy", "warped_moving.png"]
-    timings["write"] = time.perf_counter() - t
-    record = {"fixed": fixed, "moving": moving, "preset": preset, "model": corr.model,
-              "timings_s": {k: round(v, 4) for k, v in timings.items()}, "register_s": round(total, 4),
-              "counts": counts, "params": corr.params, "ddf": field_summary, "outputs": outputs}
-    with atomic_write(out / DONE_FILE, "w") as handle:
-        json.dump(record, handle, indent=1)
+            save_field(out / "ddf.npy", field)
+            write_png(out / "warped_moving.png", warped)
+            outputs += ["ddf.npy", "warped_moving.png"]
+        timings["write"] = time.perf_counter() - t
+        record = {"fixed": fixed, "moving": moving, "preset": preset, "model": corr.model,
+                  "timings_s": {k: round(v, 4) for k, v in timings.items()}, "register_s": round(total, 4),
+                  "counts": counts, "params": corr.params, "ddf": field_summary, "outputs": outputs}
+        with atomic_write(out / DONE_FILE, "w") as handle:
+            json.dump(record, handle, indent=1)
+    except OSError as exc:  # disk full, permissions, a file where a folder should be
+        raise OutputError(f"{exc.filename or out}: cannot write output ({exc.strerror or exc})") from None
     return record
 
 
@@ -141,18 +180,33 @@ def register_many(jobs: list[tuple[str, str, str]], engine: Engine, out_dir: str
     """Register (id, fixed, moving) jobs with one engine; pairs already complete are skipped.
 
     A single job with an empty id writes straight into ``out_dir``. A job that fails with a
-    samreg-rt error is reported and the batch goes on. Returns a summary dict.
+    samreg-rt error is reported and the batch goes on. Each pair is registered while holding
+    ``pair_lock`` on its folder, so concurrent runs into one ``out_dir`` share the work without
+    registering a pair twice; temporary files left by a killed run are removed first. A pair
+    folder that is a symbolic link is refused (outputs stay inside ``out_dir``). Returns a
+    summary dict.
     """
     root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"{root}: not a directory (the output path exists as a file)")
     summary = {"out": str(root), "done": [], "skipped": [], "errors": {}}
     for pair_id, fixed, moving in tqdm(jobs, disable=not progress, desc="register", unit="pair"):
         target = root / pair_id if pair_id else root
-        if is_done(target):
-            summary["skipped"].append(pair_id or str(target))
-            continue
         try:
-            record = register_one(fixed, moving, engine, target, preset=preset, fit_ddf=fit_ddf, prompts=prompts,
-                                  **overrides)
+            if pair_id and target.is_symlink():
+                raise OutputError(f"{target}: pair output folder is a symbolic link; outputs stay inside {root}")
+            with pair_lock(target) as created:
+                if is_done(target):
+                    summary["skipped"].append(pair_id or str(target))
+                    continue
+                remove_stale_temporaries(target)
+                try:
+                    record = register_one(fixed, moving, engine, target, preset=preset, fit_ddf=fit_ddf,
+                                          prompts=prompts, **overrides)
+                except SamregError:
+                    if created and not any(target.iterdir()):
+                        target.rmdir()  # leave no empty folder for a pair that failed
+                    raise
         except SamregError as exc:
             summary["errors"][pair_id or str(target)] = str(exc)
             continue

@@ -11,6 +11,10 @@ class InputError(SamregError, ValueError):
     """An image, label, landmark file or array that cannot be used."""
 
 
+class OutputError(SamregError):
+    """An output directory or file that cannot be created or written (names the path)."""
+
+
 class ModelError(SamregError):
     """A model directory, graph file, checkpoint or registry entry that cannot be used."""
 

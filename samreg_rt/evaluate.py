@@ -138,35 +138,67 @@ def load_pairs(manifest_or_dir: str | os.PathLike) -> list[PairSpec]:
     return pairs
 
 
-def read_labels(path: Path, pair: PairSpec) -> np.ndarray:
+def read_labels(path: Path, pair: PairSpec, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Label map of a pair as int64 with the manifest's class values.
 
     3-D: the NIfTI values as stored (e.g. ACDC 0..3). 2-D with the single class 255 (0/255 masks,
     and matplotlib renders whose edges hold grey values): the first channel binarised at >= 128,
-    foreground 255. Other 2-D labels: the first channel's values as they are.
+    foreground 255. Other 2-D labels: the first channel's values as they are, which must be
+    non-negative integers. ``shape``: the shape of the image the labels belong to; a label map of
+    another shape is an ``InputError`` (as are non-integer or negative values), never resampled.
     """
     if pair.dim == 3:
         arr = volume.load_volume(path).array
-        if arr.dtype.kind == "f" and not (arr == np.round(arr)).all():
-            raise InputError(f"{path}: label volume has non-integer values")
-        return arr.astype(np.int64)
-    arr = load_image(path).array
-    grey = arr[..., 0] if arr.ndim == 3 else arr
-    if set(pair.label_classes) == {255}:
-        return np.where(grey >= 128, 255, 0).astype(np.int64)
-    return grey.astype(np.int64)
+    else:
+        arr = load_image(path).array
+        arr = arr[..., 0] if arr.ndim == 3 else arr
+        if set(pair.label_classes) == {255}:
+            arr = np.where(arr >= 128, 255, 0)
+    if shape is not None and arr.shape != tuple(shape):
+        raise InputError(f"{path}: label map has shape {arr.shape}, its image has shape {tuple(shape)}")
+    if arr.dtype.kind == "f" and not (arr == np.round(arr)).all():
+        raise InputError(f"{path}: label map has non-integer values")
+    if arr.size and arr.min() < 0:
+        raise InputError(f"{path}: label map has negative values (min {arr.min()})")
+    return arr.astype(np.int64)
 
 
-def read_landmarks(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """CSV ``fixed_x,fixed_y,moving_x,moving_y`` -> (fixed (N, 2), moving (N, 2)) as (x, y) px."""
+LANDMARK_COLUMNS = ("fixed_x", "fixed_y", "moving_x", "moving_y")
+
+
+def read_landmarks(path: Path, fixed_shape: tuple[int, int] | None = None,
+                   moving_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """CSV ``fixed_x,fixed_y,moving_x,moving_y`` -> (fixed (N, 2), moving (N, 2)) as (x, y) px.
+
+    ``InputError`` naming the file (and the row) for missing columns, values that are not finite
+    numbers, no rows, or, given the images' (H, W), a point outside its image (pixel centres at
+    integers: x in [-0.5, W - 0.5], y in [-0.5, H - 0.5]).
+    """
     try:
         with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        pts = np.array([[float(r[k]) for k in ("fixed_x", "fixed_y", "moving_x", "moving_y")] for r in rows])
-    except (OSError, KeyError, ValueError, TypeError) as exc:
-        raise InputError(f"{path}: not a landmark CSV with columns fixed_x,fixed_y,moving_x,moving_y ({exc})") from None
-    if pts.ndim != 2 or len(pts) == 0 or not np.isfinite(pts).all():
-        raise InputError(f"{path}: no usable landmarks")
+            reader = csv.DictReader(handle)
+            missing = [k for k in LANDMARK_COLUMNS if k not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"{path}: not a landmark CSV: columns {missing} missing (needs "
+                                 f"{','.join(LANDMARK_COLUMNS)}, has {reader.fieldnames})")
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{path}: cannot read landmark CSV ({exc})") from None
+    if not rows:
+        raise InputError(f"{path}: no landmarks (only a header)")
+    pts = np.zeros((len(rows), 4))
+    for n, row in enumerate(rows, start=1):
+        try:
+            pts[n - 1] = [float(row[k]) for k in LANDMARK_COLUMNS]
+        except (TypeError, ValueError):
+            raise InputError(f"{path}: row {n}: {[row.get(k) for k in LANDMARK_COLUMNS]} are not four numbers "
+                             f"({','.join(LANDMARK_COLUMNS)})") from None
+        if not np.isfinite(pts[n - 1]).all():
+            raise InputError(f"{path}: row {n}: landmark {pts[n - 1].tolist()} is not finite")
+        for side, shape, xy in (("fixed", fixed_shape, pts[n - 1, :2]), ("moving", moving_shape, pts[n - 1, 2:])):
+            if shape is not None and not (-0.5 <= xy[0] <= shape[1] - 0.5 and -0.5 <= xy[1] <= shape[0] - 0.5):
+                raise InputError(f"{path}: row {n}: {side} landmark (x, y) = {tuple(xy.tolist())} lies outside "
+                                 f"the {side} image ({shape[0]}x{shape[1]} px)")
     return pts[:, :2], pts[:, 2:]
 
 
@@ -296,15 +328,15 @@ def _evaluate_2d(pair: PairSpec, method: str, engine: Engine | None,
     scores: dict = {"time_s": round(elapsed, 3), "folding": metrics.folding_ratio(field)}
     fixed_lab = warped_lab = None
     if pair.fixed_label and pair.moving_label:
-        fixed_lab = read_labels(pair.fixed_label, pair)
-        moving_lab = read_labels(pair.moving_label, pair)
+        fixed_lab = read_labels(pair.fixed_label, pair, shape)
+        moving_lab = read_labels(pair.moving_label, pair, mshape)
         warped_lab = ddf.warp_labels(volume.resize_labels(moving_lab, shape), field)
         classes = sorted(pair.label_classes) or sorted(set(np.unique(fixed_lab)) - {0})
         scores.update(_label_scores(fixed_lab, warped_lab, classes, None))
         if corr is not None:
             extras.update(_roi_score([corr], [fixed_lab], [moving_lab]))
     if pair.landmarks:
-        fxy, mxy = read_landmarks(pair.landmarks)
+        fxy, mxy = read_landmarks(pair.landmarks, shape, mshape)
         mxy = (mxy + 0.5) * np.array([shape[1] / mshape[1], shape[0] / mshape[0]]) - 0.5
         err = metrics.tre(fxy, mxy, field).px
         scores["tre_mean"], scores["tre_max"] = float(err.mean()), float(err.max())
@@ -356,8 +388,8 @@ def _evaluate_3d(pair: PairSpec, method: str, engine: Engine | None,
         warped = volume.warp_volume(mv.array.astype(np.float32), field3, order=1)
     fixed_lab = warped_lab = None
     if pair.fixed_label and pair.moving_label:
-        fixed_lab = read_labels(pair.fixed_label, pair)
-        moving_lab = read_labels(pair.moving_label, pair)
+        fixed_lab = read_labels(pair.fixed_label, pair, fv.array.shape)
+        moving_lab = read_labels(pair.moving_label, pair, mv.array.shape)
         warped_lab = vr.warp_labels(moving_lab) if vr is not None else volume.warp_labels_volume(moving_lab, field3)
         classes = sorted(pair.label_classes) or sorted(set(np.unique(fixed_lab)) - {0})
         scores.update(_label_scores(fixed_lab, warped_lab, classes, spacing))

@@ -45,10 +45,11 @@ import numpy as np
 from . import ddf
 from .engine import Engine
 from .errors import InputError, SamregError
-from .io import Image
+from .io import Image, open_nifti, read_nifti_data
 from .pipeline import Registration, register
 
 log = logging.getLogger("samreg_rt")
+MAX_VOXELS = 1 << 28  # refuse larger volumes from the header, before reading them (1 GiB as float32)
 
 __all__ = ["Volume", "load_volume", "SliceResult", "VolumeRegistration", "register_volume",
            "default_axis", "to_uint8", "match_slices", "resize_labels", "jacobian_determinant_3d",
@@ -100,21 +101,25 @@ def load_volume(path: str | os.PathLike) -> Volume:
     """Read a 3-D NIfTI (``.nii`` / ``.nii.gz``); trailing axes of length 1 are dropped.
 
     Raises ``InputError`` naming the file when it is missing or unreadable, is not 3-D (e.g. a 4-D
-    time series), has non-finite values, non-positive or non-finite voxel sizes, or a singular or
-    non-finite affine.
+    time series), has more than ``MAX_VOXELS`` voxels (checked on the header, before reading),
+    has non-finite values, non-positive or non-finite voxel sizes (as stored: a zero pixdim is not
+    taken as 1), or a singular or non-finite affine.
     """
     import nibabel as nib
 
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
+    img, zooms = open_nifti(p)
+    voxels = int(np.prod(img.shape, dtype=np.float64))
+    if voxels > MAX_VOXELS:  # from the header, before the data is read
+        raise InputError(f"{p}: volume of shape {tuple(img.shape)} ({voxels} voxels) exceeds the limit of "
+                         f"{MAX_VOXELS} voxels")
     try:
-        img = nib.load(str(p))
-        array = np.asanyarray(img.dataobj)
-        zooms = tuple(float(z) for z in img.header.get_zooms())
         affine = np.asarray(img.affine, dtype=np.float64)
-    except Exception as exc:  # nibabel raises many exception types for corrupt or foreign files
-        raise InputError(f"{p}: cannot read NIfTI ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # nibabel cannot build an affine from a broken header
+        raise InputError(f"{p}: cannot read the NIfTI affine ({type(exc).__name__}: {exc})") from None
+    array = read_nifti_data(img, p)
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3:
