@@ -1,9 +1,10 @@
 """Batch registration on Ray: the pairs of a list spread over actors that each hold one engine.
 
 Same output layout and resume guarantee as ``batch.register_many``: each pair goes to
-``OUT/<id>/`` through ``batch.register_one`` (every file written atomically, run.json last), and
-pairs already complete are skipped, both before dispatch and again by the worker that receives
-one (so a pair whose worker died after writing run.json is not written a second time). A worker
+``OUT/<id>/`` through ``batch.register_one`` (every file written atomically, run.json last) under
+``batch.pair_lock``, and pairs already complete are skipped, both before dispatch and again by
+the worker that receives one (so a pair whose worker died after writing run.json is not written
+a second time). A worker
 that dies (killed, out of memory, node lost) is restarted by Ray and its pair is sent again.
 The driver appends what happened to ``OUT/ray_batch.jsonl`` (workers and their pids, one line
 per pair done, worker losses).
@@ -21,9 +22,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .batch import is_done, register_one
+from .batch import is_done, pair_lock, register_one, remove_stale_temporaries
 from .engine import Engine
-from .errors import SamregError
+from .errors import OutputError, SamregError
 
 JOURNAL = "ray_batch.jsonl"
 
@@ -62,11 +63,23 @@ class RegistrationWorker:
         return self.where
 
     def register(self, pair_id: str, fixed: str, moving: str, target: str, options: dict) -> dict:
-        """Register one pair into ``target`` unless it is already complete there."""
-        if is_done(Path(target)):
-            return {"status": "found_done", **self.where}
+        """Register one pair into ``target`` as ``batch.register_many`` does: under
+        ``pair_lock``, skipped when complete, stale temporaries removed, no folder left behind
+        for a pair that failed."""
+        out = Path(target)
         try:
-            record = register_one(fixed, moving, self.engine, target, **options)
+            if out.is_symlink():
+                raise OutputError(f"{out}: pair output folder is a symbolic link; outputs stay inside {out.parent}")
+            with pair_lock(out) as created:
+                if is_done(out):
+                    return {"status": "found_done", **self.where}
+                remove_stale_temporaries(out)
+                try:
+                    record = register_one(fixed, moving, self.engine, out, **options)
+                except SamregError:
+                    if created and not any(out.iterdir()):
+                        out.rmdir()
+                    raise
         except SamregError as exc:
             return {"status": "error", "message": str(exc), **self.where}
         return {"status": "done", "pairs": record["counts"]["pairs"], "register_s": record["register_s"],

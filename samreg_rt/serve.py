@@ -233,8 +233,8 @@ def parse_prompts(texts: list[str], limit: int) -> list[tuple[float, ...]]:
     return prompts
 
 
-def run_registration(engine: Engine | CachingEngine, fixed: Image, moving: Image, preset: str, prompts: list[tuple[float, ...]],
-                     fit_ddf: bool, include_masks: bool, overrides: dict) -> dict:
+def run_registration(engine: Engine | CachingEngine, fixed: Image, moving: Image, preset: str,
+                     prompts: list[tuple[float, ...]], fit_ddf: bool, include_masks: bool, overrides: dict) -> dict:
     """One registration, start to JSON (runs on the engine's worker thread)."""
     t = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -273,7 +273,7 @@ def create_app(engine: Engine, limits: Limits = Limits()) -> FastAPI:
         executor.shutdown(wait=True)
 
     app = FastAPI(title="samreg-rt", lifespan=lifespan)
-    app.state.engine, app.state.limits, app.state.metrics, app.state.queued = engine, limits, Metrics(), 0
+    app.state.metrics, app.state.queued = Metrics(), 0
 
     @app.middleware("http")
     async def count_and_limit(request: Request, call_next):

@@ -15,14 +15,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import ray
 
-ray = pytest.importorskip("ray")
-
-from samreg_rt.batch import read_pairs_list, register_many  # noqa: E402
-from samreg_rt.cli import main  # noqa: E402
-from samreg_rt.correspondence import Correspondence  # noqa: E402
-from samreg_rt.engine import Engine  # noqa: E402
-from samreg_rt.ray_batch import JOURNAL, RegistrationWorker, connect, register_many_ray  # noqa: E402
+from samreg_rt.batch import read_pairs_list, register_many
+from samreg_rt.cli import main
+from samreg_rt.correspondence import Correspondence
+from samreg_rt.engine import Engine
+from samreg_rt.errors import SamregError
+from samreg_rt.ray_batch import JOURNAL, RegistrationWorker, connect, register_many_ray
 
 PROMPT = [(24.0, 20.0)]
 N_PAIRS = 10
@@ -152,3 +152,11 @@ def test_killed_worker_loses_and_duplicates_no_pair(local_ray, pairs_csv, sequen
     assert all(len(seen) == 1 for seen in inodes.values()), ({k: v for k, v in inodes.items() if len(v) != 1}, events)
     for pair_id in inodes:
         _assert_same_pair(out / pair_id, sequential / pair_id)
+
+
+def test_workers_that_cannot_load_the_model_fail_fast(local_ray, pairs_csv, tmp_path):
+    bad_model = tmp_path / "no_model"
+    bad_model.mkdir()
+    with pytest.raises(SamregError, match="could not load model"):
+        register_many_ray(read_pairs_list(pairs_csv)[:2], str(bad_model), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "case00").exists()
