@@ -95,7 +95,7 @@ def png_bytes(width: int, height: int, rows: int | None = None) -> bytes:
     """An 8-bit grey PNG of width x height, all zero, written row by row through zlib so that a
     20000 x 20000 image takes about 400 kB on disk (a decompression bomb). ``rows``: write only so
     many rows of pixel data (a header that promises more than the data holds)."""
-    comp = zlib.compressobj(9)
+    comp = zlib.compressobj(1)
     row = bytes(1 + width)
     idat, todo = [], height if rows is None else rows
     while todo > 0:
@@ -138,7 +138,7 @@ def nifti_bomb(path: Path, dims: tuple[int, ...]) -> Path:
     header["vox_offset"] = 352
     raw = header.binaryblock + b"\x00" * 4
     path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wb", compresslevel=9) as f:
+    with gzip.open(path, "wb", compresslevel=1) as f:
         f.write(raw)
         total, chunk = int(np.prod(dims)), bytes(1 << 24)
         while total > 0:
