@@ -1,13 +1,35 @@
-"""Shared helpers of the benchmark scripts: the labelled 2-D images of ../shared/data."""
+"""Shared helpers of the benchmark scripts: the machine's description, the labelled 2-D images of
+../shared/data."""
 from __future__ import annotations
 
 import json
+import os
+import platform
+import re
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+import onnxruntime as ort
 
 from samreg_rt.io import load_image
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, logical CPUs, SIMD flags of interest, Python / ONNX Runtime / numpy versions."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
+    simd = sorted(f for f in (flags.group(1).split() if flags else []) if re.match(r"(avx|fma|f16c|amx)", f))
+    return {
+        "cpu": model.group(1).strip() if model else platform.processor(),
+        "logical_cpus": os.cpu_count(),
+        "simd_flags": simd,
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def labelled_images(data: Path, per_application: int | None) -> list[tuple[str, Path, Path]]:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -35,6 +33,8 @@ from samreg_export import onnx_export, parity, quantize
 from samreg_export.checkpoints import load_source
 from samreg_export.export import default_spec, read_parity_image
 
+from common import machine as common_machine  # benchmarks/common.py (the script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO.parent / "shared" / "data" / "prostate_mr" / "prostate_slice_s30" / "fixed.png"
 MODELS = {"litemedsam": "litemedsam", "vit_b": "random:vit_b"}
@@ -42,21 +42,8 @@ TARGETS = {"ort_fp32_speedup": 1.5, "ort_int8_speedup": 3.0, "int8_cosine": 0.99
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, core count, SIMD flags of interest and library versions."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
-    simd = sorted(f for f in (flags.group(1).split() if flags else []) if re.match(r"(avx|fma|f16c|amx)", f))
-    return {
-        "cpu": model.group(1).strip() if model else platform.processor(),
-        "logical_cpus": os.cpu_count(),
-        "simd_flags": simd,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-        "onnx": onnx.__version__,
-        "numpy": np.__version__,
-    }
+    """``common.machine()`` plus the exporter's library versions."""
+    return {**common_machine(), "torch": torch.__version__, "onnx": onnx.__version__}
 
 
 def encoder_flops(sam: torch.nn.Module, image: torch.Tensor) -> int:

@@ -27,10 +27,14 @@ from .checkpoints import load_source
 log = logging.getLogger(__name__)
 
 GRAPH_FILES = {
-    "fp32": {"encoder": "encoder.onnx", "decoder": "decoder.onnx"},
-    "fp16": {"encoder": "encoder.fp16.onnx", "decoder": "decoder.fp16.onnx"},
-    "int8": {"encoder": "encoder.int8.onnx"},  # + the fp32 decoder (quantize.CONVERTED_GRAPHS)
+    "fp32": {"encoder": "encoder.onnx", "decoder": "decoder.onnx",
+             "decoder_tokens": "decoder_tokens.onnx", "decoder_masks": "decoder_masks.onnx"},
+    "fp16": {"encoder": "encoder.fp16.onnx", "decoder": "decoder.fp16.onnx",
+             "decoder_tokens": "decoder_tokens.fp16.onnx", "decoder_masks": "decoder_masks.fp16.onnx"},
+    "int8": {"encoder": "encoder.int8.onnx"},  # + the fp32 decoders (quantize.CONVERTED_GRAPHS)
 }
+EXPORTERS = {"encoder": onnx_export.export_encoder, "decoder": onnx_export.export_decoder,
+             "decoder_tokens": onnx_export.export_decoder_tokens, "decoder_masks": onnx_export.export_decoder_masks}
 
 
 def default_spec(name: str, source: str, arch: str, input_size: int, trained: bool) -> ModelSpec:
@@ -102,9 +106,8 @@ def export_model(
     (out / MANIFEST_NAME).unlink(missing_ok=True)
 
     log.info("exporting %s (%s) to %s", source, loaded.arch, out)
-    encoder = onnx_export.export_encoder(sam, out / GRAPH_FILES["fp32"]["encoder"], opset)
-    decoder = onnx_export.export_decoder(sam, out / GRAPH_FILES["fp32"]["decoder"], opset)
-    io = {"encoder": onnx_export.graph_io(encoder), "decoder": onnx_export.graph_io(decoder)}
+    fp32 = {g: export(sam, out / GRAPH_FILES["fp32"][g], opset) for g, export in EXPORTERS.items()}
+    io = {g: onnx_export.graph_io(model) for g, model in fp32.items()}
     written: dict[str, dict[str, list[Path]]] = {
         "fp32": {g: onnx_export.graph_files(out / f) for g, f in GRAPH_FILES["fp32"].items()}}
     for precision in wanted[1:]:
@@ -130,7 +133,7 @@ def export_model(
         name=name,
         source={"id": loaded.source_id, "sha256": loaded.source_sha256, "trained": loaded.trained, "arch": loaded.arch},
         spec=spec,
-        opset=onnx_export.onnx_opset(encoder),
+        opset=onnx_export.onnx_opset(fp32["encoder"]),
         graphs={p: {g: manifest_io.file_entry(files) for g, files in graphs.items()} for p, graphs in written.items()},
         io=io,
         operators={p: {g: sorted(onnx_export.op_types(onnx.load(str(files[0]), load_external_data=False)))

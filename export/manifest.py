@@ -67,8 +67,9 @@ def build_manifest(
     parity_setup: dict[str, Any],
     precision_notes: dict[str, str],
 ) -> dict[str, Any]:
-    """Assemble a format-1 manifest. ``graphs`` = {precision: {"encoder": entry, "decoder": entry}}
-    with entries from ``file_entry``; ``io`` = {"encoder": graph_io, "decoder": graph_io};
+    """Assemble a manifest (``FORMAT_VERSION``). ``graphs`` = {precision: {graph role: entry}} for the
+    roles in ``samreg_rt.manifest.GRAPH_NAMES``, with entries from ``file_entry``; ``io`` = {graph
+    role: graph_io};
     ``operators`` = {precision: {graph: sorted op types}}; ``parity`` = {precision: figures from
     ``parity.measure``}."""
     unknown = set(graphs) - set(PRECISIONS)

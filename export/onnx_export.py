@@ -34,8 +34,6 @@ from torch import nn
 
 from samreg_rt.errors import ModelError
 
-ENCODER_FILE = "encoder.onnx"
-DECODER_FILE = "decoder.onnx"
 MIN_OPSET = 17
 ENCODER_IO = (["image"], ["image_embeddings"])
 DECODER_IO = (["image_embeddings", "point_coords", "point_labels"], ["iou_predictions", "low_res_masks"])
@@ -45,6 +43,19 @@ DECODER_DYNAMIC_AXES = {
     "iou_predictions": {0: "B"},
     "low_res_masks": {0: "B"},
 }
+# The decoder split in two at the mask upscaling, so that the runtime upscales only the prompts whose
+# predicted IoU passes its threshold (docs/contracts.md): decoder_tokens + decoder_masks = decoder.
+DECODER_TOKENS_IO = (["image_embeddings", "point_coords", "point_labels"],
+                     ["iou_predictions", "hyper_in", "image_tokens"])
+DECODER_TOKENS_DYNAMIC_AXES = {
+    "point_coords": {0: "B", 1: "N"},
+    "point_labels": {0: "B", 1: "N"},
+    "iou_predictions": {0: "B"},
+    "hyper_in": {0: "B"},
+    "image_tokens": {0: "B"},
+}
+DECODER_MASKS_IO = (["image_tokens", "hyper_in"], ["low_res_masks"])
+DECODER_MASKS_DYNAMIC_AXES = {"image_tokens": {0: "B"}, "hyper_in": {0: "B", 1: "K"}, "low_res_masks": {0: "B", 1: "K"}}
 # Protobuf cannot serialise a message over 2 GiB: larger graphs keep their weights in one
 # external-data file beside the graph (SAM ViT-H's fp32 encoder).
 PROTOBUF_LIMIT = 2**31 - 1
@@ -106,24 +117,35 @@ class PromptDecoder(nn.Module):
     def forward(
         self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        iou_predictions, hyper_in, image_tokens = self.tokens(image_embeddings, point_coords, point_labels)
+        return iou_predictions, self.masks(image_tokens, hyper_in)
+
+    def tokens(
+        self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything before the mask upscaling: -> ``iou_predictions [B,K]``, the hypernetwork
+        outputs ``hyper_in [B,K,C/8]`` and the transformer's image tokens ``image_tokens [B,hw,C]``."""
         decoder = self.mask_decoder
         sparse = self.embed_points(point_coords, point_labels)
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
         image = (image_embeddings + self.no_mask).flatten(2).transpose(1, 2)  # [1, hw, C]
         queries, keys = self._two_way_transformer(image, tokens)  # [B, T, C], [B, hw, C]
-
         num_masks = decoder.num_mask_tokens
         iou_predictions = decoder.iou_prediction_head(queries[:, 0, :])
         mask_tokens = queries[:, 1 : 1 + num_masks, :]
         hyper_in = torch.stack(
             [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
         )  # [B, K, C/8]
+        return iou_predictions, hyper_in, keys
+
+    def masks(self, image_tokens: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+        """Mask upscaling: ``image_tokens [B,hw,C]``, ``hyper_in [B,K,C/8]`` (any K of the mask
+        tokens' rows) -> low-resolution mask logits ``[B,K,4h,4w]``."""
         h, w = self.embedding_hw
-        src = keys.transpose(1, 2).reshape(-1, keys.shape[-1], h, w)
-        upscaled = decoder.output_upscaling(src)  # [B, C/8, 4h, 4w]
-        masks = (hyper_in @ upscaled.flatten(2)).reshape(-1, num_masks, 4 * h, 4 * w)
-        return iou_predictions, masks
+        src = image_tokens.transpose(1, 2).reshape(-1, image_tokens.shape[-1], h, w)
+        upscaled = self.mask_decoder.output_upscaling(src)  # [B, C/8, 4h, 4w]
+        return (hyper_in @ upscaled.flatten(2)).unflatten(-1, (4 * h, 4 * w))  # B and K stay dynamic
 
     def _two_way_transformer(self, keys: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Meta's ``TwoWayTransformer.forward`` on keys [1, hw, C] broadcast against tokens [B, T, C]."""
@@ -171,14 +193,49 @@ def export_encoder(sam: nn.Module, path: str | Path, opset: int = MIN_OPSET) -> 
 def export_decoder(sam: nn.Module, path: str | Path, opset: int = MIN_OPSET) -> onnx.ModelProto:
     """Trace ``PromptDecoder(sam)`` with dynamic B and N, simplify, check, save; return the graph."""
     wrapper = PromptDecoder(sam).eval()
-    channels, (h, w) = sam.prompt_encoder.embed_dim, wrapper.embedding_hw
-    args = (
+    model = _trace(wrapper, _decoder_example(wrapper), *DECODER_IO, DECODER_DYNAMIC_AXES, opset)
+    return _finish(model, path, PORTABLE_OPS)
+
+
+def export_decoder_tokens(sam: nn.Module, path: str | Path, opset: int = MIN_OPSET) -> onnx.ModelProto:
+    """Trace ``PromptDecoder(sam).tokens`` (the decoder up to the mask upscaling) with dynamic B and N."""
+    wrapper = PromptDecoder(sam).eval()
+    model = _trace(_Method(wrapper, "tokens"), _decoder_example(wrapper), *DECODER_TOKENS_IO,
+                   DECODER_TOKENS_DYNAMIC_AXES, opset)
+    return _finish(model, path, PORTABLE_OPS)
+
+
+def export_decoder_masks(sam: nn.Module, path: str | Path, opset: int = MIN_OPSET) -> onnx.ModelProto:
+    """Trace ``PromptDecoder(sam).masks`` (the mask upscaling) with dynamic B and K."""
+    wrapper = PromptDecoder(sam).eval()
+    (h, w), channels = wrapper.embedding_hw, sam.prompt_encoder.embed_dim
+    hyper_dim = sam.mask_decoder.output_hypernetworks_mlps[0].layers[-1].out_features
+    args = (torch.zeros(2, h * w, channels), torch.zeros(2, 3, hyper_dim))
+    model = _trace(_Method(wrapper, "masks"), args, *DECODER_MASKS_IO, DECODER_MASKS_DYNAMIC_AXES, opset)
+    return _finish(model, path, PORTABLE_OPS)
+
+
+class _Method(nn.Module):
+    """One method of a module as a module's ``forward``, for tracing."""
+
+    def __init__(self, module: nn.Module, method: str) -> None:
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, *args: torch.Tensor):
+        return getattr(self.module, self.method)(*args)
+
+
+def _decoder_example(wrapper: PromptDecoder) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tracing inputs of the prompt graphs: 2 prompts of 3 points (B, N not 1, so they stay dynamic)."""
+    channels = wrapper.prompt_encoder.embed_dim
+    h, w = wrapper.embedding_hw
+    return (
         torch.zeros(1, channels, h, w),
         torch.full((2, 3, 2), 8.0),
         torch.tensor([[1.0, 0.0, -1.0], [2.0, 3.0, 1.0]]),
     )
-    model = _trace(wrapper, args, *DECODER_IO, DECODER_DYNAMIC_AXES, opset)
-    return _finish(model, path, PORTABLE_OPS)
 
 
 def _trace(

@@ -44,7 +44,7 @@ PRECISION_NOTES = {
 }
 INT8_OP_TYPES = ("MatMul", "Gemm")
 # Graphs each precision converts; the others reuse the fp32 file.
-CONVERTED_GRAPHS = {"fp16": ("encoder", "decoder"), "int8": ("encoder",)}
+CONVERTED_GRAPHS = {"fp16": ("encoder", "decoder", "decoder_tokens", "decoder_masks"), "int8": ("encoder",)}
 
 
 def convert(precision: str, src: str | Path, dst: str | Path) -> list[Path]:

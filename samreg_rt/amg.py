@@ -130,15 +130,20 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
     kept_masks, kept_iou, kept_stab, kept_ids = [], [], [], []
     counts = {"prompts": len(coords), "candidates": 0, "pred_iou": 0, "stability": 0}
     for start in range(0, len(coords), params.batch_size):
-        iou, low = engine.decode(emb.embedding, coords[start:start + params.batch_size],
-                                 labels[start:start + params.batch_size], batch_size=params.batch_size)
-        iou = iou[:, outputs].reshape(-1)
-        low = low[:, outputs].reshape(-1, LOW_RES, LOW_RES)
-        ids = np.repeat(np.arange(start, start + len(coords[start:start + params.batch_size])), len(outputs))
-        counts["candidates"] += len(iou)
-        keep = iou > params.pred_iou_thresh if params.pred_iou_thresh > 0 else np.ones(len(iou), bool)
+        stop = start + params.batch_size
+        iou, hyper_in, image_tokens = engine.decode_tokens(emb.embedding, coords[start:stop], labels[start:stop])
+        iou = iou[:, outputs]                                          # (b, k)
+        counts["candidates"] += iou.size
+        keep = iou > params.pred_iou_thresh if params.pred_iou_thresh > 0 else np.ones(iou.shape, bool)
         counts["pred_iou"] += int(keep.sum())
-        iou, low, ids = iou[keep], low[keep], ids[keep]
+        rows = np.flatnonzero(keep.any(axis=1))
+        if rows.size == 0:
+            continue
+        # Upscale only the prompts with a candidate left: the mask upscaling is a third of the decoder.
+        low = engine.decode_masks(image_tokens[rows], hyper_in[rows][:, outputs])   # (r, k, 256, 256)
+        keep = keep[rows]
+        iou, low = iou[rows][keep], low[keep]
+        ids = np.repeat(start + rows, len(outputs)).reshape(keep.shape)[keep]
         if params.stability_on == "low_res":
             stab = mask_ops.stability_scores(np.ascontiguousarray(low[:, :valid[0], :valid[1]]),
                                              params.mask_threshold, params.stability_score_offset)

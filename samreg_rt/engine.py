@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -27,8 +28,13 @@ PROVIDER_ALIASES = {
     "cpu": "CPUExecutionProvider",
 }
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-ENCODER_IO = (("image",), ("image_embeddings",))
-DECODER_IO = (("image_embeddings", "point_coords", "point_labels"), ("iou_predictions", "low_res_masks"))
+PROMPT_INPUTS = ("image_embeddings", "point_coords", "point_labels")
+GRAPH_IO = {  # role -> (inputs, outputs), as docs/contracts.md
+    "encoder": (("image",), ("image_embeddings",)),
+    "decoder": (PROMPT_INPUTS, ("iou_predictions", "low_res_masks")),
+    "decoder_tokens": (PROMPT_INPUTS, ("iou_predictions", "hyper_in", "image_tokens")),
+    "decoder_masks": (("image_tokens", "hyper_in"), ("low_res_masks",)),
+}
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
         return path
     if text in REGISTRY:
         target = cache_dir() / text
-        if (target / "manifest.json").is_file():
+        if (target / "manifest.json").is_file() and not _older_format(target):
             return target
         return _export(REGISTRY[text].source, target, name=text)
     if path.is_dir() and (path / "config.json").is_file() or path.is_file() and path.suffix in (".pth", ".pt"):
@@ -99,6 +105,17 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     raise ModelNotAvailableError(
         f"unknown model {text!r}: not a registry name ({', '.join(sorted(REGISTRY))}) and no such path"
     )
+
+
+def _older_format(model_dir: Path) -> bool:
+    """True when a cached export's manifest predates this runtime's format (it is re-exported)."""
+    from .manifest import FORMAT_VERSION
+
+    try:
+        version = json.loads((model_dir / "manifest.json").read_text()).get("format_version")
+    except (OSError, ValueError, AttributeError):
+        return False                     # unreadable: read_manifest reports it
+    return isinstance(version, int) and version < FORMAT_VERSION
 
 
 def _export(source: str, target: Path, name: str) -> Path:
@@ -124,21 +141,21 @@ def _export(source: str, target: Path, name: str) -> Path:
 
 
 class Engine:
-    """Loaded encoder and decoder sessions of one exported model.
+    """Loaded sessions of one exported model: one per graph role of ``GRAPH_IO``.
 
     Create with ``Engine.load``. ``embed`` runs the encoder once per image; ``decode`` runs the
-    decoder on batches of prompts against one embedding.
+    whole decoder on batches of prompts against one embedding; ``decode_tokens`` and
+    ``decode_masks`` run it in two steps, so that masks are upscaled only for the prompts kept.
     """
 
     def __init__(self, model_dir: Path, manifest: dict, spec: ModelSpec, precision: str,
-                 encoder: ort.InferenceSession, decoder: ort.InferenceSession, providers: list[str]):
+                 sessions: dict[str, ort.InferenceSession], providers: list[str]):
         self.model_dir = model_dir
         self.manifest = manifest
         self.manifest_sha256 = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()
         self.spec = spec
         self.precision = precision
-        self.encoder = encoder
-        self.decoder = decoder
+        self.sessions = sessions
         self.providers = providers
 
     @classmethod
@@ -167,22 +184,23 @@ class Engine:
         if threads is not None:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
-        sessions = []
-        for role, (inputs, outputs) in (("encoder", ENCODER_IO), ("decoder", DECODER_IO)):
+        sessions = {}
+        for role, (inputs, outputs) in GRAPH_IO.items():
             entry = graphs[precision].get(role)
             if entry is None:
                 raise ManifestError(f"{model_dir / 'manifest.json'}: no {role} graph for {precision}")
             path = model_dir / entry["file"]
             data = _read_verified(path, entry)
-            sessions.append(_session(path, data, options, chosen, inputs, outputs, model_dir, precision))
-        log.info("loaded %s (%s) with %s", manifest.get("name"), precision, sessions[0].get_providers()[0])
-        return cls(model_dir, manifest, spec, precision, sessions[0], sessions[1], sessions[0].get_providers())
+            sessions[role] = _session(path, data, options, chosen, inputs, outputs, model_dir, precision)
+        providers_used = sessions["encoder"].get_providers()
+        log.info("loaded %s (%s) with %s", manifest.get("name"), precision, providers_used[0])
+        return cls(model_dir, manifest, spec, precision, sessions, providers_used)
 
     def with_spec(self, spec: ModelSpec) -> "Engine":
         """The same sessions with another preprocessing/prompting spec (same input size)."""
         if spec.input_size != self.spec.input_size:
             raise ModelError(f"spec input_size {spec.input_size} differs from the graphs' {self.spec.input_size}")
-        return Engine(self.model_dir, self.manifest, spec, self.precision, self.encoder, self.decoder, self.providers)
+        return Engine(self.model_dir, self.manifest, spec, self.precision, self.sessions, self.providers)
 
     @property
     def provider(self) -> str:
@@ -193,7 +211,7 @@ class Engine:
         """Encode one image (HxW or HxWxC array, see ``io.validate_image``) -> ``ImageEmbedding``."""
         array = validate_image(image, name)
         tensor, frame = to_model_input(array, self.spec)
-        (embedding,) = self.encoder.run(None, {"image": tensor})
+        (embedding,) = self.sessions["encoder"].run(None, {"image": tensor})
         return ImageEmbedding(embedding=embedding[0], frame=frame)
 
     def decode(self, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray,
@@ -206,32 +224,69 @@ class Engine:
         Returns iou_predictions (B, 4) and low-resolution mask logits (B, 4, 256, 256), float32;
         output 0 is the single-mask output, 1..3 the multimask outputs.
         """
-        emb = np.ascontiguousarray(embedding, np.float32)
-        if emb.ndim == 3:
-            emb = emb[None]
-        coords = np.asarray(point_coords, np.float32)
-        labels = np.asarray(point_labels, np.float32)
-        if emb.ndim != 4 or emb.shape[0] != 1:
-            raise InputError(f"embedding: expected (C, 64, 64) or (1, C, 64, 64), got {embedding.shape}")
-        if coords.ndim != 3 or coords.shape[2] != 2 or labels.shape != coords.shape[:2]:
-            raise InputError(
-                f"prompts: expected point_coords (B, N, 2) and point_labels (B, N), got "
-                f"{coords.shape} and {labels.shape}"
-            )
-        if not (np.isfinite(coords).all() and np.isin(labels, (-1, 0, 1, 2, 3)).all()):
-            raise InputError("prompts: coordinates must be finite and labels in {-1, 0, 1, 2, 3}")
+        emb, coords, labels = _check_prompts(embedding, point_coords, point_labels)
         b = coords.shape[0]
         if b == 0:
             return np.zeros((0, 4), np.float32), np.zeros((0, 4, 256, 256), np.float32)
         ious, masks = [], []
         for start in range(0, b, max(1, batch_size)):
             stop = start + max(1, batch_size)
-            iou, low = self.decoder.run(None, {"image_embeddings": emb,
-                                               "point_coords": coords[start:stop],
-                                               "point_labels": labels[start:stop]})
+            iou, low = self.sessions["decoder"].run(None, {"image_embeddings": emb,
+                                                           "point_coords": coords[start:stop],
+                                                           "point_labels": labels[start:stop]})
             ious.append(iou)
             masks.append(low)
         return np.concatenate(ious), np.concatenate(masks)
+
+    def decode_tokens(self, embedding: np.ndarray, point_coords: np.ndarray,
+                      point_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """First step of ``decode`` (one decoder call, B >= 1 prompts): everything but the masks.
+
+        Inputs as ``decode``. Returns iou_predictions (B, 4), hyper_in (B, 4, C/8) (the mask
+        tokens' hypernetwork outputs) and image_tokens (B, 4096, C) (the two-way transformer's
+        image side), float32; ``decode_masks`` turns the last two into mask logits.
+        """
+        emb, coords, labels = _check_prompts(embedding, point_coords, point_labels)
+        if coords.shape[0] == 0:
+            raise InputError("prompts: decode_tokens needs at least one prompt")
+        iou, hyper_in, image_tokens = self.sessions["decoder_tokens"].run(
+            None, {"image_embeddings": emb, "point_coords": coords, "point_labels": labels})
+        return iou, hyper_in, image_tokens
+
+    def decode_masks(self, image_tokens: np.ndarray, hyper_in: np.ndarray) -> np.ndarray:
+        """Second step of ``decode``: image_tokens (B, 4096, C) and hyper_in (B, K, C/8) from
+        ``decode_tokens`` (any K >= 1 of the 4 rows, e.g. only the mask outputs in use) ->
+        low-resolution mask logits (B, K, 256, 256) float32, equal to ``decode``'s up to float
+        rounding."""
+        tokens = np.ascontiguousarray(image_tokens, np.float32)
+        hyper = np.ascontiguousarray(hyper_in, np.float32)
+        if tokens.ndim != 3 or hyper.ndim != 3 or tokens.shape[0] != hyper.shape[0] or hyper.shape[1] == 0:
+            raise InputError(f"decode_masks: expected image_tokens (B, hw, C) and hyper_in (B, K, C/8), got "
+                             f"{tokens.shape} and {hyper.shape}")
+        if tokens.shape[0] == 0:
+            return np.zeros((0, hyper.shape[1], 256, 256), np.float32)
+        (low,) = self.sessions["decoder_masks"].run(None, {"image_tokens": tokens, "hyper_in": hyper})
+        return low
+
+
+def _check_prompts(embedding: np.ndarray, point_coords: np.ndarray,
+                   point_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate decoder inputs -> (1, C, 64, 64), (B, N, 2), (B, N) float32 arrays (``InputError``)."""
+    emb = np.ascontiguousarray(embedding, np.float32)
+    if emb.ndim == 3:
+        emb = emb[None]
+    coords = np.asarray(point_coords, np.float32)
+    labels = np.asarray(point_labels, np.float32)
+    if emb.ndim != 4 or emb.shape[0] != 1:
+        raise InputError(f"embedding: expected (C, 64, 64) or (1, C, 64, 64), got {embedding.shape}")
+    if coords.ndim != 3 or coords.shape[2] != 2 or labels.shape != coords.shape[:2]:
+        raise InputError(
+            f"prompts: expected point_coords (B, N, 2) and point_labels (B, N), got "
+            f"{coords.shape} and {labels.shape}"
+        )
+    if not (np.isfinite(coords).all() and np.isin(labels, (-1, 0, 1, 2, 3)).all()):
+        raise InputError("prompts: coordinates must be finite and labels in {-1, 0, 1, 2, 3}")
+    return emb, coords, labels
 
 
 def _read_verified(path: Path, entry: dict) -> bytes:

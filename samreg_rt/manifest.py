@@ -12,9 +12,9 @@ from typing import Any
 
 from samreg_rt.errors import ManifestError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the decoder also split in two at the mask upscaling (decoder_tokens, decoder_masks)
 MANIFEST_NAME = "manifest.json"
-GRAPH_NAMES = ("encoder", "decoder")
+GRAPH_NAMES = ("encoder", "decoder", "decoder_tokens", "decoder_masks")
 PRECISIONS = ("fp32", "fp16", "int8")
 _REQUIRED_KEYS = ("name", "source", "spec", "opset", "graphs", "io")
 _FILE_KEYS = ("file", "sha256", "bytes")
@@ -33,7 +33,7 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     """Load ``model_dir/manifest.json`` and check its structure.
 
     Raises ``ManifestError`` naming the manifest when it is missing, is not valid JSON, comes from a
-    format version this runtime does not know (newer, or not a positive integer), lacks a required
+    format version this runtime does not read (newer, older, or not a positive integer), lacks a required
     key, or lists a graph entry without file/sha256/bytes.
     """
     path = Path(model_dir) / MANIFEST_NAME
@@ -56,6 +56,11 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
         raise ManifestError(
             f"{path}: format_version {version} is newer than the supported version {FORMAT_VERSION}; "
             "upgrade samreg-rt or re-export the model"
+        )
+    if version < FORMAT_VERSION:
+        raise ManifestError(
+            f"{path}: format_version {version} is older than {FORMAT_VERSION} (no split decoder graphs); "
+            "re-export the model (`samreg-rt export`)"
         )
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
     if missing:
@@ -81,8 +86,8 @@ def _check_entry(path: Path, where: str, entry: Any) -> None:
 
 
 def graph_files(model_dir: str | Path, manifest: dict[str, Any], precision: str) -> dict[str, Path]:
-    """Paths of the ``encoder`` and ``decoder`` graphs of ``precision``; ``ManifestError`` if the
-    manifest has no such precision."""
+    """Paths of the graphs (``GRAPH_NAMES``) of ``precision``; ``ManifestError`` if the manifest has
+    no such precision."""
     graphs = manifest["graphs"]
     if precision not in graphs:
         raise ManifestError(
@@ -92,7 +97,7 @@ def graph_files(model_dir: str | Path, manifest: dict[str, Any], precision: str)
 
 
 def verify_files(model_dir: str | Path, manifest: dict[str, Any], precision: str) -> None:
-    """Check that the encoder and decoder files of ``precision`` (and their external-data files, if
+    """Check that the graph files of ``precision`` (and their external-data files, if
     any) exist with the size and sha256 the manifest lists. Raises ``ManifestError`` naming the file."""
     graph_files(model_dir, manifest, precision)
     for graph in GRAPH_NAMES:

@@ -53,22 +53,27 @@ def test_area_weights_respect_padding():
 
 
 class _ScriptedEngine:
-    """Decoder that returns a disk per prompt whose logit scale and IoU we choose."""
+    """Two-step decoder that returns a disk per prompt whose IoU we choose; counts the prompts upscaled."""
 
     def __init__(self, ious):
         self.ious = np.asarray(ious, np.float32)
         self.calls = 0
+        self.upscaled = 0
 
-    def decode(self, embedding, coords, labels, batch_size=64):
+    def decode_tokens(self, embedding, coords, labels):
         b = len(coords)
-        yy, xx = np.mgrid[:256, :256]
-        low = np.empty((b, 4, 256, 256), np.float32)
-        for i in range(b):
-            cx, cy = coords[i, 0] * 256 / 1024
-            low[i] = 10.0 * (12 ** 2 - (xx - cx) ** 2 - (yy - cy) ** 2) / 12 ** 2
         iou = np.repeat(self.ious[self.calls:self.calls + b, None], 4, axis=1)
         self.calls += b
-        return iou, low
+        centres = (coords[:, :1, :] * 256 / 1024).astype(np.float32)   # "image tokens": the disk centre
+        return iou, np.ones((b, 4, 1), np.float32), centres
+
+    def decode_masks(self, image_tokens, hyper_in):
+        yy, xx = np.mgrid[:256, :256]
+        low = np.empty((len(image_tokens), hyper_in.shape[1], 256, 256), np.float32)
+        for i, ((cx, cy),) in enumerate(image_tokens):
+            low[i] = 10.0 * (12 ** 2 - (xx - cx) ** 2 - (yy - cy) ** 2) / 12 ** 2
+        self.upscaled += len(image_tokens)
+        return low
 
 
 def test_generate_filters_and_nms():
@@ -77,8 +82,10 @@ def test_generate_filters_and_nms():
     params = amg.AmgParams(points_per_side=2, mask_output="single", pred_iou_thresh=0.5,
                            stability_score_thresh=0.5, batch_size=3)
     ious = [0.9, 0.4, 0.95, 0.7]
-    out = amg.generate(_ScriptedEngine(ious), emb, params)
+    engine = _ScriptedEngine(ious)
+    out = amg.generate(engine, emb, params)
     assert out.counts["prompts"] == 4 and out.counts["pred_iou"] == 3
+    assert engine.upscaled == 3                          # the prompt below the IoU threshold is not upscaled
     assert list(out.prompt_ids) == [2, 0, 3]           # sorted by predicted IoU, disjoint disks
     assert out.masks.shape == (3, 256, 256) and out.masks.dtype == bool
     assert np.all(np.diff(out.iou_preds) <= 0)

@@ -48,6 +48,42 @@ def test_load_embed_decode(engine):
     assert empty[0].shape == (0, 4) and empty[1].shape == (0, 4, 256, 256)
 
 
+def test_two_step_decode_equals_decode(engine):
+    """decode_tokens + decode_masks (what mask generation runs) == the one-graph decoder."""
+    rng = np.random.default_rng(1)
+    emb = engine.embed(rng.integers(0, 255, (64, 64), np.uint8)).embedding
+    points = np.concatenate([rng.uniform(0, 255, (6, 1, 2)), np.zeros((6, 1, 2))], axis=1).astype(np.float32)
+    boxes = np.sort(rng.uniform(0, 255, (6, 2, 2)), axis=1).astype(np.float32)
+    for coords, labels in ((points, np.tile([1.0, -1.0], (6, 1))), (boxes, np.tile([2.0, 3.0], (6, 1)))):
+        iou, masks = engine.decode(emb, coords, labels)
+        iou2, hyper_in, image_tokens = engine.decode_tokens(emb, coords, labels)
+        assert hyper_in.shape[:2] == (6, 4) and image_tokens.shape == (6, 64 * 64, 256)
+        np.testing.assert_allclose(iou2, iou, atol=1e-5)
+        np.testing.assert_allclose(engine.decode_masks(image_tokens, hyper_in), masks, atol=1e-4)
+        rows, outputs = [4, 1], [1, 2, 3]        # a subset of prompts and of mask outputs
+        subset = engine.decode_masks(image_tokens[rows], hyper_in[rows][:, outputs])
+        np.testing.assert_allclose(subset, masks[rows][:, outputs], atol=1e-4)
+    assert engine.decode_masks(image_tokens[:0], hyper_in[:0]).shape == (0, 4, 256, 256)
+    with pytest.raises(InputError, match="decode_masks"):
+        engine.decode_masks(image_tokens[:2], hyper_in[:3])
+    with pytest.raises(InputError, match="at least one prompt"):
+        engine.decode_tokens(emb, np.zeros((0, 2, 2), np.float32), np.zeros((0, 2), np.float32))
+
+
+def test_older_cached_export_is_reexported(tiny_dir, monkeypatch, tmp_path):
+    """A registry model cached by an older samreg-rt (manifest format 1) is exported again, not used."""
+    cached = tmp_path / "cache" / "random_tiny"
+    shutil.copytree(tiny_dir, cached)
+    manifest = json.loads((cached / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (cached / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="older"):
+        Engine.load(cached)                        # an explicit directory is not touched: clear error
+    monkeypatch.setenv("SAMREG_RT_CACHE", str(tmp_path / "cache"))
+    assert resolve_model_dir("random_tiny") == cached
+    assert json.loads((cached / "manifest.json").read_text())["format_version"] > 1
+
+
 @pytest.mark.parametrize("coords, labels, problem", [
     (np.zeros((2, 2), np.float32), np.zeros((2,), np.float32), "expected point_coords"),
     (np.zeros((1, 2, 2), np.float32), np.array([[1.0, 7.0]], np.float32), "labels"),

@@ -59,7 +59,8 @@ def test_graphs_pass_checker_opset_and_allow_list(tiny_dir: Path, precision: str
     manifest = read_manifest(tiny_dir)
     assert manifest["opset"] >= 17
     allowed = onnx_export.PORTABLE_OPS | (onnx_export.INT8_CPU_OPS if precision == "int8" else set())
-    for graph in ("encoder", "decoder"):
+    assert set(manifest["graphs"][precision]) == {"encoder", "decoder", "decoder_tokens", "decoder_masks"}
+    for graph in manifest["graphs"][precision]:
         model = onnx.load(str(tiny_dir / manifest["graphs"][precision][graph]["file"]))
         ops = onnx_export.check_graph(model, allowed)
         assert onnx_export.onnx_opset(model) >= 17
@@ -86,6 +87,12 @@ def test_io_names_and_shapes(tiny_dir: Path) -> None:
         ("image_embeddings", [1, 256, 64, 64]), ("point_coords", ["B", "N", 2]), ("point_labels", ["B", "N"])]
     assert [(v["name"], v["shape"]) for v in io["decoder"]["outputs"]] == [
         ("iou_predictions", ["B", 4]), ("low_res_masks", ["B", 4, 256, 256])]
+    assert io["decoder_tokens"]["inputs"] == io["decoder"]["inputs"]
+    assert [(v["name"], v["shape"]) for v in io["decoder_tokens"]["outputs"]] == [
+        ("iou_predictions", ["B", 4]), ("hyper_in", ["B", 4, 32]), ("image_tokens", ["B", 4096, 256])]
+    assert [(v["name"], v["shape"]) for v in io["decoder_masks"]["inputs"]] == [
+        ("image_tokens", ["B", 4096, 256]), ("hyper_in", ["B", "K", 32])]
+    assert [(v["name"], v["shape"]) for v in io["decoder_masks"]["outputs"]] == [("low_res_masks", ["B", "K", 256, 256])]
     for precision in PRECISIONS:  # every precision keeps float32 inputs and outputs
         session = parity.session(tiny_dir / read_manifest(tiny_dir)["graphs"][precision]["decoder"]["file"])
         assert {v.type for v in session.get_inputs() + session.get_outputs()} == {"tensor(float)"}
@@ -129,6 +136,7 @@ def _assert_parity(model_dir: Path, precisions: tuple[str, ...] = PRECISIONS) ->
         assert parity.check_bounds(precision, figures[precision]) == [], (precision, figures[precision])
         assert figures[precision]["within_bounds"] is True
         assert set(figures[precision]["decoder"]) == {"points", "boxes"}
+        assert set(figures[precision]["decoder_split"]) == {"points", "boxes"}
         if precision != "fp32":
             assert set(figures[precision]["end_to_end"]) == {"points", "boxes"}
 
@@ -153,8 +161,9 @@ def test_fp32_parity_bounds_are_tight(tiny_dir: Path) -> None:
     fp32 = _figures(tiny_dir)["fp32"]
     assert fp32["encoder"]["max_abs"] <= 1e-3 and fp32["encoder"]["cosine"] >= 0.9999
     for kind in ("points", "boxes"):
-        assert fp32["decoder"][kind]["iou_max_abs"] <= 1e-3
-        assert fp32["decoder"][kind]["mask_max_abs"] <= 1e-3
+        for section in ("decoder", "decoder_split"):
+            assert fp32[section][kind]["iou_max_abs"] <= 1e-3
+            assert fp32[section][kind]["mask_max_abs"] <= 1e-3
 
 
 # --- manifest ---------------------------------------------------------------------------------
@@ -168,7 +177,8 @@ def test_manifest_contents(tiny_dir: Path) -> None:
     assert set(manifest["graphs"]) == set(PRECISIONS) == set(manifest["precisions"])
     assert manifest["graphs"]["fp16"]["encoder"]["file"] == "encoder.fp16.onnx"
     assert manifest["graphs"]["int8"]["encoder"]["file"] == "encoder.int8.onnx"
-    assert manifest["graphs"]["int8"]["decoder"] == manifest["graphs"]["fp32"]["decoder"]  # fp32 decoder reused
+    for graph in ("decoder", "decoder_tokens", "decoder_masks"):              # fp32 decoders reused
+        assert manifest["graphs"]["int8"][graph] == manifest["graphs"]["fp32"][graph]
     assert {"torch", "onnx", "onnxslim", "onnxruntime", "samreg_rt"} <= set(manifest["exporter"])
     assert set(manifest["operators"]["fp32"]["encoder"]) <= onnx_export.PORTABLE_OPS
     assert "MatMulInteger" in manifest["operators"]["int8"]["encoder"]
