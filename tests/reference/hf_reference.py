@@ -3,14 +3,16 @@
 Runs in the reference venv (torch 2.14.1, torchvision 0.29.1, transformers 4.57.6: the pipeline
 needs torchvision's NMS), not in samreg-rt's. Written from the reference code's algorithm
 (shared/design/reference-algorithm.md sections 1-3): pipeline("mask-generation") with the given
-thresholds, `_mask_criteria` (area 200..7000 px, near-containment dedup at 0.9), `_roi_proto`
-(nearest 64x64 mask, NaN-trick masked mean), torch cosine similarity, greedy matching at 0.8.
+point grid, thresholds and mask threshold, `_mask_criteria` (area 200..7000 px, near-containment
+dedup at 0.9), `_roi_proto` (nearest 64x64 mask, NaN-trick masked mean), torch cosine similarity,
+greedy matching at 0.8.
 
 Image embeddings are injected (the test's model has real decoder weights but no real encoder), by
 replacing `model.get_image_embeddings` for each image.
 
 usage: python hf_reference.py HF_MODEL_DIR INPUTS.npz PARAMS.json OUT.npz
 INPUTS.npz: images uint8 (N, H, W, 3), embeddings float32 (N, 256, 64, 64).
+PARAMS.json: points_per_side, pred_iou_thresh, stability_score_thresh, mask_threshold.
 """
 from __future__ import annotations
 
@@ -76,7 +78,8 @@ def main(model_dir: str, inputs: str, params_path: str, out: str) -> None:
             outputs = generator(Image.fromarray(image), points_per_batch=64, crops_n_layers=0,
                                 points_per_crop=params["points_per_side"],
                                 pred_iou_thresh=params["pred_iou_thresh"],
-                                stability_score_thresh=params["stability_score_thresh"])
+                                stability_score_thresh=params["stability_score_thresh"],
+                                mask_threshold=params["mask_threshold"])
         masks = [np.asarray(m, bool) for m in outputs["masks"]]
         result[f"masks_{n}"] = np.stack(masks) if masks else np.zeros((0, *image.shape[:2]), bool)
         result[f"scores_{n}"] = outputs["scores"].numpy().astype(np.float32)
