@@ -18,11 +18,9 @@ from samreg_rt.evaluate import add_eval_parser
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 OUT = REPO / "benchmarks" / "results" / "eval_litemedsam"
-# 8 x 8 grid points x 3 box sizes = 192 decoder prompts per image (~40 s per image on 2 shared
-# cores); predicted-IoU threshold 0.8 instead of LiteMedSAM's 0.88, which leaves 0-3 masks per image;
-# 16 prompts per decoder call keep the process near 1.5 GB (64 took about 5 GB).
-SETTINGS = ["--model", "litemedsam", "--threads", "2", "--points-per-side", "8", "--pred-iou-thresh", "0.8",
-            "--batch-size", "16"]
+# The model's own prompting (registry: 16 x 16 box grid of 0.4 of the side, predicted IoU 0.7,
+# stability 0.7); 16 prompts per decoder call keep the process near 1.5 GB (64 took about 5 GB).
+SETTINGS = ["--model", "litemedsam", "--threads", "2", "--batch-size", "16"]
 
 
 def main(extra: list[str]) -> int:

@@ -48,6 +48,7 @@ class AmgParams:
     def from_spec(cls, spec: ModelSpec, **overrides) -> "AmgParams":
         """Defaults of a model: its prompt kind, mask output and thresholds."""
         base = dict(prompt_kind=spec.prompt_kind, mask_output=spec.mask_output,
+                    points_per_side=spec.points_per_side, box_sizes=tuple(spec.box_sizes),
                     pred_iou_thresh=spec.pred_iou_thresh,
                     stability_score_thresh=spec.stability_score_thresh,
                     mask_threshold=spec.mask_threshold)
@@ -73,6 +74,13 @@ class MaskSet:
 
     def __len__(self) -> int:
         return int(self.masks.shape[0])
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int]) -> "MaskSet":
+        """No masks on a working grid of ``shape`` (H, W)."""
+        return cls(masks=np.zeros((0, *shape), bool), iou_preds=np.zeros(0, np.float32),
+                   stability=np.zeros(0, np.float32), boxes=np.zeros((0, 4), np.float32),
+                   prompt_ids=np.zeros(0, np.int64), counts={"prompts": 0, "nms": 0})
 
 
 def build_prompts(params: AmgParams, frame: Frame) -> tuple[np.ndarray, np.ndarray]:

@@ -75,6 +75,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     if args.images and len(args.images) != 2:
         raise SamregError(f"register: expected FIXED MOVING, got {len(args.images)} paths")
     overrides = {"prompt_kind": args.prompt_kind, "points_per_side": args.points_per_side,
+                 "box_sizes": tuple(args.box_sizes) if args.box_sizes else None,
                  "pred_iou_thresh": args.pred_iou_thresh, "stability_score_thresh": args.stability_thresh,
                  "batch_size": args.batch_size}
     jobs = read_pairs_list(args.pairs) if args.pairs else [("", args.images[0], args.images[1])]
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default", choices=["default", "reference"])
     p.add_argument("--prompt-kind", default=None, choices=["points", "boxes"])
     p.add_argument("--points-per-side", type=_positive_int, default=None)
+    p.add_argument("--box-sizes", type=_fraction, nargs="+", default=None, metavar="F",
+                   help="box grid: box sides as fractions of the image side (default: the model's)")
     p.add_argument("--pred-iou-thresh", type=_fraction, default=None)
     p.add_argument("--stability-thresh", type=_fraction, default=None)
     p.add_argument("--batch-size", type=_positive_int, default=None, help="prompts per decoder call")

@@ -24,7 +24,7 @@ control grids of ``levels`` px spacing. A level with spacing s runs on the masks
 projected by least squares onto its control grid (exact when the spacings halve: the spline spaces
 are nested). At each level L-BFGS-B minimises
 
-    loss = (1 - mean_k softDice(warp(M_k), F_k)) + bending_weight * E
+    loss = (1 - mean_k softDice(warp(M_k), F_k)) + bending_weight * E + membrane_weight * D
 
 where ``F_k`` and ``M_k`` are the k-th fixed and moving masks smoothed by a Gaussian of
 ``smooth_sigma`` px of the level's grid, ``softDice(a, b) = 2 sum(a b) / (sum(a) + sum(b))``, every
@@ -38,8 +38,17 @@ same deformation is sampled at another resolution, so ``bending_weight`` means t
 image size: it is the mean-Dice gain one unit of bending energy must buy. For scale, a sinusoidal
 displacement of amplitude ``a`` and wavelength ``L`` across a whole ``N x N`` image has
 ``E = 8 pi^4 (a/L)^2 (N/L)^2``, e.g. ``E ~ 12`` for a 4 px wave of wavelength N/2 and ``E ~ 0.3``
-for a 2 px wave of wavelength N = 100 px. Affine fields have ``E = 0``. The gradients (of the bilinear
-sampling, the B-spline upsampling and the bending energy) are analytic.
+for a 2 px wave of wavelength N = 100 px. Affine fields have ``E = 0``, so with the bending energy
+alone a field extrapolates the linear trend of the ROIs' displacements across the parts of the
+image that no ROI covers. The membrane (diffusion) energy
+
+    D = mean over pixels and both components of (u_y^2 + u_x^2)
+
+(dimensionless, also independent of the image size) penalises every non-constant part, affine
+included: its minimisers are harmonic away from the ROIs, and harmonic fields take their extremes
+on the ROIs (maximum principle), so the displacement between and beyond the ROIs stays within the
+range of the displacements on them. The gradients (of the bilinear sampling, the B-spline
+upsampling and both energies) are analytic.
 """
 from __future__ import annotations
 
@@ -402,11 +411,12 @@ class _Objective:
     """
 
     def __init__(self, fixed: np.ndarray, moving: np.ndarray, by: _Basis, bx: _Basis,
-                 bending_weight: float):
+                 bending_weight: float, membrane_weight: float = 0.0):
         k, h, w = fixed.shape
         self.fixed = fixed.reshape(k, h * w)
         self.moving = _Bilinear(moving)
         self.bending_weight = bending_weight
+        self.membrane_weight = membrane_weight / (h * w)
         self.fixed_sum = self.fixed.sum(axis=1).astype(np.float64)
         yy, xx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
         self.grid_y, self.grid_x = yy.ravel(), xx.ravel()
@@ -421,6 +431,13 @@ class _Objective:
         """Bending energy E of controls c (2, ny, nx) and its gradient (2, ny, nx)."""
         gy, gx = self.gy, self.gx
         h = _upsample(c, gy[2], gx[0]) + 2.0 * _upsample(c, gy[1], gx[1]) + _upsample(c, gy[0], gx[2])
+        return float((c * h).sum()), 2.0 * h
+
+    def membrane(self, c: np.ndarray) -> tuple[float, np.ndarray]:
+        """Membrane energy summed over pixels (sum of u_y^2 + u_x^2, both components) and its
+        gradient; ``membrane_weight`` holds the 1 / (H W) of the mean."""
+        gy, gx = self.gy, self.gx
+        h = _upsample(c, gy[1], gx[0]) + _upsample(c, gy[0], gx[1])
         return float((c * h).sum()), 2.0 * h
 
     def dice(self, c: np.ndarray, grad: bool) -> tuple[float, np.ndarray, np.ndarray | None]:
@@ -447,6 +464,10 @@ class _Objective:
             energy, g_energy = self.bending(c)
             loss += self.bending_weight * energy
             grad += self.bending_weight * g_energy
+        if self.membrane_weight:
+            energy, g_energy = self.membrane(c)
+            loss += self.membrane_weight * energy
+            grad += self.membrane_weight * g_energy
         return loss, grad.ravel()
 
 
@@ -460,8 +481,9 @@ class FieldResult:
     conventions). field_mm: the same times the fixed grid's (row, column) spacing, or None.
     jacobian_det: (H, W) determinant of ``p -> p + u(p)``; folding_ratio: fraction of pixels with
     ``det <= 0``. roi_dice: (K,) hard Dice per ROI pair after warping (moving masks warped
-    bilinearly and thresholded at 0.5, against the fixed masks). dice_loss, bending, loss: final
-    terms of the finest level (1 - mean soft Dice of the smoothed masks, bending energy E, total).
+    bilinearly and thresholded at 0.5, against the fixed masks). dice_loss, bending, membrane, loss:
+    final terms of the finest level (1 - mean soft Dice of the smoothed masks, bending energy E,
+    membrane energy D, total).
     iterations: L-BFGS-B iterations over all levels. converged: every level stopped on ``ftol`` or
     ``gtol``, not on ``max_iter`` or a line-search failure. affine: (3, 3) the initial homogeneous
     map of (y, x) pixel coordinates fixed -> moving (identity without ``affine_init``). levels: per
@@ -476,6 +498,7 @@ class FieldResult:
     roi_dice: np.ndarray
     dice_loss: float
     bending: float
+    membrane: float
     loss: float
     iterations: int
     converged: bool
@@ -494,6 +517,7 @@ def _resize_stack(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 _MAX_TRIPLETS = 20000
+_MIN_SPREAD = 0.05   # fraction of the longer image side (see _centroid_affine)
 
 
 def _centroid_affine(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
@@ -502,9 +526,12 @@ def _centroid_affine(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
 
     With four or more pairs: least median of squares over the affine maps through every triplet of
     pairs (a fixed pseudo-random subset of 20000 triplets beyond that), then least squares on the
-    inliers (residual <= max(2.5 robust sigma, 1 px)); with three pairs, least squares. The affine is
-    kept only if its linear part has a positive determinant and singular values in [0.5, 2];
-    otherwise (or with fewer than three pairs, or collinear centroids) the median translation.
+    inliers (residual <= max(2.5 robust sigma, 1 px)). The affine is kept only if at least four
+    pairs are inliers (three centroids fit any affine exactly, so a few pixels of centroid noise
+    become a shear across the image), their centroids spread over at least ``_MIN_SPREAD`` of the
+    image side in every direction (standard deviation along the thinner principal axis), and its
+    linear part has a positive determinant and singular values in [0.5, 2]; otherwise (fewer than
+    four pairs, clustered or collinear centroids) the median translation.
     """
     def centroids(m: np.ndarray) -> np.ndarray:
         ys, xs = np.arange(m.shape[1]), np.arange(m.shape[2])
@@ -516,7 +543,9 @@ def _centroid_affine(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
     design = np.hstack([cf, np.ones((k, 1))])
     translation = np.eye(3)
     translation[:2, 2] = np.median(cm - cf, axis=0)
-    min_spread = 1e-3 * max(fixed.shape[1:])
+    min_spread = _MIN_SPREAD * max(fixed.shape[1:])
+    if k < 4:
+        return translation
     inliers = np.arange(k)
     if k >= 4:
         if math.comb(k, 3) <= _MAX_TRIPLETS:
@@ -526,7 +555,7 @@ def _centroid_affine(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
             distinct = (draws[:, 0] != draws[:, 1]) & (draws[:, 0] != draws[:, 2]) & (draws[:, 1] != draws[:, 2])
             triplets = draws[distinct][:_MAX_TRIPLETS]
         d = design[triplets]                                             # (T, 3, 3)
-        ok = np.abs(np.linalg.det(d)) > min_spread ** 2
+        ok = np.abs(np.linalg.det(d)) > (1e-3 * max(fixed.shape[1:])) ** 2
         if ok.any():
             maps = np.linalg.solve(d[ok], cm[triplets[ok]])               # (T, 3, 2)
             sq = ((design[None] @ maps - cm[None]) ** 2).sum(axis=2)       # (T, K)
@@ -534,7 +563,8 @@ def _centroid_affine(fixed: np.ndarray, moving: np.ndarray) -> np.ndarray:
             best = int(np.argmin(med))
             sigma = 1.4826 * (1.0 + 5.0 / (k - 3)) * np.sqrt(med[best])
             inliers = np.flatnonzero(np.sqrt(sq[best]) <= max(2.5 * sigma, 1.0))
-    if len(inliers) < 3 or np.linalg.svd(cf[inliers] - cf[inliers].mean(axis=0), compute_uv=False)[-1] <= min_spread:
+    spread = np.linalg.svd(cf[inliers] - cf[inliers].mean(axis=0), compute_uv=False)[-1] / np.sqrt(len(inliers))
+    if len(inliers) < 4 or spread < min_spread:
         return translation
     sol, *_ = np.linalg.lstsq(design[inliers], cm[inliers], rcond=None)
     a = np.eye(3)
@@ -555,7 +585,7 @@ def _affine_field(affine: np.ndarray, shape: tuple[int, int], scale: tuple[float
 
 def fit(fixed_masks: np.ndarray, moving_masks: np.ndarray, *,
         spacing: tuple[float, float] | None = None, smooth_sigma: float = 1.0,
-        bending_weight: float = 1e-2, levels: tuple[float, ...] = (32, 16, 8),
+        bending_weight: float = 1e-2, membrane_weight: float = 1.0, levels: tuple[float, ...] = (32, 16, 8),
         affine_init: bool = True, max_iter: int = 200, ftol: float = 1e-6,
         gtol: float = 1e-7) -> FieldResult:
     """Fit a smooth field that maps each moving ROI onto its fixed ROI.
@@ -565,15 +595,15 @@ def fit(fixed_masks: np.ndarray, moving_masks: np.ndarray, *,
     they are resized to (H, W) (area averaging when shrinking, bilinear otherwise, kept soft), i.e.
     the moving image is assumed to cover the same field of view. No mask may be empty.
     spacing: (row, column) mm per fixed pixel, for ``field_mm``; the fit itself is in pixels.
-    smooth_sigma: Gaussian sigma (px) of the mask smoothing. bending_weight: weight of the bending
-    energy (module docstring; independent of the image size). levels: control-point spacings in
+    smooth_sigma: Gaussian sigma (px) of the mask smoothing. bending_weight, membrane_weight:
+    weights of the bending and membrane energies (module docstring; independent of the image size). levels: control-point spacings in
     fixed px, coarse to fine; level l runs on the masks area-downsampled by ``f = levels[l] /
     levels[-1]`` (at least 16 px per axis kept) and smoothed by ``smooth_sigma`` px of that grid,
     i.e. about ``f * smooth_sigma`` fixed px; the last level runs at full resolution.
     affine_init: start from an affine map of the paired ROI centroids, least squares on the pairs
     that a least-median-of-squares fit keeps (robust to a minority of wrong pairs; the median
-    translation with fewer than three pairs, collinear centroids, or an implausible affine: a
-    reflection or a scale outside [0.5, 2]). max_iter, ftol, gtol: L-BFGS-B limits
+    translation with fewer than four pairs, clustered or collinear centroids, or an implausible
+    affine: a reflection or a scale outside [0.5, 2]). max_iter, ftol, gtol: L-BFGS-B limits
     per level (iterations; relative loss decrease; largest gradient component).
     Deterministic: the same inputs give the same field. Returns a ``FieldResult``.
     """
@@ -618,7 +648,7 @@ def fit(fixed_masks: np.ndarray, moving_masks: np.ndarray, *,
         if smooth_sigma > 0:
             fixed = ndimage.gaussian_filter(fixed, (0, smooth_sigma, smooth_sigma), mode="constant")
             moving = ndimage.gaussian_filter(moving, (0, smooth_sigma, smooth_sigma), mode="constant")
-        objective = _Objective(fixed, _pad(moving, 0.0), by, bx, bending_weight)
+        objective = _Objective(fixed, _pad(moving, 0.0), by, bx, bending_weight, membrane_weight)
         res = optimize.minimize(objective, _project(dense, by.b, bx.b).ravel(), jac=True,
                                 method="L-BFGS-B",
                                 options={"maxiter": int(max_iter), "ftol": ftol, "gtol": gtol})
@@ -630,6 +660,7 @@ def fit(fixed_masks: np.ndarray, moving_masks: np.ndarray, *,
                      "evaluations": int(res.nfev), "loss": float(res.fun), "message": str(res.message)})
     dice_loss, _, _ = objective.dice(c, grad=False)
     energy, _ = objective.bending(c)
+    membrane = objective.membrane(c)[0] / (objective.fixed.shape[1])
     u = _upsample(c, by.b, bx.b).transpose(1, 2, 0).copy()
 
     warped, _, _ = _Bilinear(_pad(moving_full, 0.0))(*_sample_points(u), grad=False)
@@ -639,7 +670,8 @@ def fit(fixed_masks: np.ndarray, moving_masks: np.ndarray, *,
     det = jacobian_determinant(u)
     return FieldResult(field_px=u, field_mm=None if spacing is None else u * np.asarray(spacing),
                        jacobian_det=det, folding_ratio=float((det <= 0).mean()), roi_dice=roi_dice,
-                       dice_loss=dice_loss, bending=energy, loss=dice_loss + bending_weight * energy,
+                       dice_loss=dice_loss, bending=energy, membrane=membrane,
+                       loss=dice_loss + bending_weight * energy + membrane_weight * membrane,
                        iterations=iterations, converged=converged, affine=affine, levels=info)
 
 

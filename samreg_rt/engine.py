@@ -1,13 +1,13 @@
 """ONNX Runtime engine: verified graphs, one session per graph, ``embed`` and ``decode``."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -37,7 +37,7 @@ GRAPH_IO = {  # role -> (inputs, outputs), as docs/contracts.md
 }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ImageEmbedding:
     """Encoder output for one image: embedding (C, 64, 64) float32 and the image's frame."""
 
@@ -118,6 +118,20 @@ def _older_format(model_dir: Path) -> bool:
     return isinstance(version, int) and version < FORMAT_VERSION
 
 
+def _registry_spec(model: str | os.PathLike, spec: ModelSpec, model_dir: Path) -> ModelSpec:
+    """The registry's spec when ``model`` is a registry name (not a path), else ``spec``."""
+    from samreg_rt.models import REGISTRY
+
+    entry = REGISTRY.get(str(model))
+    if entry is None or Path(str(model)).expanduser().exists():
+        return spec
+    fixed_by_graphs = ("arch", "input_size", "embedding_size")
+    if any(getattr(entry.spec, k) != getattr(spec, k) for k in fixed_by_graphs):
+        raise ManifestError(f"{model_dir / 'manifest.json'}: the export's {fixed_by_graphs} differ from "
+                            f"the registry's for {entry.name!r}; delete {model_dir} to re-export it")
+    return dataclasses.replace(entry.spec, name=spec.name)
+
+
 def _export(source: str, target: Path, name: str) -> Path:
     try:
         import importlib.util
@@ -166,6 +180,8 @@ class Engine:
         Every graph file is hashed and checked against the manifest before a session is built
         from those same bytes (``ManifestError`` names the file on mismatch).
         ``threads``: intra-op threads (None: ONNX Runtime's default).
+        The spec (preprocessing, prompting defaults) is the manifest's, except for a registry name,
+        whose spec is the registry's: a cached export keeps up with changed defaults.
         """
         model_dir = resolve_model_dir(model)
         manifest = read_manifest(model_dir)
@@ -178,6 +194,7 @@ class Engine:
             spec = ModelSpec.from_dict(manifest["spec"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ManifestError(f"{model_dir / 'manifest.json'}: invalid model spec ({exc})") from None
+        spec = _registry_spec(model, spec, model_dir)
         chosen = select_providers(providers)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -56,6 +57,8 @@ METHODS = ("identity", "reference", "default", "elastix", "ants")
 SAMREG_METHODS = ("reference", "default")
 BASELINE_METHODS = ("elastix", "ants")
 OVERLAY_SIDE = 320
+FIELD_MODULES = ("amg", "amg_utils", "ddf", "engine", "masks", "match", "pipeline", "preprocess", "roi",
+                 "volume")
 # What the intensity-based baselines see, per application (default: the mean of RGB). Fundus
 # photographs get the usual preparation (green channel, slow illumination removed by a high-pass of
 # 8 working px): without it both baselines align the static circular field of view and stay at the
@@ -91,13 +94,22 @@ class EvalSettings:
     baseline_max_side: int = 512
 
     def signature(self, method: str, model: dict) -> dict:
-        """What a stored record must match to be reused."""
+        """What a stored record must match to be reused: for samreg-rt records also the source of
+        the modules that make the field (a code change recomputes them)."""
         if method in SAMREG_METHODS:      # the decoder batch size changes memory, not results
-            amg = {k: v for k, v in self.amg.items() if k != "batch_size"}
-            return {"amg": amg, "model": model.get("manifest_sha256")}
+            amg = {k: list(v) if isinstance(v, tuple) else v for k, v in self.amg.items() if k != "batch_size"}
+            return {"amg": amg, "model": model.get("manifest_sha256"), "code": _code_sha256()}
         if method in BASELINE_METHODS:
             return {"baseline_max_side": self.baseline_max_side, "input": BASELINE_INPUT}
         return {}
+
+
+def _code_sha256() -> str:
+    """sha256 over the source of the samreg-rt modules between an image pair and its field."""
+    digest = hashlib.sha256()
+    for name in FIELD_MODULES:
+        digest.update((Path(__file__).parent / f"{name}.py").read_bytes())
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -748,7 +760,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InputError(f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(METHODS)}")
-    amg = {k: v for k, v in (("points_per_side", args.points_per_side), ("pred_iou_thresh", args.pred_iou_thresh),
+    box_sizes = tuple(args.box_sizes) if args.box_sizes else None
+    amg = {k: v for k, v in (("points_per_side", args.points_per_side), ("box_sizes", box_sizes),
+                             ("pred_iou_thresh", args.pred_iou_thresh),
                              ("stability_score_thresh", args.stability_thresh), ("batch_size", args.batch_size))
            if v is not None}
     engine = None
@@ -773,6 +787,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--pairs", nargs="+", default=None, metavar="ID", help="only these pair ids")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--points-per-side", type=int, default=None, help="AMG prompt grid (default: the model's)")
+    p.add_argument("--box-sizes", type=float, nargs="+", default=None, metavar="F",
+                   help="box grid: box sides as fractions of the image side (default: the model's)")
     p.add_argument("--pred-iou-thresh", type=float, default=None)
     p.add_argument("--stability-thresh", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None,

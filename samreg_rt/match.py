@@ -154,8 +154,11 @@ def geometric_inliers(src_xy: np.ndarray, dst_xy: np.ndarray, model: str = "simi
     inlier when its reprojection error is ``<= reproj_thresh`` pixels.
 
     Min-pairs rule: a minimal sample is 2 pairs (similarity) or 3 (affine); an outlier can only be
-    out-voted with at least ``minimal + 2`` pairs, the default ``min_pairs``. With fewer pairs, or
-    when no model can be fitted, every pair is kept and the transform is ``None``.
+    out-voted with at least ``minimal + 2`` pairs, the default ``min_pairs``. With 2 to
+    ``min_pairs - 1`` pairs, when no model can be fitted, or when no pair beyond a minimal sample
+    supports the best model, the check falls back to a translation (:func:`translation_inliers`),
+    whose minimal sample is one pair; one pair is always kept. The transform is ``None`` unless the
+    similarity or affine model was accepted.
     Returns ``(bool[K] inliers, float64[2, 3] transform or None)``.
     """
     if model not in GEOMETRIC_MODELS:
@@ -170,29 +173,49 @@ def geometric_inliers(src_xy: np.ndarray, dst_xy: np.ndarray, model: str = "simi
         raise InputError(f"centroids {src.shape} and {dst.shape}: expected two (K, 2) arrays")
     if not (np.all(np.isfinite(src)) and np.all(np.isfinite(dst))):
         raise InputError("centroids contain NaN or infinity (an empty ROI mask?)")
-    everything = np.ones(len(src), dtype=bool)
     if len(src) < min_pairs:
-        return everything, None
+        return translation_inliers(src, dst, reproj_thresh), None
     estimate = cv2.estimateAffinePartial2D if model == "similarity" else cv2.estimateAffine2D
     transform, inliers = estimate(src.astype(np.float32), dst.astype(np.float32),
                                   method=cv2.RANSAC, ransacReprojThreshold=float(reproj_thresh),
                                   maxIters=2000, confidence=0.999)
-    if transform is None:
-        return everything, None
-    return inliers.reshape(-1).astype(bool), transform
+    inliers = None if inliers is None else inliers.reshape(-1).astype(bool)
+    if transform is None or inliers.sum() <= minimal:
+        # no model, or one that only its own minimal sample supports (any 2 pairs fit a similarity)
+        return translation_inliers(src, dst, reproj_thresh), None
+    return inliers, transform
+
+
+def translation_inliers(src_xy: np.ndarray, dst_xy: np.ndarray, reproj_thresh: float = 10.0) -> np.ndarray:
+    """Pairs whose centroid displacement agrees with the best-supported pair's, for few pairs.
+
+    ``src_xy``, ``dst_xy``: ``[K, 2]`` centroids in pixels, rows in descending similarity. Every
+    pair's displacement ``dst - src`` is a hypothesis; the one within ``reproj_thresh`` pixels of
+    the most displacements wins (ties: the earlier, more similar pair), and those pairs are the
+    inliers. With two pairs that disagree, the more similar one is kept: one wrongly paired ROI
+    among a handful would otherwise drag the fitted field across the image. ``bool[K]``.
+    """
+    d = np.asarray(dst_xy, dtype=np.float64) - np.asarray(src_xy, dtype=np.float64)
+    if len(d) < 2:
+        return np.ones(len(d), dtype=bool)
+    close = np.linalg.norm(d[:, None, :] - d[None, :, :], axis=2) <= float(reproj_thresh)
+    return close[int(np.argmax(close.sum(axis=1)))].copy()
 
 
 def pair(sim: np.ndarray, threshold: float = 0.8, strategy: str = "greedy", num_pairs: int = 0,
          fixed_xy: np.ndarray | None = None, moving_xy: np.ndarray | None = None,
-         geometry: str | None = None, reproj_thresh: float = 10.0, min_pairs: int | None = None
-         ) -> MatchResult:
+         geometry: str | None = None, reproj_thresh: float = 10.0, min_pairs: int | None = None,
+         min_support: int = 1) -> MatchResult:
     """Pair fixed and moving ROIs from their ``float32[N1, N2]`` similarity matrix.
 
     Steps: assignment by ``strategy`` (see :data:`STRATEGIES`) over entries ``> threshold``; then,
     when ``geometry`` is ``"similarity"`` or ``"affine"``, :func:`geometric_inliers` on the
     centroids ``fixed_xy[i]``, ``moving_xy[j]`` (``[N1, 2]``, ``[N2, 2]`` pixels) of the pairs;
     then the first ``num_pairs`` pairs when ``num_pairs > 0``. ``strategy="greedy"``, no geometry
-    is the reference. Each step's removals are reported in ``MatchResult.dropped``.
+    is the reference. ``min_support`` (with ``geometry``): fewer geometrically consistent pairs than
+    this drop them all, so a pair nothing confirms (a lone pair, or the survivor of two that
+    disagree) cannot drive a field on its own. Each step's removals are reported in
+    ``MatchResult.dropped``.
     """
     if strategy not in STRATEGIES:
         raise InputError(f"strategy {strategy!r}: expected one of {STRATEGIES}")
@@ -210,6 +233,8 @@ def pair(sim: np.ndarray, threshold: float = 0.8, strategy: str = "greedy", num_
                              f"({sim.shape[0]}, 2) and ({sim.shape[1]}, 2)")
         inliers, transform = geometric_inliers(fixed_xy[pairs[:, 0]], moving_xy[pairs[:, 1]],
                                                geometry, reproj_thresh, min_pairs)
+        if inliers.sum() < min_support:
+            inliers[:], transform = False, None
         dropped["geometry"] = pairs[~inliers]
         pairs, values = pairs[inliers], values[inliers]
     if num_pairs > 0:

@@ -30,7 +30,8 @@ class Preset:
     fractions of its area (``"fraction"``). pooling: ``nearest`` (reference: the mask resized to
     the embedding grid with nearest neighbour) or ``area`` (exact area weights in the model frame,
     padding aware). strategy/threshold/geometry/num_pairs: see ``match.pair``; the geometric check's
-    RANSAC inlier distance is ``reproj_frac`` of the moving image's diagonal.
+    RANSAC inlier distance is ``reproj_frac`` of the moving image's diagonal; ``min_support``: fewer
+    geometrically consistent pairs than this leave no pair (``match.pair``).
     """
 
     name: str
@@ -46,6 +47,7 @@ class Preset:
     geometry: str | None
     num_pairs: int = 0
     reproj_frac: float = 0.05
+    min_support: int = 1
 
 
 PRESETS = {
@@ -53,7 +55,7 @@ PRESETS = {
                         dedup_thresh=0.9, pooling="nearest", strategy="greedy", threshold=0.8, geometry=None),
     "default": Preset("default", squash=None, max_side=512, area_min=0.005, area_max=0.175,
                       area_unit="fraction", dedup_thresh=0.9, pooling="area", strategy="mutual_nn",
-                      threshold=0.5, geometry="similarity"),
+                      threshold=0.5, geometry="similarity", min_support=2),
 }
 
 
@@ -153,7 +155,12 @@ def register(fixed: Image | np.ndarray | str | os.PathLike, moving: Image | np.n
 
         t = time.perf_counter()
         shape = work_shape(array.shape[:2], p)
-        masks = amg.generate(engine, emb, params, out_shape=shape)
+        if float(array.min()) == float(array.max()):
+            # SAM still "segments" a constant image (box-shaped masks from a box grid): no ROI there
+            warnings.warn(f"{image.path or name}: constant image, no structure to segment", stacklevel=2)
+            masks = amg.MaskSet.empty(shape)
+        else:
+            masks = amg.generate(engine, emb, params, out_shape=shape)
         timings[f"amg_{name}"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -177,7 +184,8 @@ def register(fixed: Image | np.ndarray | str | os.PathLike, moving: Image | np.n
     result = match.pair(sim, threshold=p.threshold, strategy=p.strategy, num_pairs=p.num_pairs,
                         fixed_xy=centres["fixed"] if p.geometry else None,
                         moving_xy=centres["moving"] if p.geometry else None, geometry=p.geometry,
-                        reproj_thresh=p.reproj_frac * float(np.hypot(*images["moving"].array.shape[:2])))
+                        reproj_thresh=p.reproj_frac * float(np.hypot(*images["moving"].array.shape[:2])),
+                        min_support=p.min_support)
     timings["match"] = time.perf_counter() - t
     counts["pairs"] = int(len(result.pairs))
     counts["dropped"] = {k: int(len(v)) for k, v in result.dropped.items()}

@@ -24,7 +24,9 @@ class ModelSpec:
     ``normalization``: ``imagenet`` = (x - pixel_mean) / pixel_std on 0..255 values;
     ``minmax`` = (x - min) / (max - min) per image; ``unit`` = x / 255 when max > 1.
     ``prompt_kind`` and ``mask_output`` say how automatic mask generation prompts the decoder
-    (point grid + multimask outputs for SAM; box grid + single-mask output for box-trained models).
+    (point grid + multimask outputs for SAM; box grid + single-mask output for box-trained models);
+    ``points_per_side`` (grid centres per side) and ``box_sizes`` (box sides as fractions of the
+    image side, boxes only) are its default grid.
     """
 
     name: str
@@ -39,6 +41,8 @@ class ModelSpec:
     pred_iou_thresh: float = 0.88
     stability_score_thresh: float = 0.95
     mask_threshold: float = 0.0
+    points_per_side: int = 32
+    box_sizes: tuple[float, ...] = (0.1, 0.2, 0.4)
     embedding_size: int = 64
     trained: bool = True
 
@@ -61,6 +65,7 @@ class ModelSpec:
         d = dataclasses.asdict(self)
         d["pixel_mean"] = list(self.pixel_mean)
         d["pixel_std"] = list(self.pixel_std)
+        d["box_sizes"] = list(self.box_sizes)
         return d
 
     @classmethod
@@ -70,7 +75,7 @@ class ModelSpec:
         if unknown:
             raise ValueError(f"model spec has unknown keys {sorted(unknown)}")
         d = dict(d)
-        for key in ("pixel_mean", "pixel_std"):
+        for key in ("pixel_mean", "pixel_std", "box_sizes"):
             if key in d:
                 d[key] = tuple(float(v) for v in d[key])
         return cls(**d)

@@ -67,7 +67,7 @@ def test_fit_recovers_known_deformation(synthetic):
     assert res.field_px.shape == (N, N, 2) and res.field_mm is None
     assert res.converged and 0 < res.iterations <= 3 * 200 and len(res.levels) == 3
     assert res.roi_dice.shape == (8,) and res.roi_dice.min() > 0.9
-    assert res.loss == pytest.approx(res.dice_loss + 1e-2 * res.bending)
+    assert res.loss == pytest.approx(res.dice_loss + 1e-2 * res.bending + 1.0 * res.membrane)
     # the warped moving masks land on the fixed ones
     warped = np.stack([ddf.warp_labels(m, res.field_px) for m in moving])
     before = [2 * (f & m).sum() / (f.sum() + m.sum()) for f, m in zip(fixed, moving)]
@@ -298,3 +298,36 @@ def test_bad_inputs_raise_input_error(tmp_path):
         ddf.fit(masks, masks, spacing=(1.0, -1.0))
     with pytest.raises(InputError, match="no such field file"):
         ddf.load_field(tmp_path / "missing.npy")
+
+
+def test_membrane_energy_keeps_the_field_within_the_rois_displacements():
+    """ROIs on the left third, stretched in x (u_x = 0.12 (x - 32): -1.5..+1.6 px on them). With the
+    bending energy alone the affine trend runs on across the ROI-free right side (an affine field
+    has no bending energy); the membrane energy keeps it within the range seen on the ROIs."""
+    n = 128
+    yy, xx = np.mgrid[:n, :n].astype(np.float64)
+    centres = [(20, 20), (60, 35), (100, 22), (40, 45)]
+
+    def shapes(dx):
+        return np.stack([((yy - cy) / 12) ** 2 + ((xx + dx - cx) / 9) ** 2 <= 1 for cy, cx in centres])
+
+    fixed, moving = shapes(0.12 * (xx - 32)), shapes(0.0)
+    inside = fixed.any(axis=0)
+    bending_only = ddf.fit(fixed, moving, membrane_weight=0.0)
+    membrane = ddf.fit(fixed, moving, membrane_weight=1.0)
+    for res in (bending_only, membrane):
+        assert res.roi_dice.min() > 0.95 and res.folding_ratio == 0
+    on_rois = np.abs(membrane.field_px[..., 1][inside]).max()
+    assert np.abs(bending_only.field_px[:, 100:, 1]).max() > 8.0                 # 0.12 * (127 - 32)
+    assert np.abs(membrane.field_px[:, 100:, 1]).max() <= on_rois
+    assert membrane.membrane > 0 and membrane.loss == pytest.approx(
+        membrane.dice_loss + 1e-2 * membrane.bending + 1.0 * membrane.membrane)
+
+
+def test_three_pairs_initialise_with_a_translation_not_an_exact_affine():
+    """Three centroids fit any affine exactly: centroid noise would become a shear across the image."""
+    yy, xx = np.mgrid[:128, :128]
+    fixed = np.stack([(yy - cy) ** 2 + (xx - cx) ** 2 <= 64 for cy, cx in [(30, 30), (40, 60), (52, 90)]])
+    moving = np.stack([np.roll(m, shift, axis=(0, 1)) for m, shift in zip(fixed, [(2, 1), (-3, 0), (4, -2)])])
+    a = ddf._centroid_affine(fixed, moving)
+    assert np.array_equal(a[:2, :2], np.eye(2)) and np.allclose(a[:2, 2], [2, 0])   # median shift

@@ -354,10 +354,14 @@ def test_geometric_check_min_pairs_rule(rng):
     src = rng.uniform(0, 100, size=(3, 2))
     dst = src + 5.0
     dst[0] += 40.0
-    inliers, transform = match.geometric_inliers(src, dst, "similarity")   # 3 < 2 + 2
-    assert inliers.all() and transform is None
+    # 3 < 2 + 2 pairs: the translation fallback drops the pair displaced by 40 px more
+    inliers, transform = match.geometric_inliers(src, dst, "similarity")
+    np.testing.assert_array_equal(inliers, [False, True, True])
+    assert transform is None
     inliers, transform = match.geometric_inliers(src, dst, "affine", min_pairs=4)
-    assert inliers.all() and transform is None
+    np.testing.assert_array_equal(inliers, [False, True, True])
+    inliers, _ = match.geometric_inliers(src[:1], dst[:1], "similarity")   # one pair: nothing to check
+    assert inliers.all()
     src4 = np.vstack([src, [[50.0, 10.0]]])
     dst4 = src4 + 5.0
     dst4[0] += 40.0
@@ -365,7 +369,33 @@ def test_geometric_check_min_pairs_rule(rng):
     np.testing.assert_array_equal(inliers, [False, True, True, True])
     with pytest.raises(InputError, match="min_pairs"):
         match.geometric_inliers(src, dst, "affine", min_pairs=3)
+
+
+def test_translation_fallback_keeps_the_more_similar_of_two_disagreeing_pairs():
+    src = np.array([[239.0, 83.0], [341.0, 94.0]])      # lung CT case001_slice_s100, measured pairs
+    dst = np.array([[240.0, 78.0], [372.0, 248.0]])     # the second is another part of the lung
+    np.testing.assert_array_equal(match.translation_inliers(src, dst, 28.0), [True, False])
+    np.testing.assert_array_equal(match.translation_inliers(src[::-1], dst[::-1], 28.0), [True, False])
+    np.testing.assert_array_equal(match.translation_inliers(src, src + 3.0, 28.0), [True, True])
+    sim = np.array([[0.93, 0.1], [0.1, 0.85]], np.float32)
+    result = match.pair(sim, 0.5, "mutual_nn", fixed_xy=src, moving_xy=dst, geometry="similarity",
+                        reproj_thresh=28.0)
+    np.testing.assert_array_equal(result.pairs, [[0, 0]])
+    np.testing.assert_array_equal(result.dropped["geometry"], [[1, 1]])
     with pytest.raises(InputError, match="NaN"):
         match.geometric_inliers(np.full((4, 2), np.nan), np.zeros((4, 2)))
     with pytest.raises(InputError, match="model"):
         match.geometric_inliers(src, dst, "projective")
+
+
+def test_min_support_drops_pairs_that_nothing_confirms():
+    sim = np.array([[0.9, 0.1], [0.1, 0.8]], np.float32)
+    src = np.array([[10.0, 10.0], [80.0, 60.0]])
+    agree, disagree = src + 4.0, src + [[4.0, 4.0], [60.0, -50.0]]
+    for moving_xy, kept in ((agree, 2), (disagree, 0)):
+        result = match.pair(sim, 0.5, "mutual_nn", fixed_xy=src, moving_xy=moving_xy, geometry="similarity",
+                            reproj_thresh=10.0, min_support=2)
+        assert len(result.pairs) == kept and len(result.dropped["geometry"]) == 2 - kept
+    lone = match.pair(sim[:1, :1], 0.5, "mutual_nn", fixed_xy=src[:1], moving_xy=agree[:1],
+                      geometry="similarity", min_support=2)
+    assert len(lone.pairs) == 0 and len(match.pair(sim[:1, :1], 0.5, "mutual_nn").pairs) == 1
