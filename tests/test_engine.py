@@ -178,3 +178,23 @@ def test_registry_name_is_exported_on_first_use(_model_cache):
     engine = Engine.load("random_tiny", threads=1)  # exported into the session's cache by a subprocess
     assert (_model_cache / "random_tiny" / "manifest.json").is_file()
     assert engine.manifest["name"] == "random_tiny" and engine.manifest["source"]["trained"] is False
+
+
+def test_registry_name_takes_the_registry_spec(_model_cache, tmp_path, monkeypatch):
+    """A cached export keeps up with the registry's prompting defaults; a directory keeps its own."""
+    from samreg_rt.models import REGISTRY
+
+    Engine.load("random_tiny", threads=1)                       # exported into the cache (or cached)
+    cached = tmp_path / "random_tiny"                           # edited in a cache of this test's own
+    shutil.copytree(_model_cache / "random_tiny", cached)
+    monkeypatch.setenv("SAMREG_RT_CACHE", str(tmp_path))
+    manifest = json.loads((cached / "manifest.json").read_text())
+    manifest["spec"]["pred_iou_thresh"] = 0.123
+    (cached / "manifest.json").write_text(json.dumps(manifest))
+    by_name = Engine.load("random_tiny", threads=1)
+    assert by_name.spec.pred_iou_thresh == REGISTRY["random_tiny"].spec.pred_iou_thresh != 0.123
+    assert Engine.load(cached, threads=1).spec.pred_iou_thresh == 0.123
+    manifest["spec"]["input_size"] = 512
+    (cached / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="differ from the registry"):
+        Engine.load("random_tiny", threads=1)
