@@ -37,10 +37,10 @@ def main() -> None:
     args = ap.parse_args()
     base = Engine.load(args.model, threads=args.threads)
     scores: dict[str, list[float]] = {k: [] for k in VARIANTS}
-    per_app: dict[str, dict[str, list[float]]] = {}
+    per_pair: dict[str, dict[str, list[float]]] = {}
     for name, image_path, label_path in labelled_images(Path(args.data), None):
         image = load_image(image_path)
-        app = name.split("/")[0]
+        pair = name.split("/")[0]
         for variant, change in VARIANTS.items():
             engine = base.with_spec(dataclasses.replace(base.spec, **change))
             emb = engine.embed(image.array, name=str(image_path))
@@ -52,7 +52,7 @@ def main() -> None:
                 mask = amg.upscale_logits(low[:, 0], emb.frame, image.array.shape[:2])[0] > 0
                 d = dice(s.astype(np.uint8), mask.astype(np.uint8))[1]
                 scores[variant].append(d)
-                per_app.setdefault(app, {k: [] for k in VARIANTS})[variant].append(d)
+                per_pair.setdefault(pair, {k: [] for k in VARIANTS})[variant].append(d)
         print(name, {k: round(v[-1], 3) for k, v in scores.items()}, flush=True)
     machine = f"{platform.processor() or platform.machine()}, {platform.system()} {platform.release()}"
     result = {"machine": machine, "model": args.model, "structures": len(scores[next(iter(VARIANTS))]),
@@ -63,10 +63,10 @@ def main() -> None:
     (out / "litemedsam_preprocessing.json").write_text(json.dumps(result, indent=1))
     lines = ["# LiteMedSAM preprocessing: Dice of a tight-box prompt per labelled structure", "",
              "Command: `python benchmarks/litemedsam_preprocessing.py`", f"Machine: {machine}", "",
-             "| preprocessing | " + " | ".join(sorted(per_app)) + " | all (mean) | all (median) |",
-             "|---|" + "---|" * (len(per_app) + 2)]
+             "| preprocessing | " + " | ".join(sorted(per_pair)) + " | all (mean) | all (median) |",
+             "|---|" + "---|" * (len(per_pair) + 2)]
     for k in VARIANTS:
-        cells = [f"{np.mean(per_app[a][k]):.3f}" for a in sorted(per_app)]
+        cells = [f"{np.mean(per_pair[a][k]):.3f}" for a in sorted(per_pair)]
         lines.append(f"| {k} | " + " | ".join(cells) + f" | {result['mean_dice'][k]:.3f} | {result['median_dice'][k]:.3f} |")
     lines.append(f"\n{result['structures']} structures.")
     (out / "litemedsam_preprocessing.md").write_text("\n".join(lines) + "\n")
