@@ -183,7 +183,7 @@ def write_results(record: dict) -> None:
         f"Command: `{record['command']}`",
         "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, load average {m['load_average_1_5_15']} at the "
-        f"start (the machine is shared: other processes ran beside this benchmark); onnxruntime "
+        f"start; onnxruntime "
         f"{m['onnxruntime']}, ray {m['ray']}, Python {m['python']}, commit {m['git_commit']}"
         + (f" ({m['note']})" if m.get("note") else "") + ".",
         "",
