@@ -100,6 +100,16 @@ def build_models(work: Path) -> dict[str, Path]:
     return models
 
 
+def _litemedsam_prompting(points_per_side: int) -> str:
+    """How the LiteMedSAM rows prompt: the registry spec, with this run's grid."""
+    from samreg_rt.models import REGISTRY
+
+    spec = REGISTRY["litemedsam"].spec
+    return (f"registry spec: box grid of {points_per_side}x{points_per_side} centres x box sizes "
+            f"{list(spec.box_sizes)} of the side, {spec.mask_output}-mask output, pred_iou "
+            f"{spec.pred_iou_thresh}, stability {spec.stability_score_thresh}, mask threshold {spec.mask_threshold:g}")
+
+
 def _digest(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
 
@@ -231,8 +241,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"pred_iou_thresh {p['pred_iou_thresh']}, stability_score_thresh {p['stability_thresh']}, "
         f"mask_threshold {p['mask_threshold']} on both ViT-B sides. {p['threads']} threads on every run "
         "(torch.set_num_threads = ONNX Runtime intra_op_num_threads). One run each, in the order of the "
-        "columns, on a machine shared with other jobs (1-minute load average before/after each run below; "
-        "process CPU seconds are less sensitive to that load than wall seconds).",
+        "columns (1-minute load average before/after each run below; process CPU seconds are less "
+        "sensitive to other processes' load than wall seconds).",
         "",
         "Model: " + report["model"],
         "",
@@ -334,9 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                   "pass runs ViT-B on both sides; its output is then replaced by the image's LiteMedSAM embedding "
                   "(computed beforehand, untimed, the same arrays on both sides), because this decoder on the "
                   "untrained encoder's output gives one noise mask per image. The LiteMedSAM rows run the real "
-                  f"LiteMedSAM without substitution (registry spec: box grid of {args.points_per_side}x"
-                  f"{args.points_per_side} centres x 3 sizes, single-mask output, pred_iou 0.88, stability 0.80, "
-                  "mask threshold 0)."),
+                  f"LiteMedSAM without substitution ({_litemedsam_prompting(args.points_per_side)})."),
         "runs": runs,
         "comparison": comparison,
         "speedups": speedups(runs),
