@@ -416,7 +416,8 @@ class _Objective:
         self.fixed = fixed.reshape(k, h * w)
         self.moving = _Bilinear(moving)
         self.bending_weight = bending_weight
-        self.membrane_weight = membrane_weight / (h * w)
+        self.membrane_weight = membrane_weight
+        self.pixels = h * w
         self.fixed_sum = self.fixed.sum(axis=1).astype(np.float64)
         yy, xx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
         self.grid_y, self.grid_x = yy.ravel(), xx.ravel()
@@ -434,10 +435,10 @@ class _Objective:
         return float((c * h).sum()), 2.0 * h
 
     def membrane(self, c: np.ndarray) -> tuple[float, np.ndarray]:
-        """Membrane energy summed over pixels (sum of u_y^2 + u_x^2, both components) and its
-        gradient; ``membrane_weight`` holds the 1 / (H W) of the mean."""
+        """Membrane energy D of controls c (2, ny, nx) (mean over pixels of u_y^2 + u_x^2, both
+        components) and its gradient (2, ny, nx)."""
         gy, gx = self.gy, self.gx
-        h = _upsample(c, gy[1], gx[0]) + _upsample(c, gy[0], gx[1])
+        h = (_upsample(c, gy[1], gx[0]) + _upsample(c, gy[0], gx[1])) / self.pixels
         return float((c * h).sum()), 2.0 * h
 
     def dice(self, c: np.ndarray, grad: bool) -> tuple[float, np.ndarray, np.ndarray | None]:
@@ -660,7 +661,7 @@ def fit(fixed_masks: np.ndarray, moving_masks: np.ndarray, *,
                      "evaluations": int(res.nfev), "loss": float(res.fun), "message": str(res.message)})
     dice_loss, _, _ = objective.dice(c, grad=False)
     energy, _ = objective.bending(c)
-    membrane = objective.membrane(c)[0] / (objective.fixed.shape[1])
+    membrane, _ = objective.membrane(c)
     u = _upsample(c, by.b, bx.b).transpose(1, 2, 0).copy()
 
     warped, _, _ = _Bilinear(_pad(moving_full, 0.0))(*_sample_points(u), grad=False)

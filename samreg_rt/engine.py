@@ -119,11 +119,11 @@ def _older_format(model_dir: Path) -> bool:
 
 
 def _registry_spec(model: str | os.PathLike, spec: ModelSpec, model_dir: Path) -> ModelSpec:
-    """The registry's spec when ``model`` is a registry name (not a path), else ``spec``."""
+    """The registry's spec when ``resolve_model_dir`` took ``model`` as a registry name, else ``spec``."""
     from samreg_rt.models import REGISTRY
 
     entry = REGISTRY.get(str(model))
-    if entry is None or Path(str(model)).expanduser().exists():
+    if entry is None or (Path(str(model)).expanduser() / "manifest.json").is_file():
         return spec
     fixed_by_graphs = ("arch", "input_size", "embedding_size")
     if any(getattr(entry.spec, k) != getattr(spec, k) for k in fixed_by_graphs):

@@ -179,11 +179,10 @@ def geometric_inliers(src_xy: np.ndarray, dst_xy: np.ndarray, model: str = "simi
     transform, inliers = estimate(src.astype(np.float32), dst.astype(np.float32),
                                   method=cv2.RANSAC, ransacReprojThreshold=float(reproj_thresh),
                                   maxIters=2000, confidence=0.999)
-    inliers = None if inliers is None else inliers.reshape(-1).astype(bool)
     if transform is None or inliers.sum() <= minimal:
         # no model, or one that only its own minimal sample supports (any 2 pairs fit a similarity)
         return translation_inliers(src, dst, reproj_thresh), None
-    return inliers, transform
+    return inliers.reshape(-1).astype(bool), transform
 
 
 def translation_inliers(src_xy: np.ndarray, dst_xy: np.ndarray, reproj_thresh: float = 10.0) -> np.ndarray:
