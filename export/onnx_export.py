@@ -30,6 +30,7 @@ from typing import Any, Iterable
 import onnx
 import onnxslim
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samreg_rt.errors import ModelError
@@ -83,11 +84,21 @@ class PromptDecoder(nn.Module):
     labels -1 padding, 0 background, 1 foreground, 2 / 3 box corners. There is no mask input: the
     dense prompt is SAM's ``no_mask_embed``.
 
-    Same arithmetic as Meta's ``PromptEncoder`` + ``MaskDecoder.predict_masks``, with two changes
-    that keep the outputs equal: the image embedding is never repeated per prompt (the first layer's
-    image-side projections run once per image and broadcast over B, which also keeps B dynamic
-    where ``repeat_interleave`` would trace it as a constant), and the dense positional encoding
-    is a constant.
+    The function of Meta's ``PromptEncoder`` + ``MaskDecoder.predict_masks``, computed in an order
+    that costs less per prompt (equal up to float rounding; ``samreg_export.parity`` holds every
+    export to Meta's order):
+
+    - the image embedding is never repeated per prompt: the first layer's image-side projections
+      run once per call and broadcast over B (which also keeps B dynamic);
+    - attention between the T prompt tokens and the hw image tokens never projects the image
+      tokens per prompt. A token-to-image head's logits ``q_h W_k,h x^T`` are computed as
+      ``(q_h W_k,h) x^T`` and its values as ``(A_h x) W_v,h^T``; an image-to-token head's logits
+      as ``x (W_q,h^T k_h^T)`` and its output projection as ``A_h (v_h W_o,h^T)``. With 8 heads and
+      T = 7 tokens these products have inner width 8T = 56 instead of the projections' 128
+      (``_token_to_image``, ``_image_to_token``);
+    - the stride-2, kernel-2 transposed convolutions of the mask upscaling, whose output pixels do
+      not overlap, are matrix products on channel-last tokens (``masks``);
+    - the dense positional encoding is a constant.
     """
 
     def __init__(self, sam: nn.Module) -> None:
@@ -103,6 +114,8 @@ class PromptDecoder(nn.Module):
         self.embedding_hw = tuple(dense_pe.shape[-2:])
         self.register_buffer("image_pe", dense_pe.flatten(2).transpose(1, 2).contiguous())  # [1, hw, C]
         self.register_buffer("no_mask", self.prompt_encoder.no_mask_embed.weight.detach().reshape(1, -1, 1, 1))
+        heads = self.mask_decoder.transformer.layers[0].cross_attn_image_to_token.num_heads
+        self.register_buffer("head_eye", torch.eye(heads).reshape(1, heads, 1, heads, 1))
 
     def embed_points(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
         """[B,N,2] pixels, [B,N] labels -> sparse prompt embeddings [B,N,C]."""
@@ -141,17 +154,26 @@ class PromptDecoder(nn.Module):
 
     def masks(self, image_tokens: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
         """Mask upscaling: ``image_tokens [B,hw,C]``, ``hyper_in [B,K,C/8]`` (any K of the mask
-        tokens' rows) -> low-resolution mask logits ``[B,K,4h,4w]``."""
+        tokens' rows) -> low-resolution mask logits ``[B,K,4h,4w]``.
+
+        Meta's ``output_upscaling`` (ConvTranspose 2x2/2, LayerNorm2d, GELU, ConvTranspose 2x2/2,
+        GELU) on channel-last pixels: each transposed convolution maps every input pixel to its own
+        2x2 output pixels, i.e. one matrix product with the kernel as a [C_in, 2*2*C_out] matrix;
+        the pixel order (i, j, di, dj, di2, dj2) is undone once, on the K mask logits."""
         h, w = self.embedding_hw
-        src = image_tokens.transpose(1, 2).reshape(-1, image_tokens.shape[-1], h, w)
-        upscaled = self.mask_decoder.output_upscaling(src)  # [B, C/8, 4h, 4w]
-        return (hyper_in @ upscaled.flatten(2)).unflatten(-1, (4 * h, 4 * w))  # B and K stay dynamic
+        conv1, norm, _, conv2, _ = self.mask_decoder.output_upscaling
+        x = _stride2_transposed_conv(image_tokens, conv1, h * w)     # [B, 4hw, C/4]
+        x = F.gelu(F.layer_norm(x, (int(norm.weight.shape[0]),), norm.weight, norm.bias, norm.eps))
+        x = F.gelu(_stride2_transposed_conv(x, conv2, 4 * h * w))    # [B, 16hw, C/8]
+        logits = hyper_in @ x.transpose(1, 2)                         # [B, K, 16hw]
+        logits = logits.unflatten(-1, (h, w, 2, 2, 2, 2))             # (i, j, di, dj, di2, dj2)
+        return logits.permute(0, 1, 2, 4, 6, 3, 5, 7).flatten(2).unflatten(-1, (4 * h, 4 * w))
 
     def _two_way_transformer(self, keys: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Meta's ``TwoWayTransformer.forward`` on keys [1, hw, C] broadcast against tokens [B, T, C]."""
         transformer = self.mask_decoder.transformer
         key_pe, query_pe, queries = self.image_pe, tokens, tokens
-        for layer in transformer.layers:
+        for i, layer in enumerate(transformer.layers):
             if layer.skip_first_layer_pe:
                 queries = _attention(layer.self_attn, queries, queries, queries)
             else:
@@ -159,12 +181,19 @@ class PromptDecoder(nn.Module):
                 queries = queries + _attention(layer.self_attn, q, q, queries)
             queries = layer.norm1(queries)
             q, k = queries + query_pe, keys + key_pe
-            queries = layer.norm2(queries + _attention(layer.cross_attn_token_to_image, q, k, keys))
+            # The first layer's image tokens are the image's alone: projected once per call.
+            to_image = _attention if i == 0 else _token_to_image
+            queries = layer.norm2(queries + to_image(layer.cross_attn_token_to_image, q, k, keys))
             queries = layer.norm3(queries + layer.mlp(queries))
             q, k = queries + query_pe, keys + key_pe
-            keys = layer.norm4(keys + _attention(layer.cross_attn_image_to_token, k, q, queries))
+            if i == 0:
+                update = _image_to_token_projected(layer.cross_attn_image_to_token, k, q, queries, self.head_eye)
+            else:
+                update = _image_to_token(layer.cross_attn_image_to_token, k, q, queries)
+            keys = layer.norm4(keys + update)
         q, k = queries + query_pe, keys + key_pe
-        queries = transformer.norm_final_attn(queries + _attention(transformer.final_attn_token_to_image, q, k, keys))
+        update = _token_to_image(transformer.final_attn_token_to_image, q, k, keys)
+        queries = transformer.norm_final_attn(queries + update)
         return queries, keys
 
 
@@ -178,6 +207,77 @@ def _attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     )
     weights = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(head_dim), dim=-1)
     return attn.out_proj((weights @ v).transpose(1, 2).flatten(2))
+
+
+def _heads(linear: nn.Linear, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A projection's weight [heads*d, C] and bias [heads*d] as [heads, d, C] and [heads, d]."""
+    return linear.weight.unflatten(0, (heads, -1)), linear.bias.unflatten(0, (heads, -1))
+
+
+def _token_to_image(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``attn(q=tokens [B,T,C], k=image [B,hw,C], v=image [B,hw,C])`` without projecting the image.
+
+    Head h: logits ``(q_h W_k,h) k^T`` (the bias term ``q_h b_k,h`` is the same for every image token,
+    so softmax drops it), values ``(A_h v) W_v,h^T + b_v,h`` (softmax rows sum to one)."""
+    heads = attn.num_heads
+    head_dim = attn.q_proj.out_features // heads
+    w_k, _ = _heads(attn.k_proj, heads)
+    w_v, b_v = _heads(attn.v_proj, heads)
+    q = attn.q_proj(q).unflatten(-1, (heads, head_dim)).transpose(1, 2)       # [B, heads, T, d]
+    q = (q @ w_k / math.sqrt(head_dim)).flatten(1, 2)                          # [B, heads*T, C]
+    weights = torch.softmax(q @ k.transpose(1, 2), dim=-1)                     # [B, heads*T, hw]
+    pooled = (weights @ v).unflatten(1, (heads, -1))                           # [B, heads, T, C]
+    values = pooled @ w_v.transpose(1, 2) + b_v.unsqueeze(1)                   # [B, heads, T, d]
+    return attn.out_proj(values.transpose(1, 2).flatten(2))
+
+
+def _image_to_token(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``attn(q=image [B,hw,C], k=tokens [B,T,C], v=tokens [B,T,C])`` without projecting the image.
+
+    Head h: logits ``q (W_q,h^T k_h^T) + b_q,h k_h^T``, output ``sum_h A_h (v_h W_o,h^T) + b_o``."""
+    heads = attn.num_heads
+    head_dim = attn.q_proj.out_features // heads
+    w_q, b_q = _heads(attn.q_proj, heads)
+    k = attn.k_proj(k).unflatten(-1, (heads, head_dim)).transpose(1, 2)       # [B, heads, T, d]
+    keys = (k @ w_q / math.sqrt(head_dim)).flatten(1, 2)                       # [B, heads*T, C]
+    offset = (k @ b_q.unsqueeze(-1) / math.sqrt(head_dim)).flatten(1)         # [B, heads*T]
+    logits = q @ keys.transpose(1, 2) + offset.unsqueeze(1)                    # [B, hw, heads*T]
+    return _image_to_token_output(attn, logits, v)
+
+
+def _image_to_token_projected(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              head_eye: torch.Tensor) -> torch.Tensor:
+    """``attn(q=image [1,hw,C], k=tokens [B,T,C], v=tokens [B,T,C])`` with the image shared by all B
+    prompts: its query projection runs once and every head's logits come from one product with a
+    block-diagonal [heads*d, heads*T] matrix of the prompts' keys; output as ``_image_to_token``."""
+    heads = attn.num_heads
+    head_dim = attn.q_proj.out_features // heads
+    k = attn.k_proj(k).unflatten(-1, (heads, head_dim))                       # [B, T, heads, d]
+    blocks = k.permute(0, 2, 3, 1).unsqueeze(3) * head_eye                     # [B, heads, d, heads, T]
+    blocks = blocks.flatten(3, 4).flatten(1, 2) / math.sqrt(head_dim)         # [B, heads*d, heads*T]
+    logits = attn.q_proj(q) @ blocks                                           # [B, hw, heads*T]
+    return _image_to_token_output(attn, logits, v)
+
+
+def _image_to_token_output(attn: nn.Module, logits: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax over each head's T tokens of ``logits [B,hw,heads*T]``, then ``sum_h A_h (v_h W_o,h^T) + b_o``,
+    with ``b_o / heads`` added to every row of ``v_h W_o,h^T`` instead (each head's weights sum to one)."""
+    heads = attn.num_heads
+    head_dim = attn.q_proj.out_features // heads
+    weights = torch.softmax(logits.unflatten(-1, (heads, -1)), dim=-1).flatten(2)   # [B, hw, heads*T]
+    v = attn.v_proj(v).unflatten(-1, (heads, head_dim)).transpose(1, 2)            # [B, heads, T, d]
+    w_o = attn.out_proj.weight.unflatten(1, (heads, head_dim)).permute(1, 2, 0)    # [heads, d, C]
+    return weights @ ((v @ w_o).flatten(1, 2) + attn.out_proj.bias / heads)       # [B, hw, C]
+
+
+def _stride2_transposed_conv(x: torch.Tensor, conv: nn.ConvTranspose2d, pixels: int) -> torch.Tensor:
+    """``conv`` (kernel 2, stride 2) on channel-last pixels [B, P, C_in] (P = ``pixels``) ->
+    [B, 4P, C_out], the four output pixels of input pixel p at rows 4p..4p+3 in (di, dj) order.
+    One 2-D product with the bias added in it (a Gemm), not a batched MatMul and an Add."""
+    c_in, c_out = conv.weight.shape[:2]
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out)             # [C_in, (di, dj, C_out)]
+    out = torch.addmm(conv.bias.repeat(4), x.flatten(0, 1), weight)               # [B*P, 4*C_out]
+    return out.unflatten(0, (-1, pixels)).unflatten(-1, (4, c_out)).flatten(1, 2)
 
 
 def export_encoder(sam: nn.Module, path: str | Path, opset: int = MIN_OPSET) -> onnx.ModelProto:

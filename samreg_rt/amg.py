@@ -6,6 +6,7 @@ box NMS. The encoder is never run here: the caller passes the image's embedding.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import cv2
@@ -29,7 +30,10 @@ class AmgParams:
     mask_output: ``multimask`` uses SAM's three multimask outputs per prompt, ``single`` the
     single-mask output. stability_on: ``original`` computes the stability score on logits
     upscaled to the working grid (as SAM and the HF pipeline do); ``low_res`` on the 256x256
-    logits (cheaper; opt-in).
+    logits (cheaper; opt-in). skip_covered (opt-in fast mode, off in both presets): prompts run
+    coarse to fine (grid points on every 4th row and column first, then every 2nd, then the
+    rest) and a prompt whose grid point lies inside a mask already kept (after the stability
+    filter) is not run; its accuracy cost is measured in ``benchmarks/fast_modes.py``.
     """
 
     prompt_kind: str = "points"
@@ -43,6 +47,7 @@ class AmgParams:
     box_nms_thresh: float = 0.7
     batch_size: int = 64
     stability_on: str = "original"
+    skip_covered: bool = False
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, **overrides) -> "AmgParams":
@@ -80,14 +85,15 @@ class MaskSet:
         """No masks on a working grid of ``shape`` (H, W)."""
         return cls(masks=np.zeros((0, *shape), bool), iou_preds=np.zeros(0, np.float32),
                    stability=np.zeros(0, np.float32), boxes=np.zeros((0, 4), np.float32),
-                   prompt_ids=np.zeros(0, np.int64), counts={"prompts": 0, "nms": 0})
+                   prompt_ids=np.zeros(0, np.int64), counts={"prompts": 0, "run": 0, "nms": 0})
 
 
 def build_prompts(params: AmgParams, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
     """Prompt grid in model-frame pixels.
 
     Returns point_coords (B, 2, 2) and point_labels (B, 2): a foreground point plus SAM's padding
-    point (label -1) for ``points``; the two corners (labels 2, 3) for ``boxes``.
+    point (label -1) for ``points``; the two corners (labels 2, 3) for ``boxes``. Prompt b sits on
+    grid point ``b // prompts_per_point(params)`` of ``amg_utils.point_grid``.
     """
     h, w = frame.original_shape
     if params.prompt_kind == "points":
@@ -101,6 +107,44 @@ def build_prompts(params: AmgParams, frame: Frame) -> tuple[np.ndarray, np.ndarr
     else:
         raise ValueError(f"prompt_kind {params.prompt_kind!r}: expected 'points' or 'boxes'")
     return coords.astype(np.float32), labels.astype(np.float32)
+
+
+def prompts_per_point(params: AmgParams) -> int:
+    """Prompts on each grid point: 1 for points, one per box size for boxes."""
+    return len(params.box_sizes) if params.prompt_kind == "boxes" else 1
+
+
+def coarse_to_fine(n_per_side: int) -> np.ndarray:
+    """Grid-point indices of ``point_grid(n_per_side)`` ordered coarse to fine: the points on
+    every 4th row and column, then on every 2nd, then the rest (each level in grid order)."""
+    i, j = np.divmod(np.arange(n_per_side * n_per_side), n_per_side)
+    level = np.where((i % 4 == 0) & (j % 4 == 0), 0, np.where((i % 2 == 0) & (j % 2 == 0), 1, 2))
+    return np.argsort(level, kind="stable")
+
+
+def _prompt_batches(params: AmgParams, out_shape: tuple[int, int], covered: np.ndarray):
+    """Indices of the prompts to run, ``params.batch_size`` at a time (see ``AmgParams.skip_covered``).
+
+    Yields int64 arrays; with ``skip_covered``, each batch leaves out the prompts whose grid point is
+    inside ``covered`` (bool, ``out_shape``), which the caller updates between batches."""
+    n, per_point = params.points_per_side, prompts_per_point(params)
+    if not params.skip_covered:
+        total = n * n * per_point
+        for start in range(0, total, params.batch_size):
+            yield np.arange(start, min(start + params.batch_size, total))
+        return
+    grid = amg_utils.point_grid(n) * np.array(out_shape[::-1])        # (x, y) on the working grid
+    cols = np.clip(grid[:, 0].astype(np.int64), 0, out_shape[1] - 1)
+    rows = np.clip(grid[:, 1].astype(np.int64), 0, out_shape[0] - 1)
+    pending = deque(coarse_to_fine(n).tolist())
+    while pending:
+        batch: list[int] = []
+        while pending and len(batch) < params.batch_size:
+            point = pending.popleft()
+            if not covered[rows[point], cols[point]]:
+                batch.extend(range(point * per_point, (point + 1) * per_point))
+        if batch:
+            yield np.asarray(batch, np.int64)
 
 
 def upscale_logits(low: np.ndarray, frame: Frame, out_shape: tuple[int, int]) -> np.ndarray:
@@ -136,10 +180,11 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
     valid = (int(np.ceil(frame.resized_shape[0] * LOW_RES / frame.input_size)),
              int(np.ceil(frame.resized_shape[1] * LOW_RES / frame.input_size)))
     kept_masks, kept_iou, kept_stab, kept_ids = [], [], [], []
-    counts = {"prompts": len(coords), "candidates": 0, "pred_iou": 0, "stability": 0}
-    for start in range(0, len(coords), params.batch_size):
-        stop = start + params.batch_size
-        iou, hyper_in, image_tokens = engine.decode_tokens(emb.embedding, coords[start:stop], labels[start:stop])
+    counts = {"prompts": len(coords), "run": 0, "candidates": 0, "pred_iou": 0, "stability": 0}
+    covered = np.zeros(out_shape, bool)
+    for batch in _prompt_batches(params, out_shape, covered):
+        counts["run"] += len(batch)
+        iou, hyper_in, image_tokens = engine.decode_tokens(emb.embedding, coords[batch], labels[batch])
         iou = iou[:, outputs]                                          # (b, k)
         counts["candidates"] += iou.size
         keep = iou > params.pred_iou_thresh if params.pred_iou_thresh > 0 else np.ones(iou.shape, bool)
@@ -151,7 +196,7 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
         low = engine.decode_masks(image_tokens[rows], hyper_in[rows][:, outputs])   # (r, k, 256, 256)
         keep = keep[rows]
         iou, low = iou[rows][keep], low[keep]
-        ids = np.repeat(start + rows, len(outputs)).reshape(keep.shape)[keep]
+        ids = np.repeat(batch[rows], len(outputs)).reshape(keep.shape)[keep]
         if params.stability_on == "low_res":
             stab = mask_ops.stability_scores(np.ascontiguousarray(low[:, :valid[0], :valid[1]]),
                                              params.mask_threshold, params.stability_score_offset)
@@ -164,7 +209,10 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
             keep = stab > params.stability_score_thresh if params.stability_score_thresh > 0 else np.ones(len(iou), bool)
             iou, up, ids, stab = iou[keep], up[keep], ids[keep], stab[keep]
         counts["stability"] += len(iou)
-        kept_masks.append(up > params.mask_threshold)
+        binary = up > params.mask_threshold
+        if params.skip_covered and len(binary):
+            covered |= binary.any(axis=0)
+        kept_masks.append(binary)
         kept_iou.append(iou)
         kept_stab.append(stab)
         kept_ids.append(ids)

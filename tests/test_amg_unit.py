@@ -55,23 +55,28 @@ def test_area_weights_respect_padding():
 class _ScriptedEngine:
     """Two-step decoder that returns a disk per prompt whose IoU we choose; counts the prompts upscaled."""
 
-    def __init__(self, ious):
+    def __init__(self, ious, radius=12):
         self.ious = np.asarray(ious, np.float32)
+        self.radius = radius
         self.calls = 0
         self.upscaled = 0
+        self.seen = []
 
     def decode_tokens(self, embedding, coords, labels):
         b = len(coords)
+        boxes = (labels[:, :1] == 2)[..., None]
+        centres = np.where(boxes, coords.mean(axis=1, keepdims=True), coords[:, :1]) * 256 / 1024
+        self.seen.extend(centres[:, 0].tolist())
         iou = np.repeat(self.ious[self.calls:self.calls + b, None], 4, axis=1)
         self.calls += b
-        centres = (coords[:, :1, :] * 256 / 1024).astype(np.float32)   # "image tokens": the disk centre
+        centres = centres.astype(np.float32)                             # "image tokens": the disk centre
         return iou, np.ones((b, 4, 1), np.float32), centres
 
     def decode_masks(self, image_tokens, hyper_in):
         yy, xx = np.mgrid[:256, :256]
         low = np.empty((len(image_tokens), hyper_in.shape[1], 256, 256), np.float32)
         for i, ((cx, cy),) in enumerate(image_tokens):
-            low[i] = 10.0 * (12 ** 2 - (xx - cx) ** 2 - (yy - cy) ** 2) / 12 ** 2
+            low[i] = 10.0 * (self.radius ** 2 - (xx - cx) ** 2 - (yy - cy) ** 2) / self.radius ** 2
         self.upscaled += len(image_tokens)
         return low
 
@@ -89,3 +94,34 @@ def test_generate_filters_and_nms():
     assert list(out.prompt_ids) == [2, 0, 3]           # sorted by predicted IoU, disjoint disks
     assert out.masks.shape == (3, 256, 256) and out.masks.dtype == bool
     assert np.all(np.diff(out.iou_preds) <= 0)
+
+
+def test_coarse_to_fine_order():
+    order = amg.coarse_to_fine(8)
+    assert sorted(order.tolist()) == list(range(64))
+    assert order[:4].tolist() == [0, 4, 32, 36]                        # every 4th row and column
+    assert order[4:16].tolist() == [2, 6, 16, 18, 20, 22, 34, 38, 48, 50, 52, 54]   # then every 2nd
+    assert amg.coarse_to_fine(1).tolist() == [0]
+
+
+@pytest.mark.parametrize("kind", ["points", "boxes"])
+def test_skip_covered_runs_coarse_first_and_skips_points_inside_kept_masks(kind):
+    frame = Frame((256, 256), (1024, 1024), 1024)
+    emb = ImageEmbedding(np.zeros((256, 64, 64), np.float32), frame)
+    base = dict(prompt_kind=kind, box_sizes=(0.1,), points_per_side=8, mask_output="single",
+                pred_iou_thresh=0.5, stability_score_thresh=0.5, batch_size=4)
+    full_engine = _ScriptedEngine(np.full(64, 0.9), radius=40)
+    full = amg.generate(full_engine, emb, amg.AmgParams(**base))
+    assert full.counts["run"] == 64
+    engine = _ScriptedEngine(np.full(64, 0.9), radius=40)
+    fast = amg.generate(engine, emb, amg.AmgParams(**base, skip_covered=True))
+    assert fast.counts["prompts"] == 64 and 4 <= fast.counts["run"] < 64
+    grid = amg.amg_utils.point_grid(8) * 256
+    centres = np.array(engine.seen)          # disk centres: low-res px = image px here
+    assert len(centres) == fast.counts["run"]
+    np.testing.assert_allclose(centres[:4], grid[[0, 4, 32, 36]], atol=1e-3)   # the coarse level ran first
+    ran = {int(np.argmin(np.hypot(*(grid - c).T))) for c in centres}
+    assert len(ran) == len(centres)                                  # no prompt ran twice
+    for point in set(range(64)) - ran:            # each one left out lies in the disk of one that ran
+        assert np.min(np.hypot(*(grid[sorted(ran)] - grid[point]).T)) < 40
+    assert set(fast.prompt_ids.tolist()) <= ran
