@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
 from . import amg_utils, masks as mask_ops
@@ -18,7 +17,6 @@ from .preprocess import Frame
 from .spec import ModelSpec
 
 LOW_RES = 256
-CV_MAX_CHANNELS = 128  # OpenCV 5 resizes at most 128 channels at once (4.x: 512)
 
 
 @dataclass(frozen=True)
@@ -147,23 +145,40 @@ def _prompt_batches(params: AmgParams, out_shape: tuple[int, int], covered: np.n
             yield np.asarray(batch, np.int64)
 
 
-def upscale_logits(low: np.ndarray, frame: Frame, out_shape: tuple[int, int]) -> np.ndarray:
-    """Low-resolution logits (K, 256, 256) -> (K, H, W) on the working grid.
-
-    As SAM's ``postprocess_masks``: bilinear to S x S, crop the padding, bilinear to ``out_shape``.
-    """
-    k = low.shape[0]
-    out = np.empty((k, *out_shape), np.float32)
-    s = frame.input_size
-    h, w = frame.resized_shape
-    for start in range(0, k, CV_MAX_CHANNELS):
-        chunk = np.ascontiguousarray(low[start:start + CV_MAX_CHANNELS].transpose(1, 2, 0))
-        big = cv2.resize(chunk, (s, s), interpolation=cv2.INTER_LINEAR)
-        big = big.reshape(s, s, -1)[:h, :w]
-        small = cv2.resize(np.ascontiguousarray(big), (out_shape[1], out_shape[0]),
-                           interpolation=cv2.INTER_LINEAR)
-        out[start:start + CV_MAX_CHANNELS] = small.reshape(*out_shape, -1).transpose(2, 0, 1)
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """float64 (n_out, n_in): bilinear resizing of one axis as a matrix (half-pixel centres, edges
+    clamped: OpenCV's INTER_LINEAR and torch's ``interpolate(bilinear, align_corners=False)``)."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    frac = src - lo
+    hi = np.minimum(lo + 1, n_in - 1)
+    out = np.zeros((n_out, n_in))
+    np.add.at(out, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(out, (np.arange(n_out), hi), frac)
     return out
+
+
+def upscale_matrices(frame: Frame, low_shape: tuple[int, int], out_shape: tuple[int, int]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """SAM's ``postprocess_masks`` per axis as float32 matrices Ry (H, h) and Rx (W, w): bilinear
+    from the low-resolution grid to S x S, crop the padding to the resized image, bilinear to
+    ``out_shape`` = (H, W). Both steps are linear, so ``Ry @ low @ Rx.T`` is their composition."""
+    s = frame.input_size
+    (h, w), (H, W) = frame.resized_shape, out_shape
+    ry = bilinear_matrix(h, H) @ bilinear_matrix(low_shape[0], s)[:h]
+    rx = bilinear_matrix(w, W) @ bilinear_matrix(low_shape[1], s)[:w]
+    return ry.astype(np.float32), rx.astype(np.float32)
+
+
+def upscale_logits(low: np.ndarray, frame: Frame, out_shape: tuple[int, int]) -> np.ndarray:
+    """Low-resolution logits (K, 256, 256) -> (K, H, W) float32 on the working grid.
+
+    As SAM's ``postprocess_masks`` (bilinear to S x S, crop the padding, bilinear to ``out_shape``),
+    computed as two matrix products per mask (``upscale_matrices``) instead of through the S x S
+    image: equal up to float rounding.
+    """
+    ry, rx = upscale_matrices(frame, low.shape[1:], tuple(out_shape))
+    return np.matmul(np.matmul(ry, np.asarray(low, np.float32)), rx.T)
 
 
 def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
