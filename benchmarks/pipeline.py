@@ -1,6 +1,6 @@
 """One image pair end to end: samreg-rt against the SAMReg reference code's structure, per stage.
 
-    python benchmarks/pipeline.py [--pair acdc2d_example] [--points-per-side 16] [--threads 2]
+    python benchmarks/pipeline.py [--pair acdc2d_example] [--points-per-side 32] [--threads 2]
         [--pred-iou-thresh 0.75] [--stability-thresh 0.1] [--mask-threshold -6]
         [--out benchmarks/results]
 
@@ -100,12 +100,13 @@ def build_models(work: Path) -> dict[str, Path]:
     return models
 
 
-def _litemedsam_prompting(points_per_side: int) -> str:
-    """How the LiteMedSAM rows prompt: the registry spec, with this run's grid."""
+def _litemedsam_prompting() -> str:
+    """How the LiteMedSAM rows prompt: the registry spec."""
     from samreg_rt.models import REGISTRY
 
     spec = REGISTRY["litemedsam"].spec
-    return (f"registry spec: box grid of {points_per_side}x{points_per_side} centres x box sizes "
+    n = spec.points_per_side
+    return (f"registry spec: box grid of {n}x{n} centres x box sizes "
             f"{list(spec.box_sizes)} of the side, {spec.mask_output}-mask output, pred_iou "
             f"{spec.pred_iou_thresh}, stability {spec.stability_score_thresh}, mask threshold {spec.mask_threshold:g}")
 
@@ -298,7 +299,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pair", default="acdc2d_example", help="pair id in ../shared/data/manifest.json (2-D)")
-    ap.add_argument("--points-per-side", type=int, default=16)
+    ap.add_argument("--points-per-side", type=int, default=32, help="ViT-B point grid (the reference's default 32)")
     ap.add_argument("--pred-iou-thresh", type=float, default=0.75)
     ap.add_argument("--stability-thresh", type=float, default=0.1)
     ap.add_argument("--mask-threshold", type=float, default=-6.0)
@@ -329,8 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             comparison[name] = compare(ref, runs[name], Correspondence.load(work / name / "correspondence.npz"))
         for precision in ("fp32", "int8"):
             name = f"samreg-rt LiteMedSAM {precision}"
-            runs[name] = run_samreg(models["litemedsam"], precision, fixed, moving, work / name, args.threads,
-                                    points_per_side=args.points_per_side)
+            runs[name] = run_samreg(models["litemedsam"], precision, fixed, moving, work / name, args.threads)
 
     report = {
         "machine": machine(),
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                   "pass runs ViT-B on both sides; its output is then replaced by the image's LiteMedSAM embedding "
                   "(computed beforehand, untimed, the same arrays on both sides), because this decoder on the "
                   "untrained encoder's output gives one noise mask per image. The LiteMedSAM rows run the real "
-                  f"LiteMedSAM without substitution ({_litemedsam_prompting(args.points_per_side)})."),
+                  f"LiteMedSAM without substitution ({_litemedsam_prompting()})."),
         "runs": runs,
         "comparison": comparison,
         "speedups": speedups(runs),
