@@ -19,7 +19,7 @@ from .correspondence import overlay, write_png
 from .engine import Engine
 from .errors import InputError, OutputError, SamregError
 from .io import atomic_write, load_image
-from .pipeline import register
+from .pipeline import PRESETS, register
 from .prompt import register_prompts
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -93,13 +93,14 @@ def is_done(out_dir: Path) -> bool:
     return all((out_dir / name).is_file() for name in record.get("outputs", []))
 
 
-def dense_field(corr, fixed_img, moving_img) -> tuple[np.ndarray, np.ndarray, dict]:
+def dense_field(corr, fixed_img, moving_img, preset: str = "default") -> tuple[np.ndarray, np.ndarray, dict]:
     """Fit the dense field to the ROI pairs; return it with the warped moving image.
 
     Field: float64 (H, W, 2) (dy, dx) px on the fixed image's original grid (backward warp:
     warped(p) = moving(p + u(p))). Warped: RGB uint8 (H, W, 3). With no ROI pair the field is the
-    identity (with a warning). Also returns the fit's summary (folding ratio, iterations,
-    convergence, ROI Dice).
+    identity (with a warning); so is a field that lowers the images' NCC when the preset checks it
+    (``Preset.check_similarity``, with a warning). Also returns the fit's summary (folding ratio,
+    iterations, convergence, ROI Dice, the NCC before/after and whether the field was kept).
     """
     from . import ddf
 
@@ -113,6 +114,14 @@ def dense_field(corr, fixed_img, moving_img) -> tuple[np.ndarray, np.ndarray, di
         field = ddf.resize_field(result.field_px, shape, moving_img.array.shape[:2])
         summary = {"folding_ratio": float(result.folding_ratio), "iterations": int(result.iterations),
                    "converged": bool(result.converged), "roi_dice_mean": float(np.mean(result.roi_dice))}
+        if PRESETS[preset].check_similarity:
+            check = ddf.similarity_check(fixed_img.array, moving_img.array, result.field_px)
+            summary.update(ncc_identity=check.ncc_identity, ncc_field=check.ncc_field, field_kept=check.accepted)
+            if not check.accepted:
+                warnings.warn(f"{moving_img.path or 'moving'}: the fitted field lowers the NCC with the fixed image "
+                              f"({check.ncc_identity:.3f} -> {check.ncc_field:.3f}): the dense field is the identity",
+                              stacklevel=2)
+                field = ddf.identity(shape)
     moving = moving_img.array
     warped = ddf.warp(moving.astype(np.float32), field, order=1)
     if moving.dtype == np.uint8:
@@ -148,7 +157,7 @@ def register_one(fixed: str, moving: str, engine: Engine, out_dir: str | os.Path
     field_summary = None
     if fit_ddf:  # everything is computed before the first file is written
         t = time.perf_counter()
-        field, warped, field_summary = dense_field(corr, fixed_img, moving_img)
+        field, warped, field_summary = dense_field(corr, fixed_img, moving_img, preset)
         timings["ddf"] = time.perf_counter() - t
     picture = overlay(corr, fixed_img.array, moving_img.array)
     t = time.perf_counter()

@@ -77,7 +77,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     overrides = {"prompt_kind": args.prompt_kind, "points_per_side": args.points_per_side,
                  "box_sizes": tuple(args.box_sizes) if args.box_sizes else None,
                  "pred_iou_thresh": args.pred_iou_thresh, "stability_score_thresh": args.stability_thresh,
-                 "batch_size": args.batch_size}
+                 "batch_size": args.batch_size, "skip_covered": args.skip_covered}
     jobs = read_pairs_list(args.pairs) if args.pairs else [("", args.images[0], args.images[1])]
     if args.ray is not None:
         return _register_ray(args, jobs, overrides)
@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred-iou-thresh", type=_fraction, default=None)
     p.add_argument("--stability-thresh", type=_fraction, default=None)
     p.add_argument("--batch-size", type=_positive_int, default=None, help="prompts per decoder call")
+    p.add_argument("--skip-covered", action="store_true", default=None,
+                   help="fast mode: prompts coarse to fine, none inside a mask already kept (fewer ROIs and "
+                        "pairs: benchmarks/results/fast_modes.md)")
     p.add_argument("--prompt", action="append", type=_prompt, default=None, metavar="x,y|x0,y0,x1,y1",
                    help="prompt mode: a point or box in fixed-image pixels (repeatable); its ROI and the "
                         "counterpart found in the moving image form the correspondence")

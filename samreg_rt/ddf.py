@@ -292,6 +292,54 @@ def resize_field(field: np.ndarray, shape: tuple[int, int],
     return out
 
 
+@dataclass(frozen=True)
+class SimilarityCheck:
+    """Normalised cross-correlation (NCC) of the fixed image with the moving image before and after
+    warping by a fitted field; ``accepted`` when the field does not lower it."""
+
+    ncc_identity: float
+    ncc_field: float
+
+    @property
+    def accepted(self) -> bool:
+        return self.ncc_field >= self.ncc_identity
+
+
+def ncc(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised cross-correlation of two images of one shape (0.0 when either is constant)."""
+    a = np.asarray(a, np.float64).ravel() - np.mean(a)
+    b = np.asarray(b, np.float64).ravel() - np.mean(b)
+    norm = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / norm if norm > 0 else 0.0
+
+
+def similarity_check(fixed: np.ndarray, moving: np.ndarray, field: np.ndarray) -> SimilarityCheck:
+    """Does warping by ``field`` make the moving image more like the fixed one than no warping?
+
+    fixed, moving: (H, W) or (H, W, C) numeric images of any size (channels averaged), resized
+    bilinearly to the field's grid. field: (h, w, 2) px on the fixed working grid, pointing into
+    the moving image resized to that grid (``fit_correspondence``'s convention). Both NCCs are taken
+    over the pixels the field maps inside the moving image (a field that maps most of them outside
+    is not accepted). The comparison is intensity NCC, so it assumes both images show the same
+    modality. Returns a ``SimilarityCheck``.
+    """
+    field = _check_field(field)
+    h, w = field.shape[:2]
+
+    def on_grid(image: np.ndarray) -> np.ndarray:
+        grey = np.asarray(image, np.float32)
+        grey = grey.mean(axis=2) if grey.ndim == 3 else grey
+        return cv2.resize(grey, (w, h), interpolation=cv2.INTER_LINEAR) if grey.shape != (h, w) else grey
+
+    f, m = on_grid(fixed), on_grid(moving)
+    py, px = _sample_points(field)
+    inside = ((py >= 0) & (py <= h - 1) & (px >= 0) & (px <= w - 1)).reshape(h, w)
+    if inside.mean() < 0.5:
+        return SimilarityCheck(ncc_identity=ncc(f, m), ncc_field=-1.0)
+    warped = warp(m, field, order=1)
+    return SimilarityCheck(ncc_identity=ncc(f[inside], m[inside]), ncc_field=ncc(f[inside], warped[inside]))
+
+
 # ------------------------------------------------------------------------------------ saving
 
 def save_field(path: str | os.PathLike, field: np.ndarray, affine: np.ndarray | None = None) -> None:

@@ -44,7 +44,7 @@ from . import baselines, ddf, metrics, volume
 from .engine import Engine
 from .errors import InputError, SamregError
 from .io import atomic_write, load_image
-from .pipeline import register
+from .pipeline import PRESETS, register
 
 log = logging.getLogger("samreg_rt")
 
@@ -314,6 +314,13 @@ def _samreg_field_2d(fixed_img, moving_img, method: str, engine: Engine, setting
         return ddf.identity(shape), corr, extras
     fit = ddf.fit_correspondence(corr)
     extras["fit_converged"] = fit.converged
+    if PRESETS[method].check_similarity:
+        check = ddf.similarity_check(fixed_img.array, moving_img.array, fit.field_px)
+        extras["ncc"] = [round(check.ncc_identity, 4), round(check.ncc_field, 4)]
+        if not check.accepted:
+            extras["note"] = (f"field lowers NCC ({check.ncc_identity:.3f} -> {check.ncc_field:.3f}): "
+                              "identity field")
+            return ddf.identity(shape), corr, extras
     return ddf.resize_field(fit.field_px, shape), corr, extras
 
 
@@ -763,7 +770,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     box_sizes = tuple(args.box_sizes) if args.box_sizes else None
     amg = {k: v for k, v in (("points_per_side", args.points_per_side), ("box_sizes", box_sizes),
                              ("pred_iou_thresh", args.pred_iou_thresh),
-                             ("stability_score_thresh", args.stability_thresh), ("batch_size", args.batch_size))
+                             ("stability_score_thresh", args.stability_thresh), ("batch_size", args.batch_size),
+                             ("skip_covered", args.skip_covered))
            if v is not None}
     engine = None
     if any(m in SAMREG_METHODS for m in methods):
@@ -793,6 +801,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--stability-thresh", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None,
                    help="prompts per decoder call (memory: about 70 MB per prompt for SAM-style decoders)")
+    p.add_argument("--skip-covered", action="store_true", default=None,
+                   help="fast mask generation (see samreg-rt register --help)")
     p.add_argument("--baseline-max-side", type=int, default=512, help="2-D working size of elastix/ANTs (px)")
     p.add_argument("--model", default="litemedsam", help="registry name, exported model dir, HF dir or .pth")
     p.add_argument("--provider", default="auto", help="auto | tensorrt | cuda | cpu")

@@ -31,7 +31,9 @@ class Preset:
     the embedding grid with nearest neighbour) or ``area`` (exact area weights in the model frame,
     padding aware). strategy/threshold/geometry/num_pairs: see ``match.pair``; the geometric check's
     RANSAC inlier distance is ``reproj_frac`` of the moving image's diagonal; ``min_support``: fewer
-    geometrically consistent pairs than this leave no pair (``match.pair``).
+    geometrically consistent pairs than this leave no pair (``match.pair``). check_similarity: a
+    dense field fitted to the pairs is replaced by the identity when it lowers the images' intensity
+    NCC (``ddf.similarity_check``; same-modality pairs).
     """
 
     name: str
@@ -48,6 +50,7 @@ class Preset:
     num_pairs: int = 0
     reproj_frac: float = 0.05
     min_support: int = 1
+    check_similarity: bool = False
 
 
 PRESETS = {
@@ -55,7 +58,7 @@ PRESETS = {
                         dedup_thresh=0.9, pooling="nearest", strategy="greedy", threshold=0.8, geometry=None),
     "default": Preset("default", squash=None, max_side=512, area_min=0.005, area_max=0.175,
                       area_unit="fraction", dedup_thresh=0.9, pooling="area", strategy="mutual_nn",
-                      threshold=0.5, geometry="similarity", min_support=2),
+                      threshold=0.5, geometry="similarity", min_support=2, check_similarity=True),
 }
 
 

@@ -250,7 +250,7 @@ def run_registration(engine: Engine | CachingEngine, fixed: Image, moving: Image
             from .batch import dense_field
 
             t_ddf = time.perf_counter()
-            field, _, out["ddf"] = dense_field(corr, fixed, moving)
+            field, _, out["ddf"] = dense_field(corr, fixed, moving, preset)
             timings["ddf"] = time.perf_counter() - t_ddf
             out["field"] = field_json(field)
     out["preset"] = preset

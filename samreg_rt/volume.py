@@ -46,7 +46,7 @@ from . import ddf
 from .engine import Engine
 from .errors import InputError, SamregError
 from .io import Image, open_nifti, read_nifti_data
-from .pipeline import Registration, register
+from .pipeline import PRESETS, Registration, register
 
 log = logging.getLogger("samreg_rt")
 MAX_VOXELS = 1 << 28  # refuse larger volumes from the header, before reading them (1 GiB as float32)
@@ -305,7 +305,9 @@ def register_volume(fixed: Volume | str | os.PathLike, moving: Volume | str | os
     axis: slice axis (default ``default_axis(fixed)``). preset, amg_overrides: as in
     ``pipeline.register`` (e.g. ``points_per_side=8``). slices: fixed slice indices to register
     (default all); the others keep an identity in-plane field. fit_options: keywords for
-    ``ddf.fit_correspondence``. Empty correspondences warn and give identity fields.
+    ``ddf.fit_correspondence``. Empty correspondences warn and give identity fields; so does a
+    slice whose field lowers the slices' NCC when the preset checks it (``Preset.check_similarity``;
+    the slice's note says so).
     """
     fv, mv = _as_volume(fixed), _as_volume(moving)
     axis = default_axis(fv) if axis is None else int(axis)
@@ -346,7 +348,13 @@ def register_volume(fixed: Volume | str | os.PathLike, moving: Volume | str | os
         else:
             try:
                 fit = ddf.fit_correspondence(reg.correspondence, **(fit_options or {}))
-                flat = ddf.resize_field(fit.field_px, shape)
+                check = (ddf.similarity_check(fimg.array, mimg.array, fit.field_px)
+                         if PRESETS[preset].check_similarity else None)
+                if check is None or check.accepted:
+                    flat = ddf.resize_field(fit.field_px, shape)
+                else:
+                    note = f"field lowers NCC ({check.ncc_identity:.3f} -> {check.ncc_field:.3f})"
+                    log.info("slice %d: %s; identity field", k, note)
             except SamregError as exc:
                 note = f"fit failed: {exc}"
                 warnings.warn(f"{fv.path}: slice {k}: {note}; identity field", stacklevel=2)

@@ -331,3 +331,58 @@ def test_three_pairs_initialise_with_a_translation_not_an_exact_affine():
     moving = np.stack([np.roll(m, shift, axis=(0, 1)) for m, shift in zip(fixed, [(2, 1), (-3, 0), (4, -2)])])
     a = ddf._centroid_affine(fixed, moving)
     assert np.array_equal(a[:2, :2], np.eye(2)) and np.allclose(a[:2, 2], [2, 0])   # median shift
+
+
+def test_ncc_hand_values():
+    a = np.array([[1.0, 2.0], [3.0, 4.0]])
+    assert ddf.ncc(a, a) == pytest.approx(1.0)
+    assert ddf.ncc(a, -a) == pytest.approx(-1.0)
+    assert ddf.ncc(a, np.array([[1.0, 3.0], [2.0, 4.0]])) == pytest.approx(0.8)   # centred: (-1.5,-.5,.5,1.5)·(-1.5,.5,-.5,1.5)/5
+    assert ddf.ncc(a, np.full((2, 2), 7.0)) == 0.0
+
+
+def _blob_images(shift: int):
+    """A textured fixed image and the moving image with its content moved ``shift`` px right."""
+    rng = np.random.default_rng(0)
+    fixed = ndimage.gaussian_filter(rng.normal(size=(96, 96)), 3)
+    moving = np.roll(fixed, shift, axis=1)
+    return (255 * (fixed - fixed.min()) / np.ptp(fixed)).astype(np.uint8), (255 * (moving - fixed.min()) / np.ptp(fixed)).astype(np.uint8)
+
+
+def test_similarity_check_accepts_the_true_field_and_rejects_the_opposite():
+    fixed, moving = _blob_images(4)
+    right = np.zeros((96, 96, 2))
+    right[..., 1] = 4.0                      # warped(p) = moving(p + (0, 4)) = fixed(p)
+    good = ddf.similarity_check(fixed, moving, right)
+    bad = ddf.similarity_check(fixed, moving, -right)
+    assert good.accepted and good.ncc_field > 0.95 > good.ncc_identity
+    assert not bad.accepted and bad.ncc_field < bad.ncc_identity
+    # images of another size are resized to the field's grid: the same answer on a half-size field
+    half = ddf.similarity_check(fixed, moving, right[::2, ::2] / 2)
+    assert half.accepted and half.ncc_field > half.ncc_identity
+
+
+def test_dense_field_falls_back_to_identity_when_the_pairs_lower_the_ncc():
+    """One wrong ROI pair (a blob paired with a blob elsewhere in an identical moving image): the
+    default preset keeps the identity, the reference preset (no check) keeps the fitted field."""
+    import warnings
+
+    from samreg_rt.batch import dense_field
+    from samreg_rt.io import Image
+
+    fixed, _ = _blob_images(0)
+    yy, xx = np.mgrid[:96, :96]
+    here = (yy - 30) ** 2 + (xx - 30) ** 2 <= 100
+    there = (yy - 60) ** 2 + (xx - 62) ** 2 <= 100
+    side = lambda m: Side(pack_masks(m[None]), (96, 96), (96, 96))  # noqa: E731
+    corr = Correspondence(fixed=side(here), moving=side(there), pairs=np.array([[0, 0]], np.int64),
+                          similarity=np.ones(1, np.float32))
+    image = Image(array=fixed, spacing=None, path="same.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        field, _, summary = dense_field(corr, image, image, preset="default")
+    assert not summary["field_kept"] and summary["ncc_identity"] == pytest.approx(1.0)
+    assert np.array_equal(field, ddf.identity((96, 96)))
+    assert any("lowers the NCC" in str(w.message) for w in caught)
+    field, _, summary = dense_field(corr, image, image, preset="reference")
+    assert "field_kept" not in summary and np.abs(field).max() > 5
