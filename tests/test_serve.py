@@ -198,10 +198,13 @@ def test_dense_field_equals_direct_fit(server, engine, images):
     url, _ = server
     fixed, moving = images[1]
     files = {"fixed": ("f.png", fixed.read_bytes()), "moving": ("m.png", moving.read_bytes())}
-    answer = httpx.post(f"{url}/register", files=files, data={"prompt": "30,30", "ddf": "true", "masks": "false"},
+    # the reference preset keeps the fitted field (the default one may replace it by the identity)
+    answer = httpx.post(f"{url}/register", files=files,
+                        data={"prompt": "30,30", "ddf": "true", "masks": "false", "preset": "reference"},
                         timeout=300).json()
-    corr = register_prompts(load_image(fixed), load_image(moving), engine, [(30.0, 30.0)])
-    field, _, summary = dense_field(corr, load_image(fixed), load_image(moving))
+    corr = register_prompts(load_image(fixed), load_image(moving), engine, [(30.0, 30.0)], preset="reference")
+    field, _, summary = dense_field(corr, load_image(fixed), load_image(moving), preset="reference")
+    assert np.abs(field).max() > 0
     got = answer["field"]
     assert got["shape"] == [72, 96, 2] and got["dtype"] == "float32" and "masks" not in answer["fixed"]
     array = np.frombuffer(base64.b64decode(got["data"]), "<f4").reshape(got["shape"])
