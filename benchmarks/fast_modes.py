@@ -39,7 +39,7 @@ from samreg_rt.engine import Engine
 from samreg_rt.evaluate import PairSpec, load_pairs, read_labels
 from samreg_rt.io import load_image
 from samreg_rt.masks import iou_matrix
-from samreg_rt.pipeline import Registration, register
+from samreg_rt.pipeline import PRESETS, Registration, register
 
 from common import machine  # benchmarks/common.py (the script's folder is on sys.path)
 
@@ -70,11 +70,9 @@ def run(pair: PairSpec, engine: Engine, **amg: Any) -> tuple[Registration, float
     fixed_lab = read_labels(pair.fixed_label, pair)
     shape = fixed_lab.shape
     corr = reg.correspondence
-    field = ddf.identity(shape)
-    if len(corr.pairs):
-        fit = ddf.fit_correspondence(corr)
-        if ddf.similarity_check(load_image(pair.fixed).array, load_image(pair.moving).array, fit.field_px).accepted:
-            field = ddf.resize_field(fit.field_px, shape)
+    checked = ddf.fit_checked(corr, load_image(pair.fixed).array, load_image(pair.moving).array,
+                              PRESETS["default"].check_similarity)
+    field = ddf.resize_field(checked.fit.field_px, shape) if checked.kept else ddf.identity(shape)
     moving_lab = read_labels(pair.moving_label, pair)
     warped = ddf.warp_labels(volume.resize_labels(moving_lab, shape), field)
     classes = sorted(pair.label_classes) or sorted(set(np.unique(fixed_lab)) - {0})

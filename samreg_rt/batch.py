@@ -105,23 +105,23 @@ def dense_field(corr, fixed_img, moving_img, preset: str = "default") -> tuple[n
     from . import ddf
 
     shape = fixed_img.array.shape[:2]
-    if len(corr.pairs) == 0:
+    checked = ddf.fit_checked(corr, fixed_img.array, moving_img.array, PRESETS[preset].check_similarity)
+    field = ddf.identity(shape)
+    if checked.fit is None:
         warnings.warn("no ROI pairs: the dense field is the identity", stacklevel=2)
-        field = ddf.identity(shape)
         summary = {"folding_ratio": 0.0, "iterations": 0, "converged": True, "roi_dice_mean": None}
     else:
-        result = ddf.fit_correspondence(corr)
-        field = ddf.resize_field(result.field_px, shape, moving_img.array.shape[:2])
+        result = checked.fit
         summary = {"folding_ratio": float(result.folding_ratio), "iterations": int(result.iterations),
                    "converged": bool(result.converged), "roi_dice_mean": float(np.mean(result.roi_dice))}
-        if PRESETS[preset].check_similarity:
-            check = ddf.similarity_check(fixed_img.array, moving_img.array, result.field_px)
-            summary.update(ncc_identity=check.ncc_identity, ncc_field=check.ncc_field, field_kept=check.accepted)
-            if not check.accepted:
-                warnings.warn(f"{moving_img.path or 'moving'}: the fitted field lowers the NCC with the fixed image "
-                              f"({check.ncc_identity:.3f} -> {check.ncc_field:.3f}): the dense field is the identity",
-                              stacklevel=2)
-                field = ddf.identity(shape)
+        if checked.check is not None:
+            summary.update(ncc_identity=checked.check.ncc_identity, ncc_field=checked.check.ncc_field,
+                           field_kept=checked.kept)
+        if checked.kept:
+            field = ddf.resize_field(result.field_px, shape, moving_img.array.shape[:2])
+        else:
+            warnings.warn(f"{moving_img.path or 'moving'}: the fitted {checked.note} with the fixed image: "
+                          "the dense field is the identity", stacklevel=2)
     moving = moving_img.array
     warped = ddf.warp(moving.astype(np.float32), field, order=1)
     if moving.dtype == np.uint8:

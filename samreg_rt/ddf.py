@@ -743,3 +743,36 @@ def fit_correspondence(corr: Correspondence, **kw) -> FieldResult:
     fixed = corr.fixed.unpacked()[corr.pairs[:, 0]]
     moving = corr.moving.unpacked()[corr.pairs[:, 1]]
     return fit(fixed, moving, **kw)
+
+
+@dataclass(frozen=True)
+class CheckedFit:
+    """``fit_correspondence`` behind the do-no-harm check: ``fit`` is None without ROI pairs;
+    ``check`` is None when not asked for (or without pairs). ``kept``: use ``fit.field_px``;
+    otherwise the field is the identity, for the reason in ``note``."""
+
+    fit: FieldResult | None
+    check: SimilarityCheck | None
+
+    @property
+    def kept(self) -> bool:
+        return self.fit is not None and (self.check is None or self.check.accepted)
+
+    @property
+    def note(self) -> str:
+        if self.fit is None:
+            return "empty correspondence"
+        if not self.kept:
+            return f"field lowers the NCC ({self.check.ncc_identity:.3f} -> {self.check.ncc_field:.3f})"
+        return ""
+
+
+def fit_checked(corr: Correspondence, fixed: np.ndarray, moving: np.ndarray, check_similarity: bool,
+                **kw) -> CheckedFit:
+    """The dense field as the runtime makes it: ``fit_correspondence(corr, **kw)`` when there are ROI
+    pairs, and, when ``check_similarity`` (``Preset.check_similarity``), ``similarity_check`` of the
+    fixed and moving images (arrays as ``similarity_check`` takes them) with the fitted field."""
+    if len(corr.pairs) == 0:
+        return CheckedFit(fit=None, check=None)
+    result = fit_correspondence(corr, **kw)
+    return CheckedFit(fit=result, check=similarity_check(fixed, moving, result.field_px) if check_similarity else None)

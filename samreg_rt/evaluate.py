@@ -309,19 +309,15 @@ def _samreg_field_2d(fixed_img, moving_img, method: str, engine: Engine, setting
         reg = register(fixed_img, moving_img, engine, preset=method, **settings.amg)
     corr = reg.correspondence
     extras = {"rois": [reg.counts["fixed"]["rois"], reg.counts["moving"]["rois"]], "note": ""}
-    if len(corr.pairs) == 0:
-        extras["note"] = "empty correspondence: identity field"
+    checked = ddf.fit_checked(corr, fixed_img.array, moving_img.array, PRESETS[method].check_similarity)
+    if checked.fit is not None:
+        extras["fit_converged"] = checked.fit.converged
+    if checked.check is not None:
+        extras["ncc"] = [round(checked.check.ncc_identity, 4), round(checked.check.ncc_field, 4)]
+    if not checked.kept:
+        extras["note"] = f"{checked.note}: identity field"
         return ddf.identity(shape), corr, extras
-    fit = ddf.fit_correspondence(corr)
-    extras["fit_converged"] = fit.converged
-    if PRESETS[method].check_similarity:
-        check = ddf.similarity_check(fixed_img.array, moving_img.array, fit.field_px)
-        extras["ncc"] = [round(check.ncc_identity, 4), round(check.ncc_field, 4)]
-        if not check.accepted:
-            extras["note"] = (f"field lowers NCC ({check.ncc_identity:.3f} -> {check.ncc_field:.3f}): "
-                              "identity field")
-            return ddf.identity(shape), corr, extras
-    return ddf.resize_field(fit.field_px, shape), corr, extras
+    return ddf.resize_field(checked.fit.field_px, shape), corr, extras
 
 
 def _evaluate_2d(pair: PairSpec, method: str, engine: Engine | None,

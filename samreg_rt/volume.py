@@ -341,23 +341,20 @@ def register_volume(fixed: Volume | str | os.PathLike, moving: Volume | str | os
             warnings.simplefilter("ignore")  # the empty-correspondence warning is re-issued below per slice
             reg = register(fimg, mimg, engine, preset=preset, **amg_overrides)
         fit, note = None, ""
-        if len(reg.correspondence.pairs) == 0:
-            note = "empty correspondence"
-            warnings.warn(f"{fv.path}: slice {k} (axis {axis}): no ROI pairs (fixed {reg.counts['fixed']['rois']}, "
-                          f"moving {reg.counts['moving']['rois']} ROIs); identity field for this slice", stacklevel=2)
-        else:
-            try:
-                fit = ddf.fit_correspondence(reg.correspondence, **(fit_options or {}))
-                check = (ddf.similarity_check(fimg.array, mimg.array, fit.field_px)
-                         if PRESETS[preset].check_similarity else None)
-                if check is None or check.accepted:
-                    flat = ddf.resize_field(fit.field_px, shape)
-                else:
-                    note = f"field lowers NCC ({check.ncc_identity:.3f} -> {check.ncc_field:.3f})"
-                    log.info("slice %d: %s; identity field", k, note)
-            except SamregError as exc:
-                note = f"fit failed: {exc}"
-                warnings.warn(f"{fv.path}: slice {k}: {note}; identity field", stacklevel=2)
+        try:
+            checked = ddf.fit_checked(reg.correspondence, fimg.array, mimg.array, PRESETS[preset].check_similarity,
+                                      **(fit_options or {}))
+            fit, note = checked.fit, checked.note
+            if checked.kept:
+                flat = ddf.resize_field(fit.field_px, shape)
+            elif fit is None:
+                warnings.warn(f"{fv.path}: slice {k} (axis {axis}): no ROI pairs (fixed {reg.counts['fixed']['rois']}, "
+                              f"moving {reg.counts['moving']['rois']} ROIs); identity field for this slice", stacklevel=2)
+            else:
+                log.info("slice %d: %s; identity field", k, note)
+        except SamregError as exc:
+            note = f"fit failed: {exc}"
+            warnings.warn(f"{fv.path}: slice {k}: {note}; identity field", stacklevel=2)
         _put_field(field, axis, k, flat)
         results.append(SliceResult(k, m, reg, fit, flat, note, time.perf_counter() - t))
         log.info("slice %d/%d: %d pairs, %.1f s", k + 1, n, len(reg.correspondence.pairs), results[-1].time_s)

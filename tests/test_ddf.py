@@ -362,6 +362,16 @@ def test_similarity_check_accepts_the_true_field_and_rejects_the_opposite():
     assert half.accepted and half.ncc_field > half.ncc_identity
 
 
+def _wrong_pair(pairs: np.ndarray) -> Correspondence:
+    """A blob in a 96x96 fixed image and a blob elsewhere in the moving one, with ``pairs`` (k, 2)."""
+    yy, xx = np.mgrid[:96, :96]
+    here = (yy - 30) ** 2 + (xx - 30) ** 2 <= 100
+    there = (yy - 60) ** 2 + (xx - 62) ** 2 <= 100
+    side = lambda m: Side(pack_masks(m[None]), (96, 96), (96, 96))  # noqa: E731
+    return Correspondence(fixed=side(here), moving=side(there), pairs=pairs,
+                          similarity=np.ones(len(pairs), np.float32))
+
+
 def test_dense_field_falls_back_to_identity_when_the_pairs_lower_the_ncc():
     """One wrong ROI pair (a blob paired with a blob elsewhere in an identical moving image): the
     default preset keeps the identity, the reference preset (no check) keeps the fitted field."""
@@ -371,12 +381,7 @@ def test_dense_field_falls_back_to_identity_when_the_pairs_lower_the_ncc():
     from samreg_rt.io import Image
 
     fixed, _ = _blob_images(0)
-    yy, xx = np.mgrid[:96, :96]
-    here = (yy - 30) ** 2 + (xx - 30) ** 2 <= 100
-    there = (yy - 60) ** 2 + (xx - 62) ** 2 <= 100
-    side = lambda m: Side(pack_masks(m[None]), (96, 96), (96, 96))  # noqa: E731
-    corr = Correspondence(fixed=side(here), moving=side(there), pairs=np.array([[0, 0]], np.int64),
-                          similarity=np.ones(1, np.float32))
+    corr = _wrong_pair(np.array([[0, 0]], np.int64))
     image = Image(array=fixed, spacing=None, path="same.png")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -386,3 +391,19 @@ def test_dense_field_falls_back_to_identity_when_the_pairs_lower_the_ncc():
     assert any("lowers the NCC" in str(w.message) for w in caught)
     field, _, summary = dense_field(corr, image, image, preset="reference")
     assert "field_kept" not in summary and np.abs(field).max() > 5
+
+
+def test_fit_checked_reports_why_the_field_is_the_identity():
+    """No pair -> no fit ("empty correspondence"); a wrong pair on identical images -> fitted but
+    rejected by the check (note gives both NCCs); the same pair unchecked -> kept."""
+    fixed, _ = _blob_images(0)
+    wrong, empty = _wrong_pair(np.array([[0, 0]], np.int64)), _wrong_pair(np.zeros((0, 2), np.int64))
+    none = ddf.fit_checked(empty, fixed, fixed, check_similarity=True)
+    assert none.fit is None and none.check is None and not none.kept and none.note == "empty correspondence"
+    rejected = ddf.fit_checked(wrong, fixed, fixed, check_similarity=True)
+    assert rejected.fit is not None and not rejected.kept
+    assert rejected.check.ncc_identity == pytest.approx(1.0) and rejected.check.ncc_field < 1.0
+    assert rejected.note.startswith("field lowers the NCC (1.000 -> ")
+    unchecked = ddf.fit_checked(wrong, fixed, fixed, check_similarity=False)
+    assert unchecked.kept and unchecked.check is None and unchecked.note == ""
+    np.testing.assert_array_equal(unchecked.fit.field_px, rejected.fit.field_px)
