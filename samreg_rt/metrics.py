@@ -40,6 +40,15 @@ def _same_shape(a: np.ndarray, b: np.ndarray, names: str) -> None:
                          "same grid first)")
 
 
+def _mask_pair(a: object, b: object, spacing: object) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Two bool masks of one shape and their spacing (``_spacing``), or ``InputError``."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != np.bool_ or b.dtype != np.bool_:
+        raise InputError(f"a, b: expected bool masks, got dtypes {a.dtype} and {b.dtype}")
+    _same_shape(a, b, "a and b")
+    return a, b, _spacing(spacing, a.ndim)
+
+
 def _spacing(spacing: object, ndim: int, name: str = "spacing") -> np.ndarray | None:
     if spacing is None:
         return None
@@ -90,11 +99,7 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing: object = None) -> float:
     MONAI. a, b: bool arrays of one shape (any dimension). spacing: mm per pixel along each axis
     (rows first) for a result in mm, else pixels. NaN when either mask is empty.
     """
-    a, b = np.asarray(a), np.asarray(b)
-    if a.dtype != np.bool_ or b.dtype != np.bool_:
-        raise InputError(f"a, b: expected bool masks, got dtypes {a.dtype} and {b.dtype}")
-    _same_shape(a, b, "a and b")
-    sp = _spacing(spacing, a.ndim)
+    a, b, sp = _mask_pair(a, b, spacing)
     if not a.any() or not b.any():
         return float("nan")
     sa, sb = _surface(a), _surface(b)
@@ -109,11 +114,7 @@ def centroid_distance(a: np.ndarray, b: np.ndarray, spacing: object = None) -> f
     a, b: bool arrays of one shape. spacing: mm per pixel along each axis (rows first) for mm, else
     pixels. NaN when either mask is empty.
     """
-    a, b = np.asarray(a), np.asarray(b)
-    if a.dtype != np.bool_ or b.dtype != np.bool_:
-        raise InputError(f"a, b: expected bool masks, got dtypes {a.dtype} and {b.dtype}")
-    _same_shape(a, b, "a and b")
-    sp = _spacing(spacing, a.ndim)
+    a, b, sp = _mask_pair(a, b, spacing)
     if not a.any() or not b.any():
         return float("nan")
     diff = np.argwhere(a).mean(axis=0) - np.argwhere(b).mean(axis=0)
