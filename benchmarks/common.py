@@ -1,5 +1,5 @@
 """Shared helpers of the benchmark scripts: the machine's description, the labelled 2-D images of
-../shared/data."""
+../shared/data, CPU sessions and single-GEMM graphs, and mask generation on a whole decoder."""
 from __future__ import annotations
 
 import json
@@ -7,13 +7,16 @@ import os
 import platform
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
+from samreg_rt import amg
 from samreg_rt.io import load_image
+from samreg_rt.masks import iou_matrix, pack_masks
 
 
 def machine() -> dict[str, Any]:
@@ -56,3 +59,61 @@ def structures(label_path: Path, shape: tuple[int, int]) -> list[np.ndarray]:
     if len(values) > 4:  # a rendered label with grey edges: binarise at 128
         return [lab >= 128]
     return [lab == v for v in values]
+
+
+def session(model: str | bytes, threads: int, profile_prefix: Path | None = None) -> ort.InferenceSession:
+    """CPU session of a graph file or serialized graph; profiling into ``profile_prefix*`` if given."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def gemm_graph(m: int, k: int, n: int, int8: bool) -> bytes:
+    """One-node graph A (M, K) x B (K, N) -> (M, N), B a weight: fp32 ``MatMul``, or
+    ``MatMulInteger`` of uint8 A (zero point an input) x int8 B (per-column zero points) -> int32."""
+    rng = np.random.default_rng(0)
+    if int8:
+        weights = [numpy_helper.from_array(rng.integers(-64, 64, (k, n), dtype=np.int8), "B"),
+                   numpy_helper.from_array(np.zeros(n, np.int8), "b_zero")]
+        node = helper.make_node("MatMulInteger", ["A", "B", "a_zero", "b_zero"], ["Y"])
+        inputs = [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k]),
+                  helper.make_tensor_value_info("a_zero", TensorProto.UINT8, [])]
+        out = helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])
+    else:
+        weights = [numpy_helper.from_array(rng.standard_normal((k, n), np.float32), "B")]
+        node = helper.make_node("MatMul", ["A", "B"], ["Y"])
+        inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])]
+        out = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])
+    graph = helper.make_graph([node], "gemm", inputs, [out], initializer=weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+class WholeDecoder:
+    """``amg.generate``'s decoder interface over a whole decoder ``decode(embedding (C,h,w), coords
+    (B,N,2), labels (B,N)) -> iou (B,4), low-res logits (B,4,256,256)`` (the one-graph decoder,
+    PyTorch's): ``decode_tokens`` runs it for every prompt; ``decode_masks`` selects the outputs in use."""
+
+    def __init__(self, decode: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]):
+        self.decode = decode
+
+    def decode_tokens(self, embedding, coords, labels):
+        iou, low = self.decode(embedding, coords, labels)
+        rows = np.broadcast_to(np.arange(4, dtype=np.float32)[None, :, None], (len(coords), 4, 1))
+        return iou, rows, low                       # "hyper_in" carries the output index
+
+    def decode_masks(self, low, rows):
+        return np.take_along_axis(low, rows[:, :, 0].astype(np.int64)[:, :, None, None], axis=1)
+
+
+def same_masks(a: amg.MaskSet, b: amg.MaskSet, min_iou: float) -> dict[str, Any]:
+    """Same prompt ids in the same order and every mask IoU >= ``min_iou`` -> identical (bool),
+    mask counts and the worst IoU (None when the prompt ids differ)."""
+    if len(a) != len(b) or not np.array_equal(a.prompt_ids, b.prompt_ids):
+        return {"identical": False, "masks": [len(a), len(b)], "min_iou": None}
+    ious = np.diag(iou_matrix(pack_masks(a.masks), pack_masks(b.masks))) if len(a) else np.ones(1)
+    return {"identical": bool(ious.min() >= min_iou), "masks": [len(a), len(b)], "min_iou": float(ious.min())}

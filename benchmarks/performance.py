@@ -48,9 +48,7 @@ import cv2
 import matplotlib
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
 from samreg_export import parity
 from samreg_export.checkpoints import load_source
@@ -59,10 +57,10 @@ from samreg_rt import amg, ddf, match, roi
 from samreg_rt.correspondence import Side
 from samreg_rt.engine import Engine, ImageEmbedding
 from samreg_rt.io import load_image
-from samreg_rt.masks import iou_matrix, pack_masks
+from samreg_rt.masks import pack_masks
 from samreg_rt.pipeline import PRESETS, embedding_weights, register, work_shape
 
-from common import machine  # benchmarks/common.py (the script's folder is on sys.path)
+from common import WholeDecoder, gemm_graph, machine, same_masks, session  # benchmarks/common.py (the script's folder is on sys.path)
 from encoder import encoder_flops, time_runs  # benchmarks/encoder.py
 
 matplotlib.use("Agg")
@@ -79,38 +77,6 @@ DECODER_BATCH = 32
 TARGETS = {"amg_speedup": 3.0, "mask_iou": 0.99, "decoder_peak_pct": 50.0}
 FULL = {"sizes": [128, 256, 512, 1024], "rois": [10, 30, 100, 300, 1000], "batches": [8, 16, 32, 64, 128]}
 QUICK = {"sizes": [128, 256], "rois": [10, 30, 100], "batches": [16, 64]}
-
-
-def session(model: str | bytes, threads: int, profile_prefix: Path | None = None) -> ort.InferenceSession:
-    """CPU session of a graph file or serialized graph; profiling into ``profile_prefix*`` if given."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = str(profile_prefix)
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                providers=["CPUExecutionProvider"])
-
-
-def gemm_graph(m: int, k: int, n: int, int8: bool) -> bytes:
-    """One-node graph A (M, K) x B (K, N) -> (M, N), B a weight: fp32 ``MatMul``, or
-    ``MatMulInteger`` of uint8 A (zero point an input) x int8 B (per-column zero points) -> int32."""
-    rng = np.random.default_rng(0)
-    if int8:
-        weights = [numpy_helper.from_array(rng.integers(-64, 64, (k, n), dtype=np.int8), "B"),
-                   numpy_helper.from_array(np.zeros(n, np.int8), "b_zero")]
-        node = helper.make_node("MatMulInteger", ["A", "B", "a_zero", "b_zero"], ["Y"])
-        inputs = [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k]),
-                  helper.make_tensor_value_info("a_zero", TensorProto.UINT8, [])]
-        out = helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])
-    else:
-        weights = [numpy_helper.from_array(rng.standard_normal((k, n), np.float32), "B")]
-        node = helper.make_node("MatMul", ["A", "B"], ["Y"])
-        inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])]
-        out = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])
-    graph = helper.make_graph([node], "gemm", inputs, [out], initializer=weights)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
 
 
 def gemm_peaks(threads: int, runs: int) -> dict[str, Any]:
@@ -189,31 +155,6 @@ def throughput(p: dict[str, Any], peaks: dict[str, Any]) -> dict[str, float]:
     return {"achieved_gops": work / p["latency_s"], "pct_peak": 100 * ideal_s / p["latency_s"],
             "pct_peak_gemm": 100 * ideal_s / (p["gemm_ms"] / 1e3) if p["gemm_ms"] else 0.0,
             "gemm_share": p["gemm_ms"] / 1e3 / p["latency_s"]}
-
-
-class TorchDecoder:
-    """``amg.generate``'s decoder interface served by Meta's PyTorch decoder (``parity.torch_decoder``):
-    ``decode_tokens`` runs the whole decoder; ``decode_masks`` selects the mask outputs in use."""
-
-    def __init__(self, sam: torch.nn.Module, kind: str):
-        self.sam, self.kind = sam, kind
-
-    def decode_tokens(self, embedding, coords, labels):
-        iou, low = parity.torch_decoder(self.sam, embedding[None], coords, labels, self.kind)
-        rows = np.broadcast_to(np.arange(4, dtype=np.float32)[None, :, None], (len(coords), 4, 1))
-        return iou, rows, low                       # "hyper_in" carries the output index
-
-    def decode_masks(self, low, rows):
-        return np.take_along_axis(low, rows[:, :, 0].astype(np.int64)[:, :, None, None], axis=1)
-
-
-def same_masks(a: amg.MaskSet, b: amg.MaskSet) -> dict[str, Any]:
-    """Same prompt ids in the same order and every mask IoU >= ``TARGETS['mask_iou']``."""
-    if len(a) != len(b) or not np.array_equal(a.prompt_ids, b.prompt_ids):
-        return {"identical": False, "masks": [len(a), len(b)], "min_iou": None}
-    ious = np.diag(iou_matrix(pack_masks(a.masks), pack_masks(b.masks))) if len(a) else np.ones(1)
-    return {"identical": bool(ious.min() >= TARGETS["mask_iou"]), "masks": [len(a), len(b)],
-            "min_iou": float(ious.min())}
 
 
 def timed_amg(decoder: Any, emb: ImageEmbedding, params: amg.AmgParams, runs: int) -> tuple[amg.MaskSet, float]:
@@ -461,12 +402,14 @@ def amg_vs_torch(engine: Engine, emb: ImageEmbedding, params: amg.AmgParams, run
     """Mask generation on the samreg-rt decoder and on Meta's PyTorch decoder: times and mask identity."""
     sam = load_source("litemedsam").model.eval()
     ort_set, ort_s = timed_amg(engine, emb, params, runs)
-    torch_set, torch_s = timed_amg(TorchDecoder(sam, params.prompt_kind), emb, params, runs)
+    torch_set, torch_s = timed_amg(WholeDecoder(lambda e, c, l: parity.torch_decoder(sam, e[None], c, l, params.prompt_kind)),
+                                  emb, params, runs)
     return {"image": str(FIXED.relative_to(REPO)), "prompts": ort_set.counts["prompts"],
             "params": f"{params.prompt_kind} grid {params.points_per_side}x{params.points_per_side} x sizes "
                       f"{list(params.box_sizes)}, {params.mask_output}-mask, pred-IoU {params.pred_iou_thresh}, "
                       f"stability {params.stability_score_thresh}, batch {params.batch_size}",
-            "ort_s": ort_s, "torch_s": torch_s, "speedup": torch_s / ort_s, "masks": same_masks(torch_set, ort_set)}
+            "ort_s": ort_s, "torch_s": torch_s, "speedup": torch_s / ort_s,
+            "masks": same_masks(torch_set, ort_set, TARGETS["mask_iou"])}
 
 
 def write_outputs(report: dict[str, Any], out: Path) -> None:
