@@ -194,6 +194,7 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
     outputs = [1, 2, 3] if params.mask_output == "multimask" else [0]
     valid = (int(np.ceil(frame.resized_shape[0] * LOW_RES / frame.input_size)),
              int(np.ceil(frame.resized_shape[1] * LOW_RES / frame.input_size)))
+    ry, rx = upscale_matrices(frame, (LOW_RES, LOW_RES), out_shape)
     kept_masks, kept_iou, kept_stab, kept_ids = [], [], [], []
     counts = {"prompts": len(coords), "run": 0, "candidates": 0, "pred_iou": 0, "stability": 0}
     covered = np.zeros(out_shape, bool)
@@ -208,7 +209,9 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
         if rows.size == 0:
             continue
         # Upscale only the prompts with a candidate left: the mask upscaling is a third of the decoder.
-        low = engine.decode_masks(image_tokens[rows], hyper_in[rows][:, outputs])   # (r, k, 256, 256)
+        if rows.size < len(batch):       # (image_tokens is 4 MB per prompt: no copy when all are kept)
+            image_tokens, hyper_in = image_tokens[rows], hyper_in[rows]
+        low = engine.decode_masks(image_tokens, hyper_in[:, outputs])   # (r, k, 256, 256)
         keep = keep[rows]
         iou, low = iou[rows][keep], low[keep]
         ids = np.repeat(batch[rows], len(outputs)).reshape(keep.shape)[keep]
@@ -217,9 +220,9 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
                                              params.mask_threshold, params.stability_score_offset)
             keep = stab > params.stability_score_thresh if params.stability_score_thresh > 0 else np.ones(len(iou), bool)
             iou, low, ids, stab = iou[keep], low[keep], ids[keep], stab[keep]
-            up = upscale_logits(low, frame, out_shape)
+            up = ry @ low @ rx.T                                       # upscale_logits
         else:
-            up = upscale_logits(low, frame, out_shape)
+            up = ry @ low @ rx.T
             stab = mask_ops.stability_scores(up, params.mask_threshold, params.stability_score_offset)
             keep = stab > params.stability_score_thresh if params.stability_score_thresh > 0 else np.ones(len(iou), bool)
             iou, up, ids, stab = iou[keep], up[keep], ids[keep], stab[keep]
