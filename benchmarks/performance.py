@@ -58,7 +58,7 @@ from samreg_rt.correspondence import Side
 from samreg_rt.engine import Engine, ImageEmbedding
 from samreg_rt.io import load_image
 from samreg_rt.masks import pack_masks
-from samreg_rt.pipeline import PRESETS, embedding_weights, register, work_shape
+from samreg_rt.pipeline import PRESETS, embedding_weights, pair_rois, register, work_shape
 
 from common import WholeDecoder, gemm_graph, machine, same_masks, session  # benchmarks/common.py (the script's folder is on sys.path)
 from encoder import encoder_flops, time_runs  # benchmarks/encoder.py
@@ -191,12 +191,7 @@ def embed_and_match(embs: dict[str, ImageEmbedding], rois: dict[str, np.ndarray]
         protos[name] = roi.prototypes(embs[name].embedding, embedding_weights(masks, embs[name], p.pooling))
         shape = masks.shape[1:]
         centres[name] = Side(masks=pack_masks(masks), work_shape=shape, original_shape=shape).centroids()
-    sim = match.cosine_matrix(protos["fixed"], protos["moving"])
-    return match.pair(sim, threshold=p.threshold, strategy=p.strategy, num_pairs=p.num_pairs,
-                      fixed_xy=centres["fixed"] if p.geometry else None,
-                      moving_xy=centres["moving"] if p.geometry else None, geometry=p.geometry,
-                      reproj_thresh=p.reproj_frac * float(np.hypot(*rois["moving"].shape[1:])),
-                      min_support=p.min_support)
+    return pair_rois(protos, centres, p, rois["moving"].shape[1:])
 
 
 def random_blobs(n: int, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:

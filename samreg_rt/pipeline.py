@@ -130,6 +130,20 @@ def _as_image(item: Image | np.ndarray | str | os.PathLike, name: str) -> Image:
     return load_image(item)
 
 
+def pair_rois(protos: dict[str, np.ndarray], centres: dict[str, np.ndarray], preset: Preset,
+              moving_shape: tuple[int, int]) -> match.MatchResult:
+    """The preset's pairing of the fixed and moving ROIs: cosine similarity of their prototypes
+    (``protos[side]`` float32 (N, C)), the assignment strategy, and with ``preset.geometry`` the
+    consistency check on their centroids (``centres[side]`` (N, 2) px) at a reprojection threshold
+    of ``preset.reproj_frac`` of the moving image's diagonal (``moving_shape`` (H, W) px)."""
+    sim = match.cosine_matrix(protos["fixed"], protos["moving"])
+    return match.pair(sim, threshold=preset.threshold, strategy=preset.strategy, num_pairs=preset.num_pairs,
+                      fixed_xy=centres["fixed"] if preset.geometry else None,
+                      moving_xy=centres["moving"] if preset.geometry else None, geometry=preset.geometry,
+                      reproj_thresh=preset.reproj_frac * float(np.hypot(*moving_shape)),
+                      min_support=preset.min_support)
+
+
 def register(fixed: Image | np.ndarray | str | os.PathLike, moving: Image | np.ndarray | str | os.PathLike,
              engine: Engine, preset: str = "default", **amg_overrides) -> Registration:
     """Register ``moving`` to ``fixed`` by ROI correspondence.
@@ -183,12 +197,7 @@ def register(fixed: Image | np.ndarray | str | os.PathLike, moving: Image | np.n
         counts[name] = {**masks.counts, "rois": int(len(kept))}
 
     t = time.perf_counter()
-    sim = match.cosine_matrix(protos["fixed"], protos["moving"])
-    result = match.pair(sim, threshold=p.threshold, strategy=p.strategy, num_pairs=p.num_pairs,
-                        fixed_xy=centres["fixed"] if p.geometry else None,
-                        moving_xy=centres["moving"] if p.geometry else None, geometry=p.geometry,
-                        reproj_thresh=p.reproj_frac * float(np.hypot(*images["moving"].array.shape[:2])),
-                        min_support=p.min_support)
+    result = pair_rois(protos, centres, p, images["moving"].array.shape[:2])
     timings["match"] = time.perf_counter() - t
     counts["pairs"] = int(len(result.pairs))
     counts["dropped"] = {k: int(len(v)) for k, v in result.dropped.items()}
