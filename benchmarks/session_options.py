@@ -7,13 +7,16 @@ For each model (exported fresh into a temporary directory by ``samreg_export``, 
 its graphs as the runtime calls them (encoder on the example image; ``decoder_tokens`` on a batch
 of ``TOKENS_BATCH`` prompts of the model's grid; ``decoder_masks`` on ``MASKS_BATCH`` of them, one
 mask output), one option is changed at a time from the runtime's settings (``BASELINE``: all graph
-optimisations, CPU memory arena on, ``--threads`` intra-op threads, 1 inter-op thread, sequential
-execution, ``session.run``). Recorded per setting: session creation seconds, the first run (a cold
+optimisations, CPU memory arena on, memory pattern off, ``--threads`` intra-op threads, 1 inter-op
+thread, sequential execution, ``session.run``). Recorded per setting: session creation seconds, the first run (a cold
 start: what the first image of a ``register`` call pays), the median of ``--repeats`` further
 runs, and the process's resident-memory high-water mark over the setting (VmHWM, reset through
 /proc/self/clear_refs). IO binding binds the inputs once and lets ONNX Runtime allocate the
 outputs (``run_with_iobinding``), the CPU form of what a GPU deployment does with device buffers.
-Writes ``session_options.md`` and ``session_options.json``.
+Single graphs run at one input shape; mask generation calls the decoder graphs with a batch that
+changes from call to call, so ``amg.generate`` on the example image (LiteMedSAM, its spec's grid)
+is also timed with the decoder sessions of each setting: its first run and the median of
+``--repeats`` more. Writes ``session_options.md`` and ``session_options.json``.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ IMAGE = REPO / "examples" / "cardiac_2d" / "fixed.png"
 MODELS = {"litemedsam": "litemedsam", "vit_b": "random:vit_b"}
 TOKENS_BATCH = 64
 MASKS_BATCH = 16
-BASELINE = {"optimization": "all", "arena": True, "threads": None, "execution": "sequential", "io_binding": False}
+BASELINE = {"optimization": "all", "arena": True, "mem_pattern": False, "threads": None, "execution": "sequential",
+            "io_binding": False}
 LEVELS = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
           "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -60,6 +64,7 @@ def variants(threads: int) -> dict[str, dict[str, Any]]:
         "optimisation extended": {**base, "optimization": "extended"},
         "optimisation disabled": {**base, "optimization": "disabled"},
         "memory arena off": {**base, "arena": False},
+        "memory pattern on": {**base, "mem_pattern": True},
         "1 thread": {**base, "threads": 1},
         "parallel execution": {**base, "execution": "parallel"},
         "IO binding": {**base, "io_binding": True},
@@ -70,6 +75,7 @@ def make_session(path: Path, settings: dict[str, Any]) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[settings["optimization"]]
     options.enable_cpu_mem_arena = settings["arena"]
+    options.enable_mem_pattern = settings["mem_pattern"]
     options.intra_op_num_threads = settings["threads"]
     options.inter_op_num_threads = 1
     options.execution_mode = (ort.ExecutionMode.ORT_PARALLEL if settings["execution"] == "parallel"
@@ -145,6 +151,23 @@ def graph_feeds(model_dir: Path, threads: int) -> dict[str, dict[str, np.ndarray
     }
 
 
+def mask_generation(model_dir: Path, threads: int, settings: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """``amg.generate`` on the example image with decoder sessions made with ``settings`` (IO binding
+    aside): seconds of the first run and median of ``repeats`` more, and the number of masks."""
+    engine = Engine.load(model_dir, providers="cpu", threads=threads)
+    sessions = {**engine.sessions, **{role: make_session(model_dir / f"{role}.onnx", settings)
+                                      for role in ("decoder_tokens", "decoder_masks")}}
+    engine = Engine(engine.model_dir, engine.manifest, engine.spec, engine.precision, sessions, engine.providers)
+    emb = engine.embed(load_image(IMAGE).array)
+    params = amg.AmgParams.from_spec(engine.spec)
+    walls = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        masks = amg.generate(engine, emb, params)
+        walls.append(time.perf_counter() - t)
+    return {"first_s": walls[0], "warm_s": statistics.median(walls[1:]), "masks": len(masks)}
+
+
 def bench_model(key: str, threads: int, repeats: int, work: Path) -> dict[str, Any]:
     model_dir = work / key
     export_model(MODELS[key], model_dir, precisions=("fp32",), name=key)
@@ -155,6 +178,10 @@ def bench_model(key: str, threads: int, repeats: int, work: Path) -> dict[str, A
         for name, settings in variants(threads).items():
             out[graph][name] = measure(model_dir / f"{graph}.onnx", feed, settings, repeats)
             print(f"{key} {graph} {name}: {out[graph][name]}", file=sys.stderr)
+    if key == "litemedsam":          # an untrained decoder (random:vit_b) keeps almost no prompt
+        out["mask generation"] = {name: mask_generation(model_dir, threads, settings, repeats)
+                                  for name, settings in variants(threads).items() if not settings["io_binding"]}
+        print(f"{key} mask generation: {out['mask generation']}", file=sys.stderr)
     return out
 
 
@@ -173,6 +200,13 @@ def markdown(report: dict[str, Any]) -> str:
     for key, graphs in report["models"].items():
         for graph, rows in graphs.items():
             base = rows["baseline (runtime)"]["warm_s"]
+            if graph == "mask generation":
+                lines += [f"## {key}: mask generation (`amg.generate`, decoder sessions with each setting)", "",
+                          "| setting | first run s | warm s | warm vs runtime | masks |", "|---|---:|---:|---:|---:|"]
+                lines += [f"| {name} | {r['first_s']:.2f} | {r['warm_s']:.2f} | {base / r['warm_s']:.2f}x | {r['masks']} |"
+                          for name, r in rows.items()]
+                lines.append("")
+                continue
             lines += [f"## {key}: {graph}", "",
                       "| setting | create s | first run s | warm s | warm vs runtime | memory high-water MiB |",
                       "|---|---:|---:|---:|---:|---:|"]

@@ -198,6 +198,10 @@ class Engine:
         chosen = select_providers(providers)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The decoders' batch changes from call to call (the prompts kept); ONNX Runtime's memory
+        # pattern is planned per input shape, and mask generation is faster without it
+        # (benchmarks/results/session_options.md).
+        options.enable_mem_pattern = False
         if threads is not None:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
