@@ -58,7 +58,7 @@ from samreg_rt.correspondence import Side
 from samreg_rt.engine import Engine, ImageEmbedding
 from samreg_rt.io import load_image
 from samreg_rt.masks import pack_masks
-from samreg_rt.pipeline import PRESETS, embedding_weights, pair_rois, register, work_shape
+from samreg_rt.pipeline import PRESETS, embedding_weights, keep_rois, pair_rois, register, work_shape
 
 from common import WholeDecoder, gemm_graph, machine, same_masks, session  # benchmarks/common.py (the script's folder is on sys.path)
 from encoder import encoder_flops, time_runs  # benchmarks/encoder.py
@@ -369,9 +369,7 @@ def stages_with_memory(model_dir: Path, threads: int, grid: int | None
     sets = {}
     sets["fixed"], memory["mask generation"] = memory_stage(lambda: amg.generate(engine, embs["fixed"], params, shape))
     sets["moving"] = amg.generate(engine, embs["moving"], params, shape)
-    area = shape[0] * shape[1]
-    rois = {k: s.masks[roi.select_rois(pack_masks(s.masks), preset.area_min * area, preset.area_max * area,
-                                       preset.dedup_thresh)] for k, s in sets.items()}
+    rois = {k: s.masks[keep_rois(pack_masks(s.masks), preset, shape)] for k, s in sets.items()}
     result, memory["ROI embedding + matching"] = memory_stage(lambda: embed_and_match(embs, rois, "default"))
     if len(result.pairs):
         _, memory["DDF fit"] = memory_stage(lambda: ddf.fit(rois["fixed"][result.pairs[:, 0]],
@@ -397,8 +395,8 @@ def amg_vs_torch(engine: Engine, emb: ImageEmbedding, params: amg.AmgParams, run
     """Mask generation on the samreg-rt decoder and on Meta's PyTorch decoder: times and mask identity."""
     sam = load_source("litemedsam").model.eval()
     ort_set, ort_s = timed_amg(engine, emb, params, runs)
-    torch_set, torch_s = timed_amg(WholeDecoder(lambda e, c, l: parity.torch_decoder(sam, e[None], c, l, params.prompt_kind)),
-                                  emb, params, runs)
+    torch_decoder = WholeDecoder(lambda e, c, l: parity.torch_decoder(sam, e[None], c, l, params.prompt_kind))
+    torch_set, torch_s = timed_amg(torch_decoder, emb, params, runs)
     return {"image": str(FIXED.relative_to(REPO)), "prompts": ort_set.counts["prompts"],
             "params": f"{params.prompt_kind} grid {params.points_per_side}x{params.points_per_side} x sizes "
                       f"{list(params.box_sizes)}, {params.mask_output}-mask, pred-IoU {params.pred_iou_thresh}, "

@@ -170,14 +170,15 @@ def upscale_matrices(frame: Frame, low_shape: tuple[int, int], out_shape: tuple[
     return ry.astype(np.float32), rx.astype(np.float32)
 
 
-def upscale_logits(low: np.ndarray, frame: Frame, out_shape: tuple[int, int]) -> np.ndarray:
+def upscale_logits(low: np.ndarray, frame: Frame, out_shape: tuple[int, int],
+                   matrices: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Low-resolution logits (K, 256, 256) -> (K, H, W) float32 on the working grid.
 
     As SAM's ``postprocess_masks`` (bilinear to S x S, crop the padding, bilinear to ``out_shape``),
-    computed as two matrix products per mask (``upscale_matrices``) instead of through the S x S
-    image: equal up to float rounding.
+    computed as two matrix products per mask (``upscale_matrices``; pass them as ``matrices`` to
+    reuse them across calls) instead of through the S x S image: equal up to float rounding.
     """
-    ry, rx = upscale_matrices(frame, low.shape[1:], tuple(out_shape))
+    ry, rx = matrices or upscale_matrices(frame, low.shape[1:], tuple(out_shape))
     return np.matmul(np.matmul(ry, np.asarray(low, np.float32)), rx.T)
 
 
@@ -194,7 +195,7 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
     outputs = [1, 2, 3] if params.mask_output == "multimask" else [0]
     valid = (int(np.ceil(frame.resized_shape[0] * LOW_RES / frame.input_size)),
              int(np.ceil(frame.resized_shape[1] * LOW_RES / frame.input_size)))
-    ry, rx = upscale_matrices(frame, (LOW_RES, LOW_RES), out_shape)
+    upscaling = upscale_matrices(frame, (LOW_RES, LOW_RES), out_shape)
     kept_masks, kept_iou, kept_stab, kept_ids = [], [], [], []
     counts = {"prompts": len(coords), "run": 0, "candidates": 0, "pred_iou": 0, "stability": 0}
     covered = np.zeros(out_shape, bool)
@@ -220,9 +221,9 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
                                              params.mask_threshold, params.stability_score_offset)
             keep = stab > params.stability_score_thresh if params.stability_score_thresh > 0 else np.ones(len(iou), bool)
             iou, low, ids, stab = iou[keep], low[keep], ids[keep], stab[keep]
-            up = ry @ low @ rx.T                                       # upscale_logits
+            up = upscale_logits(low, frame, out_shape, upscaling)
         else:
-            up = ry @ low @ rx.T
+            up = upscale_logits(low, frame, out_shape, upscaling)
             stab = mask_ops.stability_scores(up, params.mask_threshold, params.stability_score_offset)
             keep = stab > params.stability_score_thresh if params.stability_score_thresh > 0 else np.ones(len(iou), bool)
             iou, up, ids, stab = iou[keep], up[keep], ids[keep], stab[keep]

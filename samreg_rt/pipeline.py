@@ -130,6 +130,13 @@ def _as_image(item: Image | np.ndarray | str | os.PathLike, name: str) -> Image:
     return load_image(item)
 
 
+def keep_rois(packed: np.ndarray, preset: Preset, shape: tuple[int, int]) -> np.ndarray:
+    """Indices of the masks (packed, on a working grid of ``shape`` (H, W)) that the preset keeps as
+    ROIs: its area filter (pixels, or fractions of the grid) and near-containment dedup."""
+    scale = 1.0 if preset.area_unit == "px" else shape[0] * shape[1]
+    return roi.select_rois(packed, preset.area_min * scale, preset.area_max * scale, preset.dedup_thresh)
+
+
 def pair_rois(protos: dict[str, np.ndarray], centres: dict[str, np.ndarray], preset: Preset,
               moving_shape: tuple[int, int]) -> match.MatchResult:
     """The preset's pairing of the fixed and moving ROIs: cosine similarity of their prototypes
@@ -182,8 +189,7 @@ def register(fixed: Image | np.ndarray | str | os.PathLike, moving: Image | np.n
 
         t = time.perf_counter()
         packed = mask_ops.pack_masks(np.ascontiguousarray(masks.masks))
-        scale = 1.0 if p.area_unit == "px" else shape[0] * shape[1]
-        kept = roi.select_rois(packed, p.area_min * scale, p.area_max * scale, p.dedup_thresh)
+        kept = keep_rois(packed, p, shape)
         rois = masks.masks[kept]
         timings[f"filter_{name}"] = time.perf_counter() - t
 
