@@ -58,7 +58,9 @@ ext = Pybind11Extension(
     "samreg_rt._ext",
     ["cpp_ext/samreg_ext.cpp"],
     cxx_std=17,
-    extra_compile_args=["-O3"],
+    # -fno-math-errno: sqrt in the vector loops compiles to SIMD; -Wno-psabi: GCC notes on 64-byte
+    # vector arguments of inlined helpers (no function crosses the ABI with them)
+    extra_compile_args=["-O3", "-fno-math-errno", "-Wno-psabi"],
 )
 
 setup(

@@ -96,7 +96,7 @@ def gemm_graph(m: int, k: int, n: int, int8: bool) -> bytes:
 class WholeDecoder:
     """``amg.generate``'s decoder interface over a whole decoder ``decode(embedding (C,h,w), coords
     (B,N,2), labels (B,N)) -> iou (B,4), low-res logits (B,4,256,256)`` (the one-graph decoder,
-    PyTorch's): ``decode_tokens`` runs it for every prompt; ``decode_masks`` selects the outputs in use."""
+    PyTorch's): ``decode_tokens`` runs it for every prompt; ``decode_kept_masks`` selects the masks kept."""
 
     def __init__(self, decode: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]):
         self.decode = decode
@@ -106,8 +106,8 @@ class WholeDecoder:
         rows = np.broadcast_to(np.arange(4, dtype=np.float32)[None, :, None], (len(coords), 4, 1))
         return iou, rows, low                       # "hyper_in" carries the output index
 
-    def decode_masks(self, low, rows):
-        return np.take_along_axis(low, rows[:, :, 0].astype(np.int64)[:, :, None, None], axis=1)
+    def decode_kept_masks(self, low, rows, keep):
+        return np.take_along_axis(low, rows[:, :, 0].astype(np.int64)[:, :, None, None], axis=1)[keep]
 
 
 def same_masks(a: amg.MaskSet, b: amg.MaskSet, min_iou: float) -> dict[str, Any]:

@@ -61,6 +61,7 @@ def build_manifest(
     spec: ModelSpec,
     opset: int,
     graphs: dict[str, dict[str, dict[str, Any]]],
+    weights: dict[str, dict[str, Any]],
     io: dict[str, dict[str, Any]],
     operators: dict[str, dict[str, list[str]]],
     parity: dict[str, Any],
@@ -68,7 +69,8 @@ def build_manifest(
     precision_notes: dict[str, str],
 ) -> dict[str, Any]:
     """Assemble a manifest (``FORMAT_VERSION``). ``graphs`` = {precision: {graph role: entry}} for the
-    roles in ``samreg_rt.manifest.GRAPH_NAMES``, with entries from ``file_entry``; ``io`` = {graph
+    roles in ``samreg_rt.manifest.GRAPH_NAMES``, with entries from ``file_entry``; ``weights`` = {name:
+    entry} for ``samreg_rt.manifest.WEIGHT_NAMES``; ``io`` = {graph
     role: graph_io};
     ``operators`` = {precision: {graph: sorted op types}}; ``parity`` = {precision: figures from
     ``parity.measure``}."""
@@ -82,6 +84,7 @@ def build_manifest(
         "spec": spec.to_dict(),
         "opset": opset,
         "graphs": graphs,
+        "weights": weights,
         "precisions": precision_notes,
         "io": io,
         "operators": operators,

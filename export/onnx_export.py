@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import onnx
 import onnxslim
 import torch
@@ -313,6 +314,24 @@ def export_decoder_masks(sam: nn.Module, path: str | Path, opset: int = MIN_OPSE
     args = (torch.zeros(2, h * w, channels), torch.zeros(2, 3, hyper_dim))
     model = _trace(_Method(wrapper, "masks"), args, *DECODER_MASKS_IO, DECODER_MASKS_DYNAMIC_AXES, opset)
     return _finish(model, path, PORTABLE_OPS)
+
+
+def export_mask_upscaling(sam: nn.Module, path: str | Path) -> Path:
+    """Write the mask upscaling's weights channel-last to ``path`` (.npz, atomically) for the runtime's
+    CPU kernel (``samreg_rt.upscaling``): w1 [C, (di, dj, C1)], b1, ln_weight, ln_bias, eps,
+    w2 [C1, (di2, dj2, C2)], b2, as ``PromptDecoder.masks`` uses them."""
+    conv1, norm, _, conv2, _ = sam.mask_decoder.output_upscaling
+    arrays = {}
+    for name, conv in (("1", conv1), ("2", conv2)):
+        c_in, c_out = conv.weight.shape[:2]
+        arrays["w" + name] = conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out)
+        arrays["b" + name] = conv.bias.repeat(4)
+    arrays.update(ln_weight=norm.weight, ln_bias=norm.bias, eps=torch.tensor(float(norm.eps)))
+    path = Path(path)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+        np.savez(f, **{k: v.detach().float().numpy() for k, v in arrays.items()})
+    os.replace(f.name, path)
+    return path
 
 
 class _Method(nn.Module):

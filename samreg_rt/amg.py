@@ -179,7 +179,9 @@ def upscale_logits(low: np.ndarray, frame: Frame, out_shape: tuple[int, int],
     reuse them across calls) instead of through the S x S image: equal up to float rounding.
     """
     ry, rx = matrices or upscale_matrices(frame, low.shape[1:], tuple(out_shape))
-    return np.matmul(np.matmul(ry, np.asarray(low, np.float32)), rx.T)
+    low = np.ascontiguousarray(low, np.float32)
+    cols = (low.reshape(-1, low.shape[2]) @ rx.T).reshape(len(low), low.shape[1], len(rx))  # one product for all
+    return np.matmul(ry, cols)
 
 
 def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
@@ -206,16 +208,11 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
         counts["candidates"] += iou.size
         keep = iou > params.pred_iou_thresh if params.pred_iou_thresh > 0 else np.ones(iou.shape, bool)
         counts["pred_iou"] += int(keep.sum())
-        rows = np.flatnonzero(keep.any(axis=1))
-        if rows.size == 0:
+        if not keep.any():
             continue
-        # Upscale only the prompts with a candidate left: the mask upscaling is a third of the decoder.
-        if rows.size < len(batch):       # (image_tokens is 4 MB per prompt: no copy when all are kept)
-            image_tokens, hyper_in = image_tokens[rows], hyper_in[rows]
-        low = engine.decode_masks(image_tokens, hyper_in[:, outputs])   # (r, k, 256, 256)
-        keep = keep[rows]
-        iou, low = iou[rows][keep], low[keep]
-        ids = np.repeat(batch[rows], len(outputs)).reshape(keep.shape)[keep]
+        # Upscale only the masks left: the mask upscaling is a third of the decoder.
+        low = engine.decode_kept_masks(image_tokens, hyper_in[:, outputs], keep)   # (m, 256, 256)
+        iou, ids = iou[keep], np.repeat(batch, len(outputs)).reshape(keep.shape)[keep]
         if params.stability_on == "low_res":
             stab = mask_ops.stability_scores(np.ascontiguousarray(low[:, :valid[0], :valid[1]]),
                                              params.mask_threshold, params.stability_score_offset)

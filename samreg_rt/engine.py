@@ -14,11 +14,13 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from . import _ext
 from .errors import InputError, ManifestError, ModelError, ModelNotAvailableError
 from .io import validate_image
 from .manifest import read_manifest
 from .preprocess import Frame, to_model_input
 from .spec import ModelSpec
+from .upscaling import UpscalingWeights, upscale_kept
 
 log = logging.getLogger("samreg_rt")
 
@@ -159,11 +161,14 @@ class Engine:
 
     Create with ``Engine.load``. ``embed`` runs the encoder once per image; ``decode`` runs the
     whole decoder on batches of prompts against one embedding; ``decode_tokens`` and
-    ``decode_masks`` run it in two steps, so that masks are upscaled only for the prompts kept.
+    ``decode_masks`` run it in two steps, so that masks are upscaled only for the prompts kept;
+    ``decode_kept_masks`` upscales only the kept masks, with the fused CPU kernel when
+    ``mask_upscaling`` (its weights) is set.
     """
 
     def __init__(self, model_dir: Path, manifest: dict, spec: ModelSpec, precision: str,
-                 sessions: dict[str, ort.InferenceSession], providers: list[str]):
+                 sessions: dict[str, ort.InferenceSession], providers: list[str],
+                 mask_upscaling: UpscalingWeights | None = None):
         self.model_dir = model_dir
         self.manifest = manifest
         self.manifest_sha256 = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()
@@ -171,15 +176,19 @@ class Engine:
         self.precision = precision
         self.sessions = sessions
         self.providers = providers
+        self.mask_upscaling = mask_upscaling
 
     @classmethod
     def load(cls, model: str | os.PathLike, providers: str | Sequence[str] = "auto",
-             threads: int | None = None, precision: str = "fp32") -> "Engine":
+             threads: int | None = None, precision: str = "fp32", fused_upscaling: bool = True) -> "Engine":
         """Load and verify a model (see ``resolve_model_dir``) and create its sessions.
 
         Every graph file is hashed and checked against the manifest before a session is built
         from those same bytes (``ManifestError`` names the file on mismatch).
         ``threads``: intra-op threads (None: ONNX Runtime's default).
+        ``fused_upscaling``: upscale kept masks with the fused kernel (``samreg_rt.upscaling``) when the
+        decoders run fp32 on the CPU provider of a CPU with AVX-512 (``_ext.mask_upscaling_isa``;
+        elsewhere ``decoder_masks`` is faster); False always runs the graph.
         The spec (preprocessing, prompting defaults) is the manifest's, except for a registry name,
         whose spec is the registry's: a cached export keeps up with changed defaults.
         """
@@ -214,14 +223,22 @@ class Engine:
             data = _read_verified(path, entry)
             sessions[role] = _session(path, data, options, chosen, inputs, outputs, model_dir, precision)
         providers_used = sessions["encoder"].get_providers()
-        log.info("loaded %s (%s) with %s", manifest.get("name"), precision, providers_used[0])
-        return cls(model_dir, manifest, spec, precision, sessions, providers_used)
+        upscaling = None
+        if (fused_upscaling and precision != "fp16" and _ext.mask_upscaling_isa() == "avx512"
+                and sessions["decoder_masks"].get_providers()[0] == "CPUExecutionProvider"):
+            entry = manifest["weights"]["mask_upscaling"]
+            path = model_dir / entry["file"]
+            upscaling = UpscalingWeights.from_bytes(_read_verified(path, entry), path)
+        log.info("loaded %s (%s) with %s%s", manifest.get("name"), precision, providers_used[0],
+                 ", fused mask upscaling" if upscaling else "")
+        return cls(model_dir, manifest, spec, precision, sessions, providers_used, upscaling)
 
     def with_spec(self, spec: ModelSpec) -> "Engine":
         """The same sessions with another preprocessing/prompting spec (same input size)."""
         if spec.input_size != self.spec.input_size:
             raise ModelError(f"spec input_size {spec.input_size} differs from the graphs' {self.spec.input_size}")
-        return Engine(self.model_dir, self.manifest, spec, self.precision, self.sessions, self.providers)
+        return Engine(self.model_dir, self.manifest, spec, self.precision, self.sessions, self.providers,
+                      self.mask_upscaling)
 
     @property
     def provider(self) -> str:
@@ -288,6 +305,25 @@ class Engine:
             return np.zeros((0, hyper.shape[1], 256, 256), np.float32)
         (low,) = self.sessions["decoder_masks"].run(None, {"image_tokens": tokens, "hyper_in": hyper})
         return low
+
+    def decode_kept_masks(self, image_tokens: np.ndarray, hyper_in: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """``decode_masks`` of the kept masks only: image_tokens (B, 4096, C) and hyper_in (B, K, C/8)
+        as there, keep bool (B, K) -> low-resolution logits (M, 256, 256) float32 of keep's True
+        entries in row-major order, equal to ``decode_masks(image_tokens, hyper_in)[keep]`` up to float
+        rounding. Runs the fused kernel when ``mask_upscaling`` is set, else ``decoder_masks`` on the
+        prompts with a kept mask."""
+        keep = np.asarray(keep, bool)
+        if keep.ndim != 2 or np.ndim(hyper_in) != 3 or keep.shape != np.shape(hyper_in)[:2]:
+            raise InputError(f"decode_kept_masks: expected hyper_in (B, K, C/8) and keep (B, K), got "
+                             f"{np.shape(hyper_in)} and {keep.shape}")
+        if not keep.any():
+            return np.zeros((0, 256, 256), np.float32)
+        if self.mask_upscaling is not None:
+            return upscale_kept(image_tokens, hyper_in, keep, self.mask_upscaling, self.spec.embedding_size)
+        rows = np.flatnonzero(keep.any(axis=1))
+        if rows.size < len(keep):          # (image_tokens is 4 MB per prompt: no copy when all are kept)
+            image_tokens, hyper_in, keep = image_tokens[rows], hyper_in[rows], keep[rows]
+        return self.decode_masks(image_tokens, hyper_in)[keep]
 
 
 def _check_prompts(embedding: np.ndarray, point_coords: np.ndarray,

@@ -12,11 +12,12 @@ from typing import Any
 
 from samreg_rt.errors import ManifestError
 
-FORMAT_VERSION = 2  # 2: the decoder also split in two at the mask upscaling (decoder_tokens, decoder_masks)
+FORMAT_VERSION = 3  # 2: the decoder also split at the mask upscaling; 3: + the upscaling weights (weights.mask_upscaling)
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAMES = ("encoder", "decoder", "decoder_tokens", "decoder_masks")
+WEIGHT_NAMES = ("mask_upscaling",)  # precision-independent float32 arrays for CPU kernels
 PRECISIONS = ("fp32", "fp16", "int8")
-_REQUIRED_KEYS = ("name", "source", "spec", "opset", "graphs", "io")
+_REQUIRED_KEYS = ("name", "source", "spec", "opset", "graphs", "weights", "io")
 _FILE_KEYS = ("file", "sha256", "bytes")
 
 
@@ -59,7 +60,7 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
         )
     if version < FORMAT_VERSION:
         raise ManifestError(
-            f"{path}: format_version {version} is older than {FORMAT_VERSION} (no split decoder graphs); "
+            f"{path}: format_version {version} is older than {FORMAT_VERSION} (no mask-upscaling weights); "
             "re-export the model (`samreg-rt export`)"
         )
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]
@@ -74,6 +75,9 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
             _check_entry(path, f"graphs.{precision}.{graph}", entry)
             if entry is not None and "data" in entry:
                 _check_entry(path, f"graphs.{precision}.{graph}.data", entry["data"])
+    weights = manifest["weights"]
+    for name in WEIGHT_NAMES:
+        _check_entry(path, f"weights.{name}", weights.get(name) if isinstance(weights, dict) else None)
     return manifest
 
 
@@ -98,13 +102,16 @@ def graph_files(model_dir: str | Path, manifest: dict[str, Any], precision: str)
 
 def verify_files(model_dir: str | Path, manifest: dict[str, Any], precision: str) -> None:
     """Check that the graph files of ``precision`` (and their external-data files, if
-    any) exist with the size and sha256 the manifest lists. Raises ``ManifestError`` naming the file."""
+    any) and the weight files exist with the size and sha256 the manifest lists. Raises
+    ``ManifestError`` naming the file."""
     graph_files(model_dir, manifest, precision)
     for graph in GRAPH_NAMES:
         entry = manifest["graphs"][precision][graph]
         for item in (entry, entry.get("data")):
             if item is not None:
                 _verify_file(Path(model_dir) / item["file"], item)
+    for name in WEIGHT_NAMES:
+        _verify_file(Path(model_dir) / manifest["weights"][name]["file"], manifest["weights"][name])
 
 
 def _verify_file(path: Path, entry: dict[str, Any]) -> None:

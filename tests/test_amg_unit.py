@@ -80,6 +80,10 @@ class _ScriptedEngine:
         self.upscaled += len(image_tokens)
         return low
 
+    def decode_kept_masks(self, image_tokens, hyper_in, keep):
+        rows = keep.any(axis=1)
+        return self.decode_masks(image_tokens[rows], hyper_in[rows])[keep[rows]]
+
 
 def test_generate_filters_and_nms():
     frame = Frame((256, 256), (1024, 1024), 1024)

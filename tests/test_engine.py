@@ -9,7 +9,9 @@ import onnx
 import pytest
 
 from samreg_export.export import export_model
+from samreg_rt import _ext, amg
 from samreg_rt.engine import Engine, resolve_model_dir, select_providers
+from samreg_rt.io import load_image
 from samreg_rt.errors import InputError, ManifestError, ModelError, ModelNotAvailableError
 
 
@@ -68,6 +70,55 @@ def test_two_step_decode_equals_decode(engine):
         engine.decode_masks(image_tokens[:2], hyper_in[:3])
     with pytest.raises(InputError, match="at least one prompt"):
         engine.decode_tokens(emb, np.zeros((0, 2, 2), np.float32), np.zeros((0, 2), np.float32))
+
+
+def _kept_masks_both_ways(model_dir, embed_image, coords, labels, outputs, keep_of):
+    """decode_kept_masks with the fused kernel (when this CPU has it) and with the graph, and
+    decode_masks(...)[keep] -> (fused engine, fused, graph, reference)."""
+    fused_engine = Engine.load(model_dir, threads=2)
+    graph_engine = Engine.load(model_dir, threads=2, fused_upscaling=False)
+    assert graph_engine.mask_upscaling is None
+    assert (fused_engine.mask_upscaling is not None) == (_ext.mask_upscaling_isa() == "avx512")
+    emb = fused_engine.embed(embed_image).embedding
+    iou, hyper_in, image_tokens = fused_engine.decode_tokens(emb, coords, labels)
+    keep = keep_of(iou[:, outputs])
+    want = fused_engine.decode_masks(image_tokens, hyper_in[:, outputs])[keep]
+    fused = fused_engine.decode_kept_masks(image_tokens, hyper_in[:, outputs], keep)
+    graph = graph_engine.decode_kept_masks(image_tokens, hyper_in[:, outputs], keep)
+    return fused_engine, fused, graph, want
+
+
+def test_decode_kept_masks_equals_decode_masks(tiny_dir):
+    """The kept masks' logits, fused kernel or graph, are decode_masks' rows of keep (random weights)."""
+    rng = np.random.default_rng(2)
+    coords = np.concatenate([rng.uniform(0, 255, (6, 1, 2)), np.zeros((6, 1, 2))], axis=1).astype(np.float32)
+    labels = np.tile([1.0, -1.0], (6, 1)).astype(np.float32)
+    keep = np.array([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0], [0, 0, 0], [0, 0, 1]], bool)
+    engine, fused, graph, want = _kept_masks_both_ways(
+        tiny_dir, rng.integers(0, 255, (64, 64), np.uint8), coords, labels, [1, 2, 3], lambda _: keep)
+    assert want.shape == (7, 256, 256)
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(fused, want, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(graph, want, rtol=0, atol=1e-5 * scale)
+    _, hyper_in, image_tokens = engine.decode_tokens(engine.embed(np.zeros((8, 8), np.uint8)).embedding, coords, labels)
+    assert engine.decode_kept_masks(image_tokens, hyper_in, np.zeros((6, 4), bool)).shape == (0, 256, 256)
+    with pytest.raises(InputError, match="decode_kept_masks"):
+        engine.decode_kept_masks(image_tokens, hyper_in, keep[:5])
+
+
+def test_decode_kept_masks_litemedsam(litemedsam_dir, data_dir):
+    """Real weights: the fused kernel's masks of LiteMedSAM's box grid are the graph's."""
+    image = load_image(data_dir / "cardiac_mr" / "acdc2d_example" / "fixed.png").array
+    engine = Engine.load(litemedsam_dir, threads=2)
+    params = amg.AmgParams.from_spec(engine.spec, points_per_side=8)
+    coords, labels = amg.build_prompts(params, engine.embed(image).frame)
+    _, fused, graph, want = _kept_masks_both_ways(litemedsam_dir, image, coords, labels, [0],
+                                                  lambda iou: iou > np.median(iou))
+    assert len(want) == len(coords) // 2
+    np.testing.assert_allclose(fused, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
+    np.testing.assert_allclose(graph, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
+    flips = (fused > 0) != (want > 0)
+    assert flips.mean() < 1e-4        # binary masks: at most a few boundary pixels differ
 
 
 def test_older_cached_export_is_reexported(tiny_dir, monkeypatch, tmp_path):

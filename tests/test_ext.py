@@ -468,3 +468,69 @@ def test_amg_stability_wrapper_defaults(rng):
     logits = rng.normal(size=(3, 8, 8)).astype(np.float32)
     np.testing.assert_array_equal(amg_utils.stability_scores(logits),
                                   twins.stability_scores(logits, 0.0, 1.0))
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused mask upscaling
+
+def _upscaling_inputs(rng, counts, height, width):
+    """Random kernel inputs with SAM-like scales: tokens of len(counts) + 1 prompts [B, h*w, 256] of
+    which all but the first are upscaled (in reverse order), weights, hyper rows per ``counts``."""
+    prompts = len(counts)
+    return dict(
+        tokens=rng.normal(0, 1, (prompts + 1, height * width, 256)).astype(np.float32),
+        rows=np.arange(prompts, 0, -1, dtype=np.int64),
+        w1=rng.normal(0, 1 / 16, (256, 256)).astype(np.float32),
+        b1=rng.normal(0, 0.1, 256).astype(np.float32),
+        ln_weight=rng.normal(1, 0.1, 64).astype(np.float32),
+        ln_bias=rng.normal(0, 0.1, 64).astype(np.float32),
+        eps=1e-6,
+        w2=rng.normal(0, 1 / 8, (64, 128)).astype(np.float32),
+        b2=rng.normal(0, 0.1, 128).astype(np.float32),
+        hyper=rng.normal(0, 1, (int(sum(counts)), 32)).astype(np.float32),
+        mask_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        width=width,
+    )
+
+
+@pytest.mark.parametrize("counts,height,width", [([3, 0, 1, 4], 16, 32), ([1], 64, 64), ([0, 0], 16, 16),
+                                                 ([2, 3], 8, 48)])
+def test_mask_upscaling_matches_twin(rng, counts, height, width):
+    args = _upscaling_inputs(rng, counts, height, width)
+    got = _ext.mask_upscaling(**args)
+    want = twins.mask_upscaling(**args)
+    assert got.shape == want.shape == (sum(counts), 4 * height, 4 * width) and got.dtype == np.float32
+    # float32 accumulation and a rational erf (5e-7) against float64 with the exact erf
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * max(1.0, float(np.abs(want).max(initial=0))))
+    assert _ext.mask_upscaling_isa() in ("avx512", "generic")
+
+
+def test_mask_upscaling_layout(rng):
+    """Each input pixel's 16 outputs land in its own 4x4 block: a change at one input pixel moves
+    only that block of the logits."""
+    args = _upscaling_inputs(rng, [2], 16, 16)
+    base = _ext.mask_upscaling(**args)
+    args["tokens"][1, 5 * 16 + 7] += rng.normal(0, 1, 256).astype(np.float32)  # input pixel (i, j) = (5, 7)
+    changed = np.abs(_ext.mask_upscaling(**args) - base) > 0
+    assert changed[:, 20:24, 28:32].all() and changed.sum() == 2 * 16
+
+
+def test_mask_upscaling_rejects_bad_arguments(rng):
+    good = _upscaling_inputs(rng, [2, 1], 16, 16)
+    cases = [
+        (dict(width=24), "multiple of 16"),
+        (dict(width=0), "multiple of 16"),
+        (dict(eps=0.0), "eps"),
+        (dict(mask_start=np.array([0, 2, 2], np.int64)), "end at hyper's 3 rows"),
+        (dict(mask_start=np.array([0, 5, 5], np.int64), hyper=good["hyper"][[0, 1, 2, 0, 1]]), "prompt 0 has 5 masks"),
+        (dict(mask_start=np.array([0, 2], np.int64)), r"mask_start: expected shape \(3\)"),
+        (dict(w2=good["w2"][:, :64].copy()), r"w2: expected shape \(64, 128\)"),
+        (dict(tokens=good["tokens"][:, :, :128].copy()), r"tokens: expected shape"),
+        (dict(rows=np.array([1, 3], np.int64)), "rows: 3 is not a row of tokens"),
+        (dict(out=np.zeros((3, 64, 64), np.float32)[:, ::2]), "C-contiguous"),
+        (dict(hyper=good["hyper"].astype(np.float64)), "dtype"),
+    ]
+    for change, message in cases:
+        error = TypeError if message == "dtype" else ValueError
+        with pytest.raises(error, match=message):
+            _ext.mask_upscaling(**{**good, **change})

@@ -113,3 +113,32 @@ def greedy_match(sim: np.ndarray, threshold: float, max_pairs: int = 0
         s[:, j] = -np.inf
     return (np.asarray(pairs, dtype=np.int64).reshape(-1, 2),
             np.asarray(values, dtype=np.float32))
+
+
+def mask_upscaling(tokens: np.ndarray, rows: np.ndarray, w1: np.ndarray, b1: np.ndarray, ln_weight: np.ndarray,
+                   ln_bias: np.ndarray, eps: float, w2: np.ndarray, b2: np.ndarray, hyper: np.ndarray,
+                   mask_start: np.ndarray, width: int) -> np.ndarray:
+    """SAM's mask upscaling of the prompts ``tokens[rows]``, in float64 with the exact erf (the kernel
+    approximates erf to 5e-7 and computes in float32: compare with a tolerance).
+
+    tokens float32[B, hw, C] (pixels row-major on an h x width grid) -> @ w1 [C, (di, dj, c1)] + b1,
+    LayerNorm over c1, GELU -> @ w2 [C1, (di2, dj2, c2)] + b2, GELU -> logits of mask m (of prompt
+    rows[r] when mask_start[r] <= m < mask_start[r+1]) = activations . hyper[m], at output pixel
+    (4i + 2di + di2, 4j + 2dj + dj2) -> float32[M, 4h, 4w]."""
+    from scipy.special import erf
+
+    def gelu(x: np.ndarray) -> np.ndarray:
+        return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+    hw = tokens.shape[1]
+    c1, c2 = ln_weight.shape[0], hyper.shape[1]
+    height = hw // width
+    x = (tokens[rows].astype(np.float64) @ w1 + b1).reshape(len(rows), hw, 4, c1)   # [R, p, s1, c1]
+    x = (x - x.mean(axis=-1, keepdims=True)) / np.sqrt(x.var(axis=-1, keepdims=True) + eps)
+    x = gelu(x * ln_weight + ln_bias)
+    y = gelu(x @ w2.astype(np.float64) + b2).reshape(len(rows), hw, 4, 4, c2)      # [R, p, s1, s2, c2]
+    prompt_of = np.repeat(np.arange(len(rows)), np.diff(mask_start))
+    logits = np.einsum("mpstc,mc->mpst", y[prompt_of], hyper.astype(np.float64))  # [M, p, s1, s2]
+    logits = logits.reshape(-1, height, width, 2, 2, 2, 2)                        # (i, j, di, dj, di2, dj2)
+    out = logits.transpose(0, 1, 3, 5, 2, 4, 6).reshape(-1, 4 * height, 4 * width)
+    return out.astype(np.float32)

@@ -1,0 +1,80 @@
+"""SAM's mask upscaling on the CPU without ONNX Runtime: one fused kernel for the kept masks.
+
+``decoder_masks.onnx`` computes, per prompt, two stride-2 transposed convolutions (with a
+LayerNorm and two GELUs) from the 64x64 image tokens to 32 channels at 256x256, then each mask's
+product with its hypernetwork row. ONNX Runtime writes every intermediate tensor to memory (8 MB
+per prompt after the second convolution) and runs the second convolution as a product of inner
+width 64, which is memory-bound. ``samreg_rt._ext.mask_upscaling`` does all of it for 16 input
+pixels at a time in registers, for the kept masks only (twice as fast on the ViT-B reference
+preset's mask generation: benchmarks/results/pipeline.md). Results equal the graph's up to float
+rounding (the kernel's erf is a rational approximation, absolute error below 5e-7).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from samreg_rt import _ext
+from samreg_rt.errors import InputError, ModelError
+
+C, C1, C2 = 256, 64, 32  # image-token channels, after the first and after the second transposed convolution
+ARRAYS = ("w1", "b1", "ln_weight", "ln_bias", "eps", "w2", "b2")
+
+
+@dataclass(frozen=True)
+class UpscalingWeights:
+    """Weights of the mask upscaling, channel-last (the export writes them, ``mask_upscaling.npz``).
+
+    w1 float32 (C, 4*C1): first transposed convolution's kernel, columns (di, dj, c1); b1 (4*C1,)
+    its bias repeated per (di, dj); ln_weight, ln_bias (C1,) and eps: the LayerNorm over c1;
+    w2 (C1, 4*C2) and b2 (4*C2,): the second transposed convolution, columns (di2, dj2, c2).
+    """
+
+    w1: np.ndarray
+    b1: np.ndarray
+    ln_weight: np.ndarray
+    ln_bias: np.ndarray
+    eps: float
+    w2: np.ndarray
+    b2: np.ndarray
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path: Path) -> "UpscalingWeights":
+        """Read the .npz written by the export; ``ModelError`` naming ``path`` when it is not one
+        or has missing or mis-shaped arrays."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = {k: np.array(npz[k], np.float32, order="C") for k in ARRAYS}
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"{path}: not a mask-upscaling weights file ({exc})") from None
+        shapes = {"w1": (C, 4 * C1), "b1": (4 * C1,), "ln_weight": (C1,), "ln_bias": (C1,), "eps": (),
+                  "w2": (C1, 4 * C2), "b2": (4 * C2,)}
+        wrong = [f"{k} {arrays[k].shape} (expected {v})" for k, v in shapes.items() if arrays[k].shape != v]
+        if wrong:
+            raise ModelError(f"{path}: mask-upscaling weights of the wrong shape: {', '.join(wrong)}")
+        return cls(eps=float(arrays.pop("eps")), **arrays)
+
+
+def upscale_kept(image_tokens: np.ndarray, hyper_in: np.ndarray, keep: np.ndarray,
+                 weights: UpscalingWeights, width: int) -> np.ndarray:
+    """Low-resolution logits of the kept masks.
+
+    image_tokens: float32 (B, hw, C) and hyper_in (B, K, C2), from ``Engine.decode_tokens`` (hyper_in
+    any K <= 4 of its rows); keep: bool (B, K); width: of the token grid (hw = h * width).
+    Returns float32 (M, 4h, 4w), M = keep.sum(), in the row-major order of ``keep``: equal to
+    ``Engine.decode_masks(image_tokens, hyper_in)[keep]`` up to float rounding.
+    """
+    tokens = np.asarray(image_tokens, np.float32)
+    hyper = np.asarray(hyper_in, np.float32)
+    keep = np.asarray(keep, bool)
+    if tokens.ndim != 3 or hyper.ndim != 3 or keep.shape != hyper.shape[:2] or tokens.shape[0] != keep.shape[0]:
+        raise InputError(f"upscale_kept: expected image_tokens (B, hw, C), hyper_in (B, K, {C2}) and keep (B, K); "
+                         f"got {tokens.shape}, {hyper.shape} and {keep.shape}")
+    rows = np.flatnonzero(keep.any(axis=1))
+    mask_start = np.concatenate([[0], np.cumsum(keep[rows].sum(axis=1))]).astype(np.int64)
+    return _ext.mask_upscaling(np.ascontiguousarray(tokens), rows.astype(np.int64), weights.w1, weights.b1,
+                               weights.ln_weight, weights.ln_bias, weights.eps, weights.w2, weights.b2,
+                               np.ascontiguousarray(hyper[keep]), mask_start, int(width))
