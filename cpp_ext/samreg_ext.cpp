@@ -504,6 +504,78 @@ py::tuple greedy_match(py::handle sim_obj, double threshold, std::int64_t max_pa
 
 
 // ------------------------------------------------------------------------------------------------
+// Separable linear resizing of mask logits (SAM's postprocess_masks as two banded matrices)
+
+// For each row of m [rows, cols], the band [first, last + 1) of its non-zero entries ([0, 0) when
+// the row is zero).
+void row_bands(const float *m, std::int64_t rows, std::int64_t cols, std::vector<std::int64_t> &lo,
+               std::vector<std::int64_t> &hi) {
+    lo.assign(rows, 0);
+    hi.assign(rows, 0);
+    for (std::int64_t i = 0; i < rows; ++i) {
+        const float *row = m + i * cols;
+        std::int64_t a = 0, b = cols;
+        while (a < cols && row[a] == 0.f) ++a;
+        while (b > a && row[b - 1] == 0.f) --b;
+        if (a < b) lo[i] = a, hi[i] = b;
+    }
+}
+
+py::array_t<float> resize_logits(py::handle low_obj, py::handle ry_obj, py::handle rx_obj) {
+    const py::array low = require<float>(low_obj, "low", "float32", 3);
+    const py::array ry_arr = require<float>(ry_obj, "ry", "float32", 2);
+    const py::array rx_arr = require<float>(rx_obj, "rx", "float32", 2);
+    const std::int64_t n = low.shape(0), h = low.shape(1), w = low.shape(2);
+    const std::int64_t out_h = ry_arr.shape(0), out_w = rx_arr.shape(0);
+    if (ry_arr.shape(1) != h || rx_arr.shape(1) != w) {
+        throw py::value_error("resize_logits: ry " + shape_str(ry_arr) + " and rx " + shape_str(rx_arr) +
+                              " must have as many columns as low " + shape_str(low) + " has rows and columns");
+    }
+    const auto *ry = static_cast<const float *>(ry_arr.data());
+    const auto *rx = static_cast<const float *>(rx_arr.data());
+    std::vector<std::int64_t> y_lo, y_hi, c_lo, c_hi;
+    row_bands(ry, out_h, h, y_lo, y_hi);
+    // Columns of rx (input column c feeds output columns [c_lo[c], c_hi[c])), from rx transposed.
+    std::vector<float> rx_t(static_cast<std::size_t>(w * out_w));
+    for (std::int64_t x = 0; x < out_w; ++x)
+        for (std::int64_t c = 0; c < w; ++c) rx_t[c * out_w + x] = rx[x * w + c];
+    row_bands(rx_t.data(), w, out_w, c_lo, c_hi);
+    py::array_t<float> out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(out_h),
+                            static_cast<py::ssize_t>(out_w)});
+    const auto *src = static_cast<const float *>(low.data());
+    float *dst = out.mutable_data();
+    {
+        py::gil_scoped_release release;
+        parallel_for(n, static_cast<double>(h * w + out_h * out_w) * 4, [&](std::int64_t i0, std::int64_t i1) {
+            std::vector<float> tmp(static_cast<std::size_t>(h * out_w));  // low[m] @ rx^T
+            for (std::int64_t m = i0; m < i1; ++m) {
+                const float *lm = src + m * h * w;
+                std::fill(tmp.begin(), tmp.end(), 0.f);
+                for (std::int64_t r = 0; r < h; ++r) {
+                    float *t = tmp.data() + r * out_w;
+                    for (std::int64_t c = 0; c < w; ++c) {
+                        const float v = lm[r * w + c];
+                        const float *wc = rx_t.data() + c * out_w;
+                        for (std::int64_t x = c_lo[c]; x < c_hi[c]; ++x) t[x] += v * wc[x];
+                    }
+                }
+                float *om = dst + m * out_h * out_w;
+                for (std::int64_t y = 0; y < out_h; ++y) {
+                    float *o = om + y * out_w;
+                    std::fill(o, o + out_w, 0.f);
+                    for (std::int64_t r = y_lo[y]; r < y_hi[y]; ++r) {
+                        const float wy = ry[y * h + r];
+                        const float *t = tmp.data() + r * out_w;
+                        for (std::int64_t x = 0; x < out_w; ++x) o[x] += wy * t[x];
+                    }
+                }
+            }
+        });
+    }
+    return out;
+}
+
+// ------------------------------------------------------------------------------------------------
 // Mask upscaling of SAM's decoder, fused (decoder_masks.onnx without ONNX Runtime): per input pixel,
 // the first stride-2 transposed convolution (C -> 2x2 x C1), LayerNorm over C1 and GELU on each of
 // its 2x2 output pixels, the second transposed convolution (C1 -> 2x2 x C2) and GELU, and the dot
@@ -799,6 +871,10 @@ PYBIND11_MODULE(_ext, m) {
           "    -> (int64[K, 2], float32[K])\n\n"
           "Greedy global-max one-to-one assignment over entries > float32(threshold), ties broken "
           "by row-major index; pairs in descending similarity; max_pairs <= 0 keeps all.");
+    m.def("resize_logits", &resize_logits, py::arg("low"), py::arg("ry"), py::arg("rx"),
+          "resize_logits(low: float32[N, h, w], ry: float32[H, h], rx: float32[W, w]) -> float32[N, H, W]\n\n"
+          "ry @ low[n] @ rx.T for banded ry, rx (bilinear resizing maps): the right product first, each\n"
+          "sum over the band between a row's first and last non-zero weight, in ascending order.");
     m.def("mask_upscaling", &mask_upscaling, py::arg("tokens"), py::arg("rows"), py::arg("w1"), py::arg("b1"),
           py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("w2"), py::arg("b2"),
           py::arg("hyper"), py::arg("mask_start"), py::arg("width"), py::arg("out") = py::none(),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import amg_utils, masks as mask_ops
+from . import _ext, amg_utils, masks as mask_ops
 from .engine import Engine, ImageEmbedding
 from .preprocess import Frame
 from .spec import ModelSpec
@@ -175,13 +175,12 @@ def upscale_logits(low: np.ndarray, frame: Frame, out_shape: tuple[int, int],
     """Low-resolution logits (K, 256, 256) -> (K, H, W) float32 on the working grid.
 
     As SAM's ``postprocess_masks`` (bilinear to S x S, crop the padding, bilinear to ``out_shape``),
-    computed as two matrix products per mask (``upscale_matrices``; pass them as ``matrices`` to
-    reuse them across calls) instead of through the S x S image: equal up to float rounding.
+    computed as two banded matrix products per mask (``upscale_matrices``, ``_ext.resize_logits``;
+    pass the matrices as ``matrices`` to reuse them across calls) instead of through the S x S
+    image: equal up to float rounding.
     """
     ry, rx = matrices or upscale_matrices(frame, low.shape[1:], tuple(out_shape))
-    low = np.ascontiguousarray(low, np.float32)
-    cols = (low.reshape(-1, low.shape[2]) @ rx.T).reshape(len(low), low.shape[1], len(rx))  # one product for all
-    return np.matmul(ry, cols)
+    return _ext.resize_logits(np.ascontiguousarray(low, np.float32), ry, rx)
 
 
 def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,

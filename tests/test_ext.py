@@ -471,6 +471,32 @@ def test_amg_stability_wrapper_defaults(rng):
 
 
 # ------------------------------------------------------------------------------------------------
+# Resizing logits with banded matrices
+
+@pytest.mark.parametrize("low_shape,out_shape", [((3, 256, 256), (200, 200)), ((2, 64, 48), (216, 256)),
+                                                 ((0, 16, 16), (8, 8)), ((1, 5, 7), (1, 1))])
+def test_resize_logits_matches_twin(rng, low_shape, out_shape):
+    from samreg_rt.amg import bilinear_matrix
+    low = rng.normal(0, 4, low_shape).astype(np.float32)
+    ry = bilinear_matrix(low_shape[1], out_shape[0]).astype(np.float32)          # banded
+    rx = rng.normal(0, 1, (out_shape[1], low_shape[2])).astype(np.float32)      # dense
+    rx[0] = 0.0                                                                  # an all-zero row: output 0
+    got = _ext.resize_logits(low, ry, rx)
+    want = twins.resize_logits(low, ry, rx)
+    assert got.shape == want.shape == (low_shape[0], *out_shape) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, float(np.abs(want).max(initial=0))))
+    assert not got[:, :, 0].any()
+
+
+def test_resize_logits_rejects_mismatched_matrices(rng):
+    low = np.zeros((2, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="columns"):
+        _ext.resize_logits(low, np.zeros((4, 7), np.float32), np.zeros((4, 8), np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        _ext.resize_logits(low, np.zeros((4, 8)), np.zeros((4, 8), np.float32))
+
+
+# ------------------------------------------------------------------------------------------------
 # Fused mask upscaling
 
 def _upscaling_inputs(rng, counts, height, width):

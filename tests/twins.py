@@ -142,3 +142,9 @@ def mask_upscaling(tokens: np.ndarray, rows: np.ndarray, w1: np.ndarray, b1: np.
     logits = logits.reshape(-1, height, width, 2, 2, 2, 2)                        # (i, j, di, dj, di2, dj2)
     out = logits.transpose(0, 1, 3, 5, 2, 4, 6).reshape(-1, 4 * height, 4 * width)
     return out.astype(np.float32)
+
+
+def resize_logits(low: np.ndarray, ry: np.ndarray, rx: np.ndarray) -> np.ndarray:
+    """float32[N, h, w] -> float32[N, H, W]: ry [H, h] @ low[n] @ rx.T [w, W], computed here in float64
+    (the kernel sums in float32 over each weight row's non-zero band: compare with a tolerance)."""
+    return np.matmul(ry.astype(np.float64), np.matmul(low.astype(np.float64), rx.T.astype(np.float64))).astype(np.float32)
