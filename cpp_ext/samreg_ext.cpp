@@ -533,13 +533,9 @@ py::array_t<float> resize_logits(py::handle low_obj, py::handle ry_obj, py::hand
     }
     const auto *ry = static_cast<const float *>(ry_arr.data());
     const auto *rx = static_cast<const float *>(rx_arr.data());
-    std::vector<std::int64_t> y_lo, y_hi, c_lo, c_hi;
+    std::vector<std::int64_t> y_lo, y_hi, x_lo, x_hi;
     row_bands(ry, out_h, h, y_lo, y_hi);
-    // Columns of rx (input column c feeds output columns [c_lo[c], c_hi[c])), from rx transposed.
-    std::vector<float> rx_t(static_cast<std::size_t>(w * out_w));
-    for (std::int64_t x = 0; x < out_w; ++x)
-        for (std::int64_t c = 0; c < w; ++c) rx_t[c * out_w + x] = rx[x * w + c];
-    row_bands(rx_t.data(), w, out_w, c_lo, c_hi);
+    row_bands(rx, out_w, w, x_lo, x_hi);
     py::array_t<float> out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(out_h),
                             static_cast<py::ssize_t>(out_w)});
     const auto *src = static_cast<const float *>(low.data());
@@ -547,26 +543,25 @@ py::array_t<float> resize_logits(py::handle low_obj, py::handle ry_obj, py::hand
     {
         py::gil_scoped_release release;
         parallel_for(n, static_cast<double>(h * w + out_h * out_w) * 4, [&](std::int64_t i0, std::int64_t i1) {
-            std::vector<float> tmp(static_cast<std::size_t>(h * out_w));  // low[m] @ rx^T
+            std::vector<float> tmp(static_cast<std::size_t>(out_h * w));  // ry @ low[m]
             for (std::int64_t m = i0; m < i1; ++m) {
                 const float *lm = src + m * h * w;
-                std::fill(tmp.begin(), tmp.end(), 0.f);
-                for (std::int64_t r = 0; r < h; ++r) {
-                    float *t = tmp.data() + r * out_w;
-                    for (std::int64_t c = 0; c < w; ++c) {
-                        const float v = lm[r * w + c];
-                        const float *wc = rx_t.data() + c * out_w;
-                        for (std::int64_t x = c_lo[c]; x < c_hi[c]; ++x) t[x] += v * wc[x];
+                for (std::int64_t y = 0; y < out_h; ++y) {  // rows: whole rows of low, vectorised
+                    float *t = tmp.data() + y * w;
+                    std::fill(t, t + w, 0.f);
+                    for (std::int64_t r = y_lo[y]; r < y_hi[y]; ++r) {
+                        const float wy = ry[y * h + r];
+                        const float *row = lm + r * w;
+                        for (std::int64_t c = 0; c < w; ++c) t[c] += wy * row[c];
                     }
                 }
                 float *om = dst + m * out_h * out_w;
-                for (std::int64_t y = 0; y < out_h; ++y) {
-                    float *o = om + y * out_w;
-                    std::fill(o, o + out_w, 0.f);
-                    for (std::int64_t r = y_lo[y]; r < y_hi[y]; ++r) {
-                        const float wy = ry[y * h + r];
-                        const float *t = tmp.data() + r * out_w;
-                        for (std::int64_t x = 0; x < out_w; ++x) o[x] += wy * t[x];
+                for (std::int64_t y = 0; y < out_h; ++y) {  // columns: a short dot product per pixel
+                    const float *t = tmp.data() + y * w;
+                    for (std::int64_t x = 0; x < out_w; ++x) {
+                        float acc = 0.f;
+                        for (std::int64_t c = x_lo[x]; c < x_hi[x]; ++c) acc += t[c] * rx[x * w + c];
+                        om[y * out_w + x] = acc;
                     }
                 }
             }
@@ -637,6 +632,21 @@ __attribute__((always_inline)) inline void transpose16(v16f *r) {
     }
 }
 
+// out[t] = bias[col0 + t] + sum_k x[k] * w[k, col0 + t] for 16 output channels t of a product with
+// the pixels in the lanes (w row-major with kStride columns).
+template <int kStride>
+__attribute__((always_inline)) inline void product16(v16f *out, const v16f *x, int count, const float *w,
+                                                             const float *bias, int col0) {
+    v16f acc[16];
+    for (int t = 0; t < 16; ++t) acc[t] = v16f{} + bias[col0 + t];
+    for (int k = 0; k < count; ++k) {
+        const float *wr = w + k * kStride + col0;
+        const v16f xk = x[k];
+        for (int t = 0; t < 16; ++t) acc[t] += xk * wr[t];
+    }
+    for (int t = 0; t < 16; ++t) out[t] = acc[t];
+}
+
 struct UpscaleArgs {
     const float *tokens;             // [B, hw, C]: image tokens, pixel-major
     const std::int64_t *rows;        // [R]: the prompts (rows of tokens) to upscale
@@ -669,17 +679,7 @@ __attribute__((always_inline)) inline void upscale_body(const UpscaleArgs &a, st
             transpose16(x + k0);
         }
         for (int s1 = 0; s1 < 4; ++s1) {  // output pixel (di, dj) of the first convolution
-            for (int c0 = 0; c0 < kC1; c0 += 16) {
-                const int col0 = s1 * kC1 + c0;
-                v16f acc[16];
-                for (int t = 0; t < 16; ++t) acc[t] = v16f{} + a.b1[col0 + t];
-                for (int k = 0; k < kChannels; ++k) {
-                    const float *wr = a.w1 + k * 4 * kC1 + col0;
-                    const v16f xk = x[k];
-                    for (int t = 0; t < 16; ++t) acc[t] += xk * wr[t];
-                }
-                for (int t = 0; t < 16; ++t) act[c0 + t] = acc[t];
-            }
+            for (int c0 = 0; c0 < kC1; c0 += 16) product16<4 * kC1>(act + c0, x, kChannels, a.w1, a.b1, s1 * kC1 + c0);
             v16f mean = v16f{};
             for (int c = 0; c < kC1; ++c) mean += act[c];
             mean *= 1.f / kC1;
@@ -695,14 +695,8 @@ __attribute__((always_inline)) inline void upscale_body(const UpscaleArgs &a, st
             for (int s2 = 0; s2 < 4; ++s2) {  // output pixel (di2, dj2) of the second convolution
                 for (std::int64_t m = 0; m < masks; ++m) logits[m] = v16f{};
                 for (int half = 0; half < 2; ++half) {  // 16 of its C2 channels at a time
-                    const int col0 = s2 * kC2 + half * 16;
                     v16f acc[16];
-                    for (int t = 0; t < 16; ++t) acc[t] = v16f{} + a.b2[col0 + t];
-                    for (int c = 0; c < kC1; ++c) {
-                        const float *wr = a.w2 + c * 4 * kC2 + col0;
-                        const v16f xc = act[c];
-                        for (int t = 0; t < 16; ++t) acc[t] += xc * wr[t];
-                    }
+                    product16<4 * kC2>(acc, act, kC1, a.w2, a.b2, s2 * kC2 + half * 16);
                     for (int t = 0; t < 16; ++t) acc[t] = gelu16(acc[t]);
                     for (std::int64_t m = 0; m < masks; ++m) {
                         const float *hm = a.hyper + (m0 + m) * kC2 + half * 16;
@@ -873,7 +867,7 @@ PYBIND11_MODULE(_ext, m) {
           "by row-major index; pairs in descending similarity; max_pairs <= 0 keeps all.");
     m.def("resize_logits", &resize_logits, py::arg("low"), py::arg("ry"), py::arg("rx"),
           "resize_logits(low: float32[N, h, w], ry: float32[H, h], rx: float32[W, w]) -> float32[N, H, W]\n\n"
-          "ry @ low[n] @ rx.T for banded ry, rx (bilinear resizing maps): the right product first, each\n"
+          "ry @ low[n] @ rx.T for banded ry, rx (bilinear resizing maps): the left product first, each\n"
           "sum over the band between a row's first and last non-zero weight, in ascending order.");
     m.def("mask_upscaling", &mask_upscaling, py::arg("tokens"), py::arg("rows"), py::arg("w1"), py::arg("b1"),
           py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("w2"), py::arg("b2"),
