@@ -17,6 +17,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <memory>
 #include <string>
 #include <thread>
 #include <utility>
@@ -735,6 +736,14 @@ bool have_avx512() {
     return has;
 }
 
+// Whether a kernel with an AVX-512 build runs it: isa "auto" picks it when the CPU has AVX-512, "generic"
+// forces the portable build (so that tests can run it on any CPU).
+bool use_avx512(const std::string &isa, const char *kernel) {
+    if (isa == "auto") return have_avx512();
+    if (isa == "generic") return false;
+    throw py::value_error(std::string(kernel) + ": isa must be 'auto' or 'generic', got '" + isa + "'");
+}
+
 void require_shape(const py::array &a, const char *name, std::initializer_list<py::ssize_t> shape) {
     py::ssize_t d = 0;
     for (const py::ssize_t size : shape) {
@@ -750,7 +759,9 @@ void require_shape(const py::array &a, const char *name, std::initializer_list<p
 py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py::handle w1_obj,
                                   py::handle b1_obj, py::handle ln_weight_obj, py::handle ln_bias_obj,
                                   double eps, py::handle w2_obj, py::handle b2_obj, py::handle hyper_obj,
-                                  py::handle mask_start_obj, std::int64_t width, py::handle out_obj) {
+                                  py::handle mask_start_obj, std::int64_t width, py::handle out_obj,
+                                  const std::string &isa) {
+    const bool avx512 = use_avx512(isa, "mask_upscaling");
     const py::array tokens = require<float>(tokens_obj, "tokens", "float32", 3);
     const py::array rows_arr = require<std::int64_t>(rows_obj, "rows", "int64", 1);
     const py::array w1 = require<float>(w1_obj, "w1", "float32", 2);
@@ -811,7 +822,7 @@ py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py
                            static_cast<float>(eps), static_cast<const float *>(w2.data()),
                            static_cast<const float *>(b2.data()), static_cast<const float *>(hyper.data()),
                            start, height, width, out.mutable_data()};
-    const UpscaleFn fn = have_avx512() ? upscale_avx512 : upscale_generic;
+    const UpscaleFn fn = avx512 ? upscale_avx512 : upscale_generic;
     constexpr std::int64_t kChunks = 4;  // work items per prompt, so that one prompt fills the threads
     const std::int64_t groups = hw / kLanes;
     {
@@ -828,11 +839,472 @@ py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py
     return out;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Image side of one layer of SAM's two-way transformer, fused, per prompt: the image->token
+// attention update of the image tokens (logits against the prompt's tokens, softmax within each
+// head, value rows), the residual and LayerNorm, then the softmax pooling of the new image tokens
+// by the next layer's token->image logits (a softmax over all pixels, per token). Blocks of
+// kTwVecs * 16 pixels go through all four products with the pixels in the vector lanes (channels
+// and tokens as arrays of vectors); the pooling runs online (running max, sum and weighted sum
+// per token, flash-attention style) per work item, and the work items of a prompt are merged at
+// the end. Only keys_out and the pooled rows leave the caches.
+
+constexpr int kTwVecs = 3;                   // pixel vectors per block
+constexpr int kTwBlock = kTwVecs * kLanes;   // pixels per block
+constexpr int kTwMaxTokens = 64;             // J and J2 limit
+constexpr int kTwTokenBlock = 8;             // tokens per register tile; J, J2 padded to a multiple
+constexpr int kTwChannelBlock = 8;           // channels per register tile of the value product
+
+// exp of each lane: Cephes' expf (range reduction by ln 2 in two parts, degree-5 polynomial, about
+// 1 ulp); 0 below -87.3 (and for -inf), clamped at 88.7.
+__attribute__((always_inline)) inline v16f exp16(v16f x) {
+    const v16f lo = v16f{} - 87.3365447f, hi = v16f{} + 88.7228391f;
+    const v16i under = x < lo;
+    x = x > hi ? hi : x;
+    x = x < lo ? lo : x;
+    const v16f magic = v16f{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+    v16f n = x * 1.44269504088896341f + magic;
+    n = n - magic;
+    v16f r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    v16f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.f;
+    const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
+    v16f scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    const v16f y = p * scale;
+    return under ? v16f{} : y;
+}
+
+struct TwoWayArgs {
+    const float *keys;           // [Bk, P, C]
+    std::int64_t keys_step;      // floats from one prompt's keys to the next (0: shared)
+    const float *pe;             // [P, C]
+    const v16f *pe_t;            // pe in channel-major blocks [blocks][C][kTwVecs] (tw_transpose)
+    const v16f *keys_t;          // the same of keys when they are shared (Bk 1), else null
+    const float *kq;             // [B, J, C]
+    const float *koff;           // [B, J]
+    const float *vwo;            // [B, J, C]
+    const float *ln_weight;      // [C]
+    const float *ln_bias;        // [C]
+    float eps;
+    const float *qk;             // [B, J2, C]
+    std::int64_t pixels;         // P
+    int tokens, tokens2, heads;  // J, J2, heads
+    float *out;                  // [B, P, C]
+};
+
+// Scratch of one work item, in vectors: channel-major pixel tiles [C][kTwVecs] (keys, x, y) and token tiles
+// [64][kTwVecs] (logits, s), the transposed logits matrices [C][64] (kq, qk).
+constexpr std::int64_t kTwTile = kChannels * kTwVecs;
+constexpr std::int64_t kTwTokenTile = kTwMaxTokens * kTwVecs;
+constexpr std::int64_t kTwScratch = 3 * kTwTile + 2 * kTwTokenTile + 2 * kChannels * kTwMaxTokens / kLanes;
+// Running pooling state of one work item, in floats: max[64], sum[64], weighted sum[64][C].
+constexpr std::int64_t kTwState = 2 * kTwMaxTokens + kTwMaxTokens * kChannels;
+
+// transpose16 with the shuffle patterns spelled out as constants (the loop that computes them there
+// is not always folded away).
+__attribute__((always_inline)) inline void tw_transpose16(v16f *r) {
+    const v16i lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const v16i hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const v16i lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+    const v16i hi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+    const v16i lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    const v16i hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+    const v16i lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+    const v16i hi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+    const v16i *los[4] = {&lo8, &lo4, &lo2, &lo1}, *his[4] = {&hi8, &hi4, &hi2, &hi1};
+    for (int round = 0, s = 8; round < 4; ++round, s /= 2) {
+        for (int i = 0; i < 16; ++i) {
+            if (i & s) continue;
+            const v16f a = r[i], b = r[i + s];
+            r[i] = __builtin_shuffle(a, b, *los[round]);
+            r[i + s] = __builtin_shuffle(a, b, *his[round]);
+        }
+    }
+}
+
+// dst[c * kTwVecs + g] = channel c of pixels 16g..16g+15 of the pixel-major rows src[n][C] (zero
+// past row n).
+__attribute__((always_inline)) inline void tw_load_t(v16f *dst, const float *src, int n) {
+    v16f x[kLanes];
+    for (int g = 0; g < kTwVecs; ++g) {
+        for (int c0 = 0; c0 < kChannels; c0 += kLanes) {
+            for (int l = 0; l < kLanes; ++l) {
+                const int p = g * kLanes + l;
+                x[l] = p < n ? load16(src + static_cast<std::int64_t>(p) * kChannels + c0) : v16f{};
+            }
+            tw_transpose16(x);
+            for (int l = 0; l < kLanes; ++l) dst[(c0 + l) * kTwVecs + g] = x[l];
+        }
+    }
+}
+
+// out[(j0 + t) * kTwVecs + v] (+)= sum_{c0 <= c < c1} xt[c * kTwVecs + v] * wt[c * ld + j0 + t] for
+// kTwTokenBlock tokens t, starting from bias[j0 + t] when `first`, else from out. With kPrefetch, also
+// prefetches the c1 - c0 cache lines from `prefetch`.
+template <bool kPrefetch>
+__attribute__((always_inline)) inline void tw_logits_tile(v16f *out, const v16f *xt, const float *wt, int ld, int j0,
+                                                          int c0, int c1, bool first, const float *bias,
+                                                          const char *prefetch) {
+    v16f acc[kTwTokenBlock][kTwVecs];
+    for (int t = 0; t < kTwTokenBlock; ++t)
+        for (int v = 0; v < kTwVecs; ++v) acc[t][v] = first ? v16f{} + bias[j0 + t] : out[(j0 + t) * kTwVecs + v];
+    for (int c = c0; c < c1; ++c) {
+        const float *w = wt + c * ld + j0;
+        if (kPrefetch) __builtin_prefetch(prefetch + (c - c0) * 64);
+        v16f x[kTwVecs];
+        for (int v = 0; v < kTwVecs; ++v) x[v] = xt[c * kTwVecs + v];
+        for (int t = 0; t < kTwTokenBlock; ++t)
+            for (int v = 0; v < kTwVecs; ++v) acc[t][v] += x[v] * w[t];
+    }
+    for (int t = 0; t < kTwTokenBlock; ++t)
+        for (int v = 0; v < kTwVecs; ++v) out[(j0 + t) * kTwVecs + v] = acc[t][v];
+}
+
+// out[j * kTwVecs + v] = bias[j] + sum_c xt[c * kTwVecs + v] * wt[c * ld + j] for the ld tokens j (a
+// [pixels x C] x [C x ld] product), over half the channels at a time so that that half of xt stays
+// in L1 for all token blocks. Prefetches the two 48 KiB tiles at pf0 and pf1 (when not null), a
+// cache line per channel step.
+__attribute__((always_inline)) inline void tw_logits(v16f *out, const v16f *xt, const float *wt, int ld,
+                                                     const float *bias, const char *pf0, const char *pf1) {
+    constexpr int kHalf = kChannels / 2, kLines = kTwTile * sizeof(v16f) / 64;
+    int line = 0;
+    for (int c0 = 0; c0 < kChannels; c0 += kHalf) {
+        for (int j0 = 0; j0 < ld; j0 += kTwTokenBlock, line += kHalf) {
+            const char *pf = line < kLines ? pf0 + line * 64 : pf1 + (line - kLines) * 64;
+            if (pf0 && line < 2 * kLines)
+                tw_logits_tile<true>(out, xt, wt, ld, j0, c0, c0 + kHalf, c0 == 0, bias, pf);
+            else
+                tw_logits_tile<false>(out, xt, wt, ld, j0, c0, c0 + kHalf, c0 == 0, bias, nullptr);
+        }
+    }
+}
+
+// yt[c] = kt[c] + sum_{j < tokens} at[j] * vwo[j, c] for the kTwChannelBlock channels c from c0.
+__attribute__((always_inline)) inline void tw_update(v16f *yt, const v16f *kt, const v16f *at, const float *vwo,
+                                                     int tokens, int c0) {
+    v16f acc[kTwChannelBlock][kTwVecs];
+    for (int t = 0; t < kTwChannelBlock; ++t)
+        for (int v = 0; v < kTwVecs; ++v) acc[t][v] = kt[(c0 + t) * kTwVecs + v];
+    for (int j = 0; j < tokens; ++j) {
+        const float *w = vwo + j * kChannels + c0;
+        v16f a[kTwVecs];
+        for (int v = 0; v < kTwVecs; ++v) a[v] = at[j * kTwVecs + v];
+        for (int t = 0; t < kTwChannelBlock; ++t)
+            for (int v = 0; v < kTwVecs; ++v) acc[t][v] += a[v] * w[t];
+    }
+    for (int t = 0; t < kTwChannelBlock; ++t)
+        for (int v = 0; v < kTwVecs; ++v) yt[(c0 + t) * kTwVecs + v] = acc[t][v];
+}
+
+// acc[(j0 + t) * C + 16 (cv0 + s) + lane] += sum_{p < n} w[(j0 + t) * kTwBlock + p] * z[p, 16 (cv0 + s) + lane]
+// for kTwTokenBlock tokens t and kVecs channel vectors s: one tile of the [J2 x pixels] x
+// [pixels x C] pooling product.
+template <int kVecs>
+__attribute__((always_inline)) inline void tw_pool(float *acc, const float *w, const float *z, int n, int j0,
+                                                   int cv0) {
+    v16f sum[kTwTokenBlock][kVecs];
+    for (int t = 0; t < kTwTokenBlock; ++t)
+        for (int s = 0; s < kVecs; ++s) sum[t][s] = load16(acc + (j0 + t) * kChannels + (cv0 + s) * kLanes);
+    for (int p = 0; p < n; ++p) {
+        v16f zp[kVecs];
+        for (int s = 0; s < kVecs; ++s) zp[s] = load16(z + p * kChannels + (cv0 + s) * kLanes);
+        for (int t = 0; t < kTwTokenBlock; ++t) {
+            const float wt = w[(j0 + t) * kTwBlock + p];
+            for (int s = 0; s < kVecs; ++s) sum[t][s] += zp[s] * wt;
+        }
+    }
+    for (int t = 0; t < kTwTokenBlock; ++t)
+        for (int s = 0; s < kVecs; ++s)
+            std::memcpy(acc + (j0 + t) * kChannels + (cv0 + s) * kLanes, &sum[t][s], sizeof(v16f));
+}
+
+// Pixel blocks [blk0, blk1) of prompt b; pools into state (see kTwState), which it initialises.
+__attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std::int64_t b, std::int64_t blk0,
+                                                        std::int64_t blk1, v16f *scratch, float *state) {
+    const int J = a.tokens, J2 = a.tokens2, T = J / a.heads;
+    const int Jp = (J + kTwTokenBlock - 1) / kTwTokenBlock * kTwTokenBlock;
+    const int J2p = (J2 + kTwTokenBlock - 1) / kTwTokenBlock * kTwTokenBlock;
+    v16f *kload = scratch, *xt = kload + kTwTile, *yt = xt + kTwTile;
+    v16f *lt = yt + kTwTile, *st = lt + kTwTokenTile;
+    float *kqt = reinterpret_cast<float *>(st + kTwTokenTile);                     // [C][Jp]
+    float *qkt = kqt + kChannels * kTwMaxTokens;                                  // [C][J2p]
+    const float *kq = a.kq + b * J * kChannels, *qk = a.qk + b * J2 * kChannels;
+    const float *vwo = a.vwo + b * J * kChannels;
+    for (int c = 0; c < kChannels; ++c) {
+        for (int j = 0; j < Jp; ++j) kqt[c * Jp + j] = j < J ? kq[j * kChannels + c] : 0.f;
+        for (int j = 0; j < J2p; ++j) qkt[c * J2p + j] = j < J2 ? qk[j * kChannels + c] : 0.f;
+    }
+    float koff[kTwMaxTokens] = {};
+    for (int j = 0; j < J; ++j) koff[j] = a.koff[b * J + j];
+    const float zeros[kTwMaxTokens] = {};
+    float *run_max = state, *run_sum = state + kTwMaxTokens, *acc = state + 2 * kTwMaxTokens;
+    for (int j = 0; j < kTwMaxTokens; ++j) run_max[j] = -std::numeric_limits<float>::infinity(), run_sum[j] = 0.f;
+    std::fill(acc, acc + kTwMaxTokens * kChannels, 0.f);
+    const float *keys = a.keys + b * a.keys_step;
+    for (std::int64_t blk = blk0; blk < blk1; ++blk) {
+        const std::int64_t p0 = blk * kTwBlock;
+        const int n = static_cast<int>(std::min<std::int64_t>(kTwBlock, a.pixels - p0));
+        const v16f *pt = a.pe_t + blk * kTwTile;
+        const v16f *kt = kload;
+        if (a.keys_t)
+            kt = a.keys_t + blk * kTwTile;
+        else
+            tw_load_t(kload, keys + p0 * kChannels, n);
+        for (std::int64_t i = 0; i < kTwTile; ++i) xt[i] = kt[i] + pt[i];
+        // image -> token attention: logits, softmax within each head, value rows; residual
+        // the next block's keys and pe tiles (48 KiB each) come into the caches during the first product
+        const char *next_keys = nullptr, *next_pe = nullptr;
+        if (blk + 1 < blk1) {
+            next_keys = a.keys_t ? reinterpret_cast<const char *>(a.keys_t + (blk + 1) * kTwTile)
+                                 : reinterpret_cast<const char *>(keys + (p0 + kTwBlock) * kChannels);
+            next_pe = reinterpret_cast<const char *>(a.pe_t + (blk + 1) * kTwTile);
+        }
+        tw_logits(lt, xt, kqt, Jp, koff, next_keys, next_pe);
+        for (int h = 0; h < a.heads; ++h) {
+            v16f *l = lt + h * T * kTwVecs;
+            for (int v = 0; v < kTwVecs; ++v) {
+                v16f m = l[v];
+                for (int t = 1; t < T; ++t) m = l[t * kTwVecs + v] > m ? l[t * kTwVecs + v] : m;
+                v16f sum = v16f{};
+                for (int t = 0; t < T; ++t) {
+                    const v16f e = exp16(l[t * kTwVecs + v] - m);
+                    l[t * kTwVecs + v] = e;
+                    sum += e;
+                }
+                const v16f inv = 1.f / sum;
+                for (int t = 0; t < T; ++t) l[t * kTwVecs + v] *= inv;
+            }
+        }
+        for (int c0 = 0; c0 < kChannels; c0 += kTwChannelBlock) tw_update(yt, kt, lt, vwo, J, c0);
+        // LayerNorm over the channels (two passes); z into keys_out (pixel-major, 16 channels of 16
+        // pixels at a time), whose rows the pooling then sums, and z + pe for the next logits
+        float *zrows = a.out + (b * a.pixels + p0) * kChannels;
+        for (int v = 0; v < kTwVecs; ++v) {
+            v16f mean = v16f{};
+            for (int c = 0; c < kChannels; ++c) mean += yt[c * kTwVecs + v];
+            mean *= 1.f / kChannels;
+            v16f var = v16f{};
+            for (int c = 0; c < kChannels; ++c) {
+                const v16f d = yt[c * kTwVecs + v] - mean;
+                var += d * d;
+            }
+            v16f inv;
+            for (int l = 0; l < kLanes; ++l) inv[l] = 1.f / std::sqrt(var[l] * (1.f / kChannels) + a.eps);
+            for (int c0 = 0; c0 < kChannels; c0 += kLanes) {
+                v16f z[kLanes];
+                for (int l = 0; l < kLanes; ++l) {
+                    const int c = c0 + l;
+                    z[l] = (yt[c * kTwVecs + v] - mean) * inv * a.ln_weight[c] + a.ln_bias[c];
+                    xt[c * kTwVecs + v] = z[l] + pt[c * kTwVecs + v];
+                }
+                tw_transpose16(z);
+                for (int l = 0; l < kLanes && v * kLanes + l < n; ++l)
+                    std::memcpy(zrows + (v * kLanes + l) * kChannels + c0, &z[l], sizeof(v16f));
+            }
+        }
+        // token -> image logits of the new image tokens
+        tw_logits(st, xt, qkt, J2p, zeros, nullptr, nullptr);
+        // online softmax over the pixels: new running max, rescaled sums, this block's weights
+        float *w = reinterpret_cast<float *>(st);  // [J2p][kTwBlock]
+        for (int j = 0; j < J2p; ++j) {
+            float *s = w + j * kTwBlock;
+            for (int p = n; p < kTwBlock; ++p) s[p] = -std::numeric_limits<float>::infinity();
+            float m = run_max[j];
+            for (int p = 0; p < n; ++p) m = s[p] > m ? s[p] : m;
+            if (m > run_max[j]) {
+                const float scale = std::exp(run_max[j] - m);  // 0 for the first block
+                run_sum[j] *= scale;
+                for (int c = 0; c < kChannels; ++c) acc[j * kChannels + c] *= scale;
+                run_max[j] = m;
+            }
+            v16f sum = v16f{};
+            for (int v = 0; v < kTwVecs; ++v) {
+                const v16f e = exp16(st[j * kTwVecs + v] - m);
+                st[j * kTwVecs + v] = e;
+                sum += e;
+            }
+            for (int l = 0; l < kLanes; ++l) run_sum[j] += sum[l];
+        }
+        for (int cv0 = 0; cv0 + 3 <= kChannels / kLanes; cv0 += 3)
+            for (int j0 = 0; j0 < J2p; j0 += kTwTokenBlock) tw_pool<3>(acc, w, zrows, n, j0, cv0);
+        for (int j0 = 0; j0 < J2p; j0 += kTwTokenBlock) tw_pool<1>(acc, w, zrows, n, j0, kChannels / kLanes - 1);
+    }
+}
+
+// dst[blk] = the channel-major tile of pixel block blk of src [pixels][C] (zero past the end) for
+// blocks [blk0, blk1).
+__attribute__((always_inline)) inline void tw_transpose_body(v16f *dst, const float *src, std::int64_t pixels,
+                                                             std::int64_t blk0, std::int64_t blk1) {
+    for (std::int64_t blk = blk0; blk < blk1; ++blk) {
+        const std::int64_t p0 = blk * kTwBlock;
+        tw_load_t(dst + blk * kTwTile, src + p0 * kChannels,
+                  static_cast<int>(std::min<std::int64_t>(kTwBlock, pixels - p0)));
+    }
+}
+
+using TwTransposeFn = void (*)(v16f *, const float *, std::int64_t, std::int64_t, std::int64_t);
+
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void tw_transpose_avx512(
+    v16f *dst, const float *src, std::int64_t pixels, std::int64_t blk0, std::int64_t blk1) {
+    tw_transpose_body(dst, src, pixels, blk0, blk1);
+}
+void tw_transpose_generic(v16f *dst, const float *src, std::int64_t pixels, std::int64_t blk0, std::int64_t blk1) {
+    tw_transpose_body(dst, src, pixels, blk0, blk1);
+}
+
+// `vecs` vectors in buf, 64-byte aligned (v16f loads and stores assume it; operator new does not
+// give it).
+v16f *aligned_vecs(std::vector<float> &buf, std::int64_t vecs) {
+    buf.resize(static_cast<std::size_t>((vecs + 1) * kLanes));
+    void *start = buf.data();
+    std::size_t space = buf.size() * sizeof(float);
+    return static_cast<v16f *>(std::align(sizeof(v16f), vecs * sizeof(v16f), start, space));
+}
+
+using TwoWayFn = void (*)(const TwoWayArgs &, std::int64_t, std::int64_t, std::int64_t, v16f *, float *);
+
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void two_way_avx512(
+    const TwoWayArgs &a, std::int64_t b, std::int64_t blk0, std::int64_t blk1, v16f *scratch, float *state) {
+    two_way_body(a, b, blk0, blk1, scratch, state);
+}
+void two_way_generic(const TwoWayArgs &a, std::int64_t b, std::int64_t blk0, std::int64_t blk1, v16f *scratch,
+                     float *state) {
+    two_way_body(a, b, blk0, blk1, scratch, state);
+}
+
+// Raises when the memory of out overlaps that of the input `arr` (named `name`).
+void require_disjoint(const py::array &out, const py::array &arr, const char *name) {
+    const auto *o = static_cast<const char *>(out.data()), *x = static_cast<const char *>(arr.data());
+    if (out.nbytes() > 0 && arr.nbytes() > 0 && o < x + arr.nbytes() && x < o + out.nbytes())
+        throw py::value_error(std::string("out: must not overlap ") + name);
+}
+
+py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj, py::handle koff_obj,
+                       py::handle vwo_obj, py::handle ln_weight_obj, py::handle ln_bias_obj, double eps,
+                       py::handle qk_obj, std::int64_t heads, py::handle out_obj, const std::string &isa) {
+    const py::array keys = require<float>(keys_obj, "keys", "float32", 3);
+    const py::array pe = require<float>(pe_obj, "pe", "float32", 2);
+    const py::array kq = require<float>(kq_obj, "kq", "float32", 3);
+    const py::array koff = require<float>(koff_obj, "koff", "float32", 2);
+    const py::array vwo = require<float>(vwo_obj, "vwo", "float32", 3);
+    const py::array ln_weight = require<float>(ln_weight_obj, "ln_weight", "float32", 1);
+    const py::array ln_bias = require<float>(ln_bias_obj, "ln_bias", "float32", 1);
+    const py::array qk = require<float>(qk_obj, "qk", "float32", 3);
+    const std::int64_t shared = keys.shape(0), pixels = keys.shape(1);
+    const std::int64_t batch = kq.shape(0), tokens = kq.shape(1), tokens2 = qk.shape(1);
+    require_shape(keys, "keys", {shared, pixels, kChannels});
+    require_shape(kq, "kq", {batch, tokens, kChannels});
+    if (shared != 1 && shared != batch) {
+        throw py::value_error("keys: " + std::to_string(shared) + " prompts; expected 1 (shared) or kq's " +
+                              std::to_string(batch));
+    }
+    if (pixels < 1) throw py::value_error("keys: expected at least one pixel, got shape " + shape_str(keys));
+    require_shape(pe, "pe", {pixels, kChannels});
+    require_shape(koff, "koff", {batch, tokens});
+    require_shape(vwo, "vwo", {batch, tokens, kChannels});
+    require_shape(ln_weight, "ln_weight", {kChannels});
+    require_shape(ln_bias, "ln_bias", {kChannels});
+    require_shape(qk, "qk", {batch, tokens2, kChannels});
+    if (tokens < 1 || tokens > kTwMaxTokens) {
+        throw py::value_error("kq: " + std::to_string(tokens) + " tokens; expected 1.." +
+                              std::to_string(kTwMaxTokens));
+    }
+    if (tokens2 < 1 || tokens2 > kTwMaxTokens) {
+        throw py::value_error("qk: " + std::to_string(tokens2) + " tokens; expected 1.." +
+                              std::to_string(kTwMaxTokens));
+    }
+    if (heads < 1 || tokens % heads != 0) {
+        throw py::value_error("two_way_pass: heads " + std::to_string(heads) + " must be >= 1 and divide kq's " +
+                              std::to_string(tokens) + " tokens");
+    }
+    if (!(eps > 0) || !std::isfinite(eps)) throw py::value_error("two_way_pass: eps must be positive and finite");
+    const bool avx512 = use_avx512(isa, "two_way_pass");
+    py::array_t<float> out;
+    if (out_obj.is_none()) {
+        out = py::array_t<float>({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(pixels),
+                                  static_cast<py::ssize_t>(kChannels)});
+    } else {
+        out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 3));
+        require_shape(out, "out", {batch, pixels, kChannels});
+        if (!out.writeable()) throw py::value_error("out: array is read-only");
+        for (const auto &[arr, name] : {std::pair<const py::array &, const char *>{keys, "keys"}, {pe, "pe"},
+                                        {kq, "kq"}, {koff, "koff"}, {vwo, "vwo"}, {ln_weight, "ln_weight"},
+                                        {ln_bias, "ln_bias"}, {qk, "qk"}})
+            require_disjoint(out, arr, name);
+    }
+    py::array_t<float> pooled({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(tokens2),
+                               static_cast<py::ssize_t>(kChannels)});
+    const TwoWayFn fn = avx512 ? two_way_avx512 : two_way_generic;
+    const TwTransposeFn transpose = avx512 ? tw_transpose_avx512 : tw_transpose_generic;
+    const std::int64_t blocks = (pixels + kTwBlock - 1) / kTwBlock;
+    // pe (and shared keys) in the channel-major block layout once, for all prompts
+    std::vector<float> pe_buffer, keys_buffer;
+    v16f *pe_t = aligned_vecs(pe_buffer, blocks * kTwTile);
+    v16f *keys_t = shared == 1 && batch > 1 ? aligned_vecs(keys_buffer, blocks * kTwTile) : nullptr;
+    const TwoWayArgs args{static_cast<const float *>(keys.data()), shared == 1 ? 0 : pixels * kChannels,
+                          static_cast<const float *>(pe.data()), pe_t, keys_t, static_cast<const float *>(kq.data()),
+                          static_cast<const float *>(koff.data()), static_cast<const float *>(vwo.data()),
+                          static_cast<const float *>(ln_weight.data()), static_cast<const float *>(ln_bias.data()),
+                          static_cast<float>(eps), static_cast<const float *>(qk.data()), pixels,
+                          static_cast<int>(tokens), static_cast<int>(tokens2), static_cast<int>(heads),
+                          out.mutable_data()};
+    // Work items: (prompt, chunk of pixel blocks), at least kMinItems in all so that few prompts
+    // still fill the threads evenly; each keeps its own pooling state, merged per prompt below.
+    constexpr std::int64_t kMinItems = 16;
+    const std::int64_t chunks = batch > 0 ? std::min(blocks, (kMinItems + batch - 1) / batch) : 1;
+    float *pooled_data = pooled.mutable_data();
+    {
+        py::gil_scoped_release release;
+        std::vector<float> states(static_cast<std::size_t>(batch * chunks * kTwState));
+        parallel_for(blocks, 4.0 * kTwTile * kLanes, [&](std::int64_t b0, std::int64_t b1) {
+            transpose(pe_t, args.pe, pixels, b0, b1);
+            if (keys_t) transpose(keys_t, args.keys, pixels, b0, b1);
+        });
+        const double flops_per_block = 8.0 * kTwBlock * kChannels * (tokens + tokens2);
+        parallel_for(batch * chunks, flops_per_block * blocks / chunks, [&](std::int64_t t0, std::int64_t t1) {
+            std::vector<float> buffer;
+            v16f *scratch = aligned_vecs(buffer, kTwScratch);
+            for (std::int64_t t = t0; t < t1; ++t) {
+                const std::int64_t b = t / chunks, c = t % chunks;
+                fn(args, b, blocks * c / chunks, blocks * (c + 1) / chunks, scratch,
+                   states.data() + t * kTwState);
+            }
+        });
+        // merge the chunks of each prompt: rescale to the largest running max
+        for (std::int64_t b = 0; b < batch; ++b) {
+            for (std::int64_t j = 0; j < tokens2; ++j) {
+                float m = -std::numeric_limits<float>::infinity();
+                for (std::int64_t c = 0; c < chunks; ++c) m = std::max(m, states[(b * chunks + c) * kTwState + j]);
+                float *dst = pooled_data + (b * tokens2 + j) * kChannels;
+                std::fill(dst, dst + kChannels, 0.f);
+                float total = 0.f;
+                for (std::int64_t c = 0; c < chunks; ++c) {
+                    const float *st = states.data() + (b * chunks + c) * kTwState;
+                    const float scale = std::exp(st[j] - m);
+                    total += scale * st[kTwMaxTokens + j];
+                    const float *acc = st + 2 * kTwMaxTokens + j * kChannels;
+                    for (int k = 0; k < kChannels; ++k) dst[k] += scale * acc[k];
+                }
+                const float inv = 1.f / total;
+                for (int k = 0; k < kChannels; ++k) dst[k] *= inv;
+            }
+        }
+    }
+    return py::make_tuple(out, pooled);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_ext, m) {
     m.doc() = "samreg-rt native kernels: bit-packed masks, overlap matrices, NMS, stability "
-              "scores, greedy matching. Numpy twins of each live in tests/twins.py.";
+              "scores, greedy matching, resizing logits, SAM's fused mask upscaling and two-way "
+              "attention pass. Numpy twins of each live in tests/twins.py.";
 
     m.def("pack_masks", &pack_masks, py::arg("masks"),
           "pack_masks(masks: bool[N, H, W]) -> uint64[N, ceil(H*W/64)]\n\n"
@@ -872,15 +1344,32 @@ PYBIND11_MODULE(_ext, m) {
     m.def("mask_upscaling", &mask_upscaling, py::arg("tokens"), py::arg("rows"), py::arg("w1"), py::arg("b1"),
           py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("w2"), py::arg("b2"),
           py::arg("hyper"), py::arg("mask_start"), py::arg("width"), py::arg("out") = py::none(),
+          py::arg("isa") = "auto",
           "mask_upscaling(tokens: float32[B, hw, 256], rows: int64[R], w1: float32[256, 256],\n"
           "    b1: float32[256], ln_weight: float32[64], ln_bias: float32[64], eps,\n"
           "    w2: float32[64, 128], b2: float32[128], hyper: float32[M, 32], mask_start: int64[R+1],\n"
-          "    width, out=None) -> float32[M, 4h, 4w]\n\n"
+          "    width, out=None, isa='auto') -> float32[M, 4h, 4w]\n\n"
           "SAM's mask upscaling of prompts tokens[rows]: first transposed convolution (w1 as\n"
           "[c, (di, dj, c1)], b1), LayerNorm over c1 (eps), GELU, second transposed convolution\n"
           "(w2 as [c1, (di2, dj2, c2)], b2), GELU, then the logits of masks mask_start[r]..\n"
           "mask_start[r+1]-1 of rows[r] (at most 4) with their hyper rows, on the 4h x 4w grid\n"
-          "(h = hw / width; width a multiple of 16), written into out when given.");
+          "(h = hw / width; width a multiple of 16), written into out when given. isa 'auto' runs\n"
+          "the AVX-512 build on CPUs that have it, 'generic' the portable build.");
+    m.def("two_way_pass", &two_way_pass, py::arg("keys"), py::arg("pe"), py::arg("kq"), py::arg("koff"),
+          py::arg("vwo"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("qk"), py::arg("heads"),
+          py::arg("out") = py::none(), py::arg("isa") = "auto",
+          "two_way_pass(keys: float32[Bk, P, 256], pe: float32[P, 256], kq: float32[B, J, 256],\n"
+          "    koff: float32[B, J], vwo: float32[B, J, 256], ln_weight: float32[256], ln_bias: float32[256],\n"
+          "    eps, qk: float32[B, J2, 256], heads, out=None, isa='auto')\n"
+          "    -> (keys_out: float32[B, P, 256], pooled: float32[B, J2, 256])\n\n"
+          "Image side of one layer of SAM's two-way transformer for B prompts (Bk = 1: keys shared by\n"
+          "all; Bk = B: one row each), J <= 64, J2 <= 64, heads dividing J. Per prompt b and pixel p,\n"
+          "x = keys[b, p] + pe[p]; l = kq[b] @ x + koff[b]; a = softmax of l within each head (head h:\n"
+          "tokens h*J/heads..(h+1)*J/heads-1); y = keys[b, p] + a @ vwo[b]; keys_out[b, p] = z =\n"
+          "LayerNorm(y) over the channels (biased variance, eps, ln_weight, ln_bias); then\n"
+          "s[p, j] = qk[b, j] . (z_p + pe[p]) and pooled[b, j] = sum_p softmax_p(s[:, j]) z_p.\n"
+          "keys_out is written into out when given (it must not overlap the inputs). isa 'auto' runs\n"
+          "the AVX-512 build on CPUs that have it, 'generic' the portable build.");
     m.def("mask_upscaling_isa", [] { return std::string(have_avx512() ? "avx512" : "generic"); },
           "mask_upscaling_isa() -> 'avx512' or 'generic': the code path mask_upscaling runs on this CPU.");
 }

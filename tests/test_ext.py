@@ -499,31 +499,12 @@ def test_resize_logits_rejects_mismatched_matrices(rng):
 # ------------------------------------------------------------------------------------------------
 # Fused mask upscaling
 
-def _upscaling_inputs(rng, counts, height, width):
-    """Random kernel inputs with SAM-like scales: tokens of len(counts) + 1 prompts [B, h*w, 256] of
-    which all but the first are upscaled (in reverse order), weights, hyper rows per ``counts``."""
-    prompts = len(counts)
-    return dict(
-        tokens=rng.normal(0, 1, (prompts + 1, height * width, 256)).astype(np.float32),
-        rows=np.arange(prompts, 0, -1, dtype=np.int64),
-        w1=rng.normal(0, 1 / 16, (256, 256)).astype(np.float32),
-        b1=rng.normal(0, 0.1, 256).astype(np.float32),
-        ln_weight=rng.normal(1, 0.1, 64).astype(np.float32),
-        ln_bias=rng.normal(0, 0.1, 64).astype(np.float32),
-        eps=1e-6,
-        w2=rng.normal(0, 1 / 8, (64, 128)).astype(np.float32),
-        b2=rng.normal(0, 0.1, 128).astype(np.float32),
-        hyper=rng.normal(0, 1, (int(sum(counts)), 32)).astype(np.float32),
-        mask_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        width=width,
-    )
-
-
 @pytest.mark.parametrize("counts,height,width", [([3, 0, 1, 4], 16, 32), ([1], 64, 64), ([0, 0], 16, 16),
                                                  ([2, 3], 8, 48)])
-def test_mask_upscaling_matches_twin(rng, counts, height, width):
-    args = _upscaling_inputs(rng, counts, height, width)
-    got = _ext.mask_upscaling(**args)
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+def test_mask_upscaling_matches_twin(rng, counts, height, width, isa):
+    args = twins.upscaling_inputs(rng, counts, height, width)
+    got = _ext.mask_upscaling(**args, isa=isa)
     want = twins.mask_upscaling(**args)
     assert got.shape == want.shape == (sum(counts), 4 * height, 4 * width) and got.dtype == np.float32
     # float32 accumulation and a rational erf (5e-7) against float64 with the exact erf
@@ -534,7 +515,7 @@ def test_mask_upscaling_matches_twin(rng, counts, height, width):
 def test_mask_upscaling_layout(rng):
     """Each input pixel's 16 outputs land in its own 4x4 block: a change at one input pixel moves
     only that block of the logits."""
-    args = _upscaling_inputs(rng, [2], 16, 16)
+    args = twins.upscaling_inputs(rng, [2], 16, 16)
     base = _ext.mask_upscaling(**args)
     args["tokens"][1, 5 * 16 + 7] += rng.normal(0, 1, 256).astype(np.float32)  # input pixel (i, j) = (5, 7)
     changed = np.abs(_ext.mask_upscaling(**args) - base) > 0
@@ -542,7 +523,7 @@ def test_mask_upscaling_layout(rng):
 
 
 def test_mask_upscaling_rejects_bad_arguments(rng):
-    good = _upscaling_inputs(rng, [2, 1], 16, 16)
+    good = twins.upscaling_inputs(rng, [2, 1], 16, 16)
     cases = [
         (dict(width=24), "multiple of 16"),
         (dict(width=0), "multiple of 16"),
@@ -555,8 +536,157 @@ def test_mask_upscaling_rejects_bad_arguments(rng):
         (dict(rows=np.array([1, 3], np.int64)), "rows: 3 is not a row of tokens"),
         (dict(out=np.zeros((3, 64, 64), np.float32)[:, ::2]), "C-contiguous"),
         (dict(hyper=good["hyper"].astype(np.float64)), "dtype"),
+        (dict(isa="avx2"), "isa must be 'auto' or 'generic'"),
+        (dict(isa="AUTO"), "isa must be 'auto' or 'generic'"),
     ]
     for change, message in cases:
         error = TypeError if message == "dtype" else ValueError
         with pytest.raises(error, match=message):
             _ext.mask_upscaling(**{**good, **change})
+
+
+# ------------------------------------------------------------------------------------------------
+# Two-way attention pass (image side of a layer of SAM's two-way transformer)
+
+TWO_WAY_CASES = [  # batch, shared keys, pixels, J, J2, heads, logit std
+    (1, True, 100, 56, 56, 8, 3.0),
+    (5, False, 100, 56, 40, 8, 3.0),
+    (5, True, 4096, 56, 56, 8, 3.0),
+    (1, False, 4096, 16, 24, 4, 3.0),
+    (5, False, 100, 16, 16, 4, 30.0),    # large logits: both softmaxes far from uniform
+    (2, True, 4096, 56, 56, 8, 30.0),
+    (3, True, 1, 64, 64, 64, 3.0),       # one pixel; one token per head (attention weights all 1)
+    (2, False, 47, 8, 1, 1, 3.0),        # fewer pixels than one block, one pooled token
+]
+
+
+def _assert_two_way_close(got, want):
+    keys_out, pooled = got
+    want_keys, want_pooled = want
+    assert keys_out.dtype == pooled.dtype == np.float32
+    assert keys_out.shape == want_keys.shape and pooled.shape == want_pooled.shape
+    # float32 products over 256 channels and a polynomial exp against float64
+    np.testing.assert_allclose(keys_out, want_keys, rtol=1e-4, atol=1e-4 * float(np.abs(want_keys).max()))
+    np.testing.assert_allclose(pooled, want_pooled, rtol=1e-4, atol=1e-4 * float(np.abs(want_pooled).max()))
+
+
+@pytest.mark.parametrize("batch,shared,pixels,tokens,tokens2,heads,logit_std", TWO_WAY_CASES)
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+def test_two_way_pass_matches_twin(rng, batch, shared, pixels, tokens, tokens2, heads, logit_std, isa):
+    args = twins.two_way_inputs(rng, batch, shared, pixels, tokens, tokens2, heads, logit_std)
+    got = _ext.two_way_pass(**args, isa=isa)
+    want = twins.two_way_pass(**args)
+    _assert_two_way_close(got, want)
+    keys_out, pooled = got
+    assert keys_out.shape == (batch, pixels, 256) and pooled.shape == (batch, tokens2, 256)
+    # LayerNorm output: per pixel, (z - ln_bias) / ln_weight has mean 0 and variance 1 (up to eps)
+    unit = (keys_out.astype(np.float64) - args["ln_bias"]) / args["ln_weight"]
+    np.testing.assert_allclose(unit.mean(axis=-1), 0, atol=1e-4)
+    np.testing.assert_allclose(unit.var(axis=-1), 1, atol=1e-3)
+    if pixels > 1 and logit_std > 10:  # peaked pooling: far from the plain mean over the pixels
+        assert np.abs(pooled - keys_out.mean(axis=1, keepdims=True)).max() > 0.1
+
+
+def test_two_way_pass_out_buffer(rng):
+    args = twins.two_way_inputs(rng, 3, True, 200, 56, 56, 8)
+    keys_out, pooled = _ext.two_way_pass(**args)
+    out = np.full((3, 200, 256), np.nan, np.float32)
+    got_keys, got_pooled = _ext.two_way_pass(**args, out=out)
+    assert got_keys is out
+    np.testing.assert_array_equal(out, keys_out)       # the same code path: identical
+    np.testing.assert_array_equal(got_pooled, pooled)
+    assert not np.shares_memory(got_pooled, out)
+
+
+def test_two_way_pass_shared_keys_equal_repeated_keys(rng):
+    """Bk = 1 (keys transposed once for all prompts) gives what the same keys repeated per prompt give."""
+    args = twins.two_way_inputs(rng, 4, True, 300, 56, 56, 8)
+    shared = _ext.two_way_pass(**args)
+    repeated = _ext.two_way_pass(**{**args, "keys": np.repeat(args["keys"], 4, axis=0)})
+    np.testing.assert_array_equal(shared[0], repeated[0])
+    np.testing.assert_array_equal(shared[1], repeated[1])
+
+
+def test_two_way_pass_prompts_are_independent(rng):
+    """One prompt alone (its pixels split into many chunks merged at the end) gives what it gives
+    inside a batch of 20 (one chunk per prompt)."""
+    args = twins.two_way_inputs(rng, 20, False, 4096, 56, 56, 8, logit_std=10.0)
+    batch_keys, batch_pooled = _ext.two_way_pass(**args)
+    for b in (0, 13):
+        one = {k: (v[b:b + 1] if k in ("keys", "kq", "koff", "vwo", "qk") else v) for k, v in args.items()}
+        keys_out, pooled = _ext.two_way_pass(**one)
+        np.testing.assert_array_equal(keys_out[0], batch_keys[b])
+        np.testing.assert_allclose(pooled[0], batch_pooled[b], rtol=1e-5, atol=1e-5 * float(np.abs(pooled).max()))
+
+
+def test_two_way_pass_isa_builds_agree(rng):
+    args = twins.two_way_inputs(rng, 2, False, 500, 56, 48, 8)
+    auto, generic = _ext.two_way_pass(**args, isa="auto"), _ext.two_way_pass(**args, isa="generic")
+    for a, g in zip(auto, generic):
+        np.testing.assert_allclose(a, g, rtol=1e-5, atol=1e-5 * float(np.abs(g).max()))
+
+
+def test_two_way_pass_extreme_logits_stay_finite(rng):
+    """Logits of std 1000 (exp overflows float32 without the max subtraction): the pooling
+    picks each token's best pixel, as the float64 twin does."""
+    args = twins.two_way_inputs(rng, 2, True, 1000, 56, 56, 8, logit_std=1000.0)
+    keys_out, pooled = _ext.two_way_pass(**args)
+    assert np.isfinite(keys_out).all() and np.isfinite(pooled).all()
+    want_keys, want_pooled = twins.two_way_pass(**args)
+    np.testing.assert_allclose(keys_out, want_keys, rtol=0, atol=1e-3 * float(np.abs(want_keys).max()))
+    np.testing.assert_allclose(pooled, want_pooled, rtol=0, atol=1e-3 * float(np.abs(want_pooled).max()))
+
+
+def test_two_way_pass_rejects_bad_arguments(rng):
+    good = twins.two_way_inputs(rng, 3, False, 20, 16, 8, 4)
+    f64 = {k: v.astype(np.float64) for k, v in good.items() if isinstance(v, np.ndarray)}
+    read_only = np.zeros((3, 20, 256), np.float32)
+    read_only.flags.writeable = False
+    cases = [
+        *((dict(**{name: arr}), f"{name}: expected dtype float32") for name, arr in f64.items()),
+        (dict(keys=good["keys"].tolist()), "keys: expected a numpy.ndarray"),
+        (dict(keys=good["keys"][0]), "keys: expected 3 dimensions"),
+        (dict(keys=good["keys"][:, :, :128].copy()), r"keys: expected shape \(3, 20, 256\)"),
+        (dict(keys=good["keys"][:2]), "keys: 2 prompts; expected 1 .shared. or kq's 3"),
+        (dict(keys=good["keys"][:, :0], pe=good["pe"][:0]), "at least one pixel"),
+        (dict(keys=np.repeat(good["keys"], 2, axis=2)[:, :, ::2]), "keys: array is not C-contiguous"),
+        (dict(pe=good["pe"][:19].copy()), r"pe: expected shape \(20, 256\)"),
+        (dict(kq=good["kq"][:, :, :255].copy()), r"kq: expected shape \(3, 16, 256\)"),
+        (dict(koff=good["koff"][:, :15].copy()), r"koff: expected shape \(3, 16\)"),
+        (dict(vwo=good["vwo"][:2].copy()), r"vwo: expected shape \(3, 16, 256\)"),
+        (dict(ln_weight=good["ln_weight"][:64].copy()), r"ln_weight: expected shape \(256\)"),
+        (dict(ln_bias=good["ln_bias"][None]), "ln_bias: expected 1 dimensions"),
+        (dict(qk=good["qk"][:1].copy()), r"qk: expected shape \(3, 8, 256\)"),
+        (dict(kq=np.zeros((3, 72, 256), np.float32), koff=np.zeros((3, 72), np.float32),
+              vwo=np.zeros((3, 72, 256), np.float32)), r"kq: 72 tokens; expected 1\.\.64"),
+        (dict(kq=np.zeros((3, 0, 256), np.float32), koff=np.zeros((3, 0), np.float32),
+              vwo=np.zeros((3, 0, 256), np.float32)), r"kq: 0 tokens"),
+        (dict(qk=np.zeros((3, 65, 256), np.float32)), r"qk: 65 tokens; expected 1\.\.64"),
+        (dict(heads=3), "heads 3 must be >= 1 and divide kq's 16 tokens"),
+        (dict(heads=0), "heads 0 must be >= 1"),
+        (dict(heads=-4), "heads -4 must be >= 1"),
+        (dict(eps=0.0), "eps must be positive"),
+        (dict(eps=-1e-5), "eps must be positive"),
+        (dict(eps=float("nan")), "eps must be positive"),
+        (dict(out=read_only), "out: array is read-only"),
+        (dict(out=np.zeros((3, 20, 128), np.float32)), r"out: expected shape \(3, 20, 256\)"),
+        (dict(out=np.zeros((3, 20, 256), np.float64)), "out: expected dtype float32"),
+        (dict(out=np.zeros((3, 20, 512), np.float32)[:, :, ::2]), "out: array is not C-contiguous"),
+        (dict(out=good["keys"]), "out: must not overlap keys"),
+        (dict(out=np.zeros((3, 20, 256), np.float32).reshape(-1)[:256 * 20].reshape(1, 20, 256)),
+         r"out: expected shape \(3, 20, 256\)"),
+        (dict(isa="avx512"), "isa must be 'auto' or 'generic'"),
+        (dict(isa=""), "isa must be 'auto' or 'generic'"),
+    ]
+    _ext.two_way_pass(**good)  # accepted
+    for change, message in cases:
+        error = TypeError if ("dtype" in message or "ndarray" in message) else ValueError
+        with pytest.raises(error, match=message):
+            _ext.two_way_pass(**{**good, **change})
+    buffer = np.zeros(2 * 3 * 20 * 256, np.float32)
+    keys = buffer[:3 * 20 * 256].reshape(3, 20, 256)
+    with pytest.raises(ValueError, match="out: must not overlap keys"):  # overlapping by one row
+        _ext.two_way_pass(**{**good, "keys": keys, "out": buffer[256:256 + 3 * 20 * 256].reshape(3, 20, 256)})
+    with pytest.raises(ValueError, match="out: must not overlap pe"):
+        _ext.two_way_pass(**{**good, "pe": buffer[:20 * 256].reshape(20, 256), "out": buffer.reshape(2, 3, 20, 256)[0]})
+    _ext.two_way_pass(**{**good, "keys": keys, "out": buffer[3 * 20 * 256:].reshape(3, 20, 256)})  # adjacent: fine

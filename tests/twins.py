@@ -2,7 +2,8 @@
 
 Each twin is a direct, unoptimised statement of what its kernel computes, including the float
 widths and comparison precisions, so tests can demand bit-identical results. The kernels'
-argument validation is not repeated here.
+argument validation is not repeated here. The random-input builders at the end (SAM-like scales) are
+shared by tests/test_ext.py and benchmarks/kernels.py.
 """
 from __future__ import annotations
 
@@ -148,3 +149,71 @@ def resize_logits(low: np.ndarray, ry: np.ndarray, rx: np.ndarray) -> np.ndarray
     """float32[N, h, w] -> float32[N, H, W]: ry [H, h] @ low[n] @ rx.T [w, W], computed here in float64
     (the kernel sums in float32 over each weight row's non-zero band: compare with a tolerance)."""
     return np.matmul(ry.astype(np.float64), np.matmul(low.astype(np.float64), rx.T.astype(np.float64))).astype(np.float32)
+
+
+def two_way_pass(keys: np.ndarray, pe: np.ndarray, kq: np.ndarray, koff: np.ndarray, vwo: np.ndarray,
+                 ln_weight: np.ndarray, ln_bias: np.ndarray, eps: float, qk: np.ndarray, heads: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The image side of one layer of SAM's two-way transformer, in float64 (the kernel computes in
+    float32 with a polynomial exp and online softmax: compare with a tolerance).
+
+    keys [Bk, P, C] (Bk 1: shared by the B prompts), pe [P, C], kq [B, J, C], koff [B, J], vwo [B, J, C],
+    qk [B, J2, C]: x = keys + pe; logits x @ kq[b].T + koff[b], softmax within each of ``heads`` groups
+    of J / heads consecutive tokens; y = keys + attention @ vwo[b]; z = LayerNorm(y) over C (biased
+    variance); s = (z + pe) @ qk[b].T; pooled[b, j] = softmax over the P pixels of s[b, :, j] times z.
+    -> (keys_out float32[B, P, C] = z, pooled float32[B, J2, C])."""
+    batch, tokens, _ = kq.shape
+    k = np.broadcast_to(keys.astype(np.float64), (batch, *keys.shape[1:]))           # [B, P, C]
+    pe64 = pe.astype(np.float64)
+    logits = np.einsum("bpc,bjc->bpj", k + pe64, kq.astype(np.float64)) + koff[:, None, :]
+    logits = logits.reshape(batch, -1, heads, tokens // heads)
+    attn = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    attn = (attn / attn.sum(axis=-1, keepdims=True)).reshape(batch, -1, tokens)      # [B, P, J]
+    y = k + attn @ vwo.astype(np.float64)
+    z = (y - y.mean(axis=-1, keepdims=True)) / np.sqrt(y.var(axis=-1, keepdims=True) + eps)
+    z = z * ln_weight.astype(np.float64) + ln_bias.astype(np.float64)
+    s = np.einsum("bpc,bjc->bjp", z + pe64, qk.astype(np.float64))                   # [B, J2, P]
+    weights = np.exp(s - s.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return z.astype(np.float32), (weights @ z).astype(np.float32)
+
+
+def upscaling_inputs(rng: np.random.Generator, counts: list[int], height: int, width: int) -> dict:
+    """Random mask_upscaling inputs with SAM-like scales: tokens of len(counts) + 1 prompts [B, h*w, 256] of
+    which all but the first are upscaled (in reverse order), weights, hyper rows per ``counts``."""
+    prompts = len(counts)
+    return dict(
+        tokens=rng.normal(0, 1, (prompts + 1, height * width, 256)).astype(np.float32),
+        rows=np.arange(prompts, 0, -1, dtype=np.int64),
+        w1=rng.normal(0, 1 / 16, (256, 256)).astype(np.float32),
+        b1=rng.normal(0, 0.1, 256).astype(np.float32),
+        ln_weight=rng.normal(1, 0.1, 64).astype(np.float32),
+        ln_bias=rng.normal(0, 0.1, 64).astype(np.float32),
+        eps=1e-6,
+        w2=rng.normal(0, 1 / 8, (64, 128)).astype(np.float32),
+        b2=rng.normal(0, 0.1, 128).astype(np.float32),
+        hyper=rng.normal(0, 1, (int(sum(counts)), 32)).astype(np.float32),
+        mask_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        width=width,
+    )
+
+
+def two_way_inputs(rng: np.random.Generator, batch: int, shared: bool, pixels: int, tokens: int, tokens2: int,
+                   heads: int, logit_std: float = 3.0) -> dict:
+    """Random two_way_pass inputs with SAM-like scales: keys and pe ~ N(0, 1) (keys [1, P, 256] when
+    ``shared``, else [batch, P, 256]), kq and qk scaled so that the logits have a standard deviation
+    of about ``logit_std``, value rows and LayerNorm parameters near SAM's."""
+    c = 256
+    w_std = logit_std / np.sqrt(2 * c)  # x = keys + pe (and z + pe) has variance about 2 per channel
+    return dict(
+        keys=rng.normal(0, 1, (1 if shared else batch, pixels, c)).astype(np.float32),
+        pe=rng.normal(0, 1, (pixels, c)).astype(np.float32),
+        kq=rng.normal(0, w_std, (batch, tokens, c)).astype(np.float32),
+        koff=rng.normal(0, 1, (batch, tokens)).astype(np.float32),
+        vwo=rng.normal(0, 0.5, (batch, tokens, c)).astype(np.float32),
+        ln_weight=rng.normal(1, 0.1, c).astype(np.float32),
+        ln_bias=rng.normal(0, 0.1, c).astype(np.float32),
+        eps=1e-5,
+        qk=rng.normal(0, w_std, (batch, tokens2, c)).astype(np.float32),
+        heads=heads,
+    )
