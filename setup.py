@@ -11,6 +11,7 @@ RUNTIME = [
     "tqdm==4.70.1",
     "scipy==1.17.1",
     "pillow==13.0.0",
+    "threadpoolctl==3.8.0",
 ]
 EXTRAS = {
     "gpu": ["onnxruntime-gpu==1.31.1"],

@@ -15,9 +15,10 @@ Everything runs in one process on this machine, with ``--threads`` threads for O
    each GEMM-class node's input and output shapes. The warm-up run is left out. "% of peak" is the
    time the counted work takes at the measured peaks (fp32 FLOPs at the fp32 peak, int8 ops at the
    int8 peak) over the latency: of the whole graph, and of its GEMM-class kernels alone. Where the
-   engine upscales masks with the fused CPU kernel (``samreg_rt.upscaling``), its row is timed by
-   wall clock on the same batch and credited with ``decoder_masks``' FLOPs, and the decoder figure
-   is decoder_tokens + the kernel, as mask generation runs them.
+   engine runs a step on its fused CPU path instead (``samreg_rt.two_way`` for decoder_tokens,
+   ``samreg_rt.upscaling`` for decoder_masks), that path's row is timed by wall clock on the same
+   batch and credited with the graph's FLOPs, and the decoder figure adds the two steps as mask
+   generation runs them.
 3. PyTorch eager, same weights: encoder latency (ORT figures from the profiled runs) and mask
    generation: ``amg.generate`` on the samreg-rt decoder against the same ``amg.generate`` driven
    by Meta's PyTorch decoder (``parity.torch_decoder``, in chunks of ``parity.CHUNK`` prompts) on
@@ -77,6 +78,8 @@ GEMM_OPS = {"MatMul", "FusedMatMul", "Gemm", "FusedGemm", "MatMulInteger", "Dyna
             "MatMulIntegerToFloat", "Conv", "FusedConv", "ConvTranspose", "Einsum"}
 INT8_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 DECODER_BATCH = amg.AmgParams().batch_size   # the batch mask generation runs (64)
+FUSED_TOKENS = f"litemedsam fused decoder tokens (B={DECODER_BATCH})"
+FUSED_MASKS = f"litemedsam fused mask upscaling (B={DECODER_BATCH}, K=1)"
 TARGETS = {"amg_speedup": 3.0, "mask_iou": 0.99, "decoder_peak_pct": 50.0}
 FULL = {"sizes": [128, 256, 512, 1024], "rois": [10, 30, 100, 300, 1000], "batches": [8, 16, 32, 64, 128]}
 QUICK = {"sizes": [128, 256], "rois": [10, 30, 100], "batches": [16, 64]}
@@ -317,7 +320,9 @@ def markdown(r: dict[str, Any]) -> str:
     skipped = sorted({op for g in r["graphs"].values() for op in g["uncounted"]})
     d = r["decoder"]
     lines += ["", f"Decoder ({DECODER_BATCH} box prompts, tokens + masks as mask generation runs them: "
-              f"{'the fused kernel' if r['fused_upscaling'] else 'decoder_masks'}): {d['achieved_gops']:.1f} GFLOP/s = "
+              f"tokens {'fused (samreg_rt.two_way)' if r['decoder_path']['tokens'] == 'fused' else 'decoder_tokens'}, "
+              f"masks {'fused (_ext.mask_upscaling)' if r['decoder_path']['masks'] == 'fused' else 'decoder_masks'})"
+              f": {d['achieved_gops']:.1f} GFLOP/s = "
               f"{d['pct_peak']:.0f}% of the fp32 peak ({d['pct_peak_gemm']:.0f}% in its GEMM kernels). "
               f"Uncounted GEMM-class ops: {', '.join(skipped) or 'none'}.", "",
               "## 3. Against PyTorch eager (same weights, same threads)", "",
@@ -390,29 +395,31 @@ def decoder_profiles(model_dir: Path, engine: Engine, emb: ImageEmbedding, param
     _, hyper_in, image_tokens = engine.decode_tokens(emb.embedding, coords, labels)
     masks = profile_graph(model_dir / "decoder_masks.onnx", {"image_tokens": image_tokens, "hyper_in": hyper_in[:, :1]},
                           threads, runs, work)
-    rows = {f"litemedsam decoder_tokens (B={DECODER_BATCH})":
-            profile_graph(model_dir / "decoder_tokens.onnx", feed, threads, runs, work),
+    tokens = profile_graph(model_dir / "decoder_tokens.onnx", feed, threads, runs, work)
+    rows = {f"litemedsam decoder_tokens (B={DECODER_BATCH})": tokens,
             f"litemedsam decoder_masks (B={DECODER_BATCH}, K=1)": masks}
+    if engine.two_way is not None:
+        rows[FUSED_TOKENS] = fused_profile(lambda: engine.decode_tokens(emb.embedding, coords, labels),
+                                           "two_way", tokens["gflop_fp32"], runs)
     if engine.mask_upscaling is not None:
-        rows[f"litemedsam fused mask upscaling (B={DECODER_BATCH}, K=1)"] = fused_upscaling_profile(
-            engine, image_tokens, hyper_in[:, :1], masks["gflop_fp32"], runs)
+        keep = np.ones((len(coords), 1), bool)
+        rows[FUSED_MASKS] = fused_profile(lambda: engine.decode_kept_masks(image_tokens, hyper_in[:, :1], keep),
+                                          "mask_upscaling", masks["gflop_fp32"], runs)
     return rows
 
 
-def fused_upscaling_profile(engine: Engine, image_tokens: np.ndarray, hyper_in: np.ndarray, gflop: float,
-                            runs: int) -> dict[str, Any]:
-    """``decoder_masks``' work through the fused CPU kernel (``Engine.decode_kept_masks`` with every mask
-    kept), as mask generation runs it: median wall time of ``runs`` after a warm-up, in the fields of
-    ``profile_graph``. Its work is the graph's (``gflop``); all of its time counts as GEMM-class, since
-    the element-wise steps run inside the kernel's products."""
-    keep = np.ones(hyper_in.shape[:2], bool)
+def fused_profile(run: Callable[[], Any], name: str, gflop: float, runs: int) -> dict[str, Any]:
+    """A graph's work through the engine's fused CPU path (``run``), as mask generation runs it: median
+    wall time of ``runs`` after a warm-up, in the fields of ``profile_graph``. Its work is the graph's
+    (``gflop``); all of its time counts as GEMM-class, since the element-wise steps run inside the
+    kernels' products (the two-way decoder's numpy token side included)."""
     times = []
     for _ in range(runs + 1):
         start = time.perf_counter()
-        engine.decode_kept_masks(image_tokens, hyper_in, keep)
+        run()
         times.append(time.perf_counter() - start)
     latency = statistics.median(times[1:])
-    return {"latency_s": latency, "gflop_fp32": gflop, "gop_int8": 0.0, "op_ms": {"mask_upscaling": 1e3 * latency},
+    return {"latency_s": latency, "gflop_fp32": gflop, "gop_int8": 0.0, "op_ms": {name: 1e3 * latency},
             "gemm_ms": 1e3 * latency, "uncounted": []}
 
 
@@ -471,11 +478,14 @@ def main(argv: list[str] | None = None) -> int:
         decoders = decoder_profiles(graphs["litemedsam"], engine, embs["fixed"], params, args.threads, runs, work)
     profiles = {f"{k} encoder {p}": e["profiles"][p] for k, e in report["encoders"].items() for p in ("fp32", "int8")}
     report["graphs"] = {name: {**p, **throughput(p, peaks)} for name, p in {**profiles, **decoders}.items()}
-    tokens, *_, masks = decoders.values()            # masks: the path mask generation runs (fused when there)
+    # the decoder as mask generation runs it: each step fused where the engine has the kernel
+    tokens = decoders.get(FUSED_TOKENS, decoders[f"litemedsam decoder_tokens (B={DECODER_BATCH})"])
+    masks = decoders.get(FUSED_MASKS, decoders[f"litemedsam decoder_masks (B={DECODER_BATCH}, K=1)"])
     report["decoder"] = throughput({"latency_s": tokens["latency_s"] + masks["latency_s"], "gop_int8": 0.0,
                                     "gemm_ms": tokens["gemm_ms"] + masks["gemm_ms"],
                                     "gflop_fp32": tokens["gflop_fp32"] + masks["gflop_fp32"]}, peaks)
-    report["fused_upscaling"] = engine.mask_upscaling is not None
+    report["decoder_path"] = {"tokens": "fused" if FUSED_TOKENS in decoders else "graph",
+                              "masks": "fused" if FUSED_MASKS in decoders else "graph"}
     report["amg"] = amg_vs_torch(engine, embs["fixed"], params, runs)
     report["targets_met"] = {
         f"mask generation >= {TARGETS['amg_speedup']:g}x PyTorch eager":

@@ -33,7 +33,7 @@ GRAPH_FILES = {
              "decoder_tokens": "decoder_tokens.fp16.onnx", "decoder_masks": "decoder_masks.fp16.onnx"},
     "int8": {"encoder": "encoder.int8.onnx"},  # + the fp32 decoders (quantize.CONVERTED_GRAPHS)
 }
-WEIGHT_FILES = {"mask_upscaling": "mask_upscaling.npz"}
+WEIGHT_FILES = {"mask_upscaling": "mask_upscaling.npz", "two_way": "two_way.npz"}
 EXPORTERS = {"encoder": onnx_export.export_encoder, "decoder": onnx_export.export_decoder,
              "decoder_tokens": onnx_export.export_decoder_tokens, "decoder_masks": onnx_export.export_decoder_masks}
 
@@ -109,7 +109,8 @@ def export_model(
     log.info("exporting %s (%s) to %s", source, loaded.arch, out)
     fp32 = {g: export(sam, out / GRAPH_FILES["fp32"][g], opset) for g, export in EXPORTERS.items()}
     io = {g: onnx_export.graph_io(model) for g, model in fp32.items()}
-    upscaling = onnx_export.export_mask_upscaling(sam, out / WEIGHT_FILES["mask_upscaling"])
+    weights = {"mask_upscaling": onnx_export.export_mask_upscaling(sam, out / WEIGHT_FILES["mask_upscaling"]),
+               "two_way": onnx_export.export_two_way(sam, out / WEIGHT_FILES["two_way"])}
     written: dict[str, dict[str, list[Path]]] = {
         "fp32": {g: onnx_export.graph_files(out / f) for g, f in GRAPH_FILES["fp32"].items()}}
     for precision in wanted[1:]:
@@ -137,7 +138,7 @@ def export_model(
         spec=spec,
         opset=onnx_export.onnx_opset(fp32["encoder"]),
         graphs={p: {g: manifest_io.file_entry(files) for g, files in graphs.items()} for p, graphs in written.items()},
-        weights={"mask_upscaling": manifest_io.file_entry([upscaling])},
+        weights={k: manifest_io.file_entry([path]) for k, path in weights.items()},
         io=io,
         operators={p: {g: sorted(onnx_export.op_types(onnx.load(str(files[0]), load_external_data=False)))
                        for g, files in graphs.items()} for p, graphs in written.items()},

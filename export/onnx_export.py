@@ -334,6 +334,36 @@ def export_mask_upscaling(sam: nn.Module, path: str | Path) -> Path:
     return path
 
 
+def export_two_way(sam: nn.Module, path: str | Path) -> Path:
+    """Write the weights of the prompt encoder (points) and of the mask decoder up to the mask upscaling
+    to ``path`` (.npz, atomically) for the runtime's CPU decoder (``samreg_rt.two_way``): the decoder's
+    parameters by Meta's names (all but ``output_upscaling``), each LayerNorm's eps as ``<name>.eps``,
+    and ``image_pe``, ``no_mask``, ``pe_gaussian``, ``point_embeddings``, ``not_a_point``,
+    ``output_tokens``, ``input_size``, ``num_heads``, ``depth``."""
+    wrapper = PromptDecoder(sam)
+    decoder, prompt = sam.mask_decoder, sam.prompt_encoder
+    arrays = {k: v for k, v in decoder.state_dict().items()
+              if not k.startswith(("output_upscaling.", "iou_token.", "mask_tokens."))}
+    arrays.update({f"{name}.eps": torch.tensor(float(m.eps)) for name, m in decoder.named_modules()
+                   if isinstance(m, nn.LayerNorm)})
+    transformer = decoder.transformer
+    arrays.update(
+        image_pe=wrapper.image_pe[0], no_mask=prompt.no_mask_embed.weight[0],
+        pe_gaussian=prompt.pe_layer.positional_encoding_gaussian_matrix,
+        point_embeddings=torch.cat([e.weight for e in prompt.point_embeddings]),
+        not_a_point=prompt.not_a_point_embed.weight[0],
+        output_tokens=torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]),
+        input_size=torch.tensor(wrapper.input_size),
+        num_heads=torch.tensor(float(transformer.layers[0].cross_attn_image_to_token.num_heads)),
+        depth=torch.tensor(float(len(transformer.layers))),
+    )
+    path = Path(path)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+        np.savez(f, **{k: v.detach().float().numpy() for k, v in arrays.items()})
+    os.replace(f.name, path)
+    return path
+
+
 class _Method(nn.Module):
     """One method of a module as a module's ``forward``, for tracing."""
 

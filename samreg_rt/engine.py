@@ -20,6 +20,7 @@ from .io import validate_image
 from .manifest import read_manifest
 from .preprocess import Frame, to_model_input
 from .spec import ModelSpec
+from .two_way import MAX_TOKENS, TwoWayWeights, decode_tokens as fused_decode_tokens
 from .upscaling import UpscalingWeights, upscale_kept
 
 log = logging.getLogger("samreg_rt")
@@ -162,13 +163,14 @@ class Engine:
     Create with ``Engine.load``. ``embed`` runs the encoder once per image; ``decode`` runs the
     whole decoder on batches of prompts against one embedding; ``decode_tokens`` and
     ``decode_masks`` run it in two steps, so that masks are upscaled only for the prompts kept;
-    ``decode_kept_masks`` upscales only the kept masks, with the fused CPU kernel when
-    ``mask_upscaling`` (its weights) is set.
+    ``decode_kept_masks`` upscales only the kept masks. On CPUs with AVX-512 two steps run fused CPU
+    kernels instead of graphs: ``decode_tokens`` when ``two_way`` (its weights) is set, the mask
+    upscaling when ``mask_upscaling`` is.
     """
 
     def __init__(self, model_dir: Path, manifest: dict, spec: ModelSpec, precision: str,
                  sessions: dict[str, ort.InferenceSession], providers: list[str],
-                 mask_upscaling: UpscalingWeights | None = None):
+                 mask_upscaling: UpscalingWeights | None = None, two_way: TwoWayWeights | None = None):
         self.model_dir = model_dir
         self.manifest = manifest
         self.manifest_sha256 = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()
@@ -177,10 +179,12 @@ class Engine:
         self.sessions = sessions
         self.providers = providers
         self.mask_upscaling = mask_upscaling
+        self.two_way = two_way
 
     @classmethod
     def load(cls, model: str | os.PathLike, providers: str | Sequence[str] = "auto",
-             threads: int | None = None, precision: str = "fp32", fused_upscaling: bool = True) -> "Engine":
+             threads: int | None = None, precision: str = "fp32", fused_upscaling: bool = True,
+             fused_tokens: bool = True) -> "Engine":
         """Load and verify a model (see ``resolve_model_dir``) and create its sessions.
 
         Every graph file is hashed and checked against the manifest before a session is built
@@ -189,6 +193,8 @@ class Engine:
         ``fused_upscaling``: upscale kept masks with the fused kernel (``samreg_rt.upscaling``) when the
         decoders run fp32 on the CPU provider of a CPU with AVX-512 (``_ext.mask_upscaling_isa``;
         elsewhere ``decoder_masks`` is faster); False always runs the graph.
+        ``fused_tokens``: the same for ``decode_tokens`` (``samreg_rt.two_way`` instead of
+        ``decoder_tokens``).
         The spec (preprocessing, prompting defaults) is the manifest's, except for a registry name,
         whose spec is the registry's: a cached export keeps up with changed defaults.
         """
@@ -223,22 +229,23 @@ class Engine:
             data = _read_verified(path, entry)
             sessions[role] = _session(path, data, options, chosen, inputs, outputs, model_dir, precision)
         providers_used = sessions["encoder"].get_providers()
-        upscaling = None
-        if (fused_upscaling and precision != "fp16" and _ext.mask_upscaling_isa() == "avx512"
+        upscaling = two_way = None
+        if (precision != "fp16" and _ext.mask_upscaling_isa() == "avx512"
                 and sessions["decoder_masks"].get_providers()[0] == "CPUExecutionProvider"):
-            entry = manifest["weights"]["mask_upscaling"]
-            path = model_dir / entry["file"]
-            upscaling = UpscalingWeights.from_bytes(_read_verified(path, entry), path)
-        log.info("loaded %s (%s) with %s%s", manifest.get("name"), precision, providers_used[0],
-                 ", fused mask upscaling" if upscaling else "")
-        return cls(model_dir, manifest, spec, precision, sessions, providers_used, upscaling)
+            if fused_upscaling:
+                upscaling = UpscalingWeights.from_bytes(*_read_weights(model_dir, manifest, "mask_upscaling"))
+            if fused_tokens:
+                two_way = TwoWayWeights.from_bytes(*_read_weights(model_dir, manifest, "two_way"))
+        log.info("loaded %s (%s) with %s%s%s", manifest.get("name"), precision, providers_used[0],
+                 ", fused two-way transformer" if two_way else "", ", fused mask upscaling" if upscaling else "")
+        return cls(model_dir, manifest, spec, precision, sessions, providers_used, upscaling, two_way)
 
     def with_spec(self, spec: ModelSpec) -> "Engine":
         """The same sessions with another preprocessing/prompting spec (same input size)."""
         if spec.input_size != self.spec.input_size:
             raise ModelError(f"spec input_size {spec.input_size} differs from the graphs' {self.spec.input_size}")
         return Engine(self.model_dir, self.manifest, spec, self.precision, self.sessions, self.providers,
-                      self.mask_upscaling)
+                      self.mask_upscaling, self.two_way)
 
     @property
     def provider(self) -> str:
@@ -282,11 +289,14 @@ class Engine:
 
         Inputs as ``decode``. Returns iou_predictions (B, 4), hyper_in (B, 4, C/8) (the mask
         tokens' hypernetwork outputs) and image_tokens (B, 4096, C) (the two-way transformer's
-        image side), float32; ``decode_masks`` turns the last two into mask logits.
+        image side), float32; ``decode_masks`` turns the last two into mask logits. Runs the fused CPU
+        decoder when ``two_way`` is set and prompts have at most 3 points, else ``decoder_tokens``.
         """
         emb, coords, labels = _check_prompts(embedding, point_coords, point_labels)
         if coords.shape[0] == 0:
             raise InputError("prompts: decode_tokens needs at least one prompt")
+        if self.two_way is not None and coords.shape[1] + 5 <= MAX_TOKENS:
+            return fused_decode_tokens(self.two_way, emb, coords, labels)
         iou, hyper_in, image_tokens = self.sessions["decoder_tokens"].run(
             None, {"image_embeddings": emb, "point_coords": coords, "point_labels": labels})
         return iou, hyper_in, image_tokens
@@ -344,6 +354,13 @@ def _check_prompts(embedding: np.ndarray, point_coords: np.ndarray,
     if not (np.isfinite(coords).all() and np.isin(labels, (-1, 0, 1, 2, 3)).all()):
         raise InputError("prompts: coordinates must be finite and labels in {-1, 0, 1, 2, 3}")
     return emb, coords, labels
+
+
+def _read_weights(model_dir: Path, manifest: dict, name: str) -> tuple[bytes, Path]:
+    """The verified bytes of the manifest's ``weights.<name>`` file and its path."""
+    entry = manifest["weights"][name]
+    path = model_dir / entry["file"]
+    return _read_verified(path, entry), path
 
 
 def _read_verified(path: Path, entry: dict) -> bytes:

@@ -12,10 +12,12 @@ from typing import Any
 
 from samreg_rt.errors import ManifestError
 
-FORMAT_VERSION = 3  # 2: the decoder also split at the mask upscaling; 3: + the upscaling weights (weights.mask_upscaling)
+# 2: the decoder also split at the mask upscaling; 3: + the upscaling weights (weights.mask_upscaling);
+# 4: + the two-way transformer's weights (weights.two_way)
+FORMAT_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAMES = ("encoder", "decoder", "decoder_tokens", "decoder_masks")
-WEIGHT_NAMES = ("mask_upscaling",)  # precision-independent float32 arrays for CPU kernels
+WEIGHT_NAMES = ("mask_upscaling", "two_way")  # precision-independent float32 arrays for CPU kernels
 PRECISIONS = ("fp32", "fp16", "int8")
 _REQUIRED_KEYS = ("name", "source", "spec", "opset", "graphs", "weights", "io")
 _FILE_KEYS = ("file", "sha256", "bytes")
@@ -60,7 +62,7 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
         )
     if version < FORMAT_VERSION:
         raise ManifestError(
-            f"{path}: format_version {version} is older than {FORMAT_VERSION} (no mask-upscaling weights); "
+            f"{path}: format_version {version} is older than {FORMAT_VERSION} (no weights for the CPU kernels); "
             "re-export the model (`samreg-rt export`)"
         )
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]

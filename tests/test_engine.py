@@ -121,6 +121,73 @@ def test_decode_kept_masks_litemedsam(litemedsam_dir, data_dir):
     assert flips.mean() < 1e-4        # binary masks: at most a few boundary pixels differ
 
 
+def _tokens_both_ways(model_dir, image, coords, labels):
+    """decode_tokens with the fused CPU decoder (when this CPU has it) and with decoder_tokens."""
+    fused_engine = Engine.load(model_dir, threads=2)
+    graph_engine = Engine.load(model_dir, threads=2, fused_tokens=False)
+    assert graph_engine.two_way is None
+    assert (fused_engine.two_way is not None) == (_ext.mask_upscaling_isa() == "avx512")
+    emb = fused_engine.embed(image).embedding
+    return fused_engine.decode_tokens(emb, coords, labels), graph_engine.decode_tokens(emb, coords, labels)
+
+
+def _assert_tokens_close(fused, graph, rtol):
+    for name, got, want in zip(("iou_predictions", "hyper_in", "image_tokens"), fused, graph):
+        assert got.shape == want.shape and got.dtype == np.float32, name
+        np.testing.assert_allclose(got, want, rtol=0, atol=rtol * float(np.abs(want).max()), err_msg=name)
+
+
+def test_fused_tokens_equal_graph(tiny_dir):
+    """The CPU decoder (numpy token side + fused passes) gives decoder_tokens' outputs (random weights):
+    point prompts, boxes, 3-point prompts; 4 points fall back to the graph."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (64, 64), np.uint8)
+    points = np.concatenate([rng.uniform(0, 255, (5, 1, 2)), np.zeros((5, 1, 2))], axis=1).astype(np.float32)
+    boxes = np.sort(rng.uniform(0, 255, (5, 2, 2)), axis=1).astype(np.float32)
+    three = rng.uniform(0, 255, (3, 3, 2)).astype(np.float32)
+    for coords, labels in ((points, np.tile([1.0, -1.0], (5, 1))), (boxes, np.tile([2.0, 3.0], (5, 1))),
+                           (three, np.array([[1.0, 0.0, 1.0], [1.0, 1.0, -1.0], [2.0, 3.0, 0.0]]))):
+        fused, graph = _tokens_both_ways(tiny_dir, image, coords, labels.astype(np.float32))
+        _assert_tokens_close(fused, graph, 1e-5)
+    four = rng.uniform(0, 255, (2, 4, 2)).astype(np.float32)
+    fused, graph = _tokens_both_ways(tiny_dir, image, four, np.ones((2, 4), np.float32))
+    for got, want in zip(fused, graph):
+        np.testing.assert_array_equal(got, want)       # the graph ran on both sides
+
+
+def test_fused_tokens_litemedsam(litemedsam_dir, data_dir):
+    """Real weights: LiteMedSAM's box grid through the CPU decoder and through decoder_tokens."""
+    image = load_image(data_dir / "cardiac_mr" / "acdc2d_example" / "fixed.png").array
+    engine = Engine.load(litemedsam_dir, threads=2)
+    coords, labels = amg.build_prompts(amg.AmgParams.from_spec(engine.spec, points_per_side=6),
+                                       engine.embed(image).frame)
+    fused, graph = _tokens_both_ways(litemedsam_dir, image, coords, labels)
+    _assert_tokens_close(fused, graph, 5e-5)          # float32 rounding through two layers of trained weights
+    flips = (engine.decode_masks(fused[2], fused[1]) > 0) != (engine.decode_masks(graph[2], graph[1]) > 0)
+    assert flips.mean() < 1e-4                         # binary masks: at most a few boundary pixels differ
+
+
+def test_bad_two_way_weights_are_model_errors(tiny_dir, tmp_path):
+    import hashlib
+
+    for name, data in (("garbage", b"not an npz"), ("incomplete", None)):
+        model = _copy(tiny_dir, tmp_path / name)
+        if data is None:
+            with np.load(model / "two_way.npz") as npz:
+                arrays = {k: npz[k] for k in npz.files if k != "image_pe"}
+            np.savez(model / "two_way.npz", **arrays)
+        else:
+            (model / "two_way.npz").write_bytes(data)
+        data = (model / "two_way.npz").read_bytes()
+        manifest = json.loads((model / "manifest.json").read_text())
+        manifest["weights"]["two_way"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        (model / "manifest.json").write_text(json.dumps(manifest))
+        if _ext.mask_upscaling_isa() != "avx512":
+            continue                                    # the weights are read only where they are used
+        with pytest.raises(ModelError, match="two_way.npz"):
+            Engine.load(model)
+
+
 def test_older_cached_export_is_reexported(tiny_dir, monkeypatch, tmp_path):
     """A registry model cached by an older samreg-rt (manifest format 1) is exported again, not used."""
     cached = tmp_path / "cache" / "random_tiny"

@@ -1,0 +1,254 @@
+"""SAM's prompt encoder and two-way transformer on the CPU without ONNX Runtime (``decoder_tokens``).
+
+``decoder_tokens.onnx`` spends a third of its time in memory-bound passes over the prompts' image
+tokens (B x 4096 x 256 floats: residual adds, LayerNorms, the image-to-token softmax). Here the
+small token side (self-attention, MLPs, LayerNorms and heads of the 5 + N prompt tokens) runs in
+numpy, and each layer's image side per prompt is one fused pass of ``samreg_rt._ext.two_way_pass``
+over the image tokens: the image-to-token attention update, residual and LayerNorm, then the next
+token-to-image attention's softmax pooling over the new image tokens. The image tokens are never
+projected per prompt, as in the exported graph (``samreg_export.onnx_export.PromptDecoder``):
+
+- token-to-image head h: logits ``(q_h W_k,h) x^T`` and pooled values ``(A_h x) W_v,h^T + b_v,h``;
+- image-to-token head h: logits ``x (W_q,h^T k_h^T) + b_q,h k_h^T`` and output
+  ``sum_h A_h (v_h W_o,h^T) + b_o``.
+
+Outputs equal the graph's up to float rounding (tests/test_engine.py). Weights: ``two_way.npz``,
+written by the export (``samreg_export.onnx_export.export_two_way``).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from samreg_rt import _ext
+from samreg_rt.errors import InputError, ModelError
+
+C = 256            # transformer width
+MAX_TOKENS = 8     # the fused pass takes heads x tokens <= 64 (5 output tokens + up to 3 prompt points)
+
+
+@dataclass(frozen=True)
+class TwoWayWeights:
+    """Weights of SAM's prompt encoder (points only) and mask decoder up to the mask upscaling.
+
+    arrays: float32 arrays by Meta's parameter names under ``transformer.``, ``iou_prediction_head.``
+    and ``output_hypernetworks_mlps.``, plus ``image_pe`` (hw, C), ``no_mask`` (C,), ``pe_gaussian``
+    (2, C/2), ``point_embeddings`` (4, C), ``not_a_point`` (C,), ``output_tokens`` (5, C) (IoU
+    token, then the 4 mask tokens) and the scalars ``input_size``, ``num_heads``, ``depth`` and each
+    LayerNorm's ``<name>.eps``.
+    """
+
+    arrays: dict[str, np.ndarray]
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path: Path) -> "TwoWayWeights":
+        """Read the .npz written by the export; ``ModelError`` naming ``path`` when it is not one or
+        lacks an array."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = {k: np.array(npz[k], np.float32, order="C") for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{path}: not a two-way transformer weights file ({exc})") from None
+        needed = ["image_pe", "no_mask", "pe_gaussian", "point_embeddings", "not_a_point", "output_tokens",
+                  "input_size", "num_heads", "depth", "transformer.norm_final_attn.weight"]
+        missing = [k for k in needed if k not in arrays]
+        if missing or arrays.get("image_pe", np.zeros((0, 0))).shape[1:] != (C,):
+            raise ModelError(f"{path}: two-way transformer weights lack {missing or ['image_pe (hw, 256)']}")
+        return cls(arrays)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.arrays["num_heads"])
+
+
+def _linear(w: TwoWayWeights, name: str, x: np.ndarray) -> np.ndarray:
+    """``x @ weight.T + bias`` over the last axis, as one 2-D product."""
+    weight = w[name + ".weight"]
+    out = x.reshape(-1, x.shape[-1]) @ weight.T + w[name + ".bias"]
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _layer_norm(w: TwoWayWeights, name: str, x: np.ndarray) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    var = np.square(x - mean).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + w[name + ".eps"]) * w[name + ".weight"] + w[name + ".bias"]
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _heads(x: np.ndarray, heads: int) -> np.ndarray:
+    """(B, T, heads*d) -> (B, heads, T, d)."""
+    b, t, c = x.shape
+    return x.reshape(b, t, heads, c // heads).transpose(0, 2, 1, 3)
+
+
+def _attention(w: TwoWayWeights, name: str, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Meta's ``Attention`` among the prompt tokens: q, k, v (B, T, C) -> (B, T, C)."""
+    heads = w.num_heads
+    q, k, v = (_heads(_linear(w, f"{name}.{p}_proj", x), heads) for p, x in (("q", q), ("k", k), ("v", v)))
+    a = _softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1], dtype=np.float32))
+    out = (a @ v).transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1)
+    return _linear(w, f"{name}.out_proj", out)
+
+
+def _head_weights(w: TwoWayWeights, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A projection's weight (heads*d, C) and bias as (heads, d, C) and (heads, d)."""
+    heads = w.num_heads
+    weight, bias = w[name + ".weight"], w[name + ".bias"]
+    return weight.reshape(heads, -1, weight.shape[1]), bias.reshape(heads, -1)
+
+
+def _token_to_shared_image(w: TwoWayWeights, name: str, q: np.ndarray, keys: np.ndarray, pe: np.ndarray) -> np.ndarray:
+    """Token-to-image attention of tokens q (B, T, C) to image tokens keys (hw, C) shared by the B prompts
+    (the first layer's): the image side is projected once, each head's logits for all prompts are one
+    product, and the softmax normaliser comes out of the value product (a column of ones). -> (B, T, C)."""
+    heads = w.num_heads
+    b, t, _ = q.shape
+    qh = _heads(_linear(w, f"{name}.q_proj", q), heads)                      # (B, heads, T, d)
+    d = qh.shape[-1]
+    kh = _linear(w, f"{name}.k_proj", keys + pe).reshape(-1, heads, d)      # (hw, heads, d)
+    vh = _linear(w, f"{name}.v_proj", keys).reshape(-1, heads, d)
+    ones = np.ones((len(keys), 1), np.float32)
+    out = np.empty((b, t, heads, d), np.float32)
+    for h in range(heads):
+        logits = qh[:, h].reshape(b * t, d) @ (kh[:, h].T / np.sqrt(d, dtype=np.float32))    # (B*T, hw)
+        np.subtract(logits, logits.max(axis=1, keepdims=True), out=logits)
+        np.exp(logits, out=logits)
+        pooled = logits @ np.concatenate([vh[:, h], ones], axis=1)           # (B*T, d + 1)
+        out[:, :, h] = (pooled[:, :d] / pooled[:, d:]).reshape(b, t, d)
+    return _linear(w, f"{name}.out_proj", out.reshape(b, t, heads * d))
+
+
+def _token_to_image_rows(w: TwoWayWeights, name: str, q: np.ndarray) -> np.ndarray:
+    """Token-to-image logits rows: tokens q (B, T, C) -> (B, heads*T, C), row (h, t) = q_h W_k,h / sqrt(d)
+    (the key bias adds the same to every image token's logit, which softmax drops)."""
+    heads = w.num_heads
+    qh = _heads(_linear(w, f"{name}.q_proj", q), heads)                      # (B, heads, T, d)
+    w_k, _ = _head_weights(w, f"{name}.k_proj")
+    rows = qh @ w_k / np.sqrt(qh.shape[-1], dtype=np.float32)                # (B, heads, T, C)
+    return np.ascontiguousarray(rows.reshape(q.shape[0], -1, q.shape[2]))
+
+
+def _token_to_image_output(w: TwoWayWeights, name: str, pooled: np.ndarray) -> np.ndarray:
+    """Softmax-pooled image tokens (B, heads*T, C) -> the attention's output (B, T, C)."""
+    heads = w.num_heads
+    w_v, b_v = _head_weights(w, f"{name}.v_proj")
+    b = pooled.shape[0]
+    pooled = pooled.reshape(b, heads, -1, pooled.shape[-1])                  # (B, heads, T, C)
+    values = pooled @ w_v.transpose(0, 2, 1) + b_v[:, None, :]               # (B, heads, T, d)
+    return _linear(w, f"{name}.out_proj", values.transpose(0, 2, 1, 3).reshape(b, pooled.shape[2], -1))
+
+
+def _image_to_token_rows(w: TwoWayWeights, name: str, k: np.ndarray, v: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image-to-token attention with tokens k, v (B, T, C) as keys and values -> the fused pass's
+    kq (B, heads*T, C) and koff (B, heads*T) (logits ``x . kq + koff`` of image token x) and vwo
+    (B, heads*T, C) (output ``sum_j A_j vwo_j``, the output bias split evenly over the heads)."""
+    heads = w.num_heads
+    kh = _heads(_linear(w, f"{name}.k_proj", k), heads)                      # (B, heads, T, d)
+    scale = np.sqrt(kh.shape[-1], dtype=np.float32)
+    w_q, b_q = _head_weights(w, f"{name}.q_proj")
+    kq = kh @ w_q / scale                                                    # (B, heads, T, C)
+    koff = np.einsum("bhtd,hd->bht", kh, b_q) / scale
+    vh = _heads(_linear(w, f"{name}.v_proj", v), heads)                      # (B, heads, T, d)
+    w_o = w[f"{name}.out_proj.weight"]                                       # (C, heads*d)
+    w_o = w_o.reshape(w_o.shape[0], heads, -1).transpose(1, 2, 0)            # (heads, d, C)
+    vwo = vh @ w_o + w[f"{name}.out_proj.bias"] / heads                      # (B, heads, T, C)
+    b = k.shape[0]
+    return (np.ascontiguousarray(kq.reshape(b, -1, C)), np.ascontiguousarray(koff.reshape(b, -1)),
+            np.ascontiguousarray(vwo.reshape(b, -1, C)))
+
+
+def embed_points(w: TwoWayWeights, point_coords: np.ndarray, point_labels: np.ndarray) -> np.ndarray:
+    """Sparse prompt embeddings (B, N, C) of points (B, N, 2) in model-frame pixels with labels (B, N)."""
+    coords = (point_coords + 0.5) / w["input_size"]
+    coords = (2 * coords - 1) @ w["pe_gaussian"] * np.float32(2 * np.pi)
+    emb = np.concatenate([np.sin(coords), np.cos(coords)], axis=-1)
+    labels = point_labels[..., None]
+    emb = np.where(labels == -1, w["not_a_point"], emb)
+    for i, point in enumerate(w["point_embeddings"]):
+        emb = emb + point * (labels == i)
+    return emb.astype(np.float32)
+
+
+def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndarray,
+                  point_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``decoder_tokens`` of B prompts: embedding (1, C, h, w), point_coords (B, N, 2) and point_labels
+    (B, N) float32 (N <= 3) -> iou_predictions (B, 4), hyper_in (B, 4, C/8), image_tokens (B, hw, C).
+
+    numpy's BLAS runs on one thread here: its idle worker threads keep spinning for a while after a
+    multithreaded product and would halve the speed of the two-thread passes that follow."""
+    with threadpool_limits(1, user_api="blas"):
+        return _decode_tokens(w, embedding, point_coords, point_labels)
+
+
+def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndarray,
+                   point_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    heads = w.num_heads
+    b = point_coords.shape[0]
+    if point_coords.shape[1] + 5 > MAX_TOKENS:
+        raise InputError(f"prompts: the CPU decoder takes at most {MAX_TOKENS - 5} points per prompt")
+    sparse = embed_points(w, point_coords, point_labels)
+    tokens = np.concatenate([np.broadcast_to(w["output_tokens"], (b, *w["output_tokens"].shape)), sparse], axis=1)
+    pe = w["image_pe"]
+    keys = np.ascontiguousarray((embedding.reshape(C, -1).T + w["no_mask"])[None])   # (1, hw, C): shared
+    query_pe = tokens
+    depth = int(w["depth"])
+    queries = _self_attention(w, 0, tokens, query_pe)
+    for i in range(depth):
+        layer = f"transformer.layers.{i}"
+        if i == 0:
+            update = _token_to_shared_image(w, f"{layer}.cross_attn_token_to_image", queries + query_pe, keys[0], pe)
+        else:        # the pass before pooled the image tokens for it
+            update = _token_to_image_output(w, f"{layer}.cross_attn_token_to_image", pooled)
+        queries = _layer_norm(w, f"{layer}.norm2", queries + update)
+        mlp = np.maximum(_linear(w, f"{layer}.mlp.lin1", queries), 0)
+        queries = _layer_norm(w, f"{layer}.norm3", queries + _linear(w, f"{layer}.mlp.lin2", mlp))
+        kq, koff, vwo = _image_to_token_rows(w, f"{layer}.cross_attn_image_to_token", queries + query_pe, queries)
+        # The next token-to-image attention's queries do not depend on the image tokens: the next
+        # layer's self-attention runs now, so that one pass over the image tokens serves both.
+        if i + 1 < depth:
+            queries = _self_attention(w, i + 1, queries, query_pe)
+            nxt = f"transformer.layers.{i + 1}.cross_attn_token_to_image"
+        else:
+            nxt = "transformer.final_attn_token_to_image"
+        qk = _token_to_image_rows(w, nxt, queries + query_pe)
+        keys, pooled = _ext.two_way_pass(keys, pe, kq, koff, vwo, w[f"{layer}.norm4.weight"],
+                                         w[f"{layer}.norm4.bias"], float(w[f"{layer}.norm4.eps"]), qk, heads)
+    update = _token_to_image_output(w, "transformer.final_attn_token_to_image", pooled)
+    queries = _layer_norm(w, "transformer.norm_final_attn", queries + update)
+    iou = _mlp_head(w, "iou_prediction_head", queries[:, 0])
+    hyper = np.stack([_mlp_head(w, f"output_hypernetworks_mlps.{k}", queries[:, 1 + k])
+                      for k in range(w["output_tokens"].shape[0] - 1)], axis=1)
+    return iou.astype(np.float32), hyper.astype(np.float32), keys
+
+
+def _self_attention(w: TwoWayWeights, i: int, queries: np.ndarray, query_pe: np.ndarray) -> np.ndarray:
+    """Layer i's self-attention among the tokens and its LayerNorm (the first layer's without the
+    tokens' positional encoding and residual, as Meta's ``skip_first_layer_pe``)."""
+    name = f"transformer.layers.{i}"
+    if i == 0:
+        queries = _attention(w, f"{name}.self_attn", queries, queries, queries)
+    else:
+        q = queries + query_pe
+        queries = queries + _attention(w, f"{name}.self_attn", q, q, queries)
+    return _layer_norm(w, f"{name}.norm1", queries)
+
+
+def _mlp_head(w: TwoWayWeights, name: str, x: np.ndarray) -> np.ndarray:
+    """Meta's ``MLP``: linear layers ``name.layers.i`` with ReLU between them."""
+    i = 0
+    while f"{name}.layers.{i + 1}.weight" in w.arrays:
+        x = np.maximum(_linear(w, f"{name}.layers.{i}", x), 0)
+        i += 1
+    return _linear(w, f"{name}.layers.{i}", x)
