@@ -58,6 +58,8 @@ DECODER_TOKENS_DYNAMIC_AXES = {
 }
 DECODER_MASKS_IO = (["image_tokens", "hyper_in"], ["low_res_masks"])
 DECODER_MASKS_DYNAMIC_AXES = {"image_tokens": {0: "B"}, "hyper_in": {0: "B", 1: "K"}, "low_res_masks": {0: "B", 1: "K"}}
+# Queries per chunk of a ViT encoder's global attention in the export (``export_encoder``).
+GLOBAL_ATTENTION_QUERIES = 512
 # Protobuf cannot serialise a message over 2 GiB: larger graphs keep their weights in one
 # external-data file beside the graph (SAM ViT-H's fp32 encoder).
 PROTOBUF_LIMIT = 2**31 - 1
@@ -282,10 +284,23 @@ def _stride2_transposed_conv(x: torch.Tensor, conv: nn.ConvTranspose2d, pixels: 
 
 
 def export_encoder(sam: nn.Module, path: str | Path, opset: int = MIN_OPSET) -> onnx.ModelProto:
-    """Trace ``sam.image_encoder`` ([1,3,S,S] -> [1,C,h,w]), simplify, check, save; return the graph."""
+    """Trace ``sam.image_encoder`` ([1,3,S,S] -> [1,C,h,w]), simplify, check, save; return the graph.
+
+    A ViT's global-attention blocks are traced with ``query_rows`` set so that they attend for about
+    ``GLOBAL_ATTENTION_QUERIES`` queries at a time: the same values, without holding the attention
+    matrix of all queries (805 MB for ViT-B at 1024 px) and its relative-position sums at once."""
     size = int(sam.prompt_encoder.input_image_size[0])
     image = torch.zeros(1, 3, size, size)
-    model = _trace(sam.image_encoder, (image,), *ENCODER_IO, None, opset)
+    global_attention = [blk.attn for blk in getattr(sam.image_encoder, "blocks", ())
+                        if getattr(blk, "window_size", None) == 0]
+    try:
+        for attn in global_attention:
+            width = size // int(sam.image_encoder.patch_embed.proj.kernel_size[0])   # token grid width
+            attn.query_rows = max(1, GLOBAL_ATTENTION_QUERIES // width)
+        model = _trace(sam.image_encoder, (image,), *ENCODER_IO, None, opset)
+    finally:
+        for attn in global_attention:
+            attn.query_rows = None
     embedding_shape = [1, sam.prompt_encoder.embed_dim, *sam.prompt_encoder.image_embedding_size]
     _set_static_shape(model.graph.output[0], embedding_shape)
     return _finish(model, path, PORTABLE_OPS)

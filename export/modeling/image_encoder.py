@@ -164,22 +164,34 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, attn_dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(attn_dim, dim)
         self.use_rel_pos = use_rel_pos
+        self.query_rows: int | None = None
         if use_rel_pos:
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``B x H x W x dim`` -> ``B x H x W x dim``."""
+        """``B x H x W x dim`` -> ``B x H x W x dim``.
+
+        With ``query_rows`` set (the ONNX export sets it on global-attention blocks), the queries are
+        processed ``query_rows`` grid rows at a time: the same values, but the attention matrix is
+        never held for all queries at once (12 x 4096 x 4096 floats, 805 MB, for ViT-B at 1024 px).
+        """
         b, h, w, _ = x.shape
         # 3 x B x heads x HW x head_dim
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         # each (B * heads) x HW x head_dim
         q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        if self.use_rel_pos:
-            attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
-        attn = attn.softmax(dim=-1)
-        x = (attn @ v).view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        rel = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w)) if self.use_rel_pos else None
+        rows = self.query_rows or h
+        chunks = []
+        for r0 in range(0, h, rows):
+            r1 = min(r0 + rows, h)
+            attn = (q[:, r0 * w:r1 * w] * self.scale) @ k.transpose(-2, -1)
+            if rel is not None:
+                attn = add_rel_pos_terms(attn, rel[0][:, r0:r1], rel[1][:, r0:r1], (h, w))
+            chunks.append(attn.softmax(dim=-1) @ v)
+        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+        x = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(x)
 
 
@@ -227,25 +239,29 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     return rel_pos[relative_coords.long()]
 
 
-def add_decomposed_rel_pos(
-    attn: torch.Tensor,
+def rel_pos_terms(
     q: torch.Tensor,
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
     q_size: tuple[int, int],
     k_size: tuple[int, int],
-) -> torch.Tensor:
-    """Add the decomposed height/width relative position terms to ``attn``.
-
-    ``attn``: ``B x (q_h*q_w) x (k_h*k_w)``; ``q``: ``B x (q_h*q_w) x C``. Returns ``attn``'s shape.
-    """
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decomposed relative position terms of queries ``q`` ``B x (q_h*q_w) x C``:
+    ``rel_h`` ``B x q_h x q_w x k_h`` and ``rel_w`` ``B x q_h x q_w x k_w``."""
     q_h, q_w = q_size
     k_h, k_w = k_size
     rh = get_rel_pos(q_h, k_h, rel_pos_h)
     rw = get_rel_pos(q_w, k_w, rel_pos_w)
     b, _, dim = q.shape
     r_q = q.reshape(b, q_h, q_w, dim)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
-    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
-    attn = attn.view(b, q_h, q_w, k_h, k_w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
-    return attn.view(b, q_h * q_w, k_h * k_w)
+    return torch.einsum("bhwc,hkc->bhwk", r_q, rh), torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+
+
+def add_rel_pos_terms(attn: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, k_size: tuple[int, int]) -> torch.Tensor:
+    """``attn`` ``B x (rows*q_w) x (k_h*k_w)`` plus the terms of ``rel_pos_terms`` for those query rows
+    (``rel_h`` ``B x rows x q_w x k_h``, ``rel_w`` ``B x rows x q_w x k_w``). Returns ``attn``'s shape."""
+    b, rows, q_w, _ = rel_h.shape
+    k_h, k_w = k_size
+    attn = attn.view(b, rows, q_w, k_h, k_w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+    return attn.view(b, rows * q_w, k_h * k_w)
+
