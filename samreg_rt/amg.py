@@ -183,6 +183,11 @@ def upscale_logits(low: np.ndarray, frame: Frame, out_shape: tuple[int, int],
     return _ext.resize_logits(np.ascontiguousarray(low, np.float32), ry, rx)
 
 
+def _stable(stab: np.ndarray, params: AmgParams) -> np.ndarray:
+    """bool (K,): the stability scores that pass ``params.stability_score_thresh`` (all when it is 0)."""
+    return stab > params.stability_score_thresh if params.stability_score_thresh > 0 else np.ones(len(stab), bool)
+
+
 def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
              out_shape: tuple[int, int] | None = None) -> MaskSet:
     """Run the prompt grid through the decoder and filter the masks.
@@ -212,16 +217,15 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
         # Upscale only the masks left: the mask upscaling is a third of the decoder.
         low = engine.decode_kept_masks(image_tokens, hyper_in[:, outputs], keep)   # (m, 256, 256)
         iou, ids = iou[keep], np.repeat(batch, len(outputs)).reshape(keep.shape)[keep]
-        if params.stability_on == "low_res":
+        if params.stability_on == "low_res":       # opt-in: the stability filter before the upscaling
             stab = mask_ops.stability_scores(np.ascontiguousarray(low[:, :valid[0], :valid[1]]),
                                              params.mask_threshold, params.stability_score_offset)
-            keep = stab > params.stability_score_thresh if params.stability_score_thresh > 0 else np.ones(len(iou), bool)
+            keep = _stable(stab, params)
             iou, low, ids, stab = iou[keep], low[keep], ids[keep], stab[keep]
-            up = upscale_logits(low, frame, out_shape, upscaling)
-        else:
-            up = upscale_logits(low, frame, out_shape, upscaling)
+        up = upscale_logits(low, frame, out_shape, upscaling)
+        if params.stability_on != "low_res":       # SAM's: on the logits upscaled to the working grid
             stab = mask_ops.stability_scores(up, params.mask_threshold, params.stability_score_offset)
-            keep = stab > params.stability_score_thresh if params.stability_score_thresh > 0 else np.ones(len(iou), bool)
+            keep = _stable(stab, params)
             iou, up, ids, stab = iou[keep], up[keep], ids[keep], stab[keep]
         counts["stability"] += len(iou)
         binary = up > params.mask_threshold

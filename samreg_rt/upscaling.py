@@ -69,10 +69,10 @@ def upscale_kept(image_tokens: np.ndarray, hyper_in: np.ndarray, keep: np.ndarra
     """
     tokens = np.asarray(image_tokens, np.float32)
     hyper = np.asarray(hyper_in, np.float32)
-    keep = np.asarray(keep, bool)
-    if tokens.ndim != 3 or hyper.ndim != 3 or keep.shape != hyper.shape[:2] or tokens.shape[0] != keep.shape[0]:
-        raise InputError(f"upscale_kept: expected image_tokens (B, hw, C), hyper_in (B, K, {C2}) and keep (B, K); "
-                         f"got {tokens.shape}, {hyper.shape} and {keep.shape}")
+    keep = np.asarray(keep, bool)                # (B, K) like hyper_in's: Engine.decode_kept_masks checks it
+    if tokens.ndim != 3 or tokens.shape[0] != keep.shape[0]:
+        raise InputError(f"upscale_kept: expected image_tokens (B, hw, C) for keep (B, K) = {keep.shape}; "
+                         f"got {tokens.shape}")
     rows = np.flatnonzero(keep.any(axis=1))
     mask_start = np.concatenate([[0], np.cumsum(keep[rows].sum(axis=1))]).astype(np.int64)
     return _ext.mask_upscaling(np.ascontiguousarray(tokens), rows.astype(np.int64), weights.w1, weights.b1,
