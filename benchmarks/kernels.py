@@ -2,8 +2,8 @@
 
 Run from the repository root: ``python benchmarks/kernels.py``. Prints a table of the best of a
 few runs in milliseconds and the speed-up; checks that both give identical results (the float
-kernels resize_logits, mask_upscaling and two_way_pass, whose twins compute in float64: within 2e-5 of
-the largest value). two_way_pass also gets its achieved GFLOP/s.
+kernels resize_logits, mask_upscaling, linear and two_way_pass (both modes), whose twins compute in float64: within 2e-5
+of the largest value). linear and two_way_pass also get their achieved GFLOP/s.
 Takes about two minutes on 2 cores.
 """
 from __future__ import annotations
@@ -58,6 +58,15 @@ def main() -> None:
     two_way = twins.two_way_inputs(rng, 8, True, 4096, 56, 56, 8)  # 8 prompts, shared 64x64 keys, 8 heads x 7
     two_way_out = np.empty((8, 4096, 256), np.float32)
     two_way_flop = 8 * 4096 * 4 * 2 * 256 * 56  # four products of 2 C J FLOPs per pixel and prompt
+    # projected logits mode (SAM's first layer): 64 prompts, shared keys, qproj of 8 heads x d 16
+    two_way_q = twins.two_way_qproj_inputs(rng, 64, True, 4096, 56, 56, 8, 16)
+    two_way_q_out = np.empty((64, 4096, 256), np.float32)
+    two_way_q_flop = 64 * 4096 * 2 * (56 * 16 + 3 * 56 * 256)  # logits J d, then three products of C J
+    lin_x = rng.normal(0, 1, (448, 256)).astype(np.float32)     # 7 prompts x 64 tokens through a 256 -> 2048 MLP
+    lin_w = rng.normal(0, 1 / 16, (256, 2048)).astype(np.float32)
+    lin_b = rng.normal(0, 1, 2048).astype(np.float32)
+    lin_out = np.empty((448, 2048), np.float32)
+    lin_flop = 2 * 448 * 256 * 2048
     frame = Frame((200, 200), (1024, 1024), 1024)              # the reference preset's working grid
     ry, rx = upscale_matrices(frame, (256, 256), (200, 200))
 
@@ -88,8 +97,13 @@ def main() -> None:
          lambda: _ext.resize_logits(logits, ry, rx), lambda: twins.resize_logits(logits, ry, rx), 3),
         ("mask_upscaling", "8 prompts x 3 masks",
          lambda: _ext.mask_upscaling(**upscaling), lambda: twins.mask_upscaling(**upscaling), 3),
+        ("linear", "448x256 -> 2048, ReLU",
+         lambda: _ext.linear(lin_x, lin_w, lin_b, relu=True, out=lin_out),
+         lambda: twins.linear(lin_x, lin_w, lin_b, relu=True), 30),
         ("two_way_pass", "8 prompts, 4096 px, J 56",
          lambda: _ext.two_way_pass(**two_way, out=two_way_out), lambda: twins.two_way_pass(**two_way), 5),
+        ("two_way_pass qproj", "64 prompts, d 16",
+         lambda: _ext.two_way_pass(**two_way_q, out=two_way_q_out), lambda: twins.two_way_pass(**two_way_q), 3),
     ]
 
     print(f"machine: {platform.platform()}, {platform.machine()}, "
@@ -100,7 +114,7 @@ def main() -> None:
         got, want = native(), twin()
         for g, w in zip(got if isinstance(got, tuple) else (got,),
                         want if isinstance(want, tuple) else (want,)):
-            if name in ("resize_logits", "mask_upscaling", "two_way_pass"):
+            if name in ("resize_logits", "mask_upscaling", "two_way_pass", "two_way_pass qproj", "linear"):
                 np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(np.abs(w).max()), err_msg=name)
             else:
                 np.testing.assert_array_equal(g, w, err_msg=name)
@@ -108,8 +122,12 @@ def main() -> None:
         t_twin = best_ms(twin, repeats)
         print(f"{name:<20} {size:<20} {t_native:>10.3f} {t_twin:>10.2f} "
               f"{t_twin / t_native:>8.1f}x")
+        if name == "linear":
+            print(f"{'':<20} {'':<20} {lin_flop / t_native / 1e6:>10.1f} GFLOP/s (FLOPs = 2 M K N)")
         if name == "two_way_pass":
             print(f"{'':<20} {'':<20} {two_way_flop / t_native / 1e6:>10.1f} GFLOP/s (FLOPs = B P 4 2 C J)")
+        if name == "two_way_pass qproj":
+            print(f"{'':<20} {'':<20} {two_way_q_flop / t_native / 1e6:>10.1f} GFLOP/s (FLOPs = B P 2 (J d + 3 C J))")
 
 
 if __name__ == "__main__":

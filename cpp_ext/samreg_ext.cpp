@@ -896,6 +896,8 @@ struct TwoWayArgs {
     std::int64_t pixels;         // P
     int tokens, tokens2, heads;  // J, J2, heads
     float *out;                  // [B, P, C]
+    const v16f *qproj_t;         // projected logits mode: qproj in channel-major blocks [blocks][D][kTwVecs], else null
+    int head_dim;                // d = D / heads in that mode (kq is then [B, J, d])
 };
 
 // Scratch of one work item, in vectors: channel-major pixel tiles [C][kTwVecs] (keys, x, y) and token tiles
@@ -928,15 +930,24 @@ __attribute__((always_inline)) inline void tw_transpose16(v16f *r) {
     }
 }
 
-// dst[c * kTwVecs + g] = channel c of pixels 16g..16g+15 of the pixel-major rows src[n][C] (zero
+// dst[c * kTwVecs + g] = channel c of pixels 16g..16g+15 of the pixel-major rows src[n][width] (zero
 // past row n).
-__attribute__((always_inline)) inline void tw_load_t(v16f *dst, const float *src, int n) {
+__attribute__((always_inline)) inline void tw_load_t(v16f *dst, const float *src, int n, int width = kChannels) {
+    if (width % kLanes != 0) {  // one float at a time
+        for (int c = 0; c < width; ++c)
+            for (int g = 0; g < kTwVecs; ++g)
+                for (int l = 0; l < kLanes; ++l) {
+                    const int p = g * kLanes + l;
+                    dst[c * kTwVecs + g][l] = p < n ? src[static_cast<std::int64_t>(p) * width + c] : 0.f;
+                }
+        return;
+    }
     v16f x[kLanes];
     for (int g = 0; g < kTwVecs; ++g) {
-        for (int c0 = 0; c0 < kChannels; c0 += kLanes) {
+        for (int c0 = 0; c0 < width; c0 += kLanes) {
             for (int l = 0; l < kLanes; ++l) {
                 const int p = g * kLanes + l;
-                x[l] = p < n ? load16(src + static_cast<std::int64_t>(p) * kChannels + c0) : v16f{};
+                x[l] = p < n ? load16(src + static_cast<std::int64_t>(p) * width + c0) : v16f{};
             }
             tw_transpose16(x);
             for (int l = 0; l < kLanes; ++l) dst[(c0 + l) * kTwVecs + g] = x[l];
@@ -983,6 +994,26 @@ __attribute__((always_inline)) inline void tw_logits(v16f *out, const v16f *xt, 
                 tw_logits_tile<false>(out, xt, wt, ld, j0, c0, c0 + kHalf, c0 == 0, bias, nullptr);
         }
     }
+}
+
+// Projected logits mode: out[(j0 + t) * kTwVecs + v] = koff[j0 + t] + sum_{c < d} qt[c * kTwVecs + v] * kqh[c * ld + t]
+// for the `count` <= kTwTokenBlock tokens t from j0, all of one head (qt: that head's d channels of qproj,
+// kqh: its tokens' kq rows transposed, ld floats apart).
+__attribute__((always_inline)) inline void tw_head_logits(v16f *out, const v16f *qt, const float *kqh, int ld, int d,
+                                                          int j0, int count, const float *koff) {
+    v16f acc[kTwTokenBlock][kTwVecs];
+    for (int t = 0; t < kTwTokenBlock; ++t)
+        for (int v = 0; v < kTwVecs; ++v) acc[t][v] = v16f{} + (t < count ? koff[j0 + t] : 0.f);
+    for (int c = 0; c < d; ++c) {
+        const float *w = kqh + c * ld;
+        v16f x[kTwVecs];
+        for (int v = 0; v < kTwVecs; ++v) x[v] = qt[c * kTwVecs + v];
+        for (int t = 0; t < kTwTokenBlock; ++t)
+            for (int v = 0; v < kTwVecs; ++v) acc[t][v] += x[v] * w[t];
+    }
+    for (int t = 0; t < kTwTokenBlock; ++t)
+        if (t < count)
+            for (int v = 0; v < kTwVecs; ++v) out[(j0 + t) * kTwVecs + v] = acc[t][v];
 }
 
 // yt[c] = kt[c] + sum_{j < tokens} at[j] * vwo[j, c] for the kTwChannelBlock channels c from c0.
@@ -1032,13 +1063,20 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
     const int J2p = (J2 + kTwTokenBlock - 1) / kTwTokenBlock * kTwTokenBlock;
     v16f *kload = scratch, *xt = kload + kTwTile, *yt = xt + kTwTile;
     v16f *lt = yt + kTwTile, *st = lt + kTwTokenTile;
-    float *kqt = reinterpret_cast<float *>(st + kTwTokenTile);                     // [C][Jp]
+    float *kqt = reinterpret_cast<float *>(st + kTwTokenTile);                     // [C][Jp] (or [D][Tp])
     float *qkt = kqt + kChannels * kTwMaxTokens;                                  // [C][J2p]
-    const float *kq = a.kq + b * J * kChannels, *qk = a.qk + b * J2 * kChannels;
+    const int d = a.head_dim, Tp = (T + kTwTokenBlock - 1) / kTwTokenBlock * kTwTokenBlock;
+    const float *kq = a.kq + b * J * (a.qproj_t ? d : kChannels), *qk = a.qk + b * J2 * kChannels;
     const float *vwo = a.vwo + b * J * kChannels;
-    for (int c = 0; c < kChannels; ++c) {
-        for (int j = 0; j < Jp; ++j) kqt[c * Jp + j] = j < J ? kq[j * kChannels + c] : 0.f;
+    for (int c = 0; c < kChannels; ++c)
         for (int j = 0; j < J2p; ++j) qkt[c * J2p + j] = j < J2 ? qk[j * kChannels + c] : 0.f;
+    if (a.qproj_t) {  // per head h, its tokens' kq rows transposed: kqt[(h d + c) Tp + t] = kq[h T + t, c]
+        for (int h = 0; h < a.heads; ++h)
+            for (int c = 0; c < d; ++c)
+                for (int t = 0; t < Tp; ++t) kqt[(h * d + c) * Tp + t] = t < T ? kq[(h * T + t) * d + c] : 0.f;
+    } else {
+        for (int c = 0; c < kChannels; ++c)
+            for (int j = 0; j < Jp; ++j) kqt[c * Jp + j] = j < J ? kq[j * kChannels + c] : 0.f;
     }
     float koff[kTwMaxTokens] = {};
     for (int j = 0; j < J; ++j) koff[j] = a.koff[b * J + j];
@@ -1056,16 +1094,35 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
             kt = a.keys_t + blk * kTwTile;
         else
             tw_load_t(kload, keys + p0 * kChannels, n);
-        for (std::int64_t i = 0; i < kTwTile; ++i) xt[i] = kt[i] + pt[i];
         // image -> token attention: logits, softmax within each head, value rows; residual
-        // the next block's keys and pe tiles (48 KiB each) come into the caches during the first product
-        const char *next_keys = nullptr, *next_pe = nullptr;
-        if (blk + 1 < blk1) {
-            next_keys = a.keys_t ? reinterpret_cast<const char *>(a.keys_t + (blk + 1) * kTwTile)
-                                 : reinterpret_cast<const char *>(keys + (p0 + kTwBlock) * kChannels);
-            next_pe = reinterpret_cast<const char *>(a.pe_t + (blk + 1) * kTwTile);
+        if (a.qproj_t) {  // per head, d-channel dot products with the projected queries
+            const v16f *qt = a.qproj_t + blk * a.heads * d * kTwVecs;
+            if (blk + 1 < blk1) {  // the next block's keys, pe and qproj tiles into L2 (the product is too short to spread them)
+                const char *nk = a.keys_t ? reinterpret_cast<const char *>(a.keys_t + (blk + 1) * kTwTile)
+                                          : reinterpret_cast<const char *>(keys + (p0 + kTwBlock) * kChannels);
+                const char *np_ = reinterpret_cast<const char *>(a.pe_t + (blk + 1) * kTwTile);
+                const char *nq = reinterpret_cast<const char *>(qt + a.heads * d * kTwVecs);
+                for (int i = 0; i < kTwTile; ++i) {
+                    __builtin_prefetch(nk + 64 * i, 0, 2);
+                    __builtin_prefetch(np_ + 64 * i, 0, 2);
+                }
+                for (int i = 0; i < a.heads * d * kTwVecs; ++i) __builtin_prefetch(nq + 64 * i, 0, 2);
+            }
+            for (int h = 0; h < a.heads; ++h)
+                for (int t0 = 0; t0 < T; t0 += kTwTokenBlock)
+                    tw_head_logits(lt, qt + h * d * kTwVecs, kqt + h * d * Tp + t0, Tp, d, h * T + t0,
+                                   std::min(kTwTokenBlock, T - t0), koff);
+        } else {
+            for (std::int64_t i = 0; i < kTwTile; ++i) xt[i] = kt[i] + pt[i];
+            // the next block's keys and pe tiles (48 KiB each) come into the caches during the first product
+            const char *next_keys = nullptr, *next_pe = nullptr;
+            if (blk + 1 < blk1) {
+                next_keys = a.keys_t ? reinterpret_cast<const char *>(a.keys_t + (blk + 1) * kTwTile)
+                                     : reinterpret_cast<const char *>(keys + (p0 + kTwBlock) * kChannels);
+                next_pe = reinterpret_cast<const char *>(a.pe_t + (blk + 1) * kTwTile);
+            }
+            tw_logits(lt, xt, kqt, Jp, koff, next_keys, next_pe);
         }
-        tw_logits(lt, xt, kqt, Jp, koff, next_keys, next_pe);
         for (int h = 0; h < a.heads; ++h) {
             v16f *l = lt + h * T * kTwVecs;
             for (int v = 0; v < kTwVecs; ++v) {
@@ -1137,25 +1194,26 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
     }
 }
 
-// dst[blk] = the channel-major tile of pixel block blk of src [pixels][C] (zero past the end) for
+// dst[blk] = the channel-major tile of pixel block blk of src [pixels][width] (zero past the end) for
 // blocks [blk0, blk1).
 __attribute__((always_inline)) inline void tw_transpose_body(v16f *dst, const float *src, std::int64_t pixels,
-                                                             std::int64_t blk0, std::int64_t blk1) {
+                                                             int width, std::int64_t blk0, std::int64_t blk1) {
     for (std::int64_t blk = blk0; blk < blk1; ++blk) {
         const std::int64_t p0 = blk * kTwBlock;
-        tw_load_t(dst + blk * kTwTile, src + p0 * kChannels,
-                  static_cast<int>(std::min<std::int64_t>(kTwBlock, pixels - p0)));
+        tw_load_t(dst + blk * width * kTwVecs, src + p0 * width,
+                  static_cast<int>(std::min<std::int64_t>(kTwBlock, pixels - p0)), width);
     }
 }
 
-using TwTransposeFn = void (*)(v16f *, const float *, std::int64_t, std::int64_t, std::int64_t);
+using TwTransposeFn = void (*)(v16f *, const float *, std::int64_t, int, std::int64_t, std::int64_t);
 
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void tw_transpose_avx512(
-    v16f *dst, const float *src, std::int64_t pixels, std::int64_t blk0, std::int64_t blk1) {
-    tw_transpose_body(dst, src, pixels, blk0, blk1);
+    v16f *dst, const float *src, std::int64_t pixels, int width, std::int64_t blk0, std::int64_t blk1) {
+    tw_transpose_body(dst, src, pixels, width, blk0, blk1);
 }
-void tw_transpose_generic(v16f *dst, const float *src, std::int64_t pixels, std::int64_t blk0, std::int64_t blk1) {
-    tw_transpose_body(dst, src, pixels, blk0, blk1);
+void tw_transpose_generic(v16f *dst, const float *src, std::int64_t pixels, int width, std::int64_t blk0,
+                          std::int64_t blk1) {
+    tw_transpose_body(dst, src, pixels, width, blk0, blk1);
 }
 
 // `vecs` vectors in buf, 64-byte aligned (v16f loads and stores assume it; operator new does not
@@ -1187,7 +1245,8 @@ void require_disjoint(const py::array &out, const py::array &arr, const char *na
 
 py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj, py::handle koff_obj,
                        py::handle vwo_obj, py::handle ln_weight_obj, py::handle ln_bias_obj, double eps,
-                       py::handle qk_obj, std::int64_t heads, py::handle out_obj, const std::string &isa) {
+                       py::handle qk_obj, std::int64_t heads, py::handle out_obj, const std::string &isa,
+                       py::handle qproj_obj) {
     const py::array keys = require<float>(keys_obj, "keys", "float32", 3);
     const py::array pe = require<float>(pe_obj, "pe", "float32", 2);
     const py::array kq = require<float>(kq_obj, "kq", "float32", 3);
@@ -1196,10 +1255,12 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
     const py::array ln_weight = require<float>(ln_weight_obj, "ln_weight", "float32", 1);
     const py::array ln_bias = require<float>(ln_bias_obj, "ln_bias", "float32", 1);
     const py::array qk = require<float>(qk_obj, "qk", "float32", 3);
+    const bool projected = !qproj_obj.is_none();
+    const py::array qproj = projected ? require<float>(qproj_obj, "qproj", "float32", 2) : py::array();
     const std::int64_t shared = keys.shape(0), pixels = keys.shape(1);
     const std::int64_t batch = kq.shape(0), tokens = kq.shape(1), tokens2 = qk.shape(1);
     require_shape(keys, "keys", {shared, pixels, kChannels});
-    require_shape(kq, "kq", {batch, tokens, kChannels});
+    if (!projected) require_shape(kq, "kq", {batch, tokens, kChannels});
     if (shared != 1 && shared != batch) {
         throw py::value_error("keys: " + std::to_string(shared) + " prompts; expected 1 (shared) or kq's " +
                               std::to_string(batch));
@@ -1223,6 +1284,17 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
         throw py::value_error("two_way_pass: heads " + std::to_string(heads) + " must be >= 1 and divide kq's " +
                               std::to_string(tokens) + " tokens");
     }
+    std::int64_t qdim = 0, head_dim = 0;  // projected logits mode: D, d
+    if (projected) {
+        qdim = qproj.shape(1);
+        require_shape(qproj, "qproj", {pixels, qdim});
+        if (qdim < 1 || qdim > kChannels || qdim % heads != 0) {
+            throw py::value_error("qproj: " + std::to_string(qdim) + " columns; expected a multiple of heads " +
+                                  std::to_string(heads) + " in 1.." + std::to_string(kChannels));
+        }
+        head_dim = qdim / heads;
+        require_shape(kq, "kq", {batch, tokens, head_dim});
+    }
     if (!(eps > 0) || !std::isfinite(eps)) throw py::value_error("two_way_pass: eps must be positive and finite");
     const bool avx512 = use_avx512(isa, "two_way_pass");
     py::array_t<float> out;
@@ -1233,10 +1305,14 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
         out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 3));
         require_shape(out, "out", {batch, pixels, kChannels});
         if (!out.writeable()) throw py::value_error("out: array is read-only");
+        // out may be keys itself (per-prompt keys, updated in place): a work item reads a block's keys
+        // rows before it writes that block's rows, and no other item touches them.
+        const bool in_place = shared == batch && out.data() == keys.data();
         for (const auto &[arr, name] : {std::pair<const py::array &, const char *>{keys, "keys"}, {pe, "pe"},
                                         {kq, "kq"}, {koff, "koff"}, {vwo, "vwo"}, {ln_weight, "ln_weight"},
                                         {ln_bias, "ln_bias"}, {qk, "qk"}})
-            require_disjoint(out, arr, name);
+            if (!(in_place && &arr == &keys)) require_disjoint(out, arr, name);
+        if (projected) require_disjoint(out, qproj, "qproj");
     }
     py::array_t<float> pooled({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(tokens2),
                                static_cast<py::ssize_t>(kChannels)});
@@ -1244,16 +1320,17 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
     const TwTransposeFn transpose = avx512 ? tw_transpose_avx512 : tw_transpose_generic;
     const std::int64_t blocks = (pixels + kTwBlock - 1) / kTwBlock;
     // pe (and shared keys) in the channel-major block layout once, for all prompts
-    std::vector<float> pe_buffer, keys_buffer;
+    std::vector<float> pe_buffer, keys_buffer, qproj_buffer;
     v16f *pe_t = aligned_vecs(pe_buffer, blocks * kTwTile);
     v16f *keys_t = shared == 1 && batch > 1 ? aligned_vecs(keys_buffer, blocks * kTwTile) : nullptr;
+    v16f *qproj_t = projected ? aligned_vecs(qproj_buffer, blocks * qdim * kTwVecs) : nullptr;
     const TwoWayArgs args{static_cast<const float *>(keys.data()), shared == 1 ? 0 : pixels * kChannels,
                           static_cast<const float *>(pe.data()), pe_t, keys_t, static_cast<const float *>(kq.data()),
                           static_cast<const float *>(koff.data()), static_cast<const float *>(vwo.data()),
                           static_cast<const float *>(ln_weight.data()), static_cast<const float *>(ln_bias.data()),
                           static_cast<float>(eps), static_cast<const float *>(qk.data()), pixels,
                           static_cast<int>(tokens), static_cast<int>(tokens2), static_cast<int>(heads),
-                          out.mutable_data()};
+                          out.mutable_data(), qproj_t, static_cast<int>(head_dim)};
     // Work items: (prompt, chunk of pixel blocks), at least kMinItems in all so that few prompts
     // still fill the threads evenly; each keeps its own pooling state, merged per prompt below.
     constexpr std::int64_t kMinItems = 16;
@@ -1263,10 +1340,12 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
         py::gil_scoped_release release;
         std::vector<float> states(static_cast<std::size_t>(batch * chunks * kTwState));
         parallel_for(blocks, 4.0 * kTwTile * kLanes, [&](std::int64_t b0, std::int64_t b1) {
-            transpose(pe_t, args.pe, pixels, b0, b1);
-            if (keys_t) transpose(keys_t, args.keys, pixels, b0, b1);
+            transpose(pe_t, args.pe, pixels, kChannels, b0, b1);
+            if (keys_t) transpose(keys_t, args.keys, pixels, kChannels, b0, b1);
+            if (qproj_t) transpose(qproj_t, static_cast<const float *>(qproj.data()), pixels, static_cast<int>(qdim), b0, b1);
         });
-        const double flops_per_block = 8.0 * kTwBlock * kChannels * (tokens + tokens2);
+        const double flops_per_block = projected ? 2.0 * kTwBlock * (tokens * head_dim + kChannels * (tokens + 2 * tokens2))
+                                                 : 8.0 * kTwBlock * kChannels * (tokens + tokens2);
         parallel_for(batch * chunks, flops_per_block * blocks / chunks, [&](std::int64_t t0, std::int64_t t1) {
             std::vector<float> buffer;
             v16f *scratch = aligned_vecs(buffer, kTwScratch);
@@ -1297,6 +1376,186 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
         }
     }
     return py::make_tuple(out, pooled);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Linear layer out = x @ weight_t + bias (then ReLU when asked): the token side of SAM's decoder.
+// A register tile of kLinRows rows x up to kLinVecs vectors (64 columns) of out lives in 24
+// accumulators while k runs over a block of at most kLinDepth rows of weight_t: each step loads the
+// tile's columns of one weight_t row and broadcasts x[m, k] of each of the tile's rows. The columns of
+// weight_t go through a packed panel ([k][64 columns], zero past N) that stays in L2 for all the rows
+// of a work item and reads contiguously (weight_t's own rows are often 8 or 16 KiB apart: the same
+// cache sets). Work items are (chunk of rows, panel of 64 columns); each packs its own panel, one
+// block of k at a time, and a ragged last panel runs with as few vectors as it needs.
+
+constexpr int kLinRows = 6;                       // rows per register tile
+constexpr int kLinVecs = 4;                       // vectors per panel
+constexpr int kLinPanel = kLinVecs * kLanes;      // columns per panel
+constexpr std::int64_t kLinDepth = 256;           // k per block: a packed panel of at most 64 KiB
+constexpr std::int64_t kLinMinItems = 8;          // work items at least (rows are split to get them)
+
+struct LinearArgs {
+    const float *x;       // [M, K]
+    const float *w;       // [K, N]
+    const float *bias;    // [N]
+    float *out;           // [M, N]
+    std::int64_t m, k, n;
+    bool relu;
+};
+
+// out[r, t] for R rows r and the `cols` <= 16 V columns t of a tile: starting from init (the bias,
+// V vectors) when `first`, else from out; plus sum_k x[r * ldx + k] * panel[k][t] over `depth` k;
+// ReLU when `relu` (the last block of k).
+template <int R, int V>
+__attribute__((always_inline)) inline void lin_tile(const float *x, std::int64_t ldx, const v16f *panel,
+                                                   std::int64_t depth, const v16f *init, bool first, bool relu,
+                                                   float *out, std::int64_t ldo, int cols) {
+    constexpr int kCols = V * kLanes;
+    v16f acc[R][V];
+    for (int r = 0; r < R; ++r) {
+        if (first) {
+            for (int v = 0; v < V; ++v) acc[r][v] = init[v];
+        } else if (cols == kCols) {
+            for (int v = 0; v < V; ++v) acc[r][v] = load16(out + r * ldo + v * kLanes);
+        } else {
+            float row[kCols] = {};
+            std::memcpy(row, out + r * ldo, cols * sizeof(float));
+            for (int v = 0; v < V; ++v) acc[r][v] = load16(row + v * kLanes);
+        }
+    }
+    for (std::int64_t k = 0; k < depth; ++k) {
+        v16f w[V];
+        for (int v = 0; v < V; ++v) w[v] = panel[k * V + v];
+        for (int r = 0; r < R; ++r) {
+            const float xr = x[r * ldx + k];
+            for (int v = 0; v < V; ++v) acc[r][v] += xr * w[v];
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        if (relu)
+            for (int v = 0; v < V; ++v) acc[r][v] = acc[r][v] > 0.f ? acc[r][v] : v16f{};
+        if (cols == kCols) {
+            for (int v = 0; v < V; ++v) std::memcpy(out + r * ldo + v * kLanes, &acc[r][v], sizeof(v16f));
+        } else {
+            float row[kCols];
+            std::memcpy(row, acc[r], sizeof row);
+            std::memcpy(out + r * ldo, row, cols * sizeof(float));
+        }
+    }
+}
+
+// Rows [r0, r1) of the panel of columns n0..n0 + 16 V - 1 (fewer at the right edge). buffer: V + kLinDepth V
+// vectors (the padded bias, then the packed block of weight_t).
+template <int V>
+__attribute__((always_inline)) inline void lin_panel(const LinearArgs &a, std::int64_t n0, std::int64_t r0,
+                                                    std::int64_t r1, v16f *buffer) {
+    constexpr int kCols = V * kLanes;
+    const int cols = static_cast<int>(std::min<std::int64_t>(kCols, a.n - n0));
+    v16f *init = buffer, *panel = buffer + V;
+    float *bias = reinterpret_cast<float *>(init);
+    for (int t = 0; t < kCols; ++t) bias[t] = t < cols ? a.bias[n0 + t] : 0.f;
+    const std::int64_t blocks = std::max<std::int64_t>(1, (a.k + kLinDepth - 1) / kLinDepth);
+    for (std::int64_t kb = 0; kb < blocks; ++kb) {
+        const std::int64_t k0 = a.k * kb / blocks, depth = a.k * (kb + 1) / blocks - k0;
+        float *packed = reinterpret_cast<float *>(panel);
+        for (std::int64_t k = 0; k < depth; ++k) {
+            const float *src = a.w + (k0 + k) * a.n + n0;
+            float *dst = packed + k * kCols;
+            if (cols == kCols) {
+                for (int v = 0; v < V; ++v) std::memcpy(dst + v * kLanes, src + v * kLanes, sizeof(v16f));
+            } else {
+                std::memcpy(dst, src, cols * sizeof(float));
+                std::fill(dst + cols, dst + kCols, 0.f);
+            }
+        }
+        const bool first = kb == 0, relu = a.relu && kb + 1 == blocks;
+        const float *x = a.x + k0;
+        float *out = a.out + n0;
+        std::int64_t m = r0;
+        for (; m + kLinRows <= r1; m += kLinRows)
+            lin_tile<kLinRows, V>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols);
+        switch (r1 - m) {
+            case 1: lin_tile<1, V>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
+            case 2: lin_tile<2, V>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
+            case 3: lin_tile<3, V>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
+            case 4: lin_tile<4, V>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
+            case 5: lin_tile<5, V>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
+            default: break;
+        }
+    }
+}
+
+__attribute__((always_inline)) inline void linear_body(const LinearArgs &a, std::int64_t n0, std::int64_t r0,
+                                                      std::int64_t r1, v16f *buffer) {
+    const std::int64_t rest = a.n - n0;
+    if (rest > 3 * kLanes)
+        lin_panel<4>(a, n0, r0, r1, buffer);
+    else if (rest > 2 * kLanes)
+        lin_panel<3>(a, n0, r0, r1, buffer);
+    else if (rest > kLanes)
+        lin_panel<2>(a, n0, r0, r1, buffer);
+    else
+        lin_panel<1>(a, n0, r0, r1, buffer);
+}
+
+using LinearFn = void (*)(const LinearArgs &, std::int64_t, std::int64_t, std::int64_t, v16f *);
+
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void linear_avx512(
+    const LinearArgs &a, std::int64_t n0, std::int64_t r0, std::int64_t r1, v16f *buffer) {
+    linear_body(a, n0, r0, r1, buffer);
+}
+void linear_generic(const LinearArgs &a, std::int64_t n0, std::int64_t r0, std::int64_t r1, v16f *buffer) {
+    linear_body(a, n0, r0, r1, buffer);
+}
+
+py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle bias_obj, bool relu,
+                          py::handle out_obj, const std::string &isa) {
+    const py::array x = require<float>(x_obj, "x", "float32", 2);
+    const py::array weight_t = require<float>(weight_t_obj, "weight_t", "float32", 2);
+    const py::array bias = require<float>(bias_obj, "bias", "float32", 1);
+    const std::int64_t rows = x.shape(0), depth = x.shape(1), cols = weight_t.shape(1);
+    if (weight_t.shape(0) != depth) {
+        throw py::value_error("weight_t: expected shape (" + std::to_string(depth) + ", N) (x has " +
+                              std::to_string(depth) + " columns; weight_t is [K, N], the transpose of a [N, K] "
+                              "Linear weight), got " + shape_str(weight_t));
+    }
+    require_shape(bias, "bias", {cols});
+    const bool avx512 = use_avx512(isa, "linear");
+    py::array_t<float> out;
+    if (out_obj.is_none()) {
+        out = py::array_t<float>({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(cols)});
+    } else {
+        out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 2));
+        require_shape(out, "out", {rows, cols});
+        if (!out.writeable()) throw py::value_error("out: array is read-only");
+        for (const auto &[arr, name] : {std::pair<const py::array &, const char *>{x, "x"}, {weight_t, "weight_t"},
+                                        {bias, "bias"}})
+            require_disjoint(out, arr, name);
+    }
+    if (rows == 0 || cols == 0) return out;
+    const LinearArgs args{static_cast<const float *>(x.data()), static_cast<const float *>(weight_t.data()),
+                          static_cast<const float *>(bias.data()), out.mutable_data(), rows, depth, cols, relu};
+    const LinearFn fn = avx512 ? linear_avx512 : linear_generic;
+    const std::int64_t panels = (cols + kLinPanel - 1) / kLinPanel, tiles = (rows + kLinRows - 1) / kLinRows;
+    const std::int64_t chunks = std::min(tiles, (kLinMinItems + panels - 1) / panels);
+    const std::int64_t panel_depth = std::min(depth, kLinDepth);
+    // cost in parallel_for's units: a tenth of a FLOP (threads for products of about 4 MFLOP and more:
+    // starting and joining one costs tens of microseconds); writing an element of out counts 16 FLOPs
+    const double item_flops = (2.0 * depth + 16.0) * static_cast<double>(rows) / chunks * kLinPanel;
+    {
+        py::gil_scoped_release release;
+        parallel_for(panels * chunks, item_flops / 10.0, [&](std::int64_t i0, std::int64_t i1) {
+            std::vector<float> storage;
+            v16f *buffer = aligned_vecs(storage, kLinVecs * (1 + panel_depth));
+            for (std::int64_t i = i0; i < i1; ++i) {
+                const std::int64_t p = i / chunks, c = i % chunks;
+                const std::int64_t r0 = tiles * c / chunks * kLinRows;
+                const std::int64_t r1 = std::min(rows, tiles * (c + 1) / chunks * kLinRows);
+                fn(args, p * kLinPanel, r0, r1, buffer);
+            }
+        });
+    }
+    return out;
 }
 
 }  // namespace
@@ -1357,10 +1616,10 @@ PYBIND11_MODULE(_ext, m) {
           "the AVX-512 build on CPUs that have it, 'generic' the portable build.");
     m.def("two_way_pass", &two_way_pass, py::arg("keys"), py::arg("pe"), py::arg("kq"), py::arg("koff"),
           py::arg("vwo"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("qk"), py::arg("heads"),
-          py::arg("out") = py::none(), py::arg("isa") = "auto",
+          py::arg("out") = py::none(), py::arg("isa") = "auto", py::arg("qproj") = py::none(),
           "two_way_pass(keys: float32[Bk, P, 256], pe: float32[P, 256], kq: float32[B, J, 256],\n"
           "    koff: float32[B, J], vwo: float32[B, J, 256], ln_weight: float32[256], ln_bias: float32[256],\n"
-          "    eps, qk: float32[B, J2, 256], heads, out=None, isa='auto')\n"
+          "    eps, qk: float32[B, J2, 256], heads, out=None, isa='auto', qproj=None)\n"
           "    -> (keys_out: float32[B, P, 256], pooled: float32[B, J2, 256])\n\n"
           "Image side of one layer of SAM's two-way transformer for B prompts (Bk = 1: keys shared by\n"
           "all; Bk = B: one row each), J <= 64, J2 <= 64, heads dividing J. Per prompt b and pixel p,\n"
@@ -1368,8 +1627,21 @@ PYBIND11_MODULE(_ext, m) {
           "tokens h*J/heads..(h+1)*J/heads-1); y = keys[b, p] + a @ vwo[b]; keys_out[b, p] = z =\n"
           "LayerNorm(y) over the channels (biased variance, eps, ln_weight, ln_bias); then\n"
           "s[p, j] = qk[b, j] . (z_p + pe[p]) and pooled[b, j] = sum_p softmax_p(s[:, j]) z_p.\n"
-          "keys_out is written into out when given (it must not overlap the inputs). isa 'auto' runs\n"
-          "the AVX-512 build on CPUs that have it, 'generic' the portable build.");
+          "keys_out is written into out when given (it must not overlap the inputs, except that it may be\n"
+          "keys itself when Bk == B: the update is then in place). isa 'auto' runs\n"
+          "the AVX-512 build on CPUs that have it, 'generic' the portable build.\n\n"
+          "Projected logits mode, qproj: float32[P, D] given (D a multiple of heads, at most 256; d = D / heads):\n"
+          "kq is float32[B, J, d] and l[j] = qproj[p, h*d:(h+1)*d] . kq[b, j] + koff[b, j] for the head h of\n"
+          "token j (qproj = (keys + pe) @ Wq.T + bq, computed once for keys shared by all prompts); the rest\n"
+          "is unchanged.");
+    m.def("linear", &linear, py::arg("x"), py::arg("weight_t"), py::arg("bias"), py::arg("relu") = false,
+          py::arg("out") = py::none(), py::arg("isa") = "auto",
+          "linear(x: float32[M, K], weight_t: float32[K, N], bias: float32[N], relu=False, out=None,\n"
+          "    isa='auto') -> float32[M, N]\n\n"
+          "out = x @ weight_t + bias, then max(out, 0) when relu: a Linear layer whose [N, K] weight the\n"
+          "caller transposed once; each sum in float32, from the bias over k in ascending order. out, when\n"
+          "given, must not overlap the inputs. isa 'auto' runs the AVX-512 build on CPUs that have it,\n"
+          "'generic' the portable build.");
     m.def("mask_upscaling_isa", [] { return std::string(have_avx512() ? "avx512" : "generic"); },
           "mask_upscaling_isa() -> 'avx512' or 'generic': the code path mask_upscaling runs on this CPU.");
 }

@@ -672,7 +672,6 @@ def test_two_way_pass_rejects_bad_arguments(rng):
         (dict(out=np.zeros((3, 20, 128), np.float32)), r"out: expected shape \(3, 20, 256\)"),
         (dict(out=np.zeros((3, 20, 256), np.float64)), "out: expected dtype float32"),
         (dict(out=np.zeros((3, 20, 512), np.float32)[:, :, ::2]), "out: array is not C-contiguous"),
-        (dict(out=good["keys"]), "out: must not overlap keys"),
         (dict(out=np.zeros((3, 20, 256), np.float32).reshape(-1)[:256 * 20].reshape(1, 20, 256)),
          r"out: expected shape \(3, 20, 256\)"),
         (dict(isa="avx512"), "isa must be 'auto' or 'generic'"),
@@ -683,6 +682,13 @@ def test_two_way_pass_rejects_bad_arguments(rng):
         error = TypeError if ("dtype" in message or "ndarray" in message) else ValueError
         with pytest.raises(error, match=message):
             _ext.two_way_pass(**{**good, **change})
+    assert good["keys"].shape[0] == 3                    # per-prompt keys: out may be keys itself (in place)
+    want = _ext.two_way_pass(**{**good, "keys": good["keys"].copy()})
+    in_place = good["keys"].copy()
+    got = _ext.two_way_pass(**{**good, "keys": in_place, "out": in_place})
+    assert got[0] is in_place
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
     buffer = np.zeros(2 * 3 * 20 * 256, np.float32)
     keys = buffer[:3 * 20 * 256].reshape(3, 20, 256)
     with pytest.raises(ValueError, match="out: must not overlap keys"):  # overlapping by one row
@@ -690,3 +696,190 @@ def test_two_way_pass_rejects_bad_arguments(rng):
     with pytest.raises(ValueError, match="out: must not overlap pe"):
         _ext.two_way_pass(**{**good, "pe": buffer[:20 * 256].reshape(20, 256), "out": buffer.reshape(2, 3, 20, 256)[0]})
     _ext.two_way_pass(**{**good, "keys": keys, "out": buffer[3 * 20 * 256:].reshape(3, 20, 256)})  # adjacent: fine
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear layer (token side of SAM's decoder)
+
+LINEAR_SHAPES = [  # M, K, N
+    (448, 256, 2048), (448, 2048, 256), (448, 256, 256), (448, 256, 128), (64, 256, 32), (448, 16, 4096),
+    (448, 4096, 17),                                  # N not a multiple of 16, K over several blocks
+    (1, 1, 1), (1, 256, 1), (7, 1, 70), (5, 3, 16), (13, 300, 65), (6, 512, 64), (11, 257, 48), (2, 33, 33),
+    (100, 769, 130),                                  # ragged rows, columns and blocks of k
+]
+
+
+def _linear_inputs(rng, m, k, n):
+    x = rng.normal(0, 1, (m, k)).astype(np.float32)
+    weight_t = rng.normal(0, 1 / np.sqrt(k), (k, n)).astype(np.float32)
+    bias = rng.normal(0, 1, n).astype(np.float32)
+    return x, weight_t, bias
+
+
+def _assert_linear_close(got, want, k):
+    assert got.dtype == np.float32 and got.shape == want.shape
+    # float32 sums of k products of unit-scale terms against float64
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 * np.sqrt(k))
+
+
+@pytest.mark.parametrize("m,k,n", LINEAR_SHAPES)
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+def test_linear_matches_twin(rng, m, k, n, relu, isa):
+    x, weight_t, bias = _linear_inputs(rng, m, k, n)
+    got = _ext.linear(x, weight_t, bias, relu=relu, isa=isa)
+    _assert_linear_close(got, twins.linear(x, weight_t, bias, relu), k)
+    assert (got >= 0).all() if relu else (m * n < 64 or (got < 0).any())
+    if relu and m * n >= 64:
+        assert (got == 0).any()
+
+
+def test_linear_out_buffer_and_empty_shapes(rng):
+    x, weight_t, bias = _linear_inputs(rng, 37, 300, 90)
+    want = _ext.linear(x, weight_t, bias, relu=True)
+    out = np.full((37, 90), np.nan, np.float32)
+    assert _ext.linear(x, weight_t, bias, relu=True, out=out) is out
+    np.testing.assert_array_equal(out, want)                # the same code path: identical
+    assert _ext.linear(x[:0], weight_t, bias).shape == (0, 90)
+    assert _ext.linear(x, weight_t[:, :0], bias[:0]).shape == (37, 0)
+    np.testing.assert_array_equal(_ext.linear(x[:, :0], weight_t[:0], bias), np.broadcast_to(bias, (37, 90)))
+
+
+def test_linear_rows_are_independent(rng):
+    """Each row of out depends only on its row of x: a row computed alone (one thread, a one-row tile)
+    equals the same row inside a large product (many threads, full tiles)."""
+    x, weight_t, bias = _linear_inputs(rng, 448, 512, 200)
+    full = _ext.linear(x, weight_t, bias)
+    for r in (0, 5, 6, 447):
+        np.testing.assert_array_equal(_ext.linear(x[r:r + 1], weight_t, bias)[0], full[r])
+
+
+def test_linear_isa_builds_agree(rng):
+    x, weight_t, bias = _linear_inputs(rng, 50, 700, 100)
+    auto, generic = _ext.linear(x, weight_t, bias, isa="auto"), _ext.linear(x, weight_t, bias, isa="generic")
+    np.testing.assert_allclose(auto, generic, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_rejects_bad_arguments(rng):
+    x, weight_t, bias = _linear_inputs(rng, 6, 20, 24)
+    good = dict(x=x, weight_t=weight_t, bias=bias)
+    read_only = np.zeros((6, 24), np.float32)
+    read_only.flags.writeable = False
+    cases = [
+        *((dict(**{name: arr.astype(np.float64)}), f"{name}: expected dtype float32") for name, arr in good.items()),
+        (dict(x=x.tolist()), "x: expected a numpy.ndarray"),
+        (dict(x=x[None]), "x: expected 2 dimensions"),
+        (dict(weight_t=weight_t[None]), "weight_t: expected 2 dimensions"),
+        (dict(bias=bias[None]), "bias: expected 1 dimensions"),
+        (dict(x=np.repeat(x, 2, axis=1)[:, ::2]), "x: array is not C-contiguous"),
+        (dict(weight_t=np.ascontiguousarray(weight_t.T)), r"weight_t: expected shape \(20, N\).*got \(24, 20\)"),
+        (dict(weight_t=weight_t.T), "weight_t: array is not C-contiguous"),
+        (dict(bias=bias[:23].copy()), r"bias: expected shape \(24\)"),
+        (dict(out=read_only), "out: array is read-only"),
+        (dict(out=np.zeros((6, 23), np.float32)), r"out: expected shape \(6, 24\)"),
+        (dict(out=np.zeros((6, 24), np.float64)), "out: expected dtype float32"),
+        (dict(out=np.zeros(24, np.float32)), "out: expected 2 dimensions"),
+        (dict(out=np.zeros((6, 48), np.float32)[:, ::2]), "out: array is not C-contiguous"),
+        (dict(isa="avx512"), "isa must be 'auto' or 'generic'"),
+    ]
+    _ext.linear(**good)  # accepted
+    for change, message in cases:
+        error = TypeError if ("dtype" in message or "ndarray" in message) else ValueError
+        with pytest.raises(error, match=message):
+            _ext.linear(**{**good, **change})
+    buffer = np.zeros(6 * 24 + 6 * 20, np.float32)
+    with pytest.raises(ValueError, match="out: must not overlap x"):
+        _ext.linear(buffer[:6 * 20].reshape(6, 20), weight_t, bias, out=buffer[6 * 20 - 1:-1].reshape(6, 24))
+    square_w = rng.normal(0, 1, (24, 24)).astype(np.float32)
+    for name in ("weight_t", "bias"):
+        args = dict(x=np.zeros((24, 24), np.float32), weight_t=square_w, bias=bias)
+        out = args[name] if name == "weight_t" else np.zeros((1, 24), np.float32)
+        if name == "bias":
+            args = dict(x=np.zeros((1, 24), np.float32), weight_t=square_w, bias=out[0])
+        with pytest.raises(ValueError, match=f"out: must not overlap {name}"):
+            _ext.linear(**args, out=out)
+    _ext.linear(buffer[:6 * 20].reshape(6, 20), weight_t, bias, out=buffer[6 * 20:].reshape(6, 24))  # adjacent
+
+
+# ------------------------------------------------------------------------------------------------
+# Two-way pass, projected logits mode (qproj)
+
+TWO_WAY_QPROJ_CASES = [  # batch, shared keys, pixels, J, J2, heads, d, logit std
+    (1, True, 100, 56, 56, 8, 16, 3.0),
+    (5, True, 4096, 56, 56, 8, 16, 3.0),     # SAM's first layer: 8 heads of 7 tokens, d 16
+    (3, False, 200, 56, 40, 8, 16, 3.0),     # keys per prompt
+    (2, True, 4096, 56, 56, 8, 16, 30.0),    # large logits
+    (2, True, 300, 64, 64, 4, 32, 3.0),      # 16 tokens per head: two token tiles each
+    (3, True, 1, 64, 64, 64, 4, 3.0),        # one pixel; one token per head
+    (2, True, 47, 12, 1, 3, 5, 3.0),         # d 5, D 15 (not a multiple of 16), one pooled token
+    (2, True, 130, 16, 8, 1, 256, 3.0),      # one head over all 256 columns
+    (2, True, 100, 9, 9, 1, 1, 3.0),         # d 1
+]
+
+
+@pytest.mark.parametrize("batch,shared,pixels,tokens,tokens2,heads,d,logit_std", TWO_WAY_QPROJ_CASES)
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+def test_two_way_pass_qproj_matches_twin(rng, batch, shared, pixels, tokens, tokens2, heads, d, logit_std, isa):
+    args = twins.two_way_qproj_inputs(rng, batch, shared, pixels, tokens, tokens2, heads, d, logit_std)
+    got = _ext.two_way_pass(**args, isa=isa)
+    _assert_two_way_close(got, twins.two_way_pass(**args))
+    assert got[0].shape == (batch, pixels, 256) and got[1].shape == (batch, tokens2, 256)
+
+
+def test_two_way_pass_qproj_one_head_equals_full_mode(rng):
+    """With one head and qproj = keys + pe (D = d = 256), the projected mode computes what the full mode does."""
+    args = twins.two_way_inputs(rng, 3, True, 500, 24, 16, 1)
+    full = _ext.two_way_pass(**args)
+    projected = _ext.two_way_pass(**args, qproj=args["keys"][0] + args["pe"])
+    for f, q in zip(full, projected):
+        np.testing.assert_allclose(q, f, rtol=1e-5, atol=1e-5 * float(np.abs(f).max()))
+
+
+def test_two_way_pass_qproj_ignores_pe_in_the_logits(rng):
+    """In qproj mode the first logits do not use keys + pe: keys_out does not depend on pe (only the second
+    logits, z + pe, and so the pooled rows do)."""
+    args = twins.two_way_qproj_inputs(rng, 2, True, 300, 56, 56, 8, 16)
+    a_keys, a_pooled = _ext.two_way_pass(**args)
+    b_keys, b_pooled = _ext.two_way_pass(**{**args, "pe": args["pe"] * 2})
+    np.testing.assert_array_equal(a_keys, b_keys)
+    assert np.abs(a_pooled - b_pooled).max() > 1e-3
+
+
+def test_two_way_pass_qproj_isa_builds_agree_and_out(rng):
+    args = twins.two_way_qproj_inputs(rng, 2, True, 500, 56, 48, 8, 16)
+    auto, generic = _ext.two_way_pass(**args, isa="auto"), _ext.two_way_pass(**args, isa="generic")
+    for a, g in zip(auto, generic):
+        np.testing.assert_allclose(a, g, rtol=1e-5, atol=1e-5 * float(np.abs(g).max()))
+    out = np.full((2, 500, 256), np.nan, np.float32)
+    keys_out, pooled = _ext.two_way_pass(**args, out=out)
+    assert keys_out is out
+    np.testing.assert_array_equal(out, auto[0])
+    np.testing.assert_array_equal(pooled, auto[1])
+
+
+def test_two_way_pass_qproj_rejects_bad_arguments(rng):
+    good = twins.two_way_qproj_inputs(rng, 3, True, 20, 16, 8, 4, 8)  # D 32, d 8
+    cases = [
+        (dict(qproj=good["qproj"].astype(np.float64)), "qproj: expected dtype float32", TypeError),
+        (dict(qproj=good["qproj"].tolist()), "qproj: expected a numpy.ndarray", TypeError),
+        (dict(qproj=good["qproj"][None]), "qproj: expected 2 dimensions", ValueError),
+        (dict(qproj=good["qproj"][:19].copy()), r"qproj: expected shape \(20, 32\), got \(19, 32\)", ValueError),
+        (dict(qproj=np.repeat(good["qproj"], 2, axis=1)[:, ::2]), "qproj: array is not C-contiguous", ValueError),
+        (dict(qproj=good["qproj"][:, :30].copy()), "qproj: 30 columns; expected a multiple of heads 4", ValueError),
+        (dict(qproj=good["qproj"][:, :0].copy()), "qproj: 0 columns", ValueError),
+        (dict(qproj=np.zeros((20, 260), np.float32)), r"qproj: 260 columns; expected a multiple of heads 4 in 1\.\.256",
+         ValueError),
+        (dict(kq=good["kq"][:, :, :7].copy()), r"kq: expected shape \(3, 16, 8\)", ValueError),
+        (dict(kq=np.zeros((3, 16, 256), np.float32)), r"kq: expected shape \(3, 16, 8\)", ValueError),
+        (dict(heads=3), "heads 3 must be >= 1 and divide kq's 16 tokens", ValueError),
+        (dict(out=good["qproj"].reshape(1, 20, 32)), r"out: expected shape", ValueError),
+    ]
+    _ext.two_way_pass(**good)  # accepted
+    for change, message, error in cases:
+        with pytest.raises(error, match=message):
+            _ext.two_way_pass(**{**good, **change})
+    buffer = np.zeros(3 * 20 * 256 + 20 * 32, np.float32)
+    with pytest.raises(ValueError, match="out: must not overlap qproj"):
+        _ext.two_way_pass(**{**good, "qproj": buffer[:20 * 32].reshape(20, 32),
+                             "out": buffer[20 * 32 - 1:-1].reshape(3, 20, 256)})
+    _ext.two_way_pass(**{**good, "qproj": buffer[:20 * 32].reshape(20, 32), "out": buffer[20 * 32:].reshape(3, 20, 256)})

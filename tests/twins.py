@@ -152,8 +152,8 @@ def resize_logits(low: np.ndarray, ry: np.ndarray, rx: np.ndarray) -> np.ndarray
 
 
 def two_way_pass(keys: np.ndarray, pe: np.ndarray, kq: np.ndarray, koff: np.ndarray, vwo: np.ndarray,
-                 ln_weight: np.ndarray, ln_bias: np.ndarray, eps: float, qk: np.ndarray, heads: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 ln_weight: np.ndarray, ln_bias: np.ndarray, eps: float, qk: np.ndarray, heads: int,
+                 qproj: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The image side of one layer of SAM's two-way transformer, in float64 (the kernel computes in
     float32 with a polynomial exp and online softmax: compare with a tolerance).
 
@@ -161,11 +161,19 @@ def two_way_pass(keys: np.ndarray, pe: np.ndarray, kq: np.ndarray, koff: np.ndar
     qk [B, J2, C]: x = keys + pe; logits x @ kq[b].T + koff[b], softmax within each of ``heads`` groups
     of J / heads consecutive tokens; y = keys + attention @ vwo[b]; z = LayerNorm(y) over C (biased
     variance); s = (z + pe) @ qk[b].T; pooled[b, j] = softmax over the P pixels of s[b, :, j] times z.
-    -> (keys_out float32[B, P, C] = z, pooled float32[B, J2, C])."""
+    -> (keys_out float32[B, P, C] = z, pooled float32[B, J2, C]).
+
+    Projected logits mode, qproj [P, D] given (d = D / heads, kq [B, J, d]): the logit of token j (head
+    h = j // (J / heads)) is qproj[p, h d:(h + 1) d] . kq[b, j] + koff[b, j] instead."""
     batch, tokens, _ = kq.shape
     k = np.broadcast_to(keys.astype(np.float64), (batch, *keys.shape[1:]))           # [B, P, C]
     pe64 = pe.astype(np.float64)
-    logits = np.einsum("bpc,bjc->bpj", k + pe64, kq.astype(np.float64)) + koff[:, None, :]
+    if qproj is None:
+        logits = np.einsum("bpc,bjc->bpj", k + pe64, kq.astype(np.float64)) + koff[:, None, :]
+    else:
+        q = qproj.astype(np.float64).reshape(qproj.shape[0], heads, -1)                # [P, heads, d]
+        kqh = kq.astype(np.float64).reshape(batch, heads, tokens // heads, -1)         # [B, heads, T, d]
+        logits = np.einsum("phc,bhtc->bpht", q, kqh).reshape(batch, -1, tokens) + koff[:, None, :]
     logits = logits.reshape(batch, -1, heads, tokens // heads)
     attn = np.exp(logits - logits.max(axis=-1, keepdims=True))
     attn = (attn / attn.sum(axis=-1, keepdims=True)).reshape(batch, -1, tokens)      # [B, P, J]
@@ -176,6 +184,25 @@ def two_way_pass(keys: np.ndarray, pe: np.ndarray, kq: np.ndarray, koff: np.ndar
     weights = np.exp(s - s.max(axis=-1, keepdims=True))
     weights /= weights.sum(axis=-1, keepdims=True)
     return z.astype(np.float32), (weights @ z).astype(np.float32)
+
+
+def linear(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray, relu: bool = False) -> np.ndarray:
+    """x [M, K] @ weight_t [K, N] + bias [N], then max(., 0) when ``relu``, in float64 (the kernel sums in
+    float32: compare with a tolerance) -> float32 [M, N]."""
+    y = x.astype(np.float64) @ weight_t.astype(np.float64) + bias.astype(np.float64)
+    if relu:
+        y = np.maximum(y, 0.0)
+    return y.astype(np.float32)
+
+
+def two_way_qproj_inputs(rng: np.random.Generator, batch: int, shared: bool, pixels: int, tokens: int,
+                         tokens2: int, heads: int, head_dim: int, logit_std: float = 3.0) -> dict:
+    """two_way_inputs for the projected logits mode: qproj [P, heads * head_dim] ~ N(0, 1) and kq [B, J, head_dim]
+    scaled so that the logits have a standard deviation of about ``logit_std``."""
+    args = two_way_inputs(rng, batch, shared, pixels, tokens, tokens2, heads, logit_std)
+    args["qproj"] = rng.normal(0, 1, (pixels, heads * head_dim)).astype(np.float32)
+    args["kq"] = rng.normal(0, logit_std / np.sqrt(head_dim), (batch, tokens, head_dim)).astype(np.float32)
+    return args
 
 
 def upscaling_inputs(rng: np.random.Generator, counts: list[int], height: int, width: int) -> dict:
