@@ -101,7 +101,7 @@ class WholeDecoder:
     def __init__(self, decode: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]):
         self.decode = decode
 
-    def decode_tokens(self, embedding, coords, labels):
+    def decode_tokens(self, embedding, coords, labels, out=None):
         iou, low = self.decode(embedding, coords, labels)
         rows = np.broadcast_to(np.arange(4, dtype=np.float32)[None, :, None], (len(coords), 4, 1))
         return iou, rows, low                       # "hyper_in" carries the output index

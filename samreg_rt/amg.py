@@ -205,9 +205,12 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
     kept_masks, kept_iou, kept_stab, kept_ids = [], [], [], []
     counts = {"prompts": len(coords), "run": 0, "candidates": 0, "pred_iou": 0, "stability": 0}
     covered = np.zeros(out_shape, bool)
+    channels, h, w = emb.embedding.shape
+    tokens_buffer = np.empty((min(params.batch_size, len(coords)), h * w, channels), np.float32)  # reused per batch
     for batch in _prompt_batches(params, out_shape, covered):
         counts["run"] += len(batch)
-        iou, hyper_in, image_tokens = engine.decode_tokens(emb.embedding, coords[batch], labels[batch])
+        iou, hyper_in, image_tokens = engine.decode_tokens(emb.embedding, coords[batch], labels[batch],
+                                                           out=tokens_buffer)
         iou = iou[:, outputs]                                          # (b, k)
         counts["candidates"] += iou.size
         keep = iou > params.pred_iou_thresh if params.pred_iou_thresh > 0 else np.ones(iou.shape, bool)

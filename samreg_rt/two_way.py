@@ -58,6 +58,9 @@ class TwoWayWeights:
         missing = [k for k in needed if k not in arrays]
         if missing or arrays.get("image_pe", np.zeros((0, 0))).shape[1:] != (C,):
             raise ModelError(f"{path}: two-way transformer weights lack {missing or ['image_pe (hw, 256)']}")
+        # each Linear's weight also transposed, (in, out), as _ext.linear takes it
+        arrays.update({k + "_t": np.ascontiguousarray(v.T) for k, v in list(arrays.items())
+                       if k.endswith(".weight") and v.ndim == 2})
         return cls(arrays)
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -68,11 +71,12 @@ class TwoWayWeights:
         return int(self.arrays["num_heads"])
 
 
-def _linear(w: TwoWayWeights, name: str, x: np.ndarray) -> np.ndarray:
-    """``x @ weight.T + bias`` over the last axis, as one 2-D product."""
-    weight = w[name + ".weight"]
-    out = x.reshape(-1, x.shape[-1]) @ weight.T + w[name + ".bias"]
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+def _linear(w: TwoWayWeights, name: str, x: np.ndarray, relu: bool = False) -> np.ndarray:
+    """PyTorch's Linear ``name`` (then ReLU when ``relu``) over the last axis of x, as one 2-D product
+    (``_ext.linear``: two threads without leaving spinning BLAS workers behind)."""
+    weight_t = w[name + ".weight_t"]
+    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), np.float32)
+    return _ext.linear(x2, weight_t, w[name + ".bias"], relu=relu).reshape(*x.shape[:-1], weight_t.shape[1])
 
 
 def _layer_norm(w: TwoWayWeights, name: str, x: np.ndarray) -> np.ndarray:
@@ -118,13 +122,15 @@ def _token_to_shared_image(w: TwoWayWeights, name: str, q: np.ndarray, keys: np.
     d = qh.shape[-1]
     kh = _linear(w, f"{name}.k_proj", keys + pe).reshape(-1, heads, d)      # (hw, heads, d)
     vh = _linear(w, f"{name}.v_proj", keys).reshape(-1, heads, d)
-    ones = np.ones((len(keys), 1), np.float32)
+    values = np.concatenate([vh, np.ones((len(keys), heads, 1), np.float32)], axis=2)   # (hw, heads, d + 1)
+    scale = np.sqrt(d, dtype=np.float32)
     out = np.empty((b, t, heads, d), np.float32)
     for h in range(heads):
-        logits = qh[:, h].reshape(b * t, d) @ (kh[:, h].T / np.sqrt(d, dtype=np.float32))    # (B*T, hw)
+        logits = _ext.linear(np.ascontiguousarray(qh[:, h].reshape(b * t, d)), np.ascontiguousarray(kh[:, h].T / scale),
+                             np.zeros(len(keys), np.float32))                                  # (B*T, hw)
         np.subtract(logits, logits.max(axis=1, keepdims=True), out=logits)
         np.exp(logits, out=logits)
-        pooled = logits @ np.concatenate([vh[:, h], ones], axis=1)           # (B*T, d + 1)
+        pooled = _ext.linear(logits, np.ascontiguousarray(values[:, h]), np.zeros(d + 1, np.float32))  # (B*T, d + 1)
         out[:, :, h] = (pooled[:, :d] / pooled[:, d:]).reshape(b, t, d)
     return _linear(w, f"{name}.out_proj", out.reshape(b, t, heads * d))
 
@@ -149,23 +155,28 @@ def _token_to_image_output(w: TwoWayWeights, name: str, pooled: np.ndarray) -> n
     return _linear(w, f"{name}.out_proj", values.transpose(0, 2, 1, 3).reshape(b, pooled.shape[2], -1))
 
 
-def _image_to_token_rows(w: TwoWayWeights, name: str, k: np.ndarray, v: np.ndarray
+def _image_to_token_rows(w: TwoWayWeights, name: str, k: np.ndarray, v: np.ndarray, projected: bool
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Image-to-token attention with tokens k, v (B, T, C) as keys and values -> the fused pass's
     kq (B, heads*T, C) and koff (B, heads*T) (logits ``x . kq + koff`` of image token x) and vwo
-    (B, heads*T, C) (output ``sum_j A_j vwo_j``, the output bias split evenly over the heads)."""
+    (B, heads*T, C) (output ``sum_j A_j vwo_j``, the output bias split evenly over the heads).
+    ``projected``: for image tokens whose query projection the caller computes (the pass's ``qproj``):
+    kq (B, heads*T, d) = k_h / sqrt(d) and koff 0."""
     heads = w.num_heads
     kh = _heads(_linear(w, f"{name}.k_proj", k), heads)                      # (B, heads, T, d)
     scale = np.sqrt(kh.shape[-1], dtype=np.float32)
-    w_q, b_q = _head_weights(w, f"{name}.q_proj")
-    kq = kh @ w_q / scale                                                    # (B, heads, T, C)
-    koff = np.einsum("bhtd,hd->bht", kh, b_q) / scale
+    if projected:
+        kq, koff = kh / scale, np.zeros(kh.shape[:3], np.float32)
+    else:
+        w_q, b_q = _head_weights(w, f"{name}.q_proj")
+        kq = kh @ w_q / scale                                                # (B, heads, T, C)
+        koff = np.einsum("bhtd,hd->bht", kh, b_q) / scale
     vh = _heads(_linear(w, f"{name}.v_proj", v), heads)                      # (B, heads, T, d)
     w_o = w[f"{name}.out_proj.weight"]                                       # (C, heads*d)
     w_o = w_o.reshape(w_o.shape[0], heads, -1).transpose(1, 2, 0)            # (heads, d, C)
     vwo = vh @ w_o + w[f"{name}.out_proj.bias"] / heads                      # (B, heads, T, C)
     b = k.shape[0]
-    return (np.ascontiguousarray(kq.reshape(b, -1, C)), np.ascontiguousarray(koff.reshape(b, -1)),
+    return (np.ascontiguousarray(kq.reshape(b, -1, kq.shape[-1])), np.ascontiguousarray(koff.reshape(b, -1)),
             np.ascontiguousarray(vwo.reshape(b, -1, C)))
 
 
@@ -181,19 +192,30 @@ def embed_points(w: TwoWayWeights, point_coords: np.ndarray, point_labels: np.nd
     return emb.astype(np.float32)
 
 
-def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndarray,
-                  point_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray,
+                  out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``decoder_tokens`` of B prompts: embedding (1, C, h, w), point_coords (B, N, 2) and point_labels
     (B, N) float32 (N <= 3) -> iou_predictions (B, 4), hyper_in (B, 4, C/8), image_tokens (B, hw, C).
 
+    out: optional float32 (B', hw, C), B' >= B, C-contiguous: image_tokens are computed in ``out[:B]``
+    (and returned as that view), so that a caller decoding batch after batch reuses one buffer
+    instead of page-faulting in a fresh 4 MB per prompt each time.
+
     numpy's BLAS runs on one thread here: its idle worker threads keep spinning for a while after a
     multithreaded product and would halve the speed of the two-thread passes that follow."""
+    b, hw = point_coords.shape[0], embedding.shape[-2] * embedding.shape[-1]
+    if out is None:
+        out = np.empty((b, hw, C), np.float32)
+    elif out.dtype != np.float32 or out.ndim != 3 or out.shape[0] < b or out.shape[1:] != (hw, C) \
+            or not out.flags.c_contiguous:
+        raise InputError(f"out: expected a C-contiguous float32 buffer of at least ({b}, {hw}, {C}), got "
+                         f"{out.dtype} {out.shape}")
     with threadpool_limits(1, user_api="blas"):
-        return _decode_tokens(w, embedding, point_coords, point_labels)
+        return _decode_tokens(w, embedding, point_coords, point_labels, out[:b])
 
 
 def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndarray,
-                   point_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   point_labels: np.ndarray, image_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     heads = w.num_heads
     b = point_coords.shape[0]
     if point_coords.shape[1] + 5 > MAX_TOKENS:
@@ -212,9 +234,12 @@ def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.nda
         else:        # the pass before pooled the image tokens for it
             update = _token_to_image_output(w, f"{layer}.cross_attn_token_to_image", pooled)
         queries = _layer_norm(w, f"{layer}.norm2", queries + update)
-        mlp = np.maximum(_linear(w, f"{layer}.mlp.lin1", queries), 0)
+        mlp = _linear(w, f"{layer}.mlp.lin1", queries, relu=True)
         queries = _layer_norm(w, f"{layer}.norm3", queries + _linear(w, f"{layer}.mlp.lin2", mlp))
-        kq, koff, vwo = _image_to_token_rows(w, f"{layer}.cross_attn_image_to_token", queries + query_pe, queries)
+        # The first layer's image tokens are the image's alone: their query projection runs once per call.
+        i2t = f"{layer}.cross_attn_image_to_token"
+        qproj = _linear(w, f"{i2t}.q_proj", keys[0] + pe) if i == 0 else None
+        kq, koff, vwo = _image_to_token_rows(w, i2t, queries + query_pe, queries, projected=i == 0)
         # The next token-to-image attention's queries do not depend on the image tokens: the next
         # layer's self-attention runs now, so that one pass over the image tokens serves both.
         if i + 1 < depth:
@@ -223,8 +248,10 @@ def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.nda
         else:
             nxt = "transformer.final_attn_token_to_image"
         qk = _token_to_image_rows(w, nxt, queries + query_pe)
+        # every layer writes its image tokens into image_tokens (the later ones in place)
         keys, pooled = _ext.two_way_pass(keys, pe, kq, koff, vwo, w[f"{layer}.norm4.weight"],
-                                         w[f"{layer}.norm4.bias"], float(w[f"{layer}.norm4.eps"]), qk, heads)
+                                         w[f"{layer}.norm4.bias"], float(w[f"{layer}.norm4.eps"]), qk, heads,
+                                         out=image_tokens, qproj=qproj)
     update = _token_to_image_output(w, "transformer.final_attn_token_to_image", pooled)
     queries = _layer_norm(w, "transformer.norm_final_attn", queries + update)
     iou = _mlp_head(w, "iou_prediction_head", queries[:, 0])
@@ -249,6 +276,6 @@ def _mlp_head(w: TwoWayWeights, name: str, x: np.ndarray) -> np.ndarray:
     """Meta's ``MLP``: linear layers ``name.layers.i`` with ReLU between them."""
     i = 0
     while f"{name}.layers.{i + 1}.weight" in w.arrays:
-        x = np.maximum(_linear(w, f"{name}.layers.{i}", x), 0)
+        x = _linear(w, f"{name}.layers.{i}", x, relu=True)
         i += 1
     return _linear(w, f"{name}.layers.{i}", x)

@@ -155,6 +155,26 @@ def test_fused_tokens_equal_graph(tiny_dir):
         np.testing.assert_array_equal(got, want)       # the graph ran on both sides
 
 
+def test_fused_tokens_into_a_buffer(engine):
+    """decode_tokens(out=buffer): the fused decoder computes image_tokens in the buffer, batch after batch,
+    with the values it returns without one; a buffer of the wrong kind is an InputError."""
+    rng = np.random.default_rng(4)
+    emb = engine.embed(rng.integers(0, 255, (64, 64), np.uint8)).embedding
+    coords = np.concatenate([rng.uniform(0, 255, (6, 1, 2)), np.zeros((6, 1, 2))], axis=1).astype(np.float32)
+    labels = np.tile([1.0, -1.0], (6, 1)).astype(np.float32)
+    buffer = np.empty((4, 64 * 64, 256), np.float32)
+    for rows in (slice(0, 4), slice(4, 6)):
+        want = engine.decode_tokens(emb, coords[rows], labels[rows])
+        got = engine.decode_tokens(emb, coords[rows], labels[rows], out=buffer)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+        assert np.shares_memory(got[2], buffer) == (engine.two_way is not None)
+    if engine.two_way is not None:
+        for bad in (np.empty((2, 64 * 64, 256), np.float32), np.empty((8, 64 * 64, 256), np.float64)):
+            with pytest.raises(InputError, match="out"):
+                engine.decode_tokens(emb, coords, labels, out=bad)
+
+
 def test_fused_tokens_litemedsam(litemedsam_dir, data_dir):
     """Real weights: LiteMedSAM's box grid through the CPU decoder and through decoder_tokens."""
     image = load_image(data_dir / "cardiac_mr" / "acdc2d_example" / "fixed.png").array
