@@ -1,12 +1,15 @@
 """SAM's prompt encoder and two-way transformer on the CPU without ONNX Runtime (``decoder_tokens``).
 
-``decoder_tokens.onnx`` spends a third of its time in memory-bound passes over the prompts' image
-tokens (B x 4096 x 256 floats: residual adds, LayerNorms, the image-to-token softmax). Here the
-small token side (self-attention, MLPs, LayerNorms and heads of the 5 + N prompt tokens) runs in
-numpy, and each layer's image side per prompt is one fused pass of ``samreg_rt._ext.two_way_pass``
-over the image tokens: the image-to-token attention update, residual and LayerNorm, then the next
-token-to-image attention's softmax pooling over the new image tokens. The image tokens are never
-projected per prompt, as in the exported graph (``samreg_export.onnx_export.PromptDecoder``):
+``decoder_tokens.onnx`` spends much of its time in memory-bound passes over the prompts' image
+tokens (B x 4096 x 256 floats: residual adds, LayerNorms, the image-to-token softmax; its op types
+in benchmarks/results/performance.md, section 2). Here the small token side (self-attention, MLPs,
+LayerNorms and heads of the 5 + N prompt tokens) runs in numpy with its products in
+``samreg_rt._ext.linear``, and each layer's image side per prompt is one fused pass of
+``samreg_rt._ext.two_way_pass`` over the image tokens: the image-to-token attention update,
+residual and LayerNorm, then the next token-to-image attention's softmax pooling over the new image
+tokens. The image tokens are never projected per prompt, as in the exported graph
+(``samreg_export.onnx_export.PromptDecoder``); the first layer's, the image's own, have their query
+projection computed once per call (the pass's ``qproj``):
 
 - token-to-image head h: logits ``(q_h W_k,h) x^T`` and pooled values ``(A_h x) W_v,h^T + b_v,h``;
 - image-to-token head h: logits ``x (W_q,h^T k_h^T) + b_q,h k_h^T`` and output
