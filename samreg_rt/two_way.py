@@ -57,8 +57,11 @@ class TwoWayWeights:
         except (OSError, ValueError) as exc:
             raise ModelError(f"{path}: not a two-way transformer weights file ({exc})") from None
         needed = ["image_pe", "no_mask", "pe_gaussian", "point_embeddings", "not_a_point", "output_tokens",
-                  "input_size", "num_heads", "depth", "transformer.norm_final_attn.weight"]
+                  "input_size", "num_heads", "depth"]
         missing = [k for k in needed if k not in arrays]
+        if not missing:
+            missing = [k for k in _parameter_names(int(arrays["depth"]), len(arrays["output_tokens"]) - 1)
+                       if k not in arrays]
         if missing or arrays.get("image_pe", np.zeros((0, 0))).shape[1:] != (C,):
             raise ModelError(f"{path}: two-way transformer weights lack {missing or ['image_pe (hw, 256)']}")
         # each Linear's weight also transposed, (in, out), as _ext.linear takes it
@@ -72,6 +75,19 @@ class TwoWayWeights:
     @property
     def num_heads(self) -> int:
         return int(self.arrays["num_heads"])
+
+
+def _parameter_names(depth: int, masks: int) -> list[str]:
+    """The decoder parameters ``decode_tokens`` reads, for ``depth`` layers and ``masks`` mask tokens."""
+    attentions = ["self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token"]
+    linears = [f"transformer.layers.{i}.{a}.{p}_proj" for i in range(depth) for a in attentions for p in "qkvo"]
+    linears += [f"transformer.layers.{i}.mlp.lin{j}" for i in range(depth) for j in (1, 2)]
+    linears += [f"transformer.final_attn_token_to_image.{p}_proj" for p in "qkvo"]
+    linears += ["iou_prediction_head.layers.0"] + [f"output_hypernetworks_mlps.{k}.layers.0" for k in range(masks)]
+    norms = [f"transformer.layers.{i}.norm{j}" for i in range(depth) for j in (1, 2, 3, 4)]
+    norms += ["transformer.norm_final_attn"]
+    return [f"{n}.{p}".replace(".o_proj", ".out_proj") for n in linears for p in ("weight", "bias")] + \
+        [f"{n}.{p}" for n in norms for p in ("weight", "bias", "eps")]
 
 
 def _linear(w: TwoWayWeights, name: str, x: np.ndarray, relu: bool = False) -> np.ndarray:
