@@ -616,19 +616,24 @@ __attribute__((always_inline)) inline v16f gelu16(v16f x) {
 }
 
 // In-place transpose of 16 vectors (rows) of 16 lanes: swaps each bit of the row index with the
-// same bit of the lane index, one bit per round.
+// same bit of the lane index, one bit per round (shuffle patterns spelled out as constants: a loop
+// that computes them is not always folded away).
 __attribute__((always_inline)) inline void transpose16(v16f *r) {
-    for (int s = 8; s >= 1; s /= 2) {
-        v16i lo, hi;
-        for (int l = 0; l < 16; ++l) {
-            lo[l] = (l & s) ? 16 + l - s : l;
-            hi[l] = (l & s) ? 16 + l : l + s;
-        }
+    const v16i lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const v16i hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const v16i lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+    const v16i hi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+    const v16i lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    const v16i hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+    const v16i lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+    const v16i hi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+    const v16i *los[4] = {&lo8, &lo4, &lo2, &lo1}, *his[4] = {&hi8, &hi4, &hi2, &hi1};
+    for (int round = 0, s = 8; round < 4; ++round, s /= 2) {
         for (int i = 0; i < 16; ++i) {
             if (i & s) continue;
             const v16f a = r[i], b = r[i + s];
-            r[i] = __builtin_shuffle(a, b, lo);
-            r[i + s] = __builtin_shuffle(a, b, hi);
+            r[i] = __builtin_shuffle(a, b, *los[round]);
+            r[i + s] = __builtin_shuffle(a, b, *his[round]);
         }
     }
 }
@@ -853,7 +858,7 @@ constexpr int kTwVecs = 3;                   // pixel vectors per block
 constexpr int kTwBlock = kTwVecs * kLanes;   // pixels per block
 constexpr int kTwMaxTokens = 64;             // J and J2 limit
 constexpr int kTwTokenBlock = 8;             // tokens per register tile; J, J2 padded to a multiple
-constexpr int kTwChannelBlock = 8;           // channels per register tile of the value product
+constexpr int kTwChannelBlock = kTwTokenBlock;  // channels per register tile of the value product (tw_tile)
 
 // exp of each lane: Cephes' expf (range reduction by ln 2 in two parts, degree-5 polynomial, about
 // 1 ulp); 0 below -87.3 (and for -inf), clamped at 88.7.
@@ -908,28 +913,6 @@ constexpr std::int64_t kTwScratch = 3 * kTwTile + 2 * kTwTokenTile + 2 * kChanne
 // Running pooling state of one work item, in floats: max[64], sum[64], weighted sum[64][C].
 constexpr std::int64_t kTwState = 2 * kTwMaxTokens + kTwMaxTokens * kChannels;
 
-// transpose16 with the shuffle patterns spelled out as constants (the loop that computes them there
-// is not always folded away).
-__attribute__((always_inline)) inline void tw_transpose16(v16f *r) {
-    const v16i lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-    const v16i hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-    const v16i lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
-    const v16i hi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
-    const v16i lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-    const v16i hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
-    const v16i lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
-    const v16i hi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
-    const v16i *los[4] = {&lo8, &lo4, &lo2, &lo1}, *his[4] = {&hi8, &hi4, &hi2, &hi1};
-    for (int round = 0, s = 8; round < 4; ++round, s /= 2) {
-        for (int i = 0; i < 16; ++i) {
-            if (i & s) continue;
-            const v16f a = r[i], b = r[i + s];
-            r[i] = __builtin_shuffle(a, b, *los[round]);
-            r[i + s] = __builtin_shuffle(a, b, *his[round]);
-        }
-    }
-}
-
 // dst[c * kTwVecs + g] = channel c of pixels 16g..16g+15 of the pixel-major rows src[n][width] (zero
 // past row n).
 __attribute__((always_inline)) inline void tw_load_t(v16f *dst, const float *src, int n, int width = kChannels) {
@@ -949,9 +932,25 @@ __attribute__((always_inline)) inline void tw_load_t(v16f *dst, const float *src
                 const int p = g * kLanes + l;
                 x[l] = p < n ? load16(src + static_cast<std::int64_t>(p) * width + c0) : v16f{};
             }
-            tw_transpose16(x);
+            transpose16(x);
             for (int l = 0; l < kLanes; ++l) dst[(c0 + l) * kTwVecs + g] = x[l];
         }
+    }
+}
+
+// acc[t][v] += sum_{k < count} x[k * kTwVecs + v] * w[k * ld + t] for the kTwTokenBlock columns t of a
+// register tile (x: rows of kTwVecs pixel vectors, w: row-major with ld floats per row). With kPrefetch,
+// also prefetches count cache lines from `prefetch`, one per row.
+template <bool kPrefetch = false>
+__attribute__((always_inline)) inline void tw_tile(v16f (&acc)[kTwTokenBlock][kTwVecs], const v16f *x, const float *w,
+                                                   int ld, int count, const char *prefetch = nullptr) {
+    for (int k = 0; k < count; ++k) {
+        const float *wk = w + k * ld;
+        if (kPrefetch) __builtin_prefetch(prefetch + k * 64);
+        v16f xk[kTwVecs];
+        for (int v = 0; v < kTwVecs; ++v) xk[v] = x[k * kTwVecs + v];
+        for (int t = 0; t < kTwTokenBlock; ++t)
+            for (int v = 0; v < kTwVecs; ++v) acc[t][v] += xk[v] * wk[t];
     }
 }
 
@@ -965,14 +964,7 @@ __attribute__((always_inline)) inline void tw_logits_tile(v16f *out, const v16f 
     v16f acc[kTwTokenBlock][kTwVecs];
     for (int t = 0; t < kTwTokenBlock; ++t)
         for (int v = 0; v < kTwVecs; ++v) acc[t][v] = first ? v16f{} + bias[j0 + t] : out[(j0 + t) * kTwVecs + v];
-    for (int c = c0; c < c1; ++c) {
-        const float *w = wt + c * ld + j0;
-        if (kPrefetch) __builtin_prefetch(prefetch + (c - c0) * 64);
-        v16f x[kTwVecs];
-        for (int v = 0; v < kTwVecs; ++v) x[v] = xt[c * kTwVecs + v];
-        for (int t = 0; t < kTwTokenBlock; ++t)
-            for (int v = 0; v < kTwVecs; ++v) acc[t][v] += x[v] * w[t];
-    }
+    tw_tile<kPrefetch>(acc, xt + c0 * kTwVecs, wt + c0 * ld + j0, ld, c1 - c0, prefetch);
     for (int t = 0; t < kTwTokenBlock; ++t)
         for (int v = 0; v < kTwVecs; ++v) out[(j0 + t) * kTwVecs + v] = acc[t][v];
 }
@@ -1004,13 +996,7 @@ __attribute__((always_inline)) inline void tw_head_logits(v16f *out, const v16f 
     v16f acc[kTwTokenBlock][kTwVecs];
     for (int t = 0; t < kTwTokenBlock; ++t)
         for (int v = 0; v < kTwVecs; ++v) acc[t][v] = v16f{} + (t < count ? koff[j0 + t] : 0.f);
-    for (int c = 0; c < d; ++c) {
-        const float *w = kqh + c * ld;
-        v16f x[kTwVecs];
-        for (int v = 0; v < kTwVecs; ++v) x[v] = qt[c * kTwVecs + v];
-        for (int t = 0; t < kTwTokenBlock; ++t)
-            for (int v = 0; v < kTwVecs; ++v) acc[t][v] += x[v] * w[t];
-    }
+    tw_tile(acc, qt, kqh, ld, d);
     for (int t = 0; t < kTwTokenBlock; ++t)
         if (t < count)
             for (int v = 0; v < kTwVecs; ++v) out[(j0 + t) * kTwVecs + v] = acc[t][v];
@@ -1022,13 +1008,7 @@ __attribute__((always_inline)) inline void tw_update(v16f *yt, const v16f *kt, c
     v16f acc[kTwChannelBlock][kTwVecs];
     for (int t = 0; t < kTwChannelBlock; ++t)
         for (int v = 0; v < kTwVecs; ++v) acc[t][v] = kt[(c0 + t) * kTwVecs + v];
-    for (int j = 0; j < tokens; ++j) {
-        const float *w = vwo + j * kChannels + c0;
-        v16f a[kTwVecs];
-        for (int v = 0; v < kTwVecs; ++v) a[v] = at[j * kTwVecs + v];
-        for (int t = 0; t < kTwChannelBlock; ++t)
-            for (int v = 0; v < kTwVecs; ++v) acc[t][v] += a[v] * w[t];
-    }
+    tw_tile(acc, at, vwo + c0, kChannels, tokens);
     for (int t = 0; t < kTwChannelBlock; ++t)
         for (int v = 0; v < kTwVecs; ++v) yt[(c0 + t) * kTwVecs + v] = acc[t][v];
 }
@@ -1160,7 +1140,7 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
                     z[l] = (yt[c * kTwVecs + v] - mean) * inv * a.ln_weight[c] + a.ln_bias[c];
                     xt[c * kTwVecs + v] = z[l] + pt[c * kTwVecs + v];
                 }
-                tw_transpose16(z);
+                transpose16(z);
                 for (int l = 0; l < kLanes && v * kLanes + l < n; ++l)
                     std::memcpy(zrows + (v * kLanes + l) * kChannels + c0, &z[l], sizeof(v16f));
             }
