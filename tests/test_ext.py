@@ -637,6 +637,16 @@ def test_two_way_pass_extreme_logits_stay_finite(rng):
     np.testing.assert_allclose(pooled, want_pooled, rtol=0, atol=1e-3 * float(np.abs(want_pooled).max()))
 
 
+def _assert_rejects(kernel, good, cases):
+    """kernel(**good) runs; kernel(**good with each change) raises with the message (TypeError for a
+    wrong dtype or type, ValueError otherwise)."""
+    kernel(**good)
+    for change, message in cases:
+        error = TypeError if ("dtype" in message or "ndarray" in message) else ValueError
+        with pytest.raises(error, match=message):
+            kernel(**{**good, **change})
+
+
 def test_two_way_pass_rejects_bad_arguments(rng):
     good = twins.two_way_inputs(rng, 3, False, 20, 16, 8, 4)
     f64 = {k: v.astype(np.float64) for k, v in good.items() if isinstance(v, np.ndarray)}
@@ -677,11 +687,7 @@ def test_two_way_pass_rejects_bad_arguments(rng):
         (dict(isa="avx512"), "isa must be 'auto' or 'generic'"),
         (dict(isa=""), "isa must be 'auto' or 'generic'"),
     ]
-    _ext.two_way_pass(**good)  # accepted
-    for change, message in cases:
-        error = TypeError if ("dtype" in message or "ndarray" in message) else ValueError
-        with pytest.raises(error, match=message):
-            _ext.two_way_pass(**{**good, **change})
+    _assert_rejects(_ext.two_way_pass, good, cases)
     assert good["keys"].shape[0] == 3                    # per-prompt keys: out may be keys itself (in place)
     want = _ext.two_way_pass(**{**good, "keys": good["keys"].copy()})
     in_place = good["keys"].copy()
@@ -782,11 +788,7 @@ def test_linear_rejects_bad_arguments(rng):
         (dict(out=np.zeros((6, 48), np.float32)[:, ::2]), "out: array is not C-contiguous"),
         (dict(isa="avx512"), "isa must be 'auto' or 'generic'"),
     ]
-    _ext.linear(**good)  # accepted
-    for change, message in cases:
-        error = TypeError if ("dtype" in message or "ndarray" in message) else ValueError
-        with pytest.raises(error, match=message):
-            _ext.linear(**{**good, **change})
+    _assert_rejects(_ext.linear, good, cases)
     buffer = np.zeros(6 * 24 + 6 * 20, np.float32)
     with pytest.raises(ValueError, match="out: must not overlap x"):
         _ext.linear(buffer[:6 * 20].reshape(6, 20), weight_t, bias, out=buffer[6 * 20 - 1:-1].reshape(6, 24))
