@@ -101,9 +101,9 @@ class WholeDecoder:
     def __init__(self, decode: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]):
         self.decode = decode
 
-    def decode_tokens(self, embedding, coords, labels, out=None):
+    def decode_tokens(self, embedding, coords, labels, out=None, mask_outputs=(0, 1, 2, 3)):
         iou, low = self.decode(embedding, coords, labels)
-        rows = np.broadcast_to(np.arange(4, dtype=np.float32)[None, :, None], (len(coords), 4, 1))
+        rows = np.broadcast_to(np.asarray(mask_outputs, np.float32)[None, :, None], (len(coords), len(mask_outputs), 1))
         return iou, rows, low                       # "hyper_in" carries the output index
 
     def decode_kept_masks(self, low, rows, keep):

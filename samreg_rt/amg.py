@@ -210,7 +210,7 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
     for batch in _prompt_batches(params, out_shape, covered):
         counts["run"] += len(batch)
         iou, hyper_in, image_tokens = engine.decode_tokens(emb.embedding, coords[batch], labels[batch],
-                                                           out=tokens_buffer)
+                                                           out=tokens_buffer, mask_outputs=tuple(outputs))
         iou = iou[:, outputs]                                          # (b, k)
         counts["candidates"] += iou.size
         keep = iou > params.pred_iou_thresh if params.pred_iou_thresh > 0 else np.ones(iou.shape, bool)
@@ -218,7 +218,7 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
         if not keep.any():
             continue
         # Upscale only the masks left: the mask upscaling is a third of the decoder.
-        low = engine.decode_kept_masks(image_tokens, hyper_in[:, outputs], keep)   # (m, 256, 256)
+        low = engine.decode_kept_masks(image_tokens, hyper_in, keep)   # (m, 256, 256)
         iou, ids = iou[keep], np.repeat(batch, len(outputs)).reshape(keep.shape)[keep]
         if params.stability_on == "low_res":       # opt-in: the stability filter before the upscaling
             stab = mask_ops.stability_scores(np.ascontiguousarray(low[:, :valid[0], :valid[1]]),

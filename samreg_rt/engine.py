@@ -284,13 +284,16 @@ class Engine:
         return np.concatenate(ious), np.concatenate(masks)
 
     def decode_tokens(self, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray,
-                      out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      out: np.ndarray | None = None, mask_outputs: tuple[int, ...] = (0, 1, 2, 3)
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """First step of ``decode`` (one decoder call, B >= 1 prompts): everything but the masks.
 
-        Inputs as ``decode``. Returns iou_predictions (B, 4), hyper_in (B, 4, C/8) (the mask
-        tokens' hypernetwork outputs) and image_tokens (B, 4096, C) (the two-way transformer's
-        image side), float32; ``decode_masks`` turns the last two into mask logits. Runs the fused CPU
-        decoder when ``two_way`` is set and prompts have at most 3 points, else ``decoder_tokens``.
+        Inputs as ``decode``. Returns iou_predictions (B, 4), hyper_in (B, K, C/8) (the hypernetwork
+        outputs of the K = len(mask_outputs) mask outputs asked for: 0 single-mask, 1..3 multimask,
+        distinct, in the order given) and image_tokens (B, 4096, C) (the two-way transformer's image
+        side), float32; ``decode_masks`` turns the last two into mask logits. Runs the fused CPU
+        decoder when ``two_way`` is set and prompts have at most 3 points (it skips the final
+        attention of the mask tokens not asked for), else ``decoder_tokens``.
         ``out``: an optional float32 (B', 4096, C) buffer, B' >= B, that the fused decoder computes
         image_tokens in (they are then a view of it, overwritten by the next call with the same
         buffer); the graph ignores it.
@@ -298,11 +301,15 @@ class Engine:
         emb, coords, labels = _check_prompts(embedding, point_coords, point_labels)
         if coords.shape[0] == 0:
             raise InputError("prompts: decode_tokens needs at least one prompt")
+        outputs = tuple(mask_outputs)
+        if not outputs or len(set(outputs)) != len(outputs) or \
+                not all(isinstance(k, (int, np.integer)) and 0 <= k < 4 for k in outputs):
+            raise InputError(f"mask_outputs: expected distinct mask output indices in 0..3, got {mask_outputs}")
         if self.two_way is not None and coords.shape[1] + 5 <= MAX_TOKENS:
-            return fused_decode_tokens(self.two_way, emb, coords, labels, out)
+            return fused_decode_tokens(self.two_way, emb, coords, labels, out, outputs)
         iou, hyper_in, image_tokens = self.sessions["decoder_tokens"].run(
             None, {"image_embeddings": emb, "point_coords": coords, "point_labels": labels})
-        return iou, hyper_in, image_tokens
+        return iou, np.ascontiguousarray(hyper_in[:, list(outputs)]), image_tokens
 
     def decode_masks(self, image_tokens: np.ndarray, hyper_in: np.ndarray) -> np.ndarray:
         """Second step of ``decode``: image_tokens (B, 4096, C) and hyper_in (B, K, C/8) from

@@ -212,9 +212,16 @@ def embed_points(w: TwoWayWeights, point_coords: np.ndarray, point_labels: np.nd
 
 
 def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray,
-                  out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  out: np.ndarray | None = None, mask_outputs: tuple[int, ...] = (0, 1, 2, 3)
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``decoder_tokens`` of B prompts: embedding (1, C, h, w), point_coords (B, N, 2) and point_labels
-    (B, N) float32 (N <= 3) -> iou_predictions (B, 4), hyper_in (B, 4, C/8), image_tokens (B, hw, C).
+    (B, N) float32 (N <= 3) -> iou_predictions (B, 4), hyper_in (B, K, C/8) of the K = len(mask_outputs)
+    mask outputs asked for (0 single-mask, 1..3 multimask; distinct, in the order given), image_tokens
+    (B, hw, C).
+
+    Only the IoU token and the asked-for mask tokens leave the final token-to-image attention (the
+    others' outputs are never read), so it pools for 1 + K of the 5 + N tokens: a quarter less work
+    in the second pass for SAM's multimask outputs, a third for the single-mask one.
 
     out: optional float32 (B', hw, C), B' >= B, C-contiguous: image_tokens are computed in ``out[:B]``
     (and returned as that view), so that a caller decoding batch after batch reuses one buffer
@@ -229,12 +236,17 @@ def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndar
             or not out.flags.c_contiguous:
         raise InputError(f"out: expected a C-contiguous float32 buffer of at least ({b}, {hw}, {C}), got "
                          f"{out.dtype} {out.shape}")
+    masks = w["output_tokens"].shape[0] - 1
+    if not mask_outputs or len(set(mask_outputs)) != len(mask_outputs) or \
+            not all(isinstance(k, (int, np.integer)) and 0 <= k < masks for k in mask_outputs):
+        raise InputError(f"mask_outputs: expected distinct mask output indices in 0..{masks - 1}, got {mask_outputs}")
     with threadpool_limits(1, user_api="blas"):
-        return _decode_tokens(w, embedding, point_coords, point_labels, out[:b])
+        return _decode_tokens(w, embedding, point_coords, point_labels, out[:b], [int(k) for k in mask_outputs])
 
 
 def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndarray,
-                   point_labels: np.ndarray, image_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   point_labels: np.ndarray, image_tokens: np.ndarray, mask_outputs: list[int]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     heads = w.num_heads
     b = point_coords.shape[0]
     if point_coords.shape[1] + 5 > MAX_TOKENS:
@@ -244,6 +256,7 @@ def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.nda
     pe = w["image_pe"]
     keys = np.ascontiguousarray((embedding.reshape(C, -1).T + w["no_mask"])[None])   # (1, hw, C): shared
     query_pe = tokens
+    outputs = [0] + [1 + k for k in mask_outputs]          # the tokens read after the final attention
     depth = int(w["depth"])
     queries = _self_attention(w, 0, tokens, query_pe)
     for i in range(depth):
@@ -263,10 +276,10 @@ def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.nda
         # layer's self-attention runs now, so that one pass over the image tokens serves both.
         if i + 1 < depth:
             queries = _self_attention(w, i + 1, queries, query_pe)
-            nxt = f"transformer.layers.{i + 1}.cross_attn_token_to_image"
-        else:
-            nxt = "transformer.final_attn_token_to_image"
-        qk = _token_to_image_rows(w, nxt, queries + query_pe)
+            qk = _token_to_image_rows(w, f"transformer.layers.{i + 1}.cross_attn_token_to_image", queries + query_pe)
+        else:        # the final attention: the IoU token and the asked-for mask tokens only
+            queries, query_pe = queries[:, outputs], query_pe[:, outputs]
+            qk = _token_to_image_rows(w, "transformer.final_attn_token_to_image", queries + query_pe)
         # every layer writes its image tokens into image_tokens (the later ones in place)
         keys, pooled = _ext.two_way_pass(keys, pe, kq, koff, vwo, w[f"{layer}.norm4.weight"],
                                          w[f"{layer}.norm4.bias"], float(w[f"{layer}.norm4.eps"]), qk, heads,
@@ -274,8 +287,8 @@ def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.nda
     update = _token_to_image_output(w, "transformer.final_attn_token_to_image", pooled)
     queries = _layer_norm(w, "transformer.norm_final_attn", queries + update)
     iou = _mlp_head(w, "iou_prediction_head", queries[:, 0])
-    hyper = np.stack([_mlp_head(w, f"output_hypernetworks_mlps.{k}", queries[:, 1 + k])
-                      for k in range(w["output_tokens"].shape[0] - 1)], axis=1)
+    hyper = np.stack([_mlp_head(w, f"output_hypernetworks_mlps.{k}", queries[:, 1 + j])
+                      for j, k in enumerate(mask_outputs)], axis=1)
     return iou.astype(np.float32), hyper.astype(np.float32), keys
 
 

@@ -62,7 +62,7 @@ class _ScriptedEngine:
         self.upscaled = 0
         self.seen = []
 
-    def decode_tokens(self, embedding, coords, labels, out=None):
+    def decode_tokens(self, embedding, coords, labels, out=None, mask_outputs=(0, 1, 2, 3)):
         b = len(coords)
         boxes = (labels[:, :1] == 2)[..., None]
         centres = np.where(boxes, coords.mean(axis=1, keepdims=True), coords[:, :1]) * 256 / 1024
@@ -70,7 +70,7 @@ class _ScriptedEngine:
         iou = np.repeat(self.ious[self.calls:self.calls + b, None], 4, axis=1)
         self.calls += b
         centres = centres.astype(np.float32)                             # "image tokens": the disk centre
-        return iou, np.ones((b, 4, 1), np.float32), centres
+        return iou, np.ones((b, len(mask_outputs), 1), np.float32), centres
 
     def decode_masks(self, image_tokens, hyper_in):
         yy, xx = np.mgrid[:256, :256]

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from samreg_export.export import export_model
-from samreg_rt import _ext, amg
+from samreg_rt import _ext, amg, two_way
 from samreg_rt.engine import Engine, resolve_model_dir, select_providers
 from samreg_rt.io import load_image
 from samreg_rt.errors import InputError, ManifestError, ModelError, ModelNotAvailableError
@@ -153,6 +153,32 @@ def test_fused_tokens_equal_graph(tiny_dir):
     fused, graph = _tokens_both_ways(tiny_dir, image, four, np.ones((2, 4), np.float32))
     for got, want in zip(fused, graph):
         np.testing.assert_array_equal(got, want)       # the graph ran on both sides
+
+
+@pytest.mark.parametrize("mask_outputs", [(1, 2, 3), (0,), (3, 1)])
+def test_fused_tokens_of_some_mask_outputs(tiny_dir, mask_outputs):
+    """decode_tokens(mask_outputs=...): the fused decoder, which then pools the final attention for
+    fewer tokens, gives the graph's hyper_in rows of those outputs and its other outputs unchanged."""
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 255, (64, 64), np.uint8)
+    coords = np.concatenate([rng.uniform(0, 255, (5, 1, 2)), np.zeros((5, 1, 2))], axis=1).astype(np.float32)
+    labels = np.tile([1.0, -1.0], (5, 1)).astype(np.float32)
+    fused_engine = Engine.load(tiny_dir, threads=2)
+    graph_engine = Engine.load(tiny_dir, threads=2, fused_tokens=False)
+    emb = fused_engine.embed(image).embedding
+    graph = graph_engine.decode_tokens(emb, coords, labels)
+    fused = fused_engine.decode_tokens(emb, coords, labels, mask_outputs=mask_outputs)
+    assert fused[1].shape == (5, len(mask_outputs), 32)
+    _assert_tokens_close(fused, (graph[0], graph[1][:, list(mask_outputs)], graph[2]), 1e-5)
+    np.testing.assert_array_equal(graph_engine.decode_tokens(emb, coords, labels, mask_outputs=mask_outputs)[1],
+                                  graph[1][:, list(mask_outputs)])
+    for bad in ((), (1, 1), (4,), (0.5,)):
+        for engine in (fused_engine, graph_engine):
+            with pytest.raises(InputError, match="mask_outputs"):
+                engine.decode_tokens(emb, coords, labels, mask_outputs=bad)
+        if fused_engine.two_way is not None:
+            with pytest.raises(InputError, match="mask_outputs"):
+                two_way.decode_tokens(fused_engine.two_way, emb[None], coords, labels, mask_outputs=bad)
 
 
 def test_fused_tokens_into_a_buffer(engine):
