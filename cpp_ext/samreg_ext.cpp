@@ -906,10 +906,12 @@ struct TwoWayArgs {
 };
 
 // Scratch of one work item, in vectors: channel-major pixel tiles [C][kTwVecs] (keys, x, y) and token tiles
-// [64][kTwVecs] (logits, s), the transposed logits matrices [C][64] (kq, qk).
+// [64][kTwVecs] (logits, s), the transposed logits matrices [C][64] (kq, qk), the block's new image tokens
+// pixel-major [kTwBlock][C].
 constexpr std::int64_t kTwTile = kChannels * kTwVecs;
 constexpr std::int64_t kTwTokenTile = kTwMaxTokens * kTwVecs;
-constexpr std::int64_t kTwScratch = 3 * kTwTile + 2 * kTwTokenTile + 2 * kChannels * kTwMaxTokens / kLanes;
+constexpr int kTwGroup = 4;  // prompts per work item when they share keys
+constexpr std::int64_t kTwScratch = 4 * kTwTile + 2 * kTwTokenTile + kTwGroup * (2 * kChannels * kTwMaxTokens + kTwMaxTokens) / kLanes;
 // Running pooling state of one work item, in floats: max[64], sum[64], weighted sum[64][C].
 constexpr std::int64_t kTwState = 2 * kTwMaxTokens + kTwMaxTokens * kChannels;
 
@@ -1035,19 +1037,36 @@ __attribute__((always_inline)) inline void tw_pool(float *acc, const float *w, c
             std::memcpy(acc + (j0 + t) * kChannels + (cv0 + s) * kLanes, &sum[t][s], sizeof(v16f));
 }
 
-// Pixel blocks [blk0, blk1) of prompt b; pools into state (see kTwState), which it initialises.
-__attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std::int64_t b, std::int64_t blk0,
-                                                        std::int64_t blk1, v16f *scratch, float *state) {
+// dst[i] = src[i] for i < count with non-temporal stores where dst is 64-byte aligned (keys_out is
+// written once and read only by the next pass: the stores neither read its lines from memory first nor
+// evict the block's working set). The fence orders them before the stores that follow (these are weakly
+// ordered: another thread could otherwise see the pass finish before them).
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void tw_stream_avx512(float *dst, const float *src,
+                                                                                    int count) {
+    int head = static_cast<int>((64 - reinterpret_cast<std::uintptr_t>(dst) % 64) % 64 / sizeof(float));
+    head = std::min(head, count);
+    std::memcpy(dst, src, head * sizeof(float));
+    int i = head;
+    for (; i + kLanes <= count; i += kLanes) __builtin_ia32_movntps512(dst + i, load16(src + i));
+    std::memcpy(dst + i, src + i, (count - i) * sizeof(float));
+    __builtin_ia32_sfence();
+}
+
+using TwStoreFn = void (*)(float *, const float *, int);
+
+// The per-prompt part of a work item's scratch, in floats: the transposed logits matrices [C][64] (kq, qk)
+// and koff[64].
+constexpr std::int64_t kTwPromptFloats = 2 * kChannels * kTwMaxTokens + kTwMaxTokens;
+
+// Prompt b's scratch w (kqt: kq transposed [C][Jp], or per head [D][Tp] in the projected logits mode; qkt:
+// qk transposed [C][J2p]; koff, zero past J) and its initial pooling state.
+__attribute__((always_inline)) inline void tw_setup(const TwoWayArgs &a, std::int64_t b, float *w, float *state) {
     const int J = a.tokens, J2 = a.tokens2, T = J / a.heads;
     const int Jp = (J + kTwTokenBlock - 1) / kTwTokenBlock * kTwTokenBlock;
     const int J2p = (J2 + kTwTokenBlock - 1) / kTwTokenBlock * kTwTokenBlock;
-    v16f *kload = scratch, *xt = kload + kTwTile, *yt = xt + kTwTile;
-    v16f *lt = yt + kTwTile, *st = lt + kTwTokenTile;
-    float *kqt = reinterpret_cast<float *>(st + kTwTokenTile);                     // [C][Jp] (or [D][Tp])
-    float *qkt = kqt + kChannels * kTwMaxTokens;                                  // [C][J2p]
     const int d = a.head_dim, Tp = (T + kTwTokenBlock - 1) / kTwTokenBlock * kTwTokenBlock;
+    float *kqt = w, *qkt = kqt + kChannels * kTwMaxTokens, *koff = qkt + kChannels * kTwMaxTokens;
     const float *kq = a.kq + b * J * (a.qproj_t ? d : kChannels), *qk = a.qk + b * J2 * kChannels;
-    const float *vwo = a.vwo + b * J * kChannels;
     for (int c = 0; c < kChannels; ++c)
         for (int j = 0; j < J2p; ++j) qkt[c * J2p + j] = j < J2 ? qk[j * kChannels + c] : 0.f;
     if (a.qproj_t) {  // per head h, its tokens' kq rows transposed: kqt[(h d + c) Tp + t] = kq[h T + t, c]
@@ -1058,119 +1077,145 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
         for (int c = 0; c < kChannels; ++c)
             for (int j = 0; j < Jp; ++j) kqt[c * Jp + j] = j < J ? kq[j * kChannels + c] : 0.f;
     }
-    float koff[kTwMaxTokens] = {};
-    for (int j = 0; j < J; ++j) koff[j] = a.koff[b * J + j];
-    const float zeros[kTwMaxTokens] = {};
+    for (int j = 0; j < kTwMaxTokens; ++j) koff[j] = j < J ? a.koff[b * J + j] : 0.f;
     float *run_max = state, *run_sum = state + kTwMaxTokens, *acc = state + 2 * kTwMaxTokens;
     for (int j = 0; j < kTwMaxTokens; ++j) run_max[j] = -std::numeric_limits<float>::infinity(), run_sum[j] = 0.f;
     std::fill(acc, acc + kTwMaxTokens * kChannels, 0.f);
-    const float *keys = a.keys + b * a.keys_step;
+}
+
+// Pixel blocks [blk0, blk1) of prompts [b0, b1), block by block (each block's keys, pe and qproj tiles
+// serve all the prompts while they are in the caches); pools into the prompts' states (see kTwState),
+// state_step floats apart, which it initialises. store, when not null, writes each block's keys_out rows
+// from a scratch copy.
+__attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std::int64_t b0, std::int64_t b1,
+                                                        std::int64_t blk0, std::int64_t blk1, v16f *scratch,
+                                                        float *state, std::int64_t state_step, TwStoreFn store) {
+    const int J = a.tokens, J2 = a.tokens2, T = J / a.heads;
+    const int Jp = (J + kTwTokenBlock - 1) / kTwTokenBlock * kTwTokenBlock;
+    const int J2p = (J2 + kTwTokenBlock - 1) / kTwTokenBlock * kTwTokenBlock;
+    v16f *kload = scratch, *xt = kload + kTwTile, *yt = xt + kTwTile;
+    v16f *lt = yt + kTwTile, *st = lt + kTwTokenTile;
+    float *zbuf = reinterpret_cast<float *>(st + kTwTokenTile);                    // [kTwBlock][C]
+    float *prompts = zbuf + kTwTile * kLanes;                                      // kTwPromptFloats per prompt
+    const int d = a.head_dim, Tp = (T + kTwTokenBlock - 1) / kTwTokenBlock * kTwTokenBlock;
+    for (std::int64_t b = b0; b < b1; ++b) tw_setup(a, b, prompts + (b - b0) * kTwPromptFloats, state + (b - b0) * state_step);
+    const float zeros[kTwMaxTokens] = {};
     for (std::int64_t blk = blk0; blk < blk1; ++blk) {
         const std::int64_t p0 = blk * kTwBlock;
         const int n = static_cast<int>(std::min<std::int64_t>(kTwBlock, a.pixels - p0));
         const v16f *pt = a.pe_t + blk * kTwTile;
-        const v16f *kt = kload;
-        if (a.keys_t)
-            kt = a.keys_t + blk * kTwTile;
-        else
-            tw_load_t(kload, keys + p0 * kChannels, n);
-        // image -> token attention: logits, softmax within each head, value rows; residual
-        if (a.qproj_t) {  // per head, d-channel dot products with the projected queries
-            const v16f *qt = a.qproj_t + blk * a.heads * d * kTwVecs;
-            if (blk + 1 < blk1) {  // the next block's keys, pe and qproj tiles into L2 (the product is too short to spread them)
-                const char *nk = a.keys_t ? reinterpret_cast<const char *>(a.keys_t + (blk + 1) * kTwTile)
-                                          : reinterpret_cast<const char *>(keys + (p0 + kTwBlock) * kChannels);
-                const char *np_ = reinterpret_cast<const char *>(a.pe_t + (blk + 1) * kTwTile);
-                const char *nq = reinterpret_cast<const char *>(qt + a.heads * d * kTwVecs);
-                for (int i = 0; i < kTwTile; ++i) {
-                    __builtin_prefetch(nk + 64 * i, 0, 2);
-                    __builtin_prefetch(np_ + 64 * i, 0, 2);
+        for (std::int64_t b = b0; b < b1; ++b) {
+            const bool first = b == b0;  // prefetches the next block's tiles for all
+            const float *kqt = prompts + (b - b0) * kTwPromptFloats, *qkt = kqt + kChannels * kTwMaxTokens;
+            const float *koff = qkt + kChannels * kTwMaxTokens, *vwo = a.vwo + b * J * kChannels;
+            float *run_max = state + (b - b0) * state_step, *run_sum = run_max + kTwMaxTokens;
+            float *acc = run_sum + kTwMaxTokens;
+            const float *keys = a.keys + b * a.keys_step;
+            const v16f *kt = kload;
+            if (a.keys_t)
+                kt = a.keys_t + blk * kTwTile;
+            else
+                tw_load_t(kload, keys + p0 * kChannels, n);
+            // image -> token attention: logits, softmax within each head, value rows; residual
+            if (a.qproj_t) {  // per head, d-channel dot products with the projected queries
+                const v16f *qt = a.qproj_t + blk * a.heads * d * kTwVecs;
+                if (first && blk + 1 < blk1) {  // the next block's keys, pe and qproj tiles into L2 (the product is too short to spread them)
+                    const char *nk = a.keys_t ? reinterpret_cast<const char *>(a.keys_t + (blk + 1) * kTwTile)
+                                              : reinterpret_cast<const char *>(keys + (p0 + kTwBlock) * kChannels);
+                    const char *np_ = reinterpret_cast<const char *>(a.pe_t + (blk + 1) * kTwTile);
+                    const char *nq = reinterpret_cast<const char *>(qt + a.heads * d * kTwVecs);
+                    for (int i = 0; i < kTwTile; ++i) {
+                        __builtin_prefetch(nk + 64 * i, 0, 2);
+                        __builtin_prefetch(np_ + 64 * i, 0, 2);
+                    }
+                    for (int i = 0; i < a.heads * d * kTwVecs; ++i) __builtin_prefetch(nq + 64 * i, 0, 2);
                 }
-                for (int i = 0; i < a.heads * d * kTwVecs; ++i) __builtin_prefetch(nq + 64 * i, 0, 2);
+                for (int h = 0; h < a.heads; ++h)
+                    for (int t0 = 0; t0 < T; t0 += kTwTokenBlock)
+                        tw_head_logits(lt, qt + h * d * kTwVecs, kqt + h * d * Tp + t0, Tp, d, h * T + t0,
+                                       std::min(kTwTokenBlock, T - t0), koff);
+            } else {
+                for (std::int64_t i = 0; i < kTwTile; ++i) xt[i] = kt[i] + pt[i];
+                // the next block's keys and pe tiles (48 KiB each) come into the caches during the first product
+                const char *next_keys = nullptr, *next_pe = nullptr;
+                if (first && blk + 1 < blk1) {
+                    next_keys = a.keys_t ? reinterpret_cast<const char *>(a.keys_t + (blk + 1) * kTwTile)
+                                         : reinterpret_cast<const char *>(keys + (p0 + kTwBlock) * kChannels);
+                    next_pe = reinterpret_cast<const char *>(a.pe_t + (blk + 1) * kTwTile);
+                }
+                tw_logits(lt, xt, kqt, Jp, koff, next_keys, next_pe);
             }
-            for (int h = 0; h < a.heads; ++h)
-                for (int t0 = 0; t0 < T; t0 += kTwTokenBlock)
-                    tw_head_logits(lt, qt + h * d * kTwVecs, kqt + h * d * Tp + t0, Tp, d, h * T + t0,
-                                   std::min(kTwTokenBlock, T - t0), koff);
-        } else {
-            for (std::int64_t i = 0; i < kTwTile; ++i) xt[i] = kt[i] + pt[i];
-            // the next block's keys and pe tiles (48 KiB each) come into the caches during the first product
-            const char *next_keys = nullptr, *next_pe = nullptr;
-            if (blk + 1 < blk1) {
-                next_keys = a.keys_t ? reinterpret_cast<const char *>(a.keys_t + (blk + 1) * kTwTile)
-                                     : reinterpret_cast<const char *>(keys + (p0 + kTwBlock) * kChannels);
-                next_pe = reinterpret_cast<const char *>(a.pe_t + (blk + 1) * kTwTile);
+            for (int h = 0; h < a.heads; ++h) {
+                v16f *l = lt + h * T * kTwVecs;
+                for (int v = 0; v < kTwVecs; ++v) {
+                    v16f m = l[v];
+                    for (int t = 1; t < T; ++t) m = l[t * kTwVecs + v] > m ? l[t * kTwVecs + v] : m;
+                    v16f sum = v16f{};
+                    for (int t = 0; t < T; ++t) {
+                        const v16f e = exp16(l[t * kTwVecs + v] - m);
+                        l[t * kTwVecs + v] = e;
+                        sum += e;
+                    }
+                    const v16f inv = 1.f / sum;
+                    for (int t = 0; t < T; ++t) l[t * kTwVecs + v] *= inv;
+                }
             }
-            tw_logits(lt, xt, kqt, Jp, koff, next_keys, next_pe);
-        }
-        for (int h = 0; h < a.heads; ++h) {
-            v16f *l = lt + h * T * kTwVecs;
+            for (int c0 = 0; c0 < kChannels; c0 += kTwChannelBlock) tw_update(yt, kt, lt, vwo, J, c0);
+            // LayerNorm over the channels (two passes); z into zrows (pixel-major, 16 channels of 16 pixels
+            // at a time: keys_out, or zbuf when `store` copies them there), which the pooling then sums, and
+            // z + pe for the next logits
+            float *zrows = store ? zbuf : a.out + (b * a.pixels + p0) * kChannels;
             for (int v = 0; v < kTwVecs; ++v) {
-                v16f m = l[v];
-                for (int t = 1; t < T; ++t) m = l[t * kTwVecs + v] > m ? l[t * kTwVecs + v] : m;
+                v16f mean = v16f{};
+                for (int c = 0; c < kChannels; ++c) mean += yt[c * kTwVecs + v];
+                mean *= 1.f / kChannels;
+                v16f var = v16f{};
+                for (int c = 0; c < kChannels; ++c) {
+                    const v16f d = yt[c * kTwVecs + v] - mean;
+                    var += d * d;
+                }
+                v16f inv;
+                for (int l = 0; l < kLanes; ++l) inv[l] = 1.f / std::sqrt(var[l] * (1.f / kChannels) + a.eps);
+                for (int c0 = 0; c0 < kChannels; c0 += kLanes) {
+                    v16f z[kLanes];
+                    for (int l = 0; l < kLanes; ++l) {
+                        const int c = c0 + l;
+                        z[l] = (yt[c * kTwVecs + v] - mean) * inv * a.ln_weight[c] + a.ln_bias[c];
+                        xt[c * kTwVecs + v] = z[l] + pt[c * kTwVecs + v];
+                    }
+                    transpose16(z);
+                    for (int l = 0; l < kLanes && v * kLanes + l < n; ++l)
+                        std::memcpy(zrows + (v * kLanes + l) * kChannels + c0, &z[l], sizeof(v16f));
+                }
+            }
+            // token -> image logits of the new image tokens
+            tw_logits(st, xt, qkt, J2p, zeros, nullptr, nullptr);
+            // online softmax over the pixels: new running max, rescaled sums, this block's weights
+            float *w = reinterpret_cast<float *>(st);  // [J2p][kTwBlock]
+            for (int j = 0; j < J2p; ++j) {
+                float *s = w + j * kTwBlock;
+                for (int p = n; p < kTwBlock; ++p) s[p] = -std::numeric_limits<float>::infinity();
+                float m = run_max[j];
+                for (int p = 0; p < n; ++p) m = s[p] > m ? s[p] : m;
+                if (m > run_max[j]) {
+                    const float scale = std::exp(run_max[j] - m);  // 0 for the first block
+                    run_sum[j] *= scale;
+                    for (int c = 0; c < kChannels; ++c) acc[j * kChannels + c] *= scale;
+                    run_max[j] = m;
+                }
                 v16f sum = v16f{};
-                for (int t = 0; t < T; ++t) {
-                    const v16f e = exp16(l[t * kTwVecs + v] - m);
-                    l[t * kTwVecs + v] = e;
+                for (int v = 0; v < kTwVecs; ++v) {
+                    const v16f e = exp16(st[j * kTwVecs + v] - m);
+                    st[j * kTwVecs + v] = e;
                     sum += e;
                 }
-                const v16f inv = 1.f / sum;
-                for (int t = 0; t < T; ++t) l[t * kTwVecs + v] *= inv;
+                for (int l = 0; l < kLanes; ++l) run_sum[j] += sum[l];
             }
+            for (int cv0 = 0; cv0 + 3 <= kChannels / kLanes; cv0 += 3)
+                for (int j0 = 0; j0 < J2p; j0 += kTwTokenBlock) tw_pool<3>(acc, w, zrows, n, j0, cv0);
+            for (int j0 = 0; j0 < J2p; j0 += kTwTokenBlock) tw_pool<1>(acc, w, zrows, n, j0, kChannels / kLanes - 1);
+            if (store) store(a.out + (b * a.pixels + p0) * kChannels, zbuf, n * kChannels);
         }
-        for (int c0 = 0; c0 < kChannels; c0 += kTwChannelBlock) tw_update(yt, kt, lt, vwo, J, c0);
-        // LayerNorm over the channels (two passes); z into keys_out (pixel-major, 16 channels of 16
-        // pixels at a time), whose rows the pooling then sums, and z + pe for the next logits
-        float *zrows = a.out + (b * a.pixels + p0) * kChannels;
-        for (int v = 0; v < kTwVecs; ++v) {
-            v16f mean = v16f{};
-            for (int c = 0; c < kChannels; ++c) mean += yt[c * kTwVecs + v];
-            mean *= 1.f / kChannels;
-            v16f var = v16f{};
-            for (int c = 0; c < kChannels; ++c) {
-                const v16f d = yt[c * kTwVecs + v] - mean;
-                var += d * d;
-            }
-            v16f inv;
-            for (int l = 0; l < kLanes; ++l) inv[l] = 1.f / std::sqrt(var[l] * (1.f / kChannels) + a.eps);
-            for (int c0 = 0; c0 < kChannels; c0 += kLanes) {
-                v16f z[kLanes];
-                for (int l = 0; l < kLanes; ++l) {
-                    const int c = c0 + l;
-                    z[l] = (yt[c * kTwVecs + v] - mean) * inv * a.ln_weight[c] + a.ln_bias[c];
-                    xt[c * kTwVecs + v] = z[l] + pt[c * kTwVecs + v];
-                }
-                transpose16(z);
-                for (int l = 0; l < kLanes && v * kLanes + l < n; ++l)
-                    std::memcpy(zrows + (v * kLanes + l) * kChannels + c0, &z[l], sizeof(v16f));
-            }
-        }
-        // token -> image logits of the new image tokens
-        tw_logits(st, xt, qkt, J2p, zeros, nullptr, nullptr);
-        // online softmax over the pixels: new running max, rescaled sums, this block's weights
-        float *w = reinterpret_cast<float *>(st);  // [J2p][kTwBlock]
-        for (int j = 0; j < J2p; ++j) {
-            float *s = w + j * kTwBlock;
-            for (int p = n; p < kTwBlock; ++p) s[p] = -std::numeric_limits<float>::infinity();
-            float m = run_max[j];
-            for (int p = 0; p < n; ++p) m = s[p] > m ? s[p] : m;
-            if (m > run_max[j]) {
-                const float scale = std::exp(run_max[j] - m);  // 0 for the first block
-                run_sum[j] *= scale;
-                for (int c = 0; c < kChannels; ++c) acc[j * kChannels + c] *= scale;
-                run_max[j] = m;
-            }
-            v16f sum = v16f{};
-            for (int v = 0; v < kTwVecs; ++v) {
-                const v16f e = exp16(st[j * kTwVecs + v] - m);
-                st[j * kTwVecs + v] = e;
-                sum += e;
-            }
-            for (int l = 0; l < kLanes; ++l) run_sum[j] += sum[l];
-        }
-        for (int cv0 = 0; cv0 + 3 <= kChannels / kLanes; cv0 += 3)
-            for (int j0 = 0; j0 < J2p; j0 += kTwTokenBlock) tw_pool<3>(acc, w, zrows, n, j0, cv0);
-        for (int j0 = 0; j0 < J2p; j0 += kTwTokenBlock) tw_pool<1>(acc, w, zrows, n, j0, kChannels / kLanes - 1);
     }
 }
 
@@ -1205,15 +1250,18 @@ v16f *aligned_vecs(std::vector<float> &buf, std::int64_t vecs) {
     return static_cast<v16f *>(std::align(sizeof(v16f), vecs * sizeof(v16f), start, space));
 }
 
-using TwoWayFn = void (*)(const TwoWayArgs &, std::int64_t, std::int64_t, std::int64_t, v16f *, float *);
+using TwoWayFn = void (*)(const TwoWayArgs &, std::int64_t, std::int64_t, std::int64_t, std::int64_t, v16f *, float *,
+                          std::int64_t);
 
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void two_way_avx512(
-    const TwoWayArgs &a, std::int64_t b, std::int64_t blk0, std::int64_t blk1, v16f *scratch, float *state) {
-    two_way_body(a, b, blk0, blk1, scratch, state);
+    const TwoWayArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0, std::int64_t blk1, v16f *scratch,
+    float *state, std::int64_t state_step) {
+    // in place, keys_out's lines are already in the caches (the block's keys): plain stores there
+    two_way_body(a, b0, b1, blk0, blk1, scratch, state, state_step, a.out == a.keys ? nullptr : tw_stream_avx512);
 }
-void two_way_generic(const TwoWayArgs &a, std::int64_t b, std::int64_t blk0, std::int64_t blk1, v16f *scratch,
-                     float *state) {
-    two_way_body(a, b, blk0, blk1, scratch, state);
+void two_way_generic(const TwoWayArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0, std::int64_t blk1,
+                     v16f *scratch, float *state, std::int64_t state_step) {
+    two_way_body(a, b0, b1, blk0, blk1, scratch, state, state_step, nullptr);
 }
 
 // Raises when the memory of out overlaps that of the input `arr` (named `name`).
@@ -1311,10 +1359,14 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
                           static_cast<float>(eps), static_cast<const float *>(qk.data()), pixels,
                           static_cast<int>(tokens), static_cast<int>(tokens2), static_cast<int>(heads),
                           out.mutable_data(), qproj_t, static_cast<int>(head_dim)};
-    // Work items: (prompt, chunk of pixel blocks), at least kMinItems in all so that few prompts
-    // still fill the threads evenly; each keeps its own pooling state, merged per prompt below.
+    // Work items: (group of prompts, chunk of pixel blocks); each prompt keeps a pooling state per chunk,
+    // merged per prompt below. At least kMinItems chunks of prompts in all so that few prompts still fill the
+    // threads evenly (the chunks depend on the prompts alone, not on the groups: shared keys pool exactly
+    // as the same keys repeated). Prompts share an item only when they share keys (per-prompt keys leave
+    // nothing to share).
     constexpr std::int64_t kMinItems = 16;
     const std::int64_t chunks = batch > 0 ? std::min(blocks, (kMinItems + batch - 1) / batch) : 1;
+    const std::int64_t group = keys_t ? kTwGroup : 1, groups = (batch + group - 1) / group;
     float *pooled_data = pooled.mutable_data();
     {
         py::gil_scoped_release release;
@@ -1326,13 +1378,13 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
         });
         const double flops_per_block = projected ? 2.0 * kTwBlock * (tokens * head_dim + kChannels * (tokens + 2 * tokens2))
                                                  : 8.0 * kTwBlock * kChannels * (tokens + tokens2);
-        parallel_for(batch * chunks, flops_per_block * blocks / chunks, [&](std::int64_t t0, std::int64_t t1) {
+        parallel_for(groups * chunks, flops_per_block * blocks / chunks * group, [&](std::int64_t t0, std::int64_t t1) {
             std::vector<float> buffer;
             v16f *scratch = aligned_vecs(buffer, kTwScratch);
             for (std::int64_t t = t0; t < t1; ++t) {
-                const std::int64_t b = t / chunks, c = t % chunks;
-                fn(args, b, blocks * c / chunks, blocks * (c + 1) / chunks, scratch,
-                   states.data() + t * kTwState);
+                const std::int64_t b0 = t / chunks * group, b1 = std::min(batch, b0 + group), c = t % chunks;
+                fn(args, b0, b1, blocks * c / chunks, blocks * (c + 1) / chunks, scratch,
+                   states.data() + (b0 * chunks + c) * kTwState, chunks * kTwState);
             }
         });
         // merge the chunks of each prompt: rescale to the largest running max

@@ -599,10 +599,17 @@ def test_two_way_pass_out_buffer(rng):
 
 
 def test_two_way_pass_shared_keys_equal_repeated_keys(rng):
-    """Bk = 1 (keys transposed once for all prompts) gives what the same keys repeated per prompt give."""
-    args = twins.two_way_inputs(rng, 4, True, 300, 56, 56, 8)
+    """Bk = 1 (keys transposed once for all prompts, prompts taken in groups of 4 per block) gives what
+    the same keys repeated per prompt (one prompt per work item) give, bit for bit, in both modes and
+    with a partial last group."""
+    args = twins.two_way_inputs(rng, 6, True, 300, 56, 56, 8)
     shared = _ext.two_way_pass(**args)
-    repeated = _ext.two_way_pass(**{**args, "keys": np.repeat(args["keys"], 4, axis=0)})
+    repeated = _ext.two_way_pass(**{**args, "keys": np.repeat(args["keys"], 6, axis=0)})
+    np.testing.assert_array_equal(shared[0], repeated[0])
+    np.testing.assert_array_equal(shared[1], repeated[1])
+    args = twins.two_way_qproj_inputs(rng, 6, True, 300, 56, 56, 8, 16)
+    shared = _ext.two_way_pass(**args)
+    repeated = _ext.two_way_pass(**{**args, "keys": np.repeat(args["keys"], 6, axis=0)})
     np.testing.assert_array_equal(shared[0], repeated[0])
     np.testing.assert_array_equal(shared[1], repeated[1])
 
