@@ -52,7 +52,7 @@ def timed(run) -> tuple[Any, float, float]:
 def bench_image(engine: Engine, path: Path, params: amg.AmgParams) -> dict[str, Any]:
     image = load_image(path)
     emb = engine.embed(image.array, name=str(path))
-    one_graph_decoder = WholeDecoder(lambda e, c, l: engine.decode(e, c, l, batch_size=len(c)))
+    one_graph_decoder = WholeDecoder(lambda e, c, l: engine.decode(e, c, l, batch_size=len(c)), engine.threads)
     one_graph, wall_1, cpu_1 = timed(lambda: amg.generate(one_graph_decoder, emb, params))
     split, wall_2, cpu_2 = timed(lambda: amg.generate(engine, emb, params))
     prompts = split.counts["prompts"]

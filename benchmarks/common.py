@@ -96,10 +96,13 @@ def gemm_graph(m: int, k: int, n: int, int8: bool) -> bytes:
 class WholeDecoder:
     """``amg.generate``'s decoder interface over a whole decoder ``decode(embedding (C,h,w), coords
     (B,N,2), labels (B,N)) -> iou (B,4), low-res logits (B,4,256,256)`` (the one-graph decoder,
-    PyTorch's): ``decode_tokens`` runs it for every prompt; ``decode_kept_masks`` selects the masks kept."""
+    PyTorch's): ``decode_tokens`` runs it for every prompt; ``decode_kept_masks`` selects the masks kept.
+    ``threads``: the thread limit of the kernels amg runs after the decoder (``Engine.threads``)."""
 
-    def __init__(self, decode: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]):
+    def __init__(self, decode: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+                 threads: int = 0):
         self.decode = decode
+        self.threads = threads
 
     def decode_tokens(self, embedding, coords, labels, out=None, mask_outputs=(0, 1, 2, 3)):
         iou, low = self.decode(embedding, coords, labels)

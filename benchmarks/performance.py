@@ -446,7 +446,8 @@ def amg_vs_torch(engine: Engine, emb: ImageEmbedding, params: amg.AmgParams, run
     """Mask generation on the samreg-rt decoder and on Meta's PyTorch decoder: times and mask identity."""
     sam = load_source("litemedsam").model.eval()
     ort_set, ort_s = timed_amg(engine, emb, params, runs)
-    torch_decoder = WholeDecoder(lambda e, c, l: parity.torch_decoder(sam, e[None], c, l, params.prompt_kind))
+    torch_decoder = WholeDecoder(lambda e, c, l: parity.torch_decoder(sam, e[None], c, l, params.prompt_kind),
+                                 engine.threads)
     torch_set, torch_s = timed_amg(torch_decoder, emb, params, runs)
     return {"image": str(FIXED.relative_to(REPO)), "prompts": ort_set.counts["prompts"],
             "params": f"{params.prompt_kind} grid {params.points_per_side}x{params.points_per_side} x sizes "

@@ -10,6 +10,7 @@
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <cmath>
@@ -77,14 +78,29 @@ py::array require(py::handle obj, const char *name, const char *dtype_name, py::
 // Number of uint64 words that hold `pixels` bits.
 inline std::int64_t words_for(std::int64_t pixels) { return (pixels + 63) / 64; }
 
-// Runs f(begin, end) over [0, n) on up to hardware_concurrency threads when the total work
+// The CPUs this process may run on (its affinity mask, which taskset and cgroup cpusets set), at least 1.
+std::int64_t usable_cpus() {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Raises unless threads >= 0 (a kernel's thread limit; 0: usable_cpus()).
+void check_threads(const char *kernel, std::int64_t threads) {
+    if (threads < 0)
+        throw py::value_error(std::string(kernel) + ": threads must be >= 0 (0: the CPUs this process may run on), got " +
+                              std::to_string(threads));
+}
+
+// Runs f(begin, end) over [0, n) on up to max_threads threads (0: usable_cpus()) when the total work
 // (n * cost_per_item, in rough element operations) makes threads worth starting.
 template <typename F>
-void parallel_for(std::int64_t n, double cost_per_item, F f) {
+void parallel_for(std::int64_t n, double cost_per_item, std::int64_t max_threads, F f) {
     constexpr double kMinWorkPerThread = 2.0e5;
-    const std::int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+    const std::int64_t limit = max_threads > 0 ? max_threads : usable_cpus();
     const auto by_work = static_cast<std::int64_t>(n * cost_per_item / kMinWorkPerThread);
-    const std::int64_t threads = std::max<std::int64_t>(1, std::min({hw, n, by_work}));
+    const std::int64_t threads = std::max<std::int64_t>(1, std::min({limit, n, by_work}));
     if (threads <= 1) {
         f(std::int64_t{0}, n);
         return;
@@ -171,7 +187,7 @@ void count_pairs(const std::uint64_t *a, std::int64_t na, const std::uint64_t *b
                  std::int64_t *areas_b) {
     const PairCountFn pair_fn = have_popcnt() ? pair_counts_popcnt : pair_counts_generic;
     const RowCountFn row_fn = have_popcnt() ? row_counts_popcnt : row_counts_generic;
-    parallel_for(na, static_cast<double>(nb) * words, [&](std::int64_t i0, std::int64_t i1) {
+    parallel_for(na, static_cast<double>(nb) * words, 0, [&](std::int64_t i0, std::int64_t i1) {
         pair_fn(a, b, nb, words, i0, i1, out);
         if (areas_a) row_fn(a, words, i0, i1, areas_a);
     });
@@ -217,7 +233,7 @@ py::array_t<std::uint64_t> pack_masks(py::handle masks_obj) {
     std::uint64_t *dst = out.mutable_data();
     {
         py::gil_scoped_release release;
-        parallel_for(n, static_cast<double>(pixels) / 4, [&](std::int64_t i0, std::int64_t i1) {
+        parallel_for(n, static_cast<double>(pixels) / 4, 0, [&](std::int64_t i0, std::int64_t i1) {
             for (std::int64_t i = i0; i < i1; ++i) {
                 const std::uint8_t *m = src + i * pixels;
                 std::uint64_t *o = dst + i * words;
@@ -260,7 +276,7 @@ py::array_t<bool> unpack_masks(py::handle packed_obj, std::int64_t height, std::
     auto *dst = reinterpret_cast<std::uint8_t *>(out.mutable_data());
     {
         py::gil_scoped_release release;
-        parallel_for(n, static_cast<double>(pixels) / 4, [&](std::int64_t i0, std::int64_t i1) {
+        parallel_for(n, static_cast<double>(pixels) / 4, 0, [&](std::int64_t i0, std::int64_t i1) {
             for (std::int64_t i = i0; i < i1; ++i) {
                 const std::uint64_t *m = src + i * words;
                 std::uint8_t *o = dst + i * pixels;
@@ -418,7 +434,9 @@ py::array_t<std::int64_t> box_nms(py::handle boxes_obj, py::handle scores_obj,
 // ------------------------------------------------------------------------------------------------
 // Stability score (segment_anything.utils.amg.calculate_stability_score)
 
-py::array_t<float> stability_scores(py::handle logits_obj, double mask_threshold, double offset) {
+py::array_t<float> stability_scores(py::handle logits_obj, double mask_threshold, double offset,
+                                    std::int64_t threads) {
+    check_threads("stability_scores", threads);
     const py::array logits = require<float>(logits_obj, "logits", "float32", 3);
     if (std::isnan(mask_threshold) || std::isnan(offset)) {
         throw py::value_error("stability_scores: mask_threshold and offset must not be NaN");
@@ -432,7 +450,7 @@ py::array_t<float> stability_scores(py::handle logits_obj, double mask_threshold
     float *dst = out.mutable_data();
     {
         py::gil_scoped_release release;
-        parallel_for(n, static_cast<double>(pixels), [&](std::int64_t i0, std::int64_t i1) {
+        parallel_for(n, static_cast<double>(pixels), threads, [&](std::int64_t i0, std::int64_t i1) {
             for (std::int64_t i = i0; i < i1; ++i) {
                 const float *m = src + i * pixels;
                 std::int64_t n_hi = 0, n_lo = 0;
@@ -522,7 +540,8 @@ void row_bands(const float *m, std::int64_t rows, std::int64_t cols, std::vector
     }
 }
 
-py::array_t<float> resize_logits(py::handle low_obj, py::handle ry_obj, py::handle rx_obj) {
+py::array_t<float> resize_logits(py::handle low_obj, py::handle ry_obj, py::handle rx_obj, std::int64_t threads) {
+    check_threads("resize_logits", threads);
     const py::array low = require<float>(low_obj, "low", "float32", 3);
     const py::array ry_arr = require<float>(ry_obj, "ry", "float32", 2);
     const py::array rx_arr = require<float>(rx_obj, "rx", "float32", 2);
@@ -543,7 +562,7 @@ py::array_t<float> resize_logits(py::handle low_obj, py::handle ry_obj, py::hand
     float *dst = out.mutable_data();
     {
         py::gil_scoped_release release;
-        parallel_for(n, static_cast<double>(h * w + out_h * out_w) * 4, [&](std::int64_t i0, std::int64_t i1) {
+        parallel_for(n, static_cast<double>(h * w + out_h * out_w) * 4, threads, [&](std::int64_t i0, std::int64_t i1) {
             std::vector<float> tmp(static_cast<std::size_t>(out_h * w));  // ry @ low[m]
             for (std::int64_t m = i0; m < i1; ++m) {
                 const float *lm = src + m * h * w;
@@ -765,8 +784,9 @@ py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py
                                   py::handle b1_obj, py::handle ln_weight_obj, py::handle ln_bias_obj,
                                   double eps, py::handle w2_obj, py::handle b2_obj, py::handle hyper_obj,
                                   py::handle mask_start_obj, std::int64_t width, py::handle out_obj,
-                                  const std::string &isa) {
+                                  const std::string &isa, std::int64_t threads) {
     const bool avx512 = use_avx512(isa, "mask_upscaling");
+    check_threads("mask_upscaling", threads);
     const py::array tokens = require<float>(tokens_obj, "tokens", "float32", 3);
     const py::array rows_arr = require<std::int64_t>(rows_obj, "rows", "int64", 1);
     const py::array w1 = require<float>(w1_obj, "w1", "float32", 2);
@@ -832,7 +852,7 @@ py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py
     const std::int64_t groups = hw / kLanes;
     {
         py::gil_scoped_release release;
-        parallel_for(prompts * kChunks, static_cast<double>(groups) * 1e5 / kChunks,
+        parallel_for(prompts * kChunks, static_cast<double>(groups) * 1e5 / kChunks, threads,
                      [&](std::int64_t t0, std::int64_t t1) {
                          for (std::int64_t t = t0; t < t1; ++t) {
                              const std::int64_t r = t / kChunks, c = t % kChunks;
@@ -1274,7 +1294,8 @@ void require_disjoint(const py::array &out, const py::array &arr, const char *na
 py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj, py::handle koff_obj,
                        py::handle vwo_obj, py::handle ln_weight_obj, py::handle ln_bias_obj, double eps,
                        py::handle qk_obj, std::int64_t heads, py::handle out_obj, const std::string &isa,
-                       py::handle qproj_obj) {
+                       py::handle qproj_obj, std::int64_t threads) {
+    check_threads("two_way_pass", threads);
     const py::array keys = require<float>(keys_obj, "keys", "float32", 3);
     const py::array pe = require<float>(pe_obj, "pe", "float32", 2);
     const py::array kq = require<float>(kq_obj, "kq", "float32", 3);
@@ -1371,14 +1392,14 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
     {
         py::gil_scoped_release release;
         std::vector<float> states(static_cast<std::size_t>(batch * chunks * kTwState));
-        parallel_for(blocks, 4.0 * kTwTile * kLanes, [&](std::int64_t b0, std::int64_t b1) {
+        parallel_for(blocks, 4.0 * kTwTile * kLanes, threads, [&](std::int64_t b0, std::int64_t b1) {
             transpose(pe_t, args.pe, pixels, kChannels, b0, b1);
             if (keys_t) transpose(keys_t, args.keys, pixels, kChannels, b0, b1);
             if (qproj_t) transpose(qproj_t, static_cast<const float *>(qproj.data()), pixels, static_cast<int>(qdim), b0, b1);
         });
         const double flops_per_block = projected ? 2.0 * kTwBlock * (tokens * head_dim + kChannels * (tokens + 2 * tokens2))
                                                  : 8.0 * kTwBlock * kChannels * (tokens + tokens2);
-        parallel_for(groups * chunks, flops_per_block * blocks / chunks * group, [&](std::int64_t t0, std::int64_t t1) {
+        parallel_for(groups * chunks, flops_per_block * blocks / chunks * group, threads, [&](std::int64_t t0, std::int64_t t1) {
             std::vector<float> buffer;
             v16f *scratch = aligned_vecs(buffer, kTwScratch);
             for (std::int64_t t = t0; t < t1; ++t) {
@@ -1541,7 +1562,8 @@ void linear_generic(const LinearArgs &a, std::int64_t n0, std::int64_t r0, std::
 }
 
 py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle bias_obj, bool relu,
-                          py::handle out_obj, const std::string &isa) {
+                          py::handle out_obj, const std::string &isa, std::int64_t threads) {
+    check_threads("linear", threads);
     const py::array x = require<float>(x_obj, "x", "float32", 2);
     const py::array weight_t = require<float>(weight_t_obj, "weight_t", "float32", 2);
     const py::array bias = require<float>(bias_obj, "bias", "float32", 1);
@@ -1576,7 +1598,7 @@ py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle 
     const double item_flops = (2.0 * depth + 16.0) * static_cast<double>(rows) / chunks * kLinPanel;
     {
         py::gil_scoped_release release;
-        parallel_for(panels * chunks, item_flops / 10.0, [&](std::int64_t i0, std::int64_t i1) {
+        parallel_for(panels * chunks, item_flops / 10.0, threads, [&](std::int64_t i0, std::int64_t i1) {
             std::vector<float> storage;
             v16f *buffer = aligned_vecs(storage, kLinVecs * (1 + panel_depth));
             for (std::int64_t i = i0; i < i1; ++i) {
@@ -1591,6 +1613,11 @@ py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle 
 }
 
 }  // namespace
+
+// The threads argument of the multi-threaded kernels, in their docstrings.
+#define THREADS_DOC                                                                                   \
+    "\nthreads: at most this many threads (0: as many as the CPUs this process may run on, its affinity\n" \
+    "mask); the result does not depend on it."
 
 PYBIND11_MODULE(_ext, m) {
     m.doc() = "samreg-rt native kernels: bit-packed masks, overlap matrices, NMS, stability "
@@ -1618,40 +1645,41 @@ PYBIND11_MODULE(_ext, m) {
           "torchvision.ops.nms on CPU: stable sort by descending score, area (x2-x1)*(y2-y1), "
           "float32 IoU, suppress IoU > iou_thresh. Kept indices in descending score order.");
     m.def("stability_scores", &stability_scores, py::arg("logits"), py::arg("mask_threshold"),
-          py::arg("offset"),
-          "stability_scores(logits: float32[N, H, W], mask_threshold, offset) -> float32[N]\n\n"
+          py::arg("offset"), py::arg("threads") = 0,
+          "stability_scores(logits: float32[N, H, W], mask_threshold, offset, threads=0) -> float32[N]\n\n"
           "|logits > t + offset| / |logits > t - offset| in float32 (SAM's "
-          "calculate_stability_score); NaN when both counts are 0.");
+          "calculate_stability_score); NaN when both counts are 0." THREADS_DOC);
     m.def("greedy_match", &greedy_match, py::arg("sim"), py::arg("threshold"),
           py::arg("max_pairs") = 0,
           "greedy_match(sim: float32[N1, N2], threshold, max_pairs=0)\n"
           "    -> (int64[K, 2], float32[K])\n\n"
           "Greedy global-max one-to-one assignment over entries > float32(threshold), ties broken "
           "by row-major index; pairs in descending similarity; max_pairs <= 0 keeps all.");
-    m.def("resize_logits", &resize_logits, py::arg("low"), py::arg("ry"), py::arg("rx"),
-          "resize_logits(low: float32[N, h, w], ry: float32[H, h], rx: float32[W, w]) -> float32[N, H, W]\n\n"
+    m.def("resize_logits", &resize_logits, py::arg("low"), py::arg("ry"), py::arg("rx"), py::arg("threads") = 0,
+          "resize_logits(low: float32[N, h, w], ry: float32[H, h], rx: float32[W, w], threads=0) -> float32[N, H, W]\n\n"
           "ry @ low[n] @ rx.T for banded ry, rx (bilinear resizing maps): the left product first, each\n"
-          "sum over the band between a row's first and last non-zero weight, in ascending order.");
+          "sum over the band between a row's first and last non-zero weight, in ascending order." THREADS_DOC);
     m.def("mask_upscaling", &mask_upscaling, py::arg("tokens"), py::arg("rows"), py::arg("w1"), py::arg("b1"),
           py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("w2"), py::arg("b2"),
           py::arg("hyper"), py::arg("mask_start"), py::arg("width"), py::arg("out") = py::none(),
-          py::arg("isa") = "auto",
+          py::arg("isa") = "auto", py::arg("threads") = 0,
           "mask_upscaling(tokens: float32[B, hw, 256], rows: int64[R], w1: float32[256, 256],\n"
           "    b1: float32[256], ln_weight: float32[64], ln_bias: float32[64], eps,\n"
           "    w2: float32[64, 128], b2: float32[128], hyper: float32[M, 32], mask_start: int64[R+1],\n"
-          "    width, out=None, isa='auto') -> float32[M, 4h, 4w]\n\n"
+          "    width, out=None, isa='auto', threads=0) -> float32[M, 4h, 4w]\n\n"
           "SAM's mask upscaling of prompts tokens[rows]: first transposed convolution (w1 as\n"
           "[c, (di, dj, c1)], b1), LayerNorm over c1 (eps), GELU, second transposed convolution\n"
           "(w2 as [c1, (di2, dj2, c2)], b2), GELU, then the logits of masks mask_start[r]..\n"
           "mask_start[r+1]-1 of rows[r] (at most 4) with their hyper rows, on the 4h x 4w grid\n"
           "(h = hw / width; width a multiple of 16), written into out when given. isa 'auto' runs\n"
-          "the AVX-512 build on CPUs that have it, 'generic' the portable build.");
+          "the AVX-512 build on CPUs that have it, 'generic' the portable build." THREADS_DOC);
     m.def("two_way_pass", &two_way_pass, py::arg("keys"), py::arg("pe"), py::arg("kq"), py::arg("koff"),
           py::arg("vwo"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("qk"), py::arg("heads"),
           py::arg("out") = py::none(), py::arg("isa") = "auto", py::arg("qproj") = py::none(),
+          py::arg("threads") = 0,
           "two_way_pass(keys: float32[Bk, P, 256], pe: float32[P, 256], kq: float32[B, J, 256],\n"
           "    koff: float32[B, J], vwo: float32[B, J, 256], ln_weight: float32[256], ln_bias: float32[256],\n"
-          "    eps, qk: float32[B, J2, 256], heads, out=None, isa='auto', qproj=None)\n"
+          "    eps, qk: float32[B, J2, 256], heads, out=None, isa='auto', qproj=None, threads=0)\n"
           "    -> (keys_out: float32[B, P, 256], pooled: float32[B, J2, 256])\n\n"
           "Image side of one layer of SAM's two-way transformer for B prompts (Bk = 1: keys shared by\n"
           "all; Bk = B: one row each), J <= 64, J2 <= 64, heads dividing J. Per prompt b and pixel p,\n"
@@ -1665,15 +1693,15 @@ PYBIND11_MODULE(_ext, m) {
           "Projected logits mode, qproj: float32[P, D] given (D a multiple of heads, at most 256; d = D / heads):\n"
           "kq is float32[B, J, d] and l[j] = qproj[p, h*d:(h+1)*d] . kq[b, j] + koff[b, j] for the head h of\n"
           "token j (qproj = (keys + pe) @ Wq.T + bq, computed once for keys shared by all prompts); the rest\n"
-          "is unchanged.");
+          "is unchanged." THREADS_DOC);
     m.def("linear", &linear, py::arg("x"), py::arg("weight_t"), py::arg("bias"), py::arg("relu") = false,
-          py::arg("out") = py::none(), py::arg("isa") = "auto",
+          py::arg("out") = py::none(), py::arg("isa") = "auto", py::arg("threads") = 0,
           "linear(x: float32[M, K], weight_t: float32[K, N], bias: float32[N], relu=False, out=None,\n"
-          "    isa='auto') -> float32[M, N]\n\n"
+          "    isa='auto', threads=0) -> float32[M, N]\n\n"
           "out = x @ weight_t + bias, then max(out, 0) when relu: a Linear layer whose [N, K] weight the\n"
           "caller transposed once; each sum in float32, from the bias over k in ascending order. out, when\n"
           "given, must not overlap the inputs. isa 'auto' runs the AVX-512 build on CPUs that have it,\n"
-          "'generic' the portable build.");
+          "'generic' the portable build." THREADS_DOC);
     m.def("mask_upscaling_isa", [] { return std::string(have_avx512() ? "avx512" : "generic"); },
           "mask_upscaling_isa() -> 'avx512' or 'generic': the code path mask_upscaling runs on this CPU.");
 }

@@ -171,16 +171,17 @@ def upscale_matrices(frame: Frame, low_shape: tuple[int, int], out_shape: tuple[
 
 
 def upscale_logits(low: np.ndarray, frame: Frame, out_shape: tuple[int, int],
-                   matrices: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+                   matrices: tuple[np.ndarray, np.ndarray] | None = None, threads: int = 0) -> np.ndarray:
     """Low-resolution logits (K, 256, 256) -> (K, H, W) float32 on the working grid.
 
     As SAM's ``postprocess_masks`` (bilinear to S x S, crop the padding, bilinear to ``out_shape``),
     computed as two banded matrix products per mask (``upscale_matrices``, ``_ext.resize_logits``;
     pass the matrices as ``matrices`` to reuse them across calls) instead of through the S x S
-    image: equal up to float rounding.
+    image: equal up to float rounding. threads: at most this many threads (0: the CPUs this process
+    may run on).
     """
     ry, rx = matrices or upscale_matrices(frame, low.shape[1:], tuple(out_shape))
-    return _ext.resize_logits(np.ascontiguousarray(low, np.float32), ry, rx)
+    return _ext.resize_logits(np.ascontiguousarray(low, np.float32), ry, rx, threads=threads)
 
 
 def _stable(stab: np.ndarray, params: AmgParams) -> np.ndarray:
@@ -222,12 +223,12 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
         iou, ids = iou[keep], np.repeat(batch, len(outputs)).reshape(keep.shape)[keep]
         if params.stability_on == "low_res":       # opt-in: the stability filter before the upscaling
             stab = mask_ops.stability_scores(np.ascontiguousarray(low[:, :valid[0], :valid[1]]),
-                                             params.mask_threshold, params.stability_score_offset)
+                                             params.mask_threshold, params.stability_score_offset, engine.threads)
             keep = _stable(stab, params)
             iou, low, ids, stab = iou[keep], low[keep], ids[keep], stab[keep]
-        up = upscale_logits(low, frame, out_shape, upscaling)
+        up = upscale_logits(low, frame, out_shape, upscaling, engine.threads)
         if params.stability_on != "low_res":       # SAM's: on the logits upscaled to the working grid
-            stab = mask_ops.stability_scores(up, params.mask_threshold, params.stability_score_offset)
+            stab = mask_ops.stability_scores(up, params.mask_threshold, params.stability_score_offset, engine.threads)
             keep = _stable(stab, params)
             iou, up, ids, stab = iou[keep], up[keep], ids[keep], stab[keep]
         counts["stability"] += len(iou)

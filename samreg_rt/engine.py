@@ -165,12 +165,14 @@ class Engine:
     ``decode_masks`` run it in two steps, so that masks are upscaled only for the prompts kept;
     ``decode_kept_masks`` upscales only the kept masks. On CPUs with AVX-512 two steps run fused CPU
     kernels instead of graphs: ``decode_tokens`` when ``two_way`` (its weights) is set, the mask
-    upscaling when ``mask_upscaling`` is.
+    upscaling when ``mask_upscaling`` is. ``threads``: the thread limit of those kernels and of the ones
+    mask generation runs after them (0: as many as the CPUs this process may run on).
     """
 
     def __init__(self, model_dir: Path, manifest: dict, spec: ModelSpec, precision: str,
                  sessions: dict[str, ort.InferenceSession], providers: list[str],
-                 mask_upscaling: UpscalingWeights | None = None, two_way: TwoWayWeights | None = None):
+                 mask_upscaling: UpscalingWeights | None = None, two_way: TwoWayWeights | None = None,
+                 threads: int = 0):
         self.model_dir = model_dir
         self.manifest = manifest
         self.manifest_sha256 = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()
@@ -180,6 +182,7 @@ class Engine:
         self.providers = providers
         self.mask_upscaling = mask_upscaling
         self.two_way = two_way
+        self.threads = threads
 
     @classmethod
     def load(cls, model: str | os.PathLike, providers: str | Sequence[str] = "auto",
@@ -189,7 +192,8 @@ class Engine:
 
         Every graph file is hashed and checked against the manifest before a session is built
         from those same bytes (``ManifestError`` names the file on mismatch).
-        ``threads``: intra-op threads (None: ONNX Runtime's default).
+        ``threads``: ONNX Runtime's intra-op threads and the fused CPU kernels' thread limit (None: ONNX
+        Runtime's default, and the kernels run on as many threads as the CPUs this process may run on).
         ``fused_upscaling``: upscale kept masks with the fused kernel (``samreg_rt.upscaling``) when the
         decoders run fp32 on the CPU provider of a CPU with AVX-512 (``_ext.mask_upscaling_isa``;
         elsewhere ``decoder_masks`` is faster); False always runs the graph.
@@ -218,6 +222,8 @@ class Engine:
         # (benchmarks/results/session_options.md).
         options.enable_mem_pattern = False
         if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+                raise InputError(f"threads: expected a positive integer or None, got {threads!r}")
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         sessions = {}
@@ -238,14 +244,15 @@ class Engine:
                 two_way = TwoWayWeights.from_bytes(*_read_weights(model_dir, manifest, "two_way"))
         log.info("loaded %s (%s) with %s%s%s", manifest.get("name"), precision, providers_used[0],
                  ", fused two-way transformer" if two_way else "", ", fused mask upscaling" if upscaling else "")
-        return cls(model_dir, manifest, spec, precision, sessions, providers_used, upscaling, two_way)
+        return cls(model_dir, manifest, spec, precision, sessions, providers_used, upscaling, two_way,
+                   int(threads or 0))
 
     def with_spec(self, spec: ModelSpec) -> "Engine":
         """The same sessions with another preprocessing/prompting spec (same input size)."""
         if spec.input_size != self.spec.input_size:
             raise ModelError(f"spec input_size {spec.input_size} differs from the graphs' {self.spec.input_size}")
         return Engine(self.model_dir, self.manifest, spec, self.precision, self.sessions, self.providers,
-                      self.mask_upscaling, self.two_way)
+                      self.mask_upscaling, self.two_way, self.threads)
 
     @property
     def provider(self) -> str:
@@ -306,7 +313,7 @@ class Engine:
                 not all(isinstance(k, (int, np.integer)) and 0 <= k < 4 for k in outputs):
             raise InputError(f"mask_outputs: expected distinct mask output indices in 0..3, got {mask_outputs}")
         if self.two_way is not None and coords.shape[1] + 5 <= MAX_TOKENS:
-            return fused_decode_tokens(self.two_way, emb, coords, labels, out, outputs)
+            return fused_decode_tokens(self.two_way, emb, coords, labels, out, outputs, self.threads)
         iou, hyper_in, image_tokens = self.sessions["decoder_tokens"].run(
             None, {"image_embeddings": emb, "point_coords": coords, "point_labels": labels})
         return iou, np.ascontiguousarray(hyper_in[:, list(outputs)]), image_tokens
@@ -339,7 +346,8 @@ class Engine:
         if not keep.any():
             return np.zeros((0, 256, 256), np.float32)
         if self.mask_upscaling is not None:
-            return upscale_kept(image_tokens, hyper_in, keep, self.mask_upscaling, self.spec.embedding_size)
+            return upscale_kept(image_tokens, hyper_in, keep, self.mask_upscaling, self.spec.embedding_size,
+                                self.threads)
         rows = np.flatnonzero(keep.any(axis=1))
         if rows.size < len(keep):          # (image_tokens is 4 MB per prompt: no copy when all are kept)
             image_tokens, hyper_in, keep = image_tokens[rows], hyper_in[rows], keep[rows]

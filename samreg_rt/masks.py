@@ -101,16 +101,17 @@ def box_nms(boxes: np.ndarray, scores: np.ndarray, iou_thresh: float) -> np.ndar
     return _ext.box_nms(boxes, scores, float(iou_thresh))
 
 
-def stability_scores(logits: np.ndarray, mask_threshold: float, offset: float) -> np.ndarray:
+def stability_scores(logits: np.ndarray, mask_threshold: float, offset: float, threads: int = 0) -> np.ndarray:
     """SAM's stability score of ``float32[N, H, W]`` mask logits: ``float32[N]``.
 
     ``|logits > t + offset| / |logits > t - offset|`` with both thresholds rounded to float32 and
     the ratio divided in float32, exactly as ``segment_anything.utils.amg.
     calculate_stability_score``. A mask with no logit above ``t - offset`` scores NaN (0/0, as in
-    SAM), which fails every ``>=`` threshold test.
+    SAM), which fails every ``>=`` threshold test. threads: at most this many threads (0: the CPUs
+    this process may run on).
     """
     return _ext.stability_scores(_check(logits, "logits", np.float32, 3), float(mask_threshold),
-                                 float(offset))
+                                 float(offset), threads=threads)
 
 
 def greedy_match(sim: np.ndarray, threshold: float, max_pairs: int = 0

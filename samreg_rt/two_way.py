@@ -90,12 +90,13 @@ def _parameter_names(depth: int, masks: int) -> list[str]:
         [f"{n}.{p}" for n in norms for p in ("weight", "bias", "eps")]
 
 
-def _linear(w: TwoWayWeights, name: str, x: np.ndarray, relu: bool = False) -> np.ndarray:
+def _linear(w: TwoWayWeights, name: str, x: np.ndarray, relu: bool = False, *, threads: int) -> np.ndarray:
     """PyTorch's Linear ``name`` (then ReLU when ``relu``) over the last axis of x, as one 2-D product
     (``_ext.linear``: two threads without leaving spinning BLAS workers behind)."""
     weight_t = w[name + ".weight_t"]
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), np.float32)
-    return _ext.linear(x2, weight_t, w[name + ".bias"], relu=relu).reshape(*x.shape[:-1], weight_t.shape[1])
+    out = _ext.linear(x2, weight_t, w[name + ".bias"], relu=relu, threads=threads)
+    return out.reshape(*x.shape[:-1], weight_t.shape[1])
 
 
 def _layer_norm(w: TwoWayWeights, name: str, x: np.ndarray) -> np.ndarray:
@@ -115,13 +116,14 @@ def _heads(x: np.ndarray, heads: int) -> np.ndarray:
     return x.reshape(b, t, heads, c // heads).transpose(0, 2, 1, 3)
 
 
-def _attention(w: TwoWayWeights, name: str, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _attention(w: TwoWayWeights, name: str, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, threads: int) -> np.ndarray:
     """Meta's ``Attention`` among the prompt tokens: q, k, v (B, T, C) -> (B, T, C)."""
     heads = w.num_heads
-    q, k, v = (_heads(_linear(w, f"{name}.{p}_proj", x), heads) for p, x in (("q", q), ("k", k), ("v", v)))
+    q, k, v = (_heads(_linear(w, f"{name}.{p}_proj", x, threads=threads), heads)
+               for p, x in (("q", q), ("k", k), ("v", v)))
     a = _softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1], dtype=np.float32))
     out = (a @ v).transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1)
-    return _linear(w, f"{name}.out_proj", out)
+    return _linear(w, f"{name}.out_proj", out, threads=threads)
 
 
 def _head_weights(w: TwoWayWeights, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -131,58 +133,61 @@ def _head_weights(w: TwoWayWeights, name: str) -> tuple[np.ndarray, np.ndarray]:
     return weight.reshape(heads, -1, weight.shape[1]), bias.reshape(heads, -1)
 
 
-def _token_to_shared_image(w: TwoWayWeights, name: str, q: np.ndarray, keys: np.ndarray, pe: np.ndarray) -> np.ndarray:
+def _token_to_shared_image(w: TwoWayWeights, name: str, q: np.ndarray, keys: np.ndarray, pe: np.ndarray, *,
+                           threads: int) -> np.ndarray:
     """Token-to-image attention of tokens q (B, T, C) to image tokens keys (hw, C) shared by the B prompts
     (the first layer's): the image side is projected once, each head's logits for all prompts are one
     product, and the softmax normaliser comes out of the value product (a column of ones). -> (B, T, C)."""
     heads = w.num_heads
     b, t, _ = q.shape
-    qh = _heads(_linear(w, f"{name}.q_proj", q), heads)                      # (B, heads, T, d)
+    qh = _heads(_linear(w, f"{name}.q_proj", q, threads=threads), heads)    # (B, heads, T, d)
     d = qh.shape[-1]
-    kh = _linear(w, f"{name}.k_proj", keys + pe).reshape(-1, heads, d)      # (hw, heads, d)
-    vh = _linear(w, f"{name}.v_proj", keys).reshape(-1, heads, d)
+    kh = _linear(w, f"{name}.k_proj", keys + pe, threads=threads).reshape(-1, heads, d)   # (hw, heads, d)
+    vh = _linear(w, f"{name}.v_proj", keys, threads=threads).reshape(-1, heads, d)
     values = np.concatenate([vh, np.ones((len(keys), heads, 1), np.float32)], axis=2)   # (hw, heads, d + 1)
     scale = np.sqrt(d, dtype=np.float32)
     out = np.empty((b, t, heads, d), np.float32)
     for h in range(heads):
         logits = _ext.linear(np.ascontiguousarray(qh[:, h].reshape(b * t, d)), np.ascontiguousarray(kh[:, h].T / scale),
-                             np.zeros(len(keys), np.float32))                                  # (B*T, hw)
+                             np.zeros(len(keys), np.float32), threads=threads)                   # (B*T, hw)
         np.subtract(logits, logits.max(axis=1, keepdims=True), out=logits)
         np.exp(logits, out=logits)
-        pooled = _ext.linear(logits, np.ascontiguousarray(values[:, h]), np.zeros(d + 1, np.float32))  # (B*T, d + 1)
+        pooled = _ext.linear(logits, np.ascontiguousarray(values[:, h]), np.zeros(d + 1, np.float32),
+                             threads=threads)                                                    # (B*T, d + 1)
         out[:, :, h] = (pooled[:, :d] / pooled[:, d:]).reshape(b, t, d)
-    return _linear(w, f"{name}.out_proj", out.reshape(b, t, heads * d))
+    return _linear(w, f"{name}.out_proj", out.reshape(b, t, heads * d), threads=threads)
 
 
-def _token_to_image_rows(w: TwoWayWeights, name: str, q: np.ndarray) -> np.ndarray:
+def _token_to_image_rows(w: TwoWayWeights, name: str, q: np.ndarray, *, threads: int) -> np.ndarray:
     """Token-to-image logits rows: tokens q (B, T, C) -> (B, heads*T, C), row (h, t) = q_h W_k,h / sqrt(d)
     (the key bias adds the same to every image token's logit, which softmax drops)."""
     heads = w.num_heads
-    qh = _heads(_linear(w, f"{name}.q_proj", q), heads)                      # (B, heads, T, d)
+    qh = _heads(_linear(w, f"{name}.q_proj", q, threads=threads), heads)    # (B, heads, T, d)
     w_k, _ = _head_weights(w, f"{name}.k_proj")
     rows = qh @ w_k / np.sqrt(qh.shape[-1], dtype=np.float32)                # (B, heads, T, C)
     return np.ascontiguousarray(rows.reshape(q.shape[0], -1, q.shape[2]))
 
 
-def _token_to_image_output(w: TwoWayWeights, name: str, pooled: np.ndarray) -> np.ndarray:
+def _token_to_image_output(w: TwoWayWeights, name: str, pooled: np.ndarray, *, threads: int) -> np.ndarray:
     """Softmax-pooled image tokens (B, heads*T, C) -> the attention's output (B, T, C)."""
     heads = w.num_heads
     w_v, b_v = _head_weights(w, f"{name}.v_proj")
     b = pooled.shape[0]
     pooled = pooled.reshape(b, heads, -1, pooled.shape[-1])                  # (B, heads, T, C)
     values = pooled @ w_v.transpose(0, 2, 1) + b_v[:, None, :]               # (B, heads, T, d)
-    return _linear(w, f"{name}.out_proj", values.transpose(0, 2, 1, 3).reshape(b, pooled.shape[2], -1))
+    return _linear(w, f"{name}.out_proj", values.transpose(0, 2, 1, 3).reshape(b, pooled.shape[2], -1),
+                   threads=threads)
 
 
-def _image_to_token_rows(w: TwoWayWeights, name: str, k: np.ndarray, v: np.ndarray, projected: bool
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _image_to_token_rows(w: TwoWayWeights, name: str, k: np.ndarray, v: np.ndarray, projected: bool, *,
+                         threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Image-to-token attention with tokens k, v (B, T, C) as keys and values -> the fused pass's
     kq (B, heads*T, C) and koff (B, heads*T) (logits ``x . kq + koff`` of image token x) and vwo
     (B, heads*T, C) (output ``sum_j A_j vwo_j``, the output bias split evenly over the heads).
     ``projected``: for image tokens whose query projection the caller computes (the pass's ``qproj``):
     kq (B, heads*T, d) = k_h / sqrt(d) and koff 0."""
     heads = w.num_heads
-    kh = _heads(_linear(w, f"{name}.k_proj", k), heads)                      # (B, heads, T, d)
+    kh = _heads(_linear(w, f"{name}.k_proj", k, threads=threads), heads)    # (B, heads, T, d)
     scale = np.sqrt(kh.shape[-1], dtype=np.float32)
     if projected:
         kq, koff = kh / scale, np.zeros(kh.shape[:3], np.float32)
@@ -190,7 +195,7 @@ def _image_to_token_rows(w: TwoWayWeights, name: str, k: np.ndarray, v: np.ndarr
         w_q, b_q = _head_weights(w, f"{name}.q_proj")
         kq = kh @ w_q / scale                                                # (B, heads, T, C)
         koff = np.einsum("bhtd,hd->bht", kh, b_q) / scale
-    vh = _heads(_linear(w, f"{name}.v_proj", v), heads)                      # (B, heads, T, d)
+    vh = _heads(_linear(w, f"{name}.v_proj", v, threads=threads), heads)    # (B, heads, T, d)
     w_o = w[f"{name}.out_proj.weight"]                                       # (C, heads*d)
     w_o = w_o.reshape(w_o.shape[0], heads, -1).transpose(1, 2, 0)            # (heads, d, C)
     vwo = vh @ w_o + w[f"{name}.out_proj.bias"] / heads                      # (B, heads, T, C)
@@ -212,7 +217,7 @@ def embed_points(w: TwoWayWeights, point_coords: np.ndarray, point_labels: np.nd
 
 
 def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray,
-                  out: np.ndarray | None = None, mask_outputs: tuple[int, ...] = (0, 1, 2, 3)
+                  out: np.ndarray | None = None, mask_outputs: tuple[int, ...] = (0, 1, 2, 3), threads: int = 0
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``decoder_tokens`` of B prompts: embedding (1, C, h, w), point_coords (B, N, 2) and point_labels
     (B, N) float32 (N <= 3) -> iou_predictions (B, 4), hyper_in (B, K, C/8) of the K = len(mask_outputs)
@@ -226,6 +231,8 @@ def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndar
     out: optional float32 (B', hw, C), B' >= B, C-contiguous: image_tokens are computed in ``out[:B]``
     (and returned as that view), so that a caller decoding batch after batch reuses one buffer
     instead of page-faulting in a fresh 4 MB per prompt each time.
+
+    threads: the kernels' thread limit (0: the CPUs this process may run on).
 
     numpy's BLAS runs on one thread here: its idle worker threads keep spinning for a while after a
     multithreaded product and would halve the speed of the two-thread passes that follow."""
@@ -241,12 +248,13 @@ def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndar
             not all(isinstance(k, (int, np.integer)) and 0 <= k < masks for k in mask_outputs):
         raise InputError(f"mask_outputs: expected distinct mask output indices in 0..{masks - 1}, got {mask_outputs}")
     with threadpool_limits(1, user_api="blas"):
-        return _decode_tokens(w, embedding, point_coords, point_labels, out[:b], [int(k) for k in mask_outputs])
+        return _decode_tokens(w, embedding, point_coords, point_labels, out[:b], [int(k) for k in mask_outputs],
+                              threads=threads)
 
 
 def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndarray,
-                   point_labels: np.ndarray, image_tokens: np.ndarray, mask_outputs: list[int]
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   point_labels: np.ndarray, image_tokens: np.ndarray, mask_outputs: list[int], *,
+                   threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     heads = w.num_heads
     b = point_coords.shape[0]
     if point_coords.shape[1] + 5 > MAX_TOKENS:
@@ -258,56 +266,60 @@ def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.nda
     query_pe = tokens
     outputs = [0] + [1 + k for k in mask_outputs]          # the tokens read after the final attention
     depth = int(w["depth"])
-    queries = _self_attention(w, 0, tokens, query_pe)
+    queries = _self_attention(w, 0, tokens, query_pe, threads=threads)
     for i in range(depth):
         layer = f"transformer.layers.{i}"
         if i == 0:
-            update = _token_to_shared_image(w, f"{layer}.cross_attn_token_to_image", queries + query_pe, keys[0], pe)
+            update = _token_to_shared_image(w, f"{layer}.cross_attn_token_to_image", queries + query_pe, keys[0], pe,
+                                            threads=threads)
         else:        # the pass before pooled the image tokens for it
-            update = _token_to_image_output(w, f"{layer}.cross_attn_token_to_image", pooled)
+            update = _token_to_image_output(w, f"{layer}.cross_attn_token_to_image", pooled, threads=threads)
         queries = _layer_norm(w, f"{layer}.norm2", queries + update)
-        mlp = _linear(w, f"{layer}.mlp.lin1", queries, relu=True)
-        queries = _layer_norm(w, f"{layer}.norm3", queries + _linear(w, f"{layer}.mlp.lin2", mlp))
+        mlp = _linear(w, f"{layer}.mlp.lin1", queries, relu=True, threads=threads)
+        queries = _layer_norm(w, f"{layer}.norm3", queries + _linear(w, f"{layer}.mlp.lin2", mlp, threads=threads))
         # The first layer's image tokens are the image's alone: their query projection runs once per call.
         i2t = f"{layer}.cross_attn_image_to_token"
-        qproj = _linear(w, f"{i2t}.q_proj", keys[0] + pe) if i == 0 else None
-        kq, koff, vwo = _image_to_token_rows(w, i2t, queries + query_pe, queries, projected=i == 0)
+        qproj = _linear(w, f"{i2t}.q_proj", keys[0] + pe, threads=threads) if i == 0 else None
+        kq, koff, vwo = _image_to_token_rows(w, i2t, queries + query_pe, queries, projected=i == 0,
+                                             threads=threads)
         # The next token-to-image attention's queries do not depend on the image tokens: the next
         # layer's self-attention runs now, so that one pass over the image tokens serves both.
         if i + 1 < depth:
-            queries = _self_attention(w, i + 1, queries, query_pe)
-            qk = _token_to_image_rows(w, f"transformer.layers.{i + 1}.cross_attn_token_to_image", queries + query_pe)
+            queries = _self_attention(w, i + 1, queries, query_pe, threads=threads)
+            qk = _token_to_image_rows(w, f"transformer.layers.{i + 1}.cross_attn_token_to_image", queries + query_pe,
+                                      threads=threads)
         else:        # the final attention: the IoU token and the asked-for mask tokens only
             queries, query_pe = queries[:, outputs], query_pe[:, outputs]
-            qk = _token_to_image_rows(w, "transformer.final_attn_token_to_image", queries + query_pe)
+            qk = _token_to_image_rows(w, "transformer.final_attn_token_to_image", queries + query_pe, threads=threads)
         # every layer writes its image tokens into image_tokens (the later ones in place)
         keys, pooled = _ext.two_way_pass(keys, pe, kq, koff, vwo, w[f"{layer}.norm4.weight"],
                                          w[f"{layer}.norm4.bias"], float(w[f"{layer}.norm4.eps"]), qk, heads,
-                                         out=image_tokens, qproj=qproj)
-    update = _token_to_image_output(w, "transformer.final_attn_token_to_image", pooled)
+                                         out=image_tokens, qproj=qproj, threads=threads)
+    update = _token_to_image_output(w, "transformer.final_attn_token_to_image", pooled, threads=threads)
     queries = _layer_norm(w, "transformer.norm_final_attn", queries + update)
-    iou = _mlp_head(w, "iou_prediction_head", queries[:, 0])
-    hyper = np.stack([_mlp_head(w, f"output_hypernetworks_mlps.{k}", queries[:, 1 + j])
+    iou = _mlp_head(w, "iou_prediction_head", queries[:, 0], threads=threads)
+    hyper = np.stack([_mlp_head(w, f"output_hypernetworks_mlps.{k}", queries[:, 1 + j], threads=threads)
                       for j, k in enumerate(mask_outputs)], axis=1)
     return iou.astype(np.float32), hyper.astype(np.float32), keys
 
 
-def _self_attention(w: TwoWayWeights, i: int, queries: np.ndarray, query_pe: np.ndarray) -> np.ndarray:
+def _self_attention(w: TwoWayWeights, i: int, queries: np.ndarray, query_pe: np.ndarray, *,
+                    threads: int) -> np.ndarray:
     """Layer i's self-attention among the tokens and its LayerNorm (the first layer's without the
     tokens' positional encoding and residual, as Meta's ``skip_first_layer_pe``)."""
     name = f"transformer.layers.{i}"
     if i == 0:
-        queries = _attention(w, f"{name}.self_attn", queries, queries, queries)
+        queries = _attention(w, f"{name}.self_attn", queries, queries, queries, threads=threads)
     else:
         q = queries + query_pe
-        queries = queries + _attention(w, f"{name}.self_attn", q, q, queries)
+        queries = queries + _attention(w, f"{name}.self_attn", q, q, queries, threads=threads)
     return _layer_norm(w, f"{name}.norm1", queries)
 
 
-def _mlp_head(w: TwoWayWeights, name: str, x: np.ndarray) -> np.ndarray:
+def _mlp_head(w: TwoWayWeights, name: str, x: np.ndarray, *, threads: int) -> np.ndarray:
     """Meta's ``MLP``: linear layers ``name.layers.i`` with ReLU between them."""
     i = 0
     while f"{name}.layers.{i + 1}.weight" in w.arrays:
-        x = _linear(w, f"{name}.layers.{i}", x, relu=True)
+        x = _linear(w, f"{name}.layers.{i}", x, relu=True, threads=threads)
         i += 1
-    return _linear(w, f"{name}.layers.{i}", x)
+    return _linear(w, f"{name}.layers.{i}", x, threads=threads)

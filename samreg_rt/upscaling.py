@@ -59,11 +59,12 @@ class UpscalingWeights:
 
 
 def upscale_kept(image_tokens: np.ndarray, hyper_in: np.ndarray, keep: np.ndarray,
-                 weights: UpscalingWeights, width: int) -> np.ndarray:
+                 weights: UpscalingWeights, width: int, threads: int = 0) -> np.ndarray:
     """Low-resolution logits of the kept masks.
 
     image_tokens: float32 (B, hw, C) and hyper_in (B, K, C2), from ``Engine.decode_tokens`` (hyper_in
-    any K <= 4 of its rows); keep: bool (B, K); width: of the token grid (hw = h * width).
+    any K <= 4 of its rows); keep: bool (B, K); width: of the token grid (hw = h * width); threads: the
+    kernel's thread limit (0: the CPUs this process may run on).
     Returns float32 (M, 4h, 4w), M = keep.sum(), in the row-major order of ``keep``: equal to
     ``Engine.decode_masks(image_tokens, hyper_in)[keep]`` up to float rounding.
     """
@@ -77,4 +78,4 @@ def upscale_kept(image_tokens: np.ndarray, hyper_in: np.ndarray, keep: np.ndarra
     mask_start = np.concatenate([[0], np.cumsum(keep[rows].sum(axis=1))]).astype(np.int64)
     return _ext.mask_upscaling(np.ascontiguousarray(tokens), rows.astype(np.int64), weights.w1, weights.b1,
                                weights.ln_weight, weights.ln_bias, weights.eps, weights.w2, weights.b2,
-                               np.ascontiguousarray(hyper[keep]), mask_start, int(width))
+                               np.ascontiguousarray(hyper[keep]), mask_start, int(width), threads=threads)

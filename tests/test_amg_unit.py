@@ -55,6 +55,8 @@ def test_area_weights_respect_padding():
 class _ScriptedEngine:
     """Two-step decoder that returns a disk per prompt whose IoU we choose; counts the prompts upscaled."""
 
+    threads = 0     # the kernels' thread limit amg passes on (Engine.threads)
+
     def __init__(self, ious, radius=12):
         self.ious = np.asarray(ious, np.float32)
         self.radius = radius

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ from samreg_rt import _ext, amg, two_way
 from samreg_rt.engine import Engine, resolve_model_dir, select_providers
 from samreg_rt.io import load_image
 from samreg_rt.errors import InputError, ManifestError, ModelError, ModelNotAvailableError
+from tests.threadcount import most_threads_during
 
 
 @pytest.fixture(scope="module")
@@ -362,3 +364,32 @@ def test_registry_name_takes_the_registry_spec(_model_cache, tmp_path, monkeypat
     (cached / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match="differ from the registry"):
         Engine.load("random_tiny", threads=1)
+
+
+def test_threads_reach_the_cpu_kernels(tiny_dir):
+    """Engine.load(threads=n) limits the fused CPU decoder's kernels too, not only ONNX Runtime: with
+    threads=1 decode_tokens and decode_kept_masks start no thread, and give what threads=2 gives."""
+    one, two = Engine.load(tiny_dir, threads=1), Engine.load(tiny_dir, threads=2)
+    assert (one.threads, two.threads, Engine.load(tiny_dir).threads) == (1, 2, 0)
+    assert one.with_spec(one.spec).threads == 1
+    if one.two_way is None or one.mask_upscaling is None:
+        pytest.skip("the fused CPU decoder needs AVX-512")
+    rng = np.random.default_rng(7)
+    emb = one.embed(rng.integers(0, 255, (64, 64), np.uint8)).embedding
+    coords = rng.uniform(0, 255, (16, 1, 2)).astype(np.float32)
+    labels = np.ones((16, 1), np.float32)
+    keep = np.ones((16, 3), bool)
+    if Path("/proc/self/task").is_dir():
+        assert most_threads_during(lambda: one.decode_tokens(emb, coords, labels, mask_outputs=(1, 2, 3))) == 1
+        _, hyper, tokens = one.decode_tokens(emb, coords, labels, mask_outputs=(1, 2, 3))
+        assert most_threads_during(lambda: one.decode_kept_masks(tokens, hyper, keep)) == 1
+    got, want = (e.decode_tokens(emb, coords, labels, mask_outputs=(1, 2, 3)) for e in (one, two))
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(one.decode_kept_masks(got[2], got[1], keep), two.decode_kept_masks(want[2], want[1], keep))
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.5, True, "2"])
+def test_bad_threads_are_input_errors(tiny_dir, threads):
+    with pytest.raises(InputError, match="threads"):
+        Engine.load(tiny_dir, threads=threads)

@@ -3,6 +3,7 @@ SAM's own helpers where torch is installed, argument validation, and samreg_rt.a
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import twins
+from tests.threadcount import most_threads_during
 from samreg_rt import _ext, amg_utils, masks
 from samreg_rt.errors import InputError
 
@@ -892,3 +894,64 @@ def test_two_way_pass_qproj_rejects_bad_arguments(rng):
         _ext.two_way_pass(**{**good, "qproj": buffer[:20 * 32].reshape(20, 32),
                              "out": buffer[20 * 32 - 1:-1].reshape(3, 20, 256)})
     _ext.two_way_pass(**{**good, "qproj": buffer[:20 * 32].reshape(20, 32), "out": buffer[20 * 32:].reshape(3, 20, 256)})
+
+
+# ------------------------------------------------------------------------------------------------
+# Thread limits of the multi-threaded kernels
+
+
+def _threaded_calls(rng) -> dict:
+    """name -> call(threads) of each kernel that takes a thread limit, on inputs big enough to start threads."""
+    two_way = twins.two_way_inputs(rng, 8, True, 4096, 56, 56, 8)
+    two_way_q = twins.two_way_qproj_inputs(rng, 8, True, 4096, 56, 40, 8, 16)
+    upscaling = twins.upscaling_inputs(rng, [3, 1, 2, 3], 64, 64)
+    x, w, b = (rng.normal(0, 1, s).astype(np.float32) for s in ((448, 256), (256, 2048), (2048,)))
+    logits = rng.normal(0, 4, (64, 256, 256)).astype(np.float32)
+    ry = rng.uniform(0, 1, (200, 256)).astype(np.float32)
+    rx = rng.uniform(0, 1, (200, 256)).astype(np.float32)
+    return {
+        "two_way_pass": lambda threads: _ext.two_way_pass(**two_way, threads=threads),
+        "two_way_pass qproj": lambda threads: _ext.two_way_pass(**two_way_q, threads=threads),
+        "mask_upscaling": lambda threads: _ext.mask_upscaling(**upscaling, threads=threads),
+        "linear": lambda threads: _ext.linear(x, w, b, relu=True, threads=threads),
+        "stability_scores": lambda threads: _ext.stability_scores(logits, 0.0, 1.0, threads=threads),
+        "resize_logits": lambda threads: _ext.resize_logits(logits, ry, rx, threads=threads),
+    }
+
+
+def test_kernels_give_the_same_results_on_any_number_of_threads(rng):
+    """The work split depends on the inputs, not on the threads: bit-identical results for every limit."""
+    for name, call in _threaded_calls(rng).items():
+        want = call(0)
+        for threads in (1, 2, 3):
+            got = call(threads)
+            for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                assert np.array_equal(a, b, equal_nan=True), (name, threads)
+
+
+def test_kernels_reject_negative_threads(rng):
+    for name, call in _threaded_calls(rng).items():
+        kernel = name.split()[0]
+        with pytest.raises(ValueError, match=f"{kernel}: threads must be >= 0"):
+            call(-1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or not hasattr(os, "sched_setaffinity"),
+                    reason="counts threads in /proc (Linux)")
+def test_threads_limit_the_threads_started(rng):
+    """threads=1 starts no thread; threads=3 starts two beside the caller's (even beyond the CPUs); 0 starts
+    one per CPU of the process's affinity mask, so a process pinned to one CPU starts none."""
+    args = twins.two_way_inputs(rng, 8, False, 4096, 56, 56, 8)     # 16 work items: 8 prompts x 2 chunks
+
+    def call(threads):
+        return _ext.two_way_pass(**args, threads=threads)
+
+    assert most_threads_during(lambda: call(1)) == 1
+    assert most_threads_during(lambda: call(3)) == 3
+    cpus = os.sched_getaffinity(0)
+    assert most_threads_during(lambda: call(0)) == min(len(cpus), 16)
+    try:
+        os.sched_setaffinity(0, {min(cpus)})            # this thread's mask, which the helper inherits
+        assert most_threads_during(lambda: call(0)) == 1
+    finally:
+        os.sched_setaffinity(0, cpus)
