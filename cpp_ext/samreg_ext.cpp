@@ -962,17 +962,23 @@ __attribute__((always_inline)) inline void tw_load_t(v16f *dst, const float *src
 
 // acc[t][v] += sum_{k < count} x[k * kTwVecs + v] * w[k * ld + t] for the kTwTokenBlock columns t of a
 // register tile (x: rows of kTwVecs pixel vectors, w: row-major with ld floats per row). With kPrefetch,
-// also prefetches count cache lines from `prefetch`, one per row.
+// also prefetches count cache lines from `prefetch`, one per row. x and w advance as pointers, row by row:
+// the broadcasts of w then take constant offsets from one register (with indices, the compiler kept one
+// address per column, spilled them and recomputed them every row, and the integer work slowed the FMAs).
 template <bool kPrefetch = false>
 __attribute__((always_inline)) inline void tw_tile(v16f (&acc)[kTwTokenBlock][kTwVecs], const v16f *x, const float *w,
-                                                   int ld, int count, const char *prefetch = nullptr) {
-    for (int k = 0; k < count; ++k) {
-        const float *wk = w + k * ld;
-        if (kPrefetch) __builtin_prefetch(prefetch + k * 64);
+                                                   std::ptrdiff_t ld, int count, const char *prefetch = nullptr) {
+    for (int k = 0; k < count; ++k, x += kTwVecs, w += ld) {
+        if (kPrefetch) {
+            __builtin_prefetch(prefetch);
+            prefetch += 64;
+        }
         v16f xk[kTwVecs];
-        for (int v = 0; v < kTwVecs; ++v) xk[v] = x[k * kTwVecs + v];
-        for (int t = 0; t < kTwTokenBlock; ++t)
-            for (int v = 0; v < kTwVecs; ++v) acc[t][v] += xk[v] * wk[t];
+        for (int v = 0; v < kTwVecs; ++v) xk[v] = x[v];
+        for (int t = 0; t < kTwTokenBlock; ++t) {
+            const float wt = w[t];
+            for (int v = 0; v < kTwVecs; ++v) acc[t][v] += xk[v] * wt;
+        }
     }
 }
 
@@ -1044,12 +1050,13 @@ __attribute__((always_inline)) inline void tw_pool(float *acc, const float *w, c
     v16f sum[kTwTokenBlock][kVecs];
     for (int t = 0; t < kTwTokenBlock; ++t)
         for (int s = 0; s < kVecs; ++s) sum[t][s] = load16(acc + (j0 + t) * kChannels + (cv0 + s) * kLanes);
-    for (int p = 0; p < n; ++p) {
-        v16f zp[kVecs];
-        for (int s = 0; s < kVecs; ++s) zp[s] = load16(z + p * kChannels + (cv0 + s) * kLanes);
+    const float *wj = w + j0 * kTwBlock, *zp = z + cv0 * kLanes;   // pointers, as in tw_tile
+    for (std::ptrdiff_t p = 0; p < n; ++p, zp += kChannels) {
+        v16f zv[kVecs];
+        for (int s = 0; s < kVecs; ++s) zv[s] = load16(zp + s * kLanes);
         for (int t = 0; t < kTwTokenBlock; ++t) {
-            const float wt = w[(j0 + t) * kTwBlock + p];
-            for (int s = 0; s < kVecs; ++s) sum[t][s] += zp[s] * wt;
+            const float wt = wj[t * kTwBlock + p];
+            for (int s = 0; s < kVecs; ++s) sum[t][s] += zv[s] * wt;
         }
     }
     for (int t = 0; t < kTwTokenBlock; ++t)
@@ -1184,23 +1191,26 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
             // LayerNorm over the channels (two passes); z into zrows (pixel-major, 16 channels of 16 pixels
             // at a time: keys_out, or zbuf when `store` copies them there), which the pooling then sums, and
             // z + pe for the next logits
+            // (the sums over the channels run for the kTwVecs pixel vectors side by side: three
+            // dependency chains instead of one at a time, each in the same order)
             float *zrows = store ? zbuf : a.out + (b * a.pixels + p0) * kChannels;
-            for (int v = 0; v < kTwVecs; ++v) {
-                v16f mean = v16f{};
-                for (int c = 0; c < kChannels; ++c) mean += yt[c * kTwVecs + v];
-                mean *= 1.f / kChannels;
-                v16f var = v16f{};
-                for (int c = 0; c < kChannels; ++c) {
-                    const v16f d = yt[c * kTwVecs + v] - mean;
-                    var += d * d;
+            v16f mean[kTwVecs] = {}, var[kTwVecs] = {};
+            for (int c = 0; c < kChannels; ++c)
+                for (int v = 0; v < kTwVecs; ++v) mean[v] += yt[c * kTwVecs + v];
+            for (int v = 0; v < kTwVecs; ++v) mean[v] *= 1.f / kChannels;
+            for (int c = 0; c < kChannels; ++c)
+                for (int v = 0; v < kTwVecs; ++v) {
+                    const v16f d = yt[c * kTwVecs + v] - mean[v];
+                    var[v] += d * d;
                 }
+            for (int v = 0; v < kTwVecs; ++v) {
                 v16f inv;
-                for (int l = 0; l < kLanes; ++l) inv[l] = 1.f / std::sqrt(var[l] * (1.f / kChannels) + a.eps);
+                for (int l = 0; l < kLanes; ++l) inv[l] = 1.f / std::sqrt(var[v][l] * (1.f / kChannels) + a.eps);
                 for (int c0 = 0; c0 < kChannels; c0 += kLanes) {
                     v16f z[kLanes];
                     for (int l = 0; l < kLanes; ++l) {
                         const int c = c0 + l;
-                        z[l] = (yt[c * kTwVecs + v] - mean) * inv * a.ln_weight[c] + a.ln_bias[c];
+                        z[l] = (yt[c * kTwVecs + v] - mean[v]) * inv * a.ln_weight[c] + a.ln_bias[c];
                         xt[c * kTwVecs + v] = z[l] + pt[c * kTwVecs + v];
                     }
                     transpose16(z);
@@ -1215,8 +1225,10 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
             for (int j = 0; j < J2p; ++j) {
                 float *s = w + j * kTwBlock;
                 for (int p = n; p < kTwBlock; ++p) s[p] = -std::numeric_limits<float>::infinity();
+                v16f mv = v16f{} + run_max[j];  // the largest logit, lane-wise first (max is exact in any order)
+                for (int v = 0; v < kTwVecs; ++v) mv = st[j * kTwVecs + v] > mv ? st[j * kTwVecs + v] : mv;
                 float m = run_max[j];
-                for (int p = 0; p < n; ++p) m = s[p] > m ? s[p] : m;
+                for (int l = 0; l < kLanes; ++l) m = mv[l] > m ? mv[l] : m;
                 if (m > run_max[j]) {
                     const float scale = std::exp(run_max[j] - m);  // 0 for the first block
                     run_sum[j] *= scale;
