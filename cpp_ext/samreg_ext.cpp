@@ -1232,7 +1232,10 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
                 if (m > run_max[j]) {
                     const float scale = std::exp(run_max[j] - m);  // 0 for the first block
                     run_sum[j] *= scale;
-                    for (int c = 0; c < kChannels; ++c) acc[j * kChannels + c] *= scale;
+                    for (int c = 0; c < kChannels; c += kLanes) {  // (vectors: the compiler left it scalar)
+                        const v16f r = load16(acc + j * kChannels + c) * scale;
+                        std::memcpy(acc + j * kChannels + c, &r, sizeof r);
+                    }
                     run_max[j] = m;
                 }
                 v16f sum = v16f{};
