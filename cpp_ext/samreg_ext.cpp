@@ -657,19 +657,29 @@ __attribute__((always_inline)) inline void transpose16(v16f *r) {
     }
 }
 
-// out[t] = bias[col0 + t] + sum_k x[k] * w[k, col0 + t] for 16 output channels t of a product with
-// the pixels in the lanes (w row-major with kStride columns).
-template <int kStride>
-__attribute__((always_inline)) inline void product16(v16f *out, const v16f *x, int count, const float *w,
-                                                             const float *bias, int col0) {
-    v16f acc[16];
-    for (int t = 0; t < 16; ++t) acc[t] = v16f{} + bias[col0 + t];
-    for (int k = 0; k < count; ++k) {
-        const float *wr = w + k * kStride + col0;
-        const v16f xk = x[k];
-        for (int t = 0; t < 16; ++t) acc[t] += xk * wr[t];
+// out[g][t] = bias[col0 + t] + sum_k x[g][k] * w[k, col0 + t] for kCols output channels t of G products with
+// the pixels in the lanes (x[g]: G groups of 16 pixels; w row-major with kStride columns). Each broadcast
+// weight serves the G groups: with one group, a weight load per FMA kept the load ports as busy as the FMA
+// units. Prefetches the weight row kPrefetchRows ahead (w is larger than L1).
+constexpr int kPrefetchRows = 8;
+template <int kStride, int G, int kCols>
+__attribute__((always_inline)) inline void product_tile(v16f *const (&out)[G], const v16f *const (&x)[G], int count,
+                                                        const float *w, const float *bias, int col0) {
+    v16f acc[G][kCols];
+    for (int g = 0; g < G; ++g)
+        for (int t = 0; t < kCols; ++t) acc[g][t] = v16f{} + bias[col0 + t];
+    const float *wr = w + col0;
+    for (int k = 0; k < count; ++k, wr += kStride) {
+        __builtin_prefetch(wr + kPrefetchRows * kStride);
+        v16f xk[G];
+        for (int g = 0; g < G; ++g) xk[g] = x[g][k];
+        for (int t = 0; t < kCols; ++t) {
+            const float wt = wr[t];
+            for (int g = 0; g < G; ++g) acc[g][t] += xk[g] * wt;
+        }
     }
-    for (int t = 0; t < 16; ++t) out[t] = acc[t];
+    for (int g = 0; g < G; ++g)
+        for (int t = 0; t < kCols; ++t) out[g][t] = acc[g][t];
 }
 
 struct UpscaleArgs {
@@ -688,56 +698,85 @@ struct UpscaleArgs {
     float *out;                      // [M, 4h, 4w]
 };
 
-// Groups [g0, g1) of kLanes consecutive input pixels of the r-th prompt.
-__attribute__((always_inline)) inline void upscale_body(const UpscaleArgs &a, std::int64_t r,
-                                                        std::int64_t g0, std::int64_t g1) {
+constexpr int kUpGroups = 3;  // pixel groups per register tile of upscale_groups
+constexpr int kUpCols = 8;    // output channels per register tile
+
+// Groups g..g+G-1 of kLanes consecutive input pixels of the r-th prompt (each in the same order of
+// operations as alone).
+template <int G>
+__attribute__((always_inline)) inline void upscale_groups(const UpscaleArgs &a, std::int64_t r, std::int64_t g) {
     const std::int64_t hw = a.height * a.width, out_w = 4 * a.width, out_plane = 16 * hw;
     const std::int64_t m0 = a.mask_start[r], masks = a.mask_start[r + 1] - m0;
-    v16f x[kChannels];  // the group's image tokens, channel k in x[k] (pixels in lanes)
-    v16f act[kC1];
-    v16f logits[kMaxMasks];
-    for (std::int64_t g = g0; g < g1; ++g) {
-        const std::int64_t p0 = g * kLanes, i = p0 / a.width, j0 = p0 % a.width;
-        const float *tok = a.tokens + (a.rows[r] * hw + p0) * kChannels;
+    v16f x[G][kChannels];  // each group's image tokens, channel k in x[.][k] (pixels in lanes)
+    v16f act[G][kC1];
+    v16f logits[G][kMaxMasks];
+    const v16f *xs[G];
+    v16f *acts[G];
+    for (int u = 0; u < G; ++u) {
+        const float *tok = a.tokens + (a.rows[r] * hw + (g + u) * kLanes) * kChannels;
         for (int k0 = 0; k0 < kChannels; k0 += kLanes) {
-            for (int l = 0; l < kLanes; ++l) x[k0 + l] = load16(tok + l * kChannels + k0);
-            transpose16(x + k0);
+            for (int l = 0; l < kLanes; ++l) x[u][k0 + l] = load16(tok + l * kChannels + k0);
+            transpose16(x[u] + k0);
         }
-        for (int s1 = 0; s1 < 4; ++s1) {  // output pixel (di, dj) of the first convolution
-            for (int c0 = 0; c0 < kC1; c0 += 16) product16<4 * kC1>(act + c0, x, kChannels, a.w1, a.b1, s1 * kC1 + c0);
+        xs[u] = x[u];
+    }
+    for (int s1 = 0; s1 < 4; ++s1) {  // output pixel (di, dj) of the first convolution
+        for (int c0 = 0; c0 < kC1; c0 += kUpCols) {
+            for (int u = 0; u < G; ++u) acts[u] = act[u] + c0;
+            product_tile<4 * kC1, G, kUpCols>(acts, xs, kChannels, a.w1, a.b1, s1 * kC1 + c0);
+        }
+        for (int u = 0; u < G; ++u) {
             v16f mean = v16f{};
-            for (int c = 0; c < kC1; ++c) mean += act[c];
+            for (int c = 0; c < kC1; ++c) mean += act[u][c];
             mean *= 1.f / kC1;
             v16f var = v16f{};
             for (int c = 0; c < kC1; ++c) {
-                act[c] -= mean;
-                var += act[c] * act[c];
+                act[u][c] -= mean;
+                var += act[u][c] * act[u][c];
             }
             v16f inv;
             for (int l = 0; l < kLanes; ++l) inv[l] = 1.f / std::sqrt(var[l] * (1.f / kC1) + a.eps);
-            for (int c = 0; c < kC1; ++c) act[c] = gelu16(act[c] * inv * a.ln_weight[c] + a.ln_bias[c]);
-            const int di = s1 / 2, dj = s1 % 2;
-            for (int s2 = 0; s2 < 4; ++s2) {  // output pixel (di2, dj2) of the second convolution
-                for (std::int64_t m = 0; m < masks; ++m) logits[m] = v16f{};
-                for (int half = 0; half < 2; ++half) {  // 16 of its C2 channels at a time
-                    v16f acc[16];
-                    product16<4 * kC2>(acc, act, kC1, a.w2, a.b2, s2 * kC2 + half * 16);
-                    for (int t = 0; t < 16; ++t) acc[t] = gelu16(acc[t]);
+            for (int c = 0; c < kC1; ++c) act[u][c] = gelu16(act[u][c] * inv * a.ln_weight[c] + a.ln_bias[c]);
+        }
+        const v16f *as[G];
+        for (int u = 0; u < G; ++u) as[u] = act[u];
+        const int di = s1 / 2, dj = s1 % 2;
+        for (int s2 = 0; s2 < 4; ++s2) {  // output pixel (di2, dj2) of the second convolution
+            for (int u = 0; u < G; ++u)
+                for (std::int64_t m = 0; m < masks; ++m) logits[u][m] = v16f{};
+            for (int c0 = 0; c0 < kC2; c0 += kUpCols) {  // kUpCols of its C2 channels at a time
+                v16f acc[G][kUpCols];
+                v16f *accs[G];
+                for (int u = 0; u < G; ++u) accs[u] = acc[u];
+                product_tile<4 * kC2, G, kUpCols>(accs, as, kC1, a.w2, a.b2, s2 * kC2 + c0);
+                for (int u = 0; u < G; ++u) {
+                    for (int t = 0; t < kUpCols; ++t) acc[u][t] = gelu16(acc[u][t]);
                     for (std::int64_t m = 0; m < masks; ++m) {
-                        const float *hm = a.hyper + (m0 + m) * kC2 + half * 16;
-                        v16f s = logits[m];
-                        for (int t = 0; t < 16; ++t) s += hm[t] * acc[t];
-                        logits[m] = s;
+                        const float *hm = a.hyper + (m0 + m) * kC2 + c0;
+                        v16f s = logits[u][m];
+                        for (int t = 0; t < kUpCols; ++t) s += hm[t] * acc[u][t];
+                        logits[u][m] = s;
                     }
                 }
+            }
+            for (int u = 0; u < G; ++u) {
+                const std::int64_t p0 = (g + u) * kLanes, i = p0 / a.width, j0 = p0 % a.width;
                 const std::int64_t row = 4 * i + 2 * di + s2 / 2, col = 4 * j0 + 2 * dj + s2 % 2;
                 for (std::int64_t m = 0; m < masks; ++m) {
                     float *o = a.out + (m0 + m) * out_plane + row * out_w + col;
-                    for (int l = 0; l < kLanes; ++l) o[4 * l] = logits[m][l];
+                    for (int l = 0; l < kLanes; ++l) o[4 * l] = logits[u][m][l];
                 }
             }
         }
     }
+}
+
+// Groups [g0, g1) of kLanes consecutive input pixels of the r-th prompt, kUpGroups at a time.
+__attribute__((always_inline)) inline void upscale_body(const UpscaleArgs &a, std::int64_t r,
+                                                        std::int64_t g0, std::int64_t g1) {
+    std::int64_t g = g0;
+    for (; g + kUpGroups <= g1; g += kUpGroups) upscale_groups<kUpGroups>(a, r, g);
+    for (; g < g1; ++g) upscale_groups<1>(a, r, g);
 }
 
 using UpscaleFn = void (*)(const UpscaleArgs &, std::int64_t, std::int64_t, std::int64_t);
