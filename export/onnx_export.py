@@ -58,8 +58,10 @@ DECODER_TOKENS_DYNAMIC_AXES = {
 }
 DECODER_MASKS_IO = (["image_tokens", "hyper_in"], ["low_res_masks"])
 DECODER_MASKS_DYNAMIC_AXES = {"image_tokens": {0: "B"}, "hyper_in": {0: "B", 1: "K"}, "low_res_masks": {0: "B", 1: "K"}}
-# Queries per chunk of a ViT encoder's global attention in the export (``export_encoder``).
-GLOBAL_ATTENTION_QUERIES = 512
+# Queries per chunk of a ViT encoder's global attention in the export (``export_encoder``): chosen by
+# benchmarks/global_attention_chunks.py (smaller chunks stay in the caches through the attention's
+# additions and softmax; smaller still makes the graph's session slower to create).
+GLOBAL_ATTENTION_QUERIES = 128
 # Protobuf cannot serialise a message over 2 GiB: larger graphs keep their weights in one
 # external-data file beside the graph (SAM ViT-H's fp32 encoder).
 PROTOBUF_LIMIT = 2**31 - 1
