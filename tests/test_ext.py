@@ -939,17 +939,23 @@ def test_kernels_reject_negative_threads(rng):
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir() or not hasattr(os, "sched_setaffinity"),
                     reason="counts threads in /proc (Linux)")
 def test_threads_limit_the_threads_started(rng):
-    """threads=1 starts no thread; threads=3 starts two beside the caller's (even beyond the CPUs); 0 starts
-    one per CPU of the process's affinity mask, so a process pinned to one CPU starts none."""
+    """threads=1 starts no thread; threads=n starts at most n - 1 beside the caller's (even beyond the CPUs); 0
+    means one per CPU of the process's affinity mask, so a process pinned to one CPU starts none. Seeing more
+    threads than exist is impossible, so the upper bounds are exact; that threads do start is seen when the
+    poller runs while they live (at least one of them, on a busy or slow machine)."""
+    if any("libasan" in line for line in Path("/proc/self/maps").read_text().splitlines()):
+        pytest.skip("under tests/test_sanitizers.py's ASan build, threads the kernel did not start appear "
+                    "during the calls (seen: 4 new threads with the limit at one CPU)")
     args = twins.two_way_inputs(rng, 8, False, 4096, 56, 56, 8)     # 16 work items: 8 prompts x 2 chunks
 
     def call(threads):
         return _ext.two_way_pass(**args, threads=threads)
 
     assert most_threads_during(lambda: call(1)) == 1
-    assert most_threads_during(lambda: call(3)) == 3
+    assert 2 <= most_threads_during(lambda: call(3)) <= 3
     cpus = os.sched_getaffinity(0)
-    assert most_threads_during(lambda: call(0)) == min(len(cpus), 16)
+    limit = min(len(cpus), 16)
+    assert min(limit, 2) <= most_threads_during(lambda: call(0)) <= limit
     try:
         os.sched_setaffinity(0, {min(cpus)})            # this thread's mask, which the helper inherits
         assert most_threads_during(lambda: call(0)) == 1

@@ -7,9 +7,10 @@ from collections.abc import Callable
 
 
 def most_threads_during(call: Callable[[], object]) -> int:
-    """The most threads this process held, beyond those it held before, while call() ran in a helper
-    thread (which counts: 1 means the call started none). call runs three times."""
-    before = len(os.listdir("/proc/self/task"))
+    """The most threads alive at once, among those started after the call began, while call() ran three times
+    in a helper thread (which counts: 1 means the call started none). Threads are told apart by their ids, so
+    threads that end meanwhile (a sanitizer's, an earlier call's being reaped) do not offset new ones."""
+    before = set(os.listdir("/proc/self/task"))
     done = threading.Event()
 
     def run():
@@ -23,6 +24,6 @@ def most_threads_during(call: Callable[[], object]) -> int:
     helper.start()
     most = 0
     while not done.is_set():
-        most = max(most, len(os.listdir("/proc/self/task")))
+        most = max(most, len(set(os.listdir("/proc/self/task")) - before))
     helper.join()
-    return most - before
+    return most
