@@ -964,13 +964,16 @@ struct TwoWayArgs {
     int head_dim;                // d = D / heads in that mode (kq is then [B, J, d])
 };
 
-// Scratch of one work item, in vectors: channel-major pixel tiles [C][kTwVecs] (keys, x, y) and token tiles
-// [64][kTwVecs] (logits, s), the transposed logits matrices [C][64] (kq, qk), the block's new image tokens
-// pixel-major [kTwBlock][C].
 constexpr std::int64_t kTwTile = kChannels * kTwVecs;
 constexpr std::int64_t kTwTokenTile = kTwMaxTokens * kTwVecs;
 constexpr int kTwGroup = 4;  // prompts per work item when they share keys
-constexpr std::int64_t kTwScratch = 4 * kTwTile + 2 * kTwTokenTile + kTwGroup * (2 * kChannels * kTwMaxTokens + kTwMaxTokens) / kLanes;
+// The per-prompt part of a work item's scratch, in floats: the transposed logits matrices [C][64] (kq, qk)
+// and koff[64].
+constexpr std::int64_t kTwPromptFloats = 2 * kChannels * kTwMaxTokens + kTwMaxTokens;
+// Scratch of one work item, in vectors: channel-major pixel tiles [C][kTwVecs] (keys, x, y), the block's new
+// image tokens pixel-major [kTwBlock][C], token tiles [64][kTwVecs] (logits, s), and the per-prompt part of
+// each prompt of a group.
+constexpr std::int64_t kTwScratch = 4 * kTwTile + 2 * kTwTokenTile + kTwGroup * kTwPromptFloats / kLanes;
 // Running pooling state of one work item, in floats: max[64], sum[64], weighted sum[64][C].
 constexpr std::int64_t kTwState = 2 * kTwMaxTokens + kTwMaxTokens * kChannels;
 
@@ -1119,10 +1122,6 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void tw_s
 }
 
 using TwStoreFn = void (*)(float *, const float *, int);
-
-// The per-prompt part of a work item's scratch, in floats: the transposed logits matrices [C][64] (kq, qk)
-// and koff[64].
-constexpr std::int64_t kTwPromptFloats = 2 * kChannels * kTwMaxTokens + kTwMaxTokens;
 
 // Prompt b's scratch w (kqt: kq transposed [C][Jp], or per head [D][Tp] in the projected logits mode; qkt:
 // qk transposed [C][J2p]; koff, zero past J) and its initial pooling state.
