@@ -1665,6 +1665,189 @@ py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle 
     return out;
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// Softmax attention of query rows to keys shared by all of them (the first token->image attention of
+// SAM's two-way transformer, whose image tokens are the image's own): per head, kSaRows query rows at a
+// time, their logits against every key (pixels in the vector lanes, held in a per-thread scratch of
+// kSaRows x P floats), the row maxima, exp and sums in place, then the exp-weighted sum of the value rows.
+// The two passes over the logits stay in the core's L2 (128 KiB at P = 4096).
+
+constexpr int kSaRows = 8;     // query rows per work item
+constexpr int kSaMaxVecs = 4;  // value vectors per row: head dimension up to 64
+
+struct SharedAttentionArgs {
+    const float *q;       // [R, H, d]
+    const v16f *kt;       // keys per head, channel-major and padded: [H][d][vecs]
+    const v16f *v;        // values per head, pixel-major and padded: [H][vecs * 16][NV]
+    float *out;           // [R, H, d]
+    std::int64_t rows;    // R
+    std::int64_t pixels;  // P
+    std::int64_t vecs;    // ceil(P / 16)
+    int heads, dim;       // H, d
+};
+
+// Query rows r0..r0 + kSaRows - 1 (those below R) of head h. logits: kSaRows * vecs vectors of scratch.
+template <int NV>
+__attribute__((always_inline)) inline void sa_rows(const SharedAttentionArgs &a, int h, std::int64_t r0,
+                                                  v16f *logits) {
+    const int d = a.dim, n = static_cast<int>(std::min<std::int64_t>(kSaRows, a.rows - r0));
+    float q[kSaRows][kSaMaxVecs * kLanes] = {};  // rows past R stay zero (their results are not written)
+    for (int r = 0; r < n; ++r) std::memcpy(q[r], a.q + ((r0 + r) * a.heads + h) * d, d * sizeof(float));
+    const v16f *kt = a.kt + static_cast<std::int64_t>(h) * d * a.vecs;
+    const std::int64_t tail = a.pixels - (a.vecs - 1) * kLanes;  // keys in the last vector
+    const v16f minus_inf = v16f{} - std::numeric_limits<float>::infinity();
+    v16f mx[kSaRows];
+    for (int r = 0; r < kSaRows; ++r) mx[r] = minus_inf;
+    for (std::int64_t j = 0; j < a.vecs; ++j) {
+        v16f acc[kSaRows] = {};
+        for (int c = 0; c < d; ++c) {
+            const v16f k = kt[c * a.vecs + j];
+            for (int r = 0; r < kSaRows; ++r) acc[r] += q[r][c] * k;
+        }
+        if (j == a.vecs - 1)
+            for (int r = 0; r < kSaRows; ++r)
+                for (std::int64_t l = tail; l < kLanes; ++l) acc[r][l] = minus_inf[l];
+        for (int r = 0; r < kSaRows; ++r) {
+            logits[r * a.vecs + j] = acc[r];
+            mx[r] = acc[r] > mx[r] ? acc[r] : mx[r];
+        }
+    }
+    float sum[kSaRows];
+    for (int r = 0; r < kSaRows; ++r) {
+        float m = mx[r][0];
+        for (int l = 1; l < kLanes; ++l) m = std::max(m, mx[r][l]);
+        v16f s = v16f{};
+        v16f *row = logits + r * a.vecs;
+        for (std::int64_t j = 0; j < a.vecs; ++j) {
+            const v16f e = exp16(row[j] - m);
+            row[j] = e;
+            s += e;
+        }
+        sum[r] = 0.f;
+        for (int l = 0; l < kLanes; ++l) sum[r] += s[l];
+    }
+    v16f acc[kSaRows][NV] = {};
+    const float *w = reinterpret_cast<const float *>(logits);
+    const std::int64_t ld = a.vecs * kLanes;
+    const v16f *v = a.v + static_cast<std::int64_t>(h) * ld * NV;
+    for (std::int64_t p = 0; p < ld; ++p, v += NV)
+        for (int r = 0; r < kSaRows; ++r)
+            for (int t = 0; t < NV; ++t) acc[r][t] += w[r * ld + p] * v[t];
+    for (int r = 0; r < n; ++r) {
+        float row[NV * kLanes];
+        std::memcpy(row, acc[r], sizeof row);
+        float *dst = a.out + ((r0 + r) * a.heads + h) * d;
+        for (int c = 0; c < d; ++c) dst[c] = row[c] / sum[r];
+    }
+}
+
+__attribute__((always_inline)) inline void shared_attention_body(const SharedAttentionArgs &a, std::int64_t i0,
+                                                                std::int64_t i1, v16f *logits) {
+    const std::int64_t blocks = (a.rows + kSaRows - 1) / kSaRows;
+    const int nv = (a.dim + kLanes - 1) / kLanes;
+    for (std::int64_t i = i0; i < i1; ++i) {
+        const int h = static_cast<int>(i / blocks);
+        const std::int64_t r0 = i % blocks * kSaRows;
+        switch (nv) {
+            case 1: sa_rows<1>(a, h, r0, logits); break;
+            case 2: sa_rows<2>(a, h, r0, logits); break;
+            case 3: sa_rows<3>(a, h, r0, logits); break;
+            default: sa_rows<4>(a, h, r0, logits); break;
+        }
+    }
+}
+
+// Pixel vectors [j0, j1) of the keys and values [P, H, d] into the layouts of SharedAttentionArgs (zero past P
+// and past d): 16 pixels' rows of each head are transposed in registers, 16 channels at a time.
+__attribute__((always_inline)) inline void shared_attention_layout(const SharedAttentionArgs &a, const float *k,
+                                                                  const float *v, std::int64_t j0, std::int64_t j1) {
+    const int d = a.dim, nv = (d + kLanes - 1) / kLanes;
+    auto *kt = const_cast<v16f *>(a.kt);
+    auto *vp = reinterpret_cast<float *>(const_cast<v16f *>(a.v));
+    for (std::int64_t j = j0; j < j1; ++j)
+        for (std::int64_t h = 0; h < a.heads; ++h)
+            for (int c0 = 0; c0 < d; c0 += kLanes) {
+                const int width = std::min(kLanes, d - c0);
+                v16f tile[kLanes];
+                for (int l = 0; l < kLanes; ++l) {
+                    const std::int64_t p = j * kLanes + l, src = (p * a.heads + h) * d + c0;
+                    float *vdst = vp + ((h * a.vecs * kLanes + p) * nv + c0 / kLanes) * kLanes;
+                    tile[l] = v16f{};
+                    if (p < a.pixels) {
+                        std::memcpy(&tile[l], k + src, width * sizeof(float));
+                        std::memcpy(vdst, v + src, width * sizeof(float));
+                        std::fill(vdst + width, vdst + kLanes, 0.f);
+                    } else {
+                        std::fill(vdst, vdst + kLanes, 0.f);
+                    }
+                }
+                transpose16(tile);
+                for (int c = 0; c < width; ++c) kt[((h * d) + c0 + c) * a.vecs + j] = tile[c];
+            }
+}
+
+using SharedAttentionFn = void (*)(const SharedAttentionArgs &, std::int64_t, std::int64_t, v16f *);
+using SharedLayoutFn = void (*)(const SharedAttentionArgs &, const float *, const float *, std::int64_t,
+                                std::int64_t);
+
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void shared_attention_avx512(
+    const SharedAttentionArgs &a, std::int64_t i0, std::int64_t i1, v16f *logits) {
+    shared_attention_body(a, i0, i1, logits);
+}
+void shared_attention_generic(const SharedAttentionArgs &a, std::int64_t i0, std::int64_t i1, v16f *logits) {
+    shared_attention_body(a, i0, i1, logits);
+}
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void shared_layout_avx512(
+    const SharedAttentionArgs &a, const float *k, const float *v, std::int64_t j0, std::int64_t j1) {
+    shared_attention_layout(a, k, v, j0, j1);
+}
+void shared_layout_generic(const SharedAttentionArgs &a, const float *k, const float *v, std::int64_t j0,
+                           std::int64_t j1) {
+    shared_attention_layout(a, k, v, j0, j1);
+}
+
+py::array_t<float> shared_attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, const std::string &isa,
+                                    std::int64_t threads) {
+    check_threads("shared_attention", threads);
+    const py::array q = require<float>(q_obj, "q", "float32", 3);
+    const py::array k = require<float>(k_obj, "k", "float32", 3);
+    const py::array v = require<float>(v_obj, "v", "float32", 3);
+    const std::int64_t rows = q.shape(0), heads = q.shape(1), dim = q.shape(2), pixels = k.shape(0);
+    if (heads < 1 || dim < 1 || dim > kSaMaxVecs * kLanes)
+        throw py::value_error("q: expected [R, heads >= 1, d] with 1 <= d <= " + std::to_string(kSaMaxVecs * kLanes) +
+                              ", got " + shape_str(q));
+    if (pixels < 1) throw py::value_error("k: expected at least one key, got shape " + shape_str(k));
+    require_shape(k, "k", {pixels, heads, dim});
+    require_shape(v, "v", {pixels, heads, dim});
+    const bool avx512 = use_avx512(isa, "shared_attention");
+    py::array_t<float> out({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(heads),
+                            static_cast<py::ssize_t>(dim)});
+    if (rows == 0) return out;
+    const std::int64_t vecs = (pixels + kLanes - 1) / kLanes, nv = (dim + kLanes - 1) / kLanes;
+    std::vector<float> kt_buf, v_buf;
+    v16f *kt = aligned_vecs(kt_buf, heads * dim * vecs), *vp = aligned_vecs(v_buf, heads * vecs * kLanes * nv);
+    const auto *ks = static_cast<const float *>(k.data()), *vs = static_cast<const float *>(v.data());
+    const SharedAttentionArgs args{static_cast<const float *>(q.data()), kt, vp, out.mutable_data(), rows, pixels,
+                                   vecs, static_cast<int>(heads), static_cast<int>(dim)};
+    const SharedAttentionFn fn = avx512 ? shared_attention_avx512 : shared_attention_generic;
+    const std::int64_t items = heads * ((rows + kSaRows - 1) / kSaRows);
+    // cost in parallel_for's units: the multiply-adds of an item's two products, its exps counting 16
+    const double item_cost = static_cast<double>(kSaRows) * vecs * kLanes * (dim + nv * kLanes + 16);
+    {
+        py::gil_scoped_release release;
+        const SharedLayoutFn layout = avx512 ? shared_layout_avx512 : shared_layout_generic;
+        parallel_for(vecs, kLanes * heads * (dim + nv * kLanes), threads,
+                     [&](std::int64_t j0, std::int64_t j1) { layout(args, ks, vs, j0, j1); });
+        parallel_for(items, item_cost, threads, [&](std::int64_t i0, std::int64_t i1) {
+            std::vector<float> storage;
+            v16f *logits = aligned_vecs(storage, kSaRows * vecs);
+            fn(args, i0, i1, logits);
+        });
+    }
+    return out;
+}
+
 }  // namespace
 
 // The threads argument of the multi-threaded kernels, in their docstrings.
@@ -1674,8 +1857,8 @@ py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle 
 
 PYBIND11_MODULE(_ext, m) {
     m.doc() = "samreg-rt native kernels: bit-packed masks, overlap matrices, NMS, stability "
-              "scores, greedy matching, resizing logits, SAM's fused mask upscaling and two-way "
-              "attention pass. Numpy twins of each live in tests/twins.py.";
+              "scores, greedy matching, resizing logits, SAM's fused mask upscaling, two-way "
+              "attention pass and shared-key attention. Numpy twins of each live in tests/twins.py.";
 
     m.def("pack_masks", &pack_masks, py::arg("masks"),
           "pack_masks(masks: bool[N, H, W]) -> uint64[N, ceil(H*W/64)]\n\n"
@@ -1755,6 +1938,14 @@ PYBIND11_MODULE(_ext, m) {
           "caller transposed once; each sum in float32, from the bias over k in ascending order. out, when\n"
           "given, must not overlap the inputs. isa 'auto' runs the AVX-512 build on CPUs that have it,\n"
           "'generic' the portable build." THREADS_DOC);
+    m.def("shared_attention", &shared_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("isa") = "auto",
+          py::arg("threads") = 0,
+          "shared_attention(q: float32[R, H, d], k: float32[P, H, d], v: float32[P, H, d], isa='auto', threads=0)\n"
+          "    -> float32[R, H, d]\n\n"
+          "Softmax attention of R query rows to P keys shared by all rows, per head h (d <= 64): out[r, h] =\n"
+          "sum_p softmax_p(q[r, h] . k[p, h]) v[p, h] (scale q or k beforehand). The logits' maximum is\n"
+          "subtracted before exp (a polynomial exp, about 1 ulp); each sum runs in float32. isa 'auto' runs\n"
+          "the AVX-512 build on CPUs that have it, 'generic' the portable build." THREADS_DOC);
     m.def("mask_upscaling_isa", [] { return std::string(have_avx512() ? "avx512" : "generic"); },
           "mask_upscaling_isa() -> 'avx512' or 'generic': the code path mask_upscaling runs on this CPU.");
 }

@@ -7,9 +7,10 @@ LayerNorms and heads of the 5 + N prompt tokens) runs in numpy with its products
 ``samreg_rt._ext.linear``, and each layer's image side per prompt is one fused pass of
 ``samreg_rt._ext.two_way_pass`` over the image tokens: the image-to-token attention update,
 residual and LayerNorm, then the next token-to-image attention's softmax pooling over the new image
-tokens. The image tokens are never projected per prompt, as in the exported graph
-(``samreg_export.onnx_export.PromptDecoder``); the first layer's, the image's own, have their query
-projection computed once per call (the pass's ``qproj``):
+tokens. The first layer's token-to-image attention, whose image tokens are the image's own, is one
+``samreg_rt._ext.shared_attention`` call on the image tokens projected once per call. The image tokens
+are never projected per prompt, as in the exported graph (``samreg_export.onnx_export.PromptDecoder``);
+the first layer's have their query projection computed once per call (the pass's ``qproj``):
 
 - token-to-image head h: logits ``(q_h W_k,h) x^T`` and pooled values ``(A_h x) W_v,h^T + b_v,h``;
 - image-to-token head h: logits ``x (W_q,h^T k_h^T) + b_q,h k_h^T`` and output
@@ -136,25 +137,16 @@ def _head_weights(w: TwoWayWeights, name: str) -> tuple[np.ndarray, np.ndarray]:
 def _token_to_shared_image(w: TwoWayWeights, name: str, q: np.ndarray, keys: np.ndarray, pe: np.ndarray, *,
                            threads: int) -> np.ndarray:
     """Token-to-image attention of tokens q (B, T, C) to image tokens keys (hw, C) shared by the B prompts
-    (the first layer's): the image side is projected once, each head's logits for all prompts are one
-    product, and the softmax normaliser comes out of the value product (a column of ones). -> (B, T, C)."""
+    (the first layer's): the image side is projected once and every head of every token attends to it in
+    one ``_ext.shared_attention`` call. -> (B, T, C)."""
     heads = w.num_heads
     b, t, _ = q.shape
-    qh = _heads(_linear(w, f"{name}.q_proj", q, threads=threads), heads)    # (B, heads, T, d)
+    qh = _linear(w, f"{name}.q_proj", q, threads=threads).reshape(b * t, heads, -1)        # (B*T, heads, d)
     d = qh.shape[-1]
     kh = _linear(w, f"{name}.k_proj", keys + pe, threads=threads).reshape(-1, heads, d)   # (hw, heads, d)
+    kh /= np.sqrt(d, dtype=np.float32)
     vh = _linear(w, f"{name}.v_proj", keys, threads=threads).reshape(-1, heads, d)
-    values = np.concatenate([vh, np.ones((len(keys), heads, 1), np.float32)], axis=2)   # (hw, heads, d + 1)
-    scale = np.sqrt(d, dtype=np.float32)
-    out = np.empty((b, t, heads, d), np.float32)
-    for h in range(heads):
-        logits = _ext.linear(np.ascontiguousarray(qh[:, h].reshape(b * t, d)), np.ascontiguousarray(kh[:, h].T / scale),
-                             np.zeros(len(keys), np.float32), threads=threads)                   # (B*T, hw)
-        np.subtract(logits, logits.max(axis=1, keepdims=True), out=logits)
-        np.exp(logits, out=logits)
-        pooled = _ext.linear(logits, np.ascontiguousarray(values[:, h]), np.zeros(d + 1, np.float32),
-                             threads=threads)                                                    # (B*T, d + 1)
-        out[:, :, h] = (pooled[:, :d] / pooled[:, d:]).reshape(b, t, d)
+    out = _ext.shared_attention(qh, kh, vh, threads=threads)                               # (B*T, heads, d)
     return _linear(w, f"{name}.out_proj", out.reshape(b, t, heads * d), threads=threads)
 
 

@@ -813,6 +813,80 @@ def test_linear_rejects_bad_arguments(rng):
 
 
 # ------------------------------------------------------------------------------------------------
+# Shared-key attention (the first token->image attention of the two-way transformer)
+
+SHARED_ATTENTION_CASES = [  # rows, heads, d, pixels, logit std
+    (448, 8, 16, 4096, 3.0),    # SAM's decoder: 64 prompts x 7 tokens, 8 heads of d 16, a 64x64 embedding
+    (13, 8, 16, 4096, 30.0),    # large logits (a peaked softmax); rows not a multiple of the 8-row blocks
+    (5, 3, 7, 37, 3.0),         # d and pixels not multiples of 16
+    (17, 2, 40, 100, 3.0),      # three value vectors per row
+    (9, 1, 64, 16, 3.0),        # the largest head dimension; one pixel vector
+    (3, 4, 33, 1, 3.0),         # one key: every weight is 1
+    (1, 1, 1, 1, 3.0),
+]
+
+
+def _shared_attention_inputs(rng, rows, heads, d, pixels, logit_std):
+    q = rng.normal(0, logit_std / np.sqrt(d), (rows, heads, d)).astype(np.float32)
+    k = rng.normal(0, 1, (pixels, heads, d)).astype(np.float32)
+    v = rng.normal(0, 1, (pixels, heads, d)).astype(np.float32)
+    return q, k, v
+
+
+@pytest.mark.parametrize("rows,heads,d,pixels,logit_std", SHARED_ATTENTION_CASES)
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+def test_shared_attention_matches_twin(rng, rows, heads, d, pixels, logit_std, isa):
+    q, k, v = _shared_attention_inputs(rng, rows, heads, d, pixels, logit_std)
+    got = _ext.shared_attention(q, k, v, isa=isa)
+    want = twins.shared_attention(q, k, v)
+    assert got.dtype == np.float32 and got.shape == (rows, heads, d)
+    # convex combinations of unit-scale values: float32 sums and a ~1-ulp exp against float64; a logit's
+    # float32 rounding (a few ulp of its magnitude) changes its weight by as much, relatively
+    largest_logit = np.abs(np.einsum("rhc,phc->rhp", q, k)).max()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6 + 4 * np.finfo(np.float32).eps * largest_logit)
+    if pixels == 1:
+        np.testing.assert_array_equal(got, np.broadcast_to(v, got.shape))
+
+
+def test_shared_attention_rows_are_independent(rng):
+    """A row's output depends only on its own query: the same row alone (a padded one-row block) and inside
+    a full batch are bit-identical, and so are heads computed in another order of work items."""
+    q, k, v = _shared_attention_inputs(rng, 448, 8, 16, 4096, 3.0)
+    full = _ext.shared_attention(q, k, v)
+    for r in (0, 7, 8, 447):
+        np.testing.assert_array_equal(_ext.shared_attention(q[r:r + 1].copy(), k, v)[0], full[r])
+    np.testing.assert_array_equal(_ext.shared_attention(q[:, 3:5].copy(), k[:, 3:5].copy(), v[:, 3:5].copy()),
+                                  full[:, 3:5])
+
+
+def test_shared_attention_isa_builds_agree(rng):
+    q, k, v = _shared_attention_inputs(rng, 40, 8, 16, 1000, 3.0)
+    np.testing.assert_allclose(_ext.shared_attention(q, k, v, isa="auto"),
+                               _ext.shared_attention(q, k, v, isa="generic"), rtol=1e-5, atol=1e-6)
+
+
+def test_shared_attention_rejects_bad_arguments(rng):
+    q, k, v = _shared_attention_inputs(rng, 6, 2, 8, 20, 3.0)
+    good = dict(q=q, k=k, v=v)
+    cases = [
+        *((dict(**{name: arr.astype(np.float64)}), f"{name}: expected dtype float32") for name, arr in good.items()),
+        (dict(q=q.tolist()), "q: expected a numpy.ndarray"),
+        (dict(k=k[None]), "k: expected 3 dimensions"),
+        (dict(v=v[0]), "v: expected 3 dimensions"),
+        (dict(k=np.repeat(k, 2, axis=2)[:, :, ::2]), "k: array is not C-contiguous"),
+        (dict(k=k[:, :1].copy()), r"k: expected shape \(20, 2, 8\), got \(20, 1, 8\)"),
+        (dict(v=v[:19].copy()), r"v: expected shape \(20, 2, 8\), got \(19, 2, 8\)"),
+        (dict(v=v[:, :, :7].copy()), r"v: expected shape \(20, 2, 8\)"),
+        (dict(q=np.zeros((6, 2, 65), np.float32)), r"q: expected \[R, heads >= 1, d\] with 1 <= d <= 64"),
+        (dict(q=np.zeros((6, 0, 8), np.float32)), "q: expected"),
+        (dict(k=k[:0].copy(), v=v[:0].copy()), "k: expected at least one key"),
+        (dict(isa="avx512"), "isa must be 'auto' or 'generic'"),
+    ]
+    _assert_rejects(_ext.shared_attention, good, cases)
+    assert _ext.shared_attention(q[:0].copy(), k, v).shape == (0, 2, 8)
+
+
+# ------------------------------------------------------------------------------------------------
 # Two-way pass, projected logits mode (qproj)
 
 TWO_WAY_QPROJ_CASES = [  # batch, shared keys, pixels, J, J2, heads, d, logit std
@@ -909,11 +983,13 @@ def _threaded_calls(rng) -> dict:
     logits = rng.normal(0, 4, (64, 256, 256)).astype(np.float32)
     ry = rng.uniform(0, 1, (200, 256)).astype(np.float32)
     rx = rng.uniform(0, 1, (200, 256)).astype(np.float32)
+    shared = _shared_attention_inputs(rng, 448, 8, 16, 4096, 3.0)
     return {
         "two_way_pass": lambda threads: _ext.two_way_pass(**two_way, threads=threads),
         "two_way_pass qproj": lambda threads: _ext.two_way_pass(**two_way_q, threads=threads),
         "mask_upscaling": lambda threads: _ext.mask_upscaling(**upscaling, threads=threads),
         "linear": lambda threads: _ext.linear(x, w, b, relu=True, threads=threads),
+        "shared_attention": lambda threads: _ext.shared_attention(*shared, threads=threads),
         "stability_scores": lambda threads: _ext.stability_scores(logits, 0.0, 1.0, threads=threads),
         "resize_logits": lambda threads: _ext.resize_logits(logits, ry, rx, threads=threads),
     }

@@ -195,6 +195,16 @@ def linear(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray, relu: bool = F
     return y.astype(np.float32)
 
 
+def shared_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Softmax attention of query rows to keys shared by all of them, per head, in float64 (the kernel
+    computes in float32 with a polynomial exp: compare with a tolerance): q [R, H, d], k and v [P, H, d] ->
+    float32 [R, H, d], out[r, h] = sum_p softmax_p(q[r, h] . k[p, h]) v[p, h]."""
+    logits = np.einsum("rhc,phc->rhp", q.astype(np.float64), k.astype(np.float64))
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return np.einsum("rhp,phc->rhc", weights, v.astype(np.float64)).astype(np.float32)
+
+
 def two_way_qproj_inputs(rng: np.random.Generator, batch: int, shared: bool, pixels: int, tokens: int,
                          tokens2: int, heads: int, head_dim: int, logit_std: float = 3.0) -> dict:
     """two_way_inputs for the projected logits mode: qproj [P, heads * head_dim] ~ N(0, 1) and kq [B, J, head_dim]
