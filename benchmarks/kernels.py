@@ -2,8 +2,9 @@
 
 Run from the repository root: ``python benchmarks/kernels.py``. Prints a table of the best of a
 few runs in milliseconds and the speed-up; checks that both give identical results (the float
-kernels resize_logits, mask_upscaling, linear and two_way_pass (both modes), whose twins compute in float64: within 2e-5
-of the largest value). linear and two_way_pass also get their achieved GFLOP/s.
+kernels resize_logits, mask_upscaling, linear, two_way_pass (both modes) and shared_attention, whose
+twins compute in float64: within 2e-5
+of the largest value). linear, two_way_pass and shared_attention also get their achieved GFLOP/s.
 Takes about two minutes on 2 cores.
 """
 from __future__ import annotations
@@ -67,6 +68,10 @@ def main() -> None:
     lin_b = rng.normal(0, 1, 2048).astype(np.float32)
     lin_out = np.empty((448, 2048), np.float32)
     lin_flop = 2 * 448 * 256 * 2048
+    # SAM's first token->image attention: 64 prompts x 7 tokens to a 64x64 embedding, 8 heads of d 16
+    sa_q = rng.normal(0, 0.75, (448, 8, 16)).astype(np.float32)
+    sa_k, sa_v = (rng.normal(0, 1, (4096, 8, 16)).astype(np.float32) for _ in range(2))
+    sa_flop = 2 * 448 * 8 * 4096 * 2 * 16  # logits and weighted values: 2 d FLOPs each per row, head and key
     frame = Frame((200, 200), (1024, 1024), 1024)              # the reference preset's working grid
     ry, rx = upscale_matrices(frame, (256, 256), (200, 200))
 
@@ -104,6 +109,8 @@ def main() -> None:
          lambda: _ext.two_way_pass(**two_way, out=two_way_out), lambda: twins.two_way_pass(**two_way), 5),
         ("two_way_pass qproj", "64 prompts, d 16",
          lambda: _ext.two_way_pass(**two_way_q, out=two_way_q_out), lambda: twins.two_way_pass(**two_way_q), 3),
+        ("shared_attention", "448 rows, 8 heads, d 16",
+         lambda: _ext.shared_attention(sa_q, sa_k, sa_v), lambda: twins.shared_attention(sa_q, sa_k, sa_v), 10),
     ]
 
     print(f"machine: {platform.platform()}, {platform.machine()}, "
@@ -114,7 +121,8 @@ def main() -> None:
         got, want = native(), twin()
         for g, w in zip(got if isinstance(got, tuple) else (got,),
                         want if isinstance(want, tuple) else (want,)):
-            if name in ("resize_logits", "mask_upscaling", "two_way_pass", "two_way_pass qproj", "linear"):
+            if name in ("resize_logits", "mask_upscaling", "two_way_pass", "two_way_pass qproj", "linear",
+                        "shared_attention"):
                 np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(np.abs(w).max()), err_msg=name)
             else:
                 np.testing.assert_array_equal(g, w, err_msg=name)
@@ -128,6 +136,8 @@ def main() -> None:
             print(f"{'':<20} {'':<20} {two_way_flop / t_native / 1e6:>10.1f} GFLOP/s (FLOPs = B P 4 2 C J)")
         if name == "two_way_pass qproj":
             print(f"{'':<20} {'':<20} {two_way_q_flop / t_native / 1e6:>10.1f} GFLOP/s (FLOPs = B P 2 (J d + 3 C J))")
+        if name == "shared_attention":
+            print(f"{'':<20} {'':<20} {sa_flop / t_native / 1e6:>10.1f} GFLOP/s (FLOPs = R H P 2 2 d; and R H P exps)")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -696,35 +697,66 @@ struct UpscaleArgs {
     const std::int64_t *mask_start;  // [R+1]: prompt r's masks are rows mask_start[r]..[r+1]-1
     std::int64_t height, width;      // input grid (h, w)
     float *out;                      // [M, 4h, 4w]
+    // factored first convolution (mask_upscaling_factored; tokens, w1 and b1 are then unused)
+    const float *e_t;                // [hw/16, 4*C1, 16]
+    const float *probs1, *probs2;    // [B, hw/16, J, 16]
+    const float *rstd1, *rstd2;      // [B, hw]
+    const float *first;              // [B, 2J+2, 4*C1]
+    int factor_tokens;               // J
 };
 
 constexpr int kUpGroups = 3;  // pixel groups per register tile of upscale_groups
 constexpr int kUpCols = 8;    // output channels per register tile
 
 // Groups g..g+G-1 of kLanes consecutive input pixels of the r-th prompt (each in the same order of
-// operations as alone).
-template <int G>
+// operations as alone). kFactored: the first convolution's output from the factors (mask_upscaling_factored).
+template <int G, bool kFactored>
 __attribute__((always_inline)) inline void upscale_groups(const UpscaleArgs &a, std::int64_t r, std::int64_t g) {
     const std::int64_t hw = a.height * a.width, out_w = 4 * a.width, out_plane = 16 * hw;
     const std::int64_t m0 = a.mask_start[r], masks = a.mask_start[r + 1] - m0;
-    v16f x[G][kChannels];  // each group's image tokens, channel k in x[.][k] (pixels in lanes)
+    v16f x[G][kChannels];  // each group's image tokens (or factors), channel k in x[.][k] (pixels in lanes)
     v16f act[G][kC1];
     v16f logits[G][kMaxMasks];
     const v16f *xs[G];
     v16f *acts[G];
+    v16f scale[G];         // factored: rstd1 * rstd2 of the group's pixels, the weight of e_t
+    const float *et[G];    // factored: the group's e_t rows (e_t may not be 64-byte aligned: load16)
+    const int depth = kFactored ? 2 * a.factor_tokens + 2 : kChannels;
+    const float *w1 = a.w1, *b1 = a.b1;
+    static constexpr float kZeros[4 * kC1] = {};
     for (int u = 0; u < G; ++u) {
-        const float *tok = a.tokens + (a.rows[r] * hw + (g + u) * kLanes) * kChannels;
-        for (int k0 = 0; k0 < kChannels; k0 += kLanes) {
-            for (int l = 0; l < kLanes; ++l) x[u][k0 + l] = load16(tok + l * kChannels + k0);
-            transpose16(x[u] + k0);
+        if constexpr (kFactored) {
+            const std::int64_t b = a.rows[r], group = g + u, J = a.factor_tokens;
+            const v16f r2 = load16(a.rstd2 + b * hw + group * kLanes);
+            scale[u] = load16(a.rstd1 + b * hw + group * kLanes) * r2;
+            const float *p1 = a.probs1 + (b * hw / kLanes + group) * J * kLanes;
+            const float *p2 = a.probs2 + (b * hw / kLanes + group) * J * kLanes;
+            for (std::int64_t j = 0; j < J; ++j) {
+                x[u][j] = load16(p1 + j * kLanes) * scale[u];
+                x[u][J + j] = load16(p2 + j * kLanes) * r2;
+            }
+            x[u][2 * J] = r2;
+            x[u][2 * J + 1] = v16f{} + 1.f;
+            et[u] = a.e_t + group * 4 * kC1 * kLanes;
+            w1 = a.first + b * depth * 4 * kC1;
+            b1 = kZeros;
+        } else {
+            const float *tok = a.tokens + (a.rows[r] * hw + (g + u) * kLanes) * kChannels;
+            for (int k0 = 0; k0 < kChannels; k0 += kLanes) {
+                for (int l = 0; l < kLanes; ++l) x[u][k0 + l] = load16(tok + l * kChannels + k0);
+                transpose16(x[u] + k0);
+            }
         }
         xs[u] = x[u];
     }
     for (int s1 = 0; s1 < 4; ++s1) {  // output pixel (di, dj) of the first convolution
         for (int c0 = 0; c0 < kC1; c0 += kUpCols) {
             for (int u = 0; u < G; ++u) acts[u] = act[u] + c0;
-            product_tile<4 * kC1, G, kUpCols>(acts, xs, kChannels, a.w1, a.b1, s1 * kC1 + c0);
+            product_tile<4 * kC1, G, kUpCols>(acts, xs, depth, w1, b1, s1 * kC1 + c0);
         }
+        if constexpr (kFactored)
+            for (int u = 0; u < G; ++u)
+                for (int c = 0; c < kC1; ++c) act[u][c] += scale[u] * load16(et[u] + (s1 * kC1 + c) * kLanes);
         for (int u = 0; u < G; ++u) {
             v16f mean = v16f{};
             for (int c = 0; c < kC1; ++c) mean += act[u][c];
@@ -775,8 +807,13 @@ __attribute__((always_inline)) inline void upscale_groups(const UpscaleArgs &a, 
 __attribute__((always_inline)) inline void upscale_body(const UpscaleArgs &a, std::int64_t r,
                                                         std::int64_t g0, std::int64_t g1) {
     std::int64_t g = g0;
-    for (; g + kUpGroups <= g1; g += kUpGroups) upscale_groups<kUpGroups>(a, r, g);
-    for (; g < g1; ++g) upscale_groups<1>(a, r, g);
+    if (a.first) {
+        for (; g + kUpGroups <= g1; g += kUpGroups) upscale_groups<kUpGroups, true>(a, r, g);
+        for (; g < g1; ++g) upscale_groups<1, true>(a, r, g);
+    } else {
+        for (; g + kUpGroups <= g1; g += kUpGroups) upscale_groups<kUpGroups, false>(a, r, g);
+        for (; g < g1; ++g) upscale_groups<1, false>(a, r, g);
+    }
 }
 
 using UpscaleFn = void (*)(const UpscaleArgs &, std::int64_t, std::int64_t, std::int64_t);
@@ -819,28 +856,20 @@ void require_shape(const py::array &a, const char *name, std::initializer_list<p
     }
 }
 
-py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py::handle w1_obj,
-                                  py::handle b1_obj, py::handle ln_weight_obj, py::handle ln_bias_obj,
-                                  double eps, py::handle w2_obj, py::handle b2_obj, py::handle hyper_obj,
-                                  py::handle mask_start_obj, std::int64_t width, py::handle out_obj,
-                                  const std::string &isa, std::int64_t threads) {
-    const bool avx512 = use_avx512(isa, "mask_upscaling");
-    check_threads("mask_upscaling", threads);
-    const py::array tokens = require<float>(tokens_obj, "tokens", "float32", 3);
+// Validates the arguments that mask_upscaling and mask_upscaling_factored share (those after the first
+// convolution, rows of a batch of `batch` prompts of hw pixels, and out), sets them in args and returns out.
+py::array_t<float> upscale_common(UpscaleArgs &args, const char *kernel, std::int64_t batch, std::int64_t hw,
+                                  py::handle rows_obj, py::handle ln_weight_obj, py::handle ln_bias_obj, double eps,
+                                  py::handle w2_obj, py::handle b2_obj, py::handle hyper_obj,
+                                  py::handle mask_start_obj, std::int64_t width, py::handle out_obj) {
     const py::array rows_arr = require<std::int64_t>(rows_obj, "rows", "int64", 1);
-    const py::array w1 = require<float>(w1_obj, "w1", "float32", 2);
-    const py::array b1 = require<float>(b1_obj, "b1", "float32", 1);
     const py::array ln_weight = require<float>(ln_weight_obj, "ln_weight", "float32", 1);
     const py::array ln_bias = require<float>(ln_bias_obj, "ln_bias", "float32", 1);
     const py::array w2 = require<float>(w2_obj, "w2", "float32", 2);
     const py::array b2 = require<float>(b2_obj, "b2", "float32", 1);
     const py::array hyper = require<float>(hyper_obj, "hyper", "float32", 2);
     const py::array mask_start = require<std::int64_t>(mask_start_obj, "mask_start", "int64", 1);
-    const std::int64_t batch = tokens.shape(0), hw = tokens.shape(1), prompts = rows_arr.shape(0);
-    const std::int64_t m_total = hyper.shape(0);
-    require_shape(tokens, "tokens", {batch, hw, kChannels});
-    require_shape(w1, "w1", {kChannels, 4 * kC1});
-    require_shape(b1, "b1", {4 * kC1});
+    const std::int64_t prompts = rows_arr.shape(0), m_total = hyper.shape(0);
     require_shape(ln_weight, "ln_weight", {kC1});
     require_shape(ln_bias, "ln_bias", {kC1});
     require_shape(w2, "w2", {kC1, 4 * kC2});
@@ -848,14 +877,14 @@ py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py
     require_shape(hyper, "hyper", {m_total, kC2});
     require_shape(mask_start, "mask_start", {prompts + 1});
     if (width <= 0 || width % kLanes != 0 || hw % width != 0) {
-        throw py::value_error("mask_upscaling: width " + std::to_string(width) + " must be a positive multiple of " +
-                              std::to_string(kLanes) + " dividing the tokens' " + std::to_string(hw) + " pixels");
+        throw py::value_error(std::string(kernel) + ": width " + std::to_string(width) + " must be a positive multiple of " +
+                              std::to_string(kLanes) + " dividing the " + std::to_string(hw) + " pixels");
     }
-    if (!(eps > 0) || !std::isfinite(eps)) throw py::value_error("mask_upscaling: eps must be positive and finite");
+    if (!(eps > 0) || !std::isfinite(eps)) throw py::value_error(std::string(kernel) + ": eps must be positive and finite");
     const auto *rows = static_cast<const std::int64_t *>(rows_arr.data());
     for (std::int64_t r = 0; r < prompts; ++r) {
         if (rows[r] < 0 || rows[r] >= batch) {
-            throw py::value_error("rows: " + std::to_string(rows[r]) + " is not a row of tokens (" +
+            throw py::value_error("rows: " + std::to_string(rows[r]) + " is not a prompt of the batch (" +
                                   std::to_string(batch) + " prompts)");
         }
     }
@@ -880,26 +909,94 @@ py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py
         require_shape(out, "out", {m_total, 4 * height, 4 * width});
         if (!out.writeable()) throw py::value_error("out: array is read-only");
     }
-    const UpscaleArgs args{static_cast<const float *>(tokens.data()), rows,
-                           static_cast<const float *>(w1.data()), static_cast<const float *>(b1.data()),
-                           static_cast<const float *>(ln_weight.data()), static_cast<const float *>(ln_bias.data()),
-                           static_cast<float>(eps), static_cast<const float *>(w2.data()),
-                           static_cast<const float *>(b2.data()), static_cast<const float *>(hyper.data()),
-                           start, height, width, out.mutable_data()};
+    args.rows = rows;
+    args.ln_weight = static_cast<const float *>(ln_weight.data());
+    args.ln_bias = static_cast<const float *>(ln_bias.data());
+    args.eps = static_cast<float>(eps);
+    args.w2 = static_cast<const float *>(w2.data());
+    args.b2 = static_cast<const float *>(b2.data());
+    args.hyper = static_cast<const float *>(hyper.data());
+    args.mask_start = start;
+    args.height = height;
+    args.width = width;
+    args.out = out.mutable_data();
+    return out;
+}
+
+// Runs the upscaling of args' `prompts` rows, kChunks work items per prompt (so that one prompt fills the threads).
+void upscale_run(const UpscaleArgs &args, std::int64_t prompts, bool avx512, std::int64_t threads) {
     const UpscaleFn fn = avx512 ? upscale_avx512 : upscale_generic;
-    constexpr std::int64_t kChunks = 4;  // work items per prompt, so that one prompt fills the threads
-    const std::int64_t groups = hw / kLanes;
-    {
-        py::gil_scoped_release release;
-        parallel_for(prompts * kChunks, static_cast<double>(groups) * 1e5 / kChunks, threads,
-                     [&](std::int64_t t0, std::int64_t t1) {
-                         for (std::int64_t t = t0; t < t1; ++t) {
-                             const std::int64_t r = t / kChunks, c = t % kChunks;
-                             if (start[r + 1] == start[r]) continue;
-                             fn(args, r, groups * c / kChunks, groups * (c + 1) / kChunks);
-                         }
-                     });
-    }
+    constexpr std::int64_t kChunks = 4;
+    const std::int64_t groups = args.height * args.width / kLanes;
+    py::gil_scoped_release release;
+    parallel_for(prompts * kChunks, static_cast<double>(groups) * 1e5 / kChunks, threads,
+                 [&](std::int64_t t0, std::int64_t t1) {
+                     for (std::int64_t t = t0; t < t1; ++t) {
+                         const std::int64_t r = t / kChunks, c = t % kChunks;
+                         if (args.mask_start[r + 1] == args.mask_start[r]) continue;
+                         fn(args, r, groups * c / kChunks, groups * (c + 1) / kChunks);
+                     }
+                 });
+}
+
+py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py::handle w1_obj,
+                                  py::handle b1_obj, py::handle ln_weight_obj, py::handle ln_bias_obj,
+                                  double eps, py::handle w2_obj, py::handle b2_obj, py::handle hyper_obj,
+                                  py::handle mask_start_obj, std::int64_t width, py::handle out_obj,
+                                  const std::string &isa, std::int64_t threads) {
+    const bool avx512 = use_avx512(isa, "mask_upscaling");
+    check_threads("mask_upscaling", threads);
+    const py::array tokens = require<float>(tokens_obj, "tokens", "float32", 3);
+    const py::array w1 = require<float>(w1_obj, "w1", "float32", 2);
+    const py::array b1 = require<float>(b1_obj, "b1", "float32", 1);
+    const std::int64_t batch = tokens.shape(0), hw = tokens.shape(1);
+    require_shape(tokens, "tokens", {batch, hw, kChannels});
+    require_shape(w1, "w1", {kChannels, 4 * kC1});
+    require_shape(b1, "b1", {4 * kC1});
+    UpscaleArgs args{};
+    args.tokens = static_cast<const float *>(tokens.data());
+    args.w1 = static_cast<const float *>(w1.data());
+    args.b1 = static_cast<const float *>(b1.data());
+    py::array_t<float> out = upscale_common(args, "mask_upscaling", batch, hw, rows_obj, ln_weight_obj, ln_bias_obj,
+                                            eps, w2_obj, b2_obj, hyper_obj, mask_start_obj, width, out_obj);
+    upscale_run(args, py::len(rows_obj), avx512, threads);
+    return out;
+}
+
+py::array_t<float> mask_upscaling_factored(py::handle e_t_obj, py::handle probs1_obj, py::handle rstd1_obj,
+                                           py::handle probs2_obj, py::handle rstd2_obj, py::handle first_obj,
+                                           py::handle rows_obj, py::handle ln_weight_obj, py::handle ln_bias_obj,
+                                           double eps, py::handle w2_obj, py::handle b2_obj, py::handle hyper_obj,
+                                           py::handle mask_start_obj, std::int64_t width, py::handle out_obj,
+                                           const std::string &isa, std::int64_t threads) {
+    const bool avx512 = use_avx512(isa, "mask_upscaling_factored");
+    check_threads("mask_upscaling_factored", threads);
+    const py::array e_t = require<float>(e_t_obj, "e_t", "float32", 3);
+    const py::array probs1 = require<float>(probs1_obj, "probs1", "float32", 4);
+    const py::array rstd1 = require<float>(rstd1_obj, "rstd1", "float32", 2);
+    const py::array probs2 = require<float>(probs2_obj, "probs2", "float32", 4);
+    const py::array rstd2 = require<float>(rstd2_obj, "rstd2", "float32", 2);
+    const py::array first = require<float>(first_obj, "first", "float32", 3);
+    const std::int64_t groups = e_t.shape(0), hw = groups * kLanes, batch = probs1.shape(0), tokens = probs1.shape(2);
+    require_shape(e_t, "e_t", {groups, 4 * kC1, kLanes});
+    if (tokens < 1 || 2 * tokens + 2 > kChannels)
+        throw py::value_error("probs1: " + std::to_string(tokens) + " tokens; expected 1.." + std::to_string(kChannels / 2 - 1));
+    require_shape(probs1, "probs1", {batch, groups, tokens, kLanes});
+    require_shape(probs2, "probs2", {batch, groups, tokens, kLanes});
+    require_shape(rstd1, "rstd1", {batch, hw});
+    require_shape(rstd2, "rstd2", {batch, hw});
+    require_shape(first, "first", {batch, 2 * tokens + 2, 4 * kC1});
+    UpscaleArgs args{};
+    args.e_t = static_cast<const float *>(e_t.data());
+    args.probs1 = static_cast<const float *>(probs1.data());
+    args.probs2 = static_cast<const float *>(probs2.data());
+    args.rstd1 = static_cast<const float *>(rstd1.data());
+    args.rstd2 = static_cast<const float *>(rstd2.data());
+    args.first = static_cast<const float *>(first.data());
+    args.factor_tokens = static_cast<int>(tokens);
+    py::array_t<float> out = upscale_common(args, "mask_upscaling_factored", batch, hw, rows_obj, ln_weight_obj,
+                                            ln_bias_obj, eps, w2_obj, b2_obj, hyper_obj, mask_start_obj, width, out_obj);
+    upscale_run(args, py::len(rows_obj), avx512, threads);
     return out;
 }
 
@@ -959,9 +1056,11 @@ struct TwoWayArgs {
     const float *qk;             // [B, J2, C]
     std::int64_t pixels;         // P
     int tokens, tokens2, heads;  // J, J2, heads
-    float *out;                  // [B, P, C]
+    float *out;                  // [B, P, C], or null: keys_out is not kept
     const v16f *qproj_t;         // projected logits mode: qproj in channel-major blocks [blocks][D][kTwVecs], else null
     int head_dim;                // d = D / heads in that mode (kq is then [B, J, d])
+    float *probs;                // [B, P/16, J, 16]: the image->token attention weights, or null
+    float *rstd;                 // [B, P]: the LayerNorm's 1 / sqrt(var + eps), or null
 };
 
 constexpr std::int64_t kTwTile = kChannels * kTwVecs;
@@ -1225,13 +1324,18 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
                     for (int t = 0; t < T; ++t) l[t * kTwVecs + v] *= inv;
                 }
             }
+            if (a.probs)
+                for (int v = 0; v * kLanes < n; ++v) {
+                    float *dst = a.probs + ((b * a.pixels + p0) / kLanes + v) * J * kLanes;
+                    for (int j = 0; j < J; ++j) std::memcpy(dst + j * kLanes, &lt[j * kTwVecs + v], sizeof(v16f));
+                }
             for (int c0 = 0; c0 < kChannels; c0 += kTwChannelBlock) tw_update(yt, kt, lt, vwo, J, c0);
             // LayerNorm over the channels (two passes); z into zrows (pixel-major, 16 channels of 16 pixels
             // at a time: keys_out, or zbuf when `store` copies them there), which the pooling then sums, and
             // z + pe for the next logits
             // (the sums over the channels run for the kTwVecs pixel vectors side by side: three
             // dependency chains instead of one at a time, each in the same order)
-            float *zrows = store ? zbuf : a.out + (b * a.pixels + p0) * kChannels;
+            float *zrows = store || !a.out ? zbuf : a.out + (b * a.pixels + p0) * kChannels;
             v16f mean[kTwVecs] = {}, var[kTwVecs] = {};
             for (int c = 0; c < kChannels; ++c)
                 for (int v = 0; v < kTwVecs; ++v) mean[v] += yt[c * kTwVecs + v];
@@ -1244,6 +1348,8 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
             for (int v = 0; v < kTwVecs; ++v) {
                 v16f inv;
                 for (int l = 0; l < kLanes; ++l) inv[l] = 1.f / std::sqrt(var[v][l] * (1.f / kChannels) + a.eps);
+                if (a.rstd)
+                    for (int l = 0; l < kLanes && v * kLanes + l < n; ++l) a.rstd[b * a.pixels + p0 + v * kLanes + l] = inv[l];
                 for (int c0 = 0; c0 < kChannels; c0 += kLanes) {
                     v16f z[kLanes];
                     for (int l = 0; l < kLanes; ++l) {
@@ -1330,24 +1436,26 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void two_
     const TwoWayArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0, std::int64_t blk1, v16f *scratch,
     float *state, std::int64_t state_step) {
     // in place, keys_out's lines are already in the caches (the block's keys): plain stores there
-    two_way_body(a, b0, b1, blk0, blk1, scratch, state, state_step, a.out == a.keys ? nullptr : tw_stream_avx512);
+    two_way_body(a, b0, b1, blk0, blk1, scratch, state, state_step,
+                 a.out == a.keys || !a.out ? nullptr : tw_stream_avx512);
 }
 void two_way_generic(const TwoWayArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0, std::int64_t blk1,
                      v16f *scratch, float *state, std::int64_t state_step) {
     two_way_body(a, b0, b1, blk0, blk1, scratch, state, state_step, nullptr);
 }
 
-// Raises when the memory of out overlaps that of the input `arr` (named `name`).
-void require_disjoint(const py::array &out, const py::array &arr, const char *name) {
+// Raises when the memory of the output `out` (named `out_name`) overlaps that of the array `arr` (named `name`).
+void require_disjoint(const py::array &out, const py::array &arr, const char *name, const char *out_name = "out") {
     const auto *o = static_cast<const char *>(out.data()), *x = static_cast<const char *>(arr.data());
     if (out.nbytes() > 0 && arr.nbytes() > 0 && o < x + arr.nbytes() && x < o + out.nbytes())
-        throw py::value_error(std::string("out: must not overlap ") + name);
+        throw py::value_error(std::string(out_name) + ": must not overlap " + name);
 }
 
 py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj, py::handle koff_obj,
                        py::handle vwo_obj, py::handle ln_weight_obj, py::handle ln_bias_obj, double eps,
                        py::handle qk_obj, std::int64_t heads, py::handle out_obj, const std::string &isa,
-                       py::handle qproj_obj, std::int64_t threads) {
+                       py::handle qproj_obj, std::int64_t threads, py::handle probs_obj, py::handle rstd_obj,
+                       bool keep_keys) {
     check_threads("two_way_pass", threads);
     const py::array keys = require<float>(keys_obj, "keys", "float32", 3);
     const py::array pe = require<float>(pe_obj, "pe", "float32", 2);
@@ -1400,9 +1508,12 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
     if (!(eps > 0) || !std::isfinite(eps)) throw py::value_error("two_way_pass: eps must be positive and finite");
     const bool avx512 = use_avx512(isa, "two_way_pass");
     py::array_t<float> out;
+    if (!keep_keys && !out_obj.is_none())
+        throw py::value_error("out: given, but keep_keys is False (keys_out is not written)");
     if (out_obj.is_none()) {
-        out = py::array_t<float>({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(pixels),
-                                  static_cast<py::ssize_t>(kChannels)});
+        if (keep_keys)
+            out = py::array_t<float>({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(pixels),
+                                      static_cast<py::ssize_t>(kChannels)});
     } else {
         out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 3));
         require_shape(out, "out", {batch, pixels, kChannels});
@@ -1416,6 +1527,29 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
             if (!(in_place && &arr == &keys)) require_disjoint(out, arr, name);
         if (projected) require_disjoint(out, qproj, "qproj");
     }
+    // the optional outputs of the image->token attention weights and the LayerNorm's scale per pixel
+    py::array_t<float> probs, rstd;
+    const std::vector<std::pair<const py::array *, const char *>> inputs{
+        {&keys, "keys"}, {&pe, "pe"}, {&kq, "kq"}, {&koff, "koff"}, {&vwo, "vwo"}, {&ln_weight, "ln_weight"},
+        {&ln_bias, "ln_bias"}, {&qk, "qk"}};
+    for (auto [obj, arr, name, ndim] : {std::tuple<py::handle, py::array_t<float> *, const char *, int>{
+                                            probs_obj, &probs, "probs", 4}, {rstd_obj, &rstd, "rstd", 2}}) {
+        if (obj.is_none()) continue;
+        *arr = py::reinterpret_borrow<py::array_t<float>>(require<float>(obj, name, "float32", ndim));
+        if (ndim == 4) {
+            if (pixels % kLanes != 0)
+                throw py::value_error("probs: keys' " + std::to_string(pixels) + " pixels must be a multiple of 16");
+            require_shape(*arr, name, {batch, pixels / kLanes, tokens, kLanes});
+        } else {
+            require_shape(*arr, name, {batch, pixels});
+        }
+        if (!arr->writeable()) throw py::value_error(std::string(name) + ": array is read-only");
+        for (const auto &[input, input_name] : inputs) require_disjoint(*arr, *input, input_name, name);
+        if (projected) require_disjoint(*arr, qproj, "qproj", name);
+        if (keep_keys) require_disjoint(*arr, out, "out", name);
+    }
+    const bool has_probs = !probs_obj.is_none(), has_rstd = !rstd_obj.is_none();
+    if (has_probs && has_rstd) require_disjoint(rstd, probs, "probs", "rstd");
     py::array_t<float> pooled({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(tokens2),
                                static_cast<py::ssize_t>(kChannels)});
     const TwoWayFn fn = avx512 ? two_way_avx512 : two_way_generic;
@@ -1432,7 +1566,8 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
                           static_cast<const float *>(ln_weight.data()), static_cast<const float *>(ln_bias.data()),
                           static_cast<float>(eps), static_cast<const float *>(qk.data()), pixels,
                           static_cast<int>(tokens), static_cast<int>(tokens2), static_cast<int>(heads),
-                          out.mutable_data(), qproj_t, static_cast<int>(head_dim)};
+                          keep_keys ? out.mutable_data() : nullptr, qproj_t, static_cast<int>(head_dim),
+                          has_probs ? probs.mutable_data() : nullptr, has_rstd ? rstd.mutable_data() : nullptr};
     // Work items: (group of prompts, chunk of pixel blocks); each prompt keeps a pooling state per chunk,
     // merged per prompt below. At least kMinItems chunks of prompts in all so that few prompts still fill the
     // threads evenly (the chunks depend on the prompts alone, not on the groups: shared keys pool exactly
@@ -1481,7 +1616,7 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
             }
         }
     }
-    return py::make_tuple(out, pooled);
+    return py::make_tuple(keep_keys ? py::object(out) : py::object(py::none()), pooled);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1909,14 +2044,27 @@ PYBIND11_MODULE(_ext, m) {
           "mask_start[r+1]-1 of rows[r] (at most 4) with their hyper rows, on the 4h x 4w grid\n"
           "(h = hw / width; width a multiple of 16), written into out when given. isa 'auto' runs\n"
           "the AVX-512 build on CPUs that have it, 'generic' the portable build." THREADS_DOC);
+    m.def("mask_upscaling_factored", &mask_upscaling_factored, py::arg("e_t"), py::arg("probs1"), py::arg("rstd1"),
+          py::arg("probs2"), py::arg("rstd2"), py::arg("first"), py::arg("rows"), py::arg("ln_weight"),
+          py::arg("ln_bias"), py::arg("eps"), py::arg("w2"), py::arg("b2"), py::arg("hyper"), py::arg("mask_start"),
+          py::arg("width"), py::arg("out") = py::none(), py::arg("isa") = "auto", py::arg("threads") = 0,
+          "mask_upscaling_factored(e_t: float32[hw/16, 256, 16], probs1: float32[B, hw/16, J, 16],\n"
+          "    rstd1: float32[B, hw], probs2: float32[B, hw/16, J, 16], rstd2: float32[B, hw],\n"
+          "    first: float32[B, 2J+2, 256], rows: int64[R], ln_weight, ln_bias, eps, w2, b2, hyper, mask_start,\n"
+          "    width, out=None, isa='auto', threads=0) -> float32[M, 4h, 4w]\n\n"
+          "mask_upscaling with the first transposed convolution's output z (256 = (di, dj, c1) columns) of\n"
+          "pixel p of prompt b = rows[r] given by factors: with x = [rstd1 rstd2 probs1[b, p // 16, :, p % 16],\n"
+          "rstd2 probs2[b, p // 16, :, p % 16], rstd2, 1] (rstd1, rstd2 of [b, p]), z = x @ first[b] +\n"
+          "rstd1 rstd2 e_t[p // 16, :, p % 16]; the rest as mask_upscaling (J <= 127)." THREADS_DOC);
     m.def("two_way_pass", &two_way_pass, py::arg("keys"), py::arg("pe"), py::arg("kq"), py::arg("koff"),
           py::arg("vwo"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("qk"), py::arg("heads"),
           py::arg("out") = py::none(), py::arg("isa") = "auto", py::arg("qproj") = py::none(),
-          py::arg("threads") = 0,
+          py::arg("threads") = 0, py::arg("probs") = py::none(), py::arg("rstd") = py::none(),
+          py::arg("keep_keys") = true,
           "two_way_pass(keys: float32[Bk, P, 256], pe: float32[P, 256], kq: float32[B, J, 256],\n"
           "    koff: float32[B, J], vwo: float32[B, J, 256], ln_weight: float32[256], ln_bias: float32[256],\n"
-          "    eps, qk: float32[B, J2, 256], heads, out=None, isa='auto', qproj=None, threads=0)\n"
-          "    -> (keys_out: float32[B, P, 256], pooled: float32[B, J2, 256])\n\n"
+          "    eps, qk: float32[B, J2, 256], heads, out=None, isa='auto', qproj=None, threads=0, probs=None,\n"
+          "    rstd=None, keep_keys=True) -> (keys_out: float32[B, P, 256] or None, pooled: float32[B, J2, 256])\n\n"
           "Image side of one layer of SAM's two-way transformer for B prompts (Bk = 1: keys shared by\n"
           "all; Bk = B: one row each), J <= 64, J2 <= 64, heads dividing J. Per prompt b and pixel p,\n"
           "x = keys[b, p] + pe[p]; l = kq[b] @ x + koff[b]; a = softmax of l within each head (head h:\n"
@@ -1929,7 +2077,11 @@ PYBIND11_MODULE(_ext, m) {
           "Projected logits mode, qproj: float32[P, D] given (D a multiple of heads, at most 256; d = D / heads):\n"
           "kq is float32[B, J, d] and l[j] = qproj[p, h*d:(h+1)*d] . kq[b, j] + koff[b, j] for the head h of\n"
           "token j (qproj = (keys + pe) @ Wq.T + bq, computed once for keys shared by all prompts); the rest\n"
-          "is unchanged." THREADS_DOC);
+          "is unchanged.\n\n"
+          "probs: float32[B, P/16, J, 16] (P a multiple of 16), when given, receives the attention weights a:\n"
+          "probs[b, p // 16, j, p % 16] = a[j] of pixel p; rstd: float32[B, P], the LayerNorm's\n"
+          "1 / sqrt(var + eps) of each pixel. keep_keys=False: keys_out is not written (out must be None) and\n"
+          "None is returned in its place." THREADS_DOC);
     m.def("linear", &linear, py::arg("x"), py::arg("weight_t"), py::arg("bias"), py::arg("relu") = false,
           py::arg("out") = py::none(), py::arg("isa") = "auto", py::arg("threads") = 0,
           "linear(x: float32[M, K], weight_t: float32[K, N], bias: float32[N], relu=False, out=None,\n"

@@ -20,8 +20,8 @@ from .io import validate_image
 from .manifest import read_manifest
 from .preprocess import Frame, to_model_input
 from .spec import ModelSpec
-from .two_way import MAX_TOKENS, TwoWayWeights, decode_tokens as fused_decode_tokens
-from .upscaling import UpscalingWeights, upscale_kept
+from .two_way import MAX_TOKENS, ImageTokenFactors, TwoWayWeights, decode_tokens as fused_decode_tokens
+from .upscaling import UpscalingWeights, upscale_kept, upscale_kept_factored
 
 log = logging.getLogger("samreg_rt")
 
@@ -290,9 +290,20 @@ class Engine:
             masks.append(low)
         return np.concatenate(ious), np.concatenate(masks)
 
+    def factors_buffer(self, capacity: int, points: int) -> ImageTokenFactors | None:
+        """An ``ImageTokenFactors`` buffer for ``decode_tokens(factors=...)`` of up to ``capacity`` prompts
+        of ``points`` points each, when both fused kernels run (the fused decoder returns the image tokens
+        factored and the fused upscaling takes them: ``upscaling.upscale_kept_factored``), else None."""
+        if self.two_way is None or self.mask_upscaling is None or int(self.two_way["depth"]) != 2 \
+                or points + 5 > MAX_TOKENS:
+            return None
+        hw = len(self.two_way["image_pe"])
+        return ImageTokenFactors.empty(capacity, hw, self.two_way.num_heads * (5 + points))
+
     def decode_tokens(self, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray,
-                      out: np.ndarray | None = None, mask_outputs: tuple[int, ...] = (0, 1, 2, 3)
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      out: np.ndarray | None = None, mask_outputs: tuple[int, ...] = (0, 1, 2, 3),
+                      factors: ImageTokenFactors | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | ImageTokenFactors]:
         """First step of ``decode`` (one decoder call, B >= 1 prompts): everything but the masks.
 
         Inputs as ``decode``. Returns iou_predictions (B, 4), hyper_in (B, K, C/8) (the hypernetwork
@@ -304,6 +315,8 @@ class Engine:
         ``out``: an optional float32 (B', 4096, C) buffer, B' >= B, that the fused decoder computes
         image_tokens in (they are then a view of it, overwritten by the next call with the same
         buffer); the graph ignores it.
+        ``factors``: a ``factors_buffer``: the fused decoder then returns the image tokens in factored form
+        (``ImageTokenFactors``, views of the buffer), which ``decode_kept_masks`` takes; the graph ignores it.
         """
         emb, coords, labels = _check_prompts(embedding, point_coords, point_labels)
         if coords.shape[0] == 0:
@@ -313,7 +326,7 @@ class Engine:
                 not all(isinstance(k, (int, np.integer)) and 0 <= k < 4 for k in outputs):
             raise InputError(f"mask_outputs: expected distinct mask output indices in 0..3, got {mask_outputs}")
         if self.two_way is not None and coords.shape[1] + 5 <= MAX_TOKENS:
-            return fused_decode_tokens(self.two_way, emb, coords, labels, out, outputs, self.threads)
+            return fused_decode_tokens(self.two_way, emb, coords, labels, out, outputs, self.threads, factors)
         iou, hyper_in, image_tokens = self.sessions["decoder_tokens"].run(
             None, {"image_embeddings": emb, "point_coords": coords, "point_labels": labels})
         return iou, np.ascontiguousarray(hyper_in[:, list(outputs)]), image_tokens
@@ -333,18 +346,24 @@ class Engine:
         (low,) = self.sessions["decoder_masks"].run(None, {"image_tokens": tokens, "hyper_in": hyper})
         return low
 
-    def decode_kept_masks(self, image_tokens: np.ndarray, hyper_in: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    def decode_kept_masks(self, image_tokens: np.ndarray | ImageTokenFactors, hyper_in: np.ndarray,
+                          keep: np.ndarray) -> np.ndarray:
         """``decode_masks`` of the kept masks only: image_tokens (B, 4096, C) and hyper_in (B, K, C/8)
         as there, keep bool (B, K) -> low-resolution logits (M, 256, 256) float32 of keep's True
         entries in row-major order, equal to ``decode_masks(image_tokens, hyper_in)[keep]`` up to float
         rounding. Runs the fused kernel when ``mask_upscaling`` is set, else ``decoder_masks`` on the
-        prompts with a kept mask."""
+        prompts with a kept mask. image_tokens may be in factored form (``decode_tokens(factors=...)``)."""
         keep = np.asarray(keep, bool)
         if keep.ndim != 2 or np.ndim(hyper_in) != 3 or keep.shape != np.shape(hyper_in)[:2]:
             raise InputError(f"decode_kept_masks: expected hyper_in (B, K, C/8) and keep (B, K), got "
                              f"{np.shape(hyper_in)} and {keep.shape}")
         if not keep.any():
             return np.zeros((0, 256, 256), np.float32)
+        if isinstance(image_tokens, ImageTokenFactors):
+            if self.mask_upscaling is not None:
+                return upscale_kept_factored(image_tokens, hyper_in, keep, self.mask_upscaling,
+                                             self.spec.embedding_size, self.threads)
+            image_tokens = image_tokens.dense()
         if self.mask_upscaling is not None:
             return upscale_kept(image_tokens, hyper_in, keep, self.mask_upscaling, self.spec.embedding_size,
                                 self.threads)

@@ -78,6 +78,52 @@ class TwoWayWeights:
         return int(self.arrays["num_heads"])
 
 
+@dataclass(frozen=True)
+class ImageTokenFactors:
+    """The final image tokens x2 of B prompts in factored form, for SAM's two-layer two-way transformer:
+    ``y1 = keys + a1 @ values[0]``, ``x1 = LayerNorm_1(y1)``, ``y2 = x1 + a2 @ values[1]``,
+    ``x2 = LayerNorm_2(y2)``. It is all the mask upscaling's first (linear) convolution needs
+    (``upscaling.upscale_kept_factored``): its product with x2 then costs two products of inner width J
+    instead of one of width C.
+
+    keys: (hw, C), the image's own tokens (embedding plus the no-mask embedding), shared by the prompts;
+    values: (2, B, J, C), each layer's image-to-token value rows (J = heads x tokens, the output
+    projection folded in); probs: (2, B, hw/16, J, 16), the attention weights a (probs[l, b, p // 16, j,
+    p % 16] = a_l[b, p, j]); rstd: (2, B, hw), each LayerNorm's 1 / sqrt(var + eps) per pixel; norms:
+    each LayerNorm's (weight (C,), bias (C,), eps). ``empty`` makes a buffer for ``decode_tokens``.
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+    probs: np.ndarray
+    rstd: np.ndarray
+    norms: tuple[tuple[np.ndarray, np.ndarray, float], ...]
+
+    @classmethod
+    def empty(cls, capacity: int, hw: int, tokens: int) -> "ImageTokenFactors":
+        """Buffers for up to ``capacity`` prompts of ``tokens`` (J) image-to-token keys on hw pixels."""
+        if hw % 16:
+            raise InputError(f"ImageTokenFactors: {hw} pixels; expected a multiple of 16")
+        return cls(keys=np.empty((hw, C), np.float32), values=np.empty((2, capacity, tokens, C), np.float32),
+                   probs=np.empty((2, capacity, hw // 16, tokens, 16), np.float32),
+                   rstd=np.empty((2, capacity, hw), np.float32), norms=())
+
+    def __len__(self) -> int:
+        return int(self.values.shape[1])
+
+    def dense(self) -> np.ndarray:
+        """x2 (B, hw, C) float32 from the factors (for the mask-upscaling graph; equal to the fused
+        decoder's image tokens up to float rounding)."""
+        b, hw = len(self), self.keys.shape[0]
+        x = self.keys[None]
+        for layer, (weight, bias, eps) in enumerate(self.norms):
+            a = self.probs[layer].transpose(0, 1, 3, 2).reshape(b, hw, -1)
+            y = x + a @ self.values[layer]
+            mean = y.mean(axis=-1, keepdims=True)
+            x = (y - mean) * self.rstd[layer][..., None] * weight + bias
+        return np.ascontiguousarray(x, np.float32)
+
+
 def _parameter_names(depth: int, masks: int) -> list[str]:
     """The decoder parameters ``decode_tokens`` reads, for ``depth`` layers and ``masks`` mask tokens."""
     attentions = ["self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token"]
@@ -209,8 +255,9 @@ def embed_points(w: TwoWayWeights, point_coords: np.ndarray, point_labels: np.nd
 
 
 def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray,
-                  out: np.ndarray | None = None, mask_outputs: tuple[int, ...] = (0, 1, 2, 3), threads: int = 0
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  out: np.ndarray | None = None, mask_outputs: tuple[int, ...] = (0, 1, 2, 3), threads: int = 0,
+                  factors: ImageTokenFactors | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | ImageTokenFactors]:
     """``decoder_tokens`` of B prompts: embedding (1, C, h, w), point_coords (B, N, 2) and point_labels
     (B, N) float32 (N <= 3) -> iou_predictions (B, 4), hyper_in (B, K, C/8) of the K = len(mask_outputs)
     mask outputs asked for (0 single-mask, 1..3 multimask; distinct, in the order given), image_tokens
@@ -226,6 +273,10 @@ def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndar
 
     threads: the kernels' thread limit (0: the CPUs this process may run on).
 
+    factors: an ``ImageTokenFactors.empty`` buffer of at least B prompts (J = heads x (5 + N)): the image
+    tokens are returned in factored form instead, views of its first B prompts (``out[:B]`` then holds
+    the first layer's image tokens, and the last pass writes none).
+
     numpy's BLAS runs on one thread here: its idle worker threads keep spinning for a while after a
     multithreaded product and would halve the speed of the two-thread passes that follow."""
     b, hw = point_coords.shape[0], embedding.shape[-2] * embedding.shape[-1]
@@ -235,18 +286,24 @@ def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndar
             or not out.flags.c_contiguous:
         raise InputError(f"out: expected a C-contiguous float32 buffer of at least ({b}, {hw}, {C}), got "
                          f"{out.dtype} {out.shape}")
+    if factors is not None:
+        tokens = w.num_heads * (5 + point_coords.shape[1])
+        if int(w["depth"]) != 2 or len(factors) < b or factors.probs.shape[2:] != (hw // 16, tokens, 16):
+            raise InputError(f"factors: expected a two-layer transformer and buffers of at least {b} prompts of "
+                             f"{tokens} tokens on {hw} pixels, got {factors.probs.shape[1:]} (depth {int(w['depth'])})")
     masks = w["output_tokens"].shape[0] - 1
     if not mask_outputs or len(set(mask_outputs)) != len(mask_outputs) or \
             not all(isinstance(k, (int, np.integer)) and 0 <= k < masks for k in mask_outputs):
         raise InputError(f"mask_outputs: expected distinct mask output indices in 0..{masks - 1}, got {mask_outputs}")
     with threadpool_limits(1, user_api="blas"):
         return _decode_tokens(w, embedding, point_coords, point_labels, out[:b], [int(k) for k in mask_outputs],
-                              threads=threads)
+                              threads=threads, factors=factors)
 
 
 def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndarray,
                    point_labels: np.ndarray, image_tokens: np.ndarray, mask_outputs: list[int], *,
-                   threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   threads: int, factors: ImageTokenFactors | None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | ImageTokenFactors]:
     heads = w.num_heads
     b = point_coords.shape[0]
     if point_coords.shape[1] + 5 > MAX_TOKENS:
@@ -255,6 +312,8 @@ def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.nda
     tokens = np.concatenate([np.broadcast_to(w["output_tokens"], (b, *w["output_tokens"].shape)), sparse], axis=1)
     pe = w["image_pe"]
     keys = np.ascontiguousarray((embedding.reshape(C, -1).T + w["no_mask"])[None])   # (1, hw, C): shared
+    if factors is not None:
+        factors.keys[...] = keys[0]
     query_pe = tokens
     outputs = [0] + [1 + k for k in mask_outputs]          # the tokens read after the final attention
     depth = int(w["depth"])
@@ -283,16 +342,28 @@ def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.nda
         else:        # the final attention: the IoU token and the asked-for mask tokens only
             queries, query_pe = queries[:, outputs], query_pe[:, outputs]
             qk = _token_to_image_rows(w, "transformer.final_attn_token_to_image", queries + query_pe, threads=threads)
-        # every layer writes its image tokens into image_tokens (the later ones in place)
-        keys, pooled = _ext.two_way_pass(keys, pe, kq, koff, vwo, w[f"{layer}.norm4.weight"],
-                                         w[f"{layer}.norm4.bias"], float(w[f"{layer}.norm4.eps"]), qk, heads,
-                                         out=image_tokens, qproj=qproj, threads=threads)
+        # every layer writes its image tokens into image_tokens (the later ones in place); in factored form
+        # the attention weights and LayerNorm scales instead, and the last layer's tokens are not kept
+        norm = (w[f"{layer}.norm4.weight"], w[f"{layer}.norm4.bias"], float(w[f"{layer}.norm4.eps"]))
+        factor_out = {}
+        if factors is not None:
+            factors.values[i, :b] = vwo
+            factor_out = dict(probs=factors.probs[i, :b], rstd=factors.rstd[i, :b], keep_keys=i + 1 < depth)
+        keys, pooled = _ext.two_way_pass(keys, pe, kq, koff, vwo, *norm, qk, heads,
+                                         out=image_tokens if factor_out.get("keep_keys", True) else None,
+                                         qproj=qproj, threads=threads, **factor_out)
     update = _token_to_image_output(w, "transformer.final_attn_token_to_image", pooled, threads=threads)
     queries = _layer_norm(w, "transformer.norm_final_attn", queries + update)
     iou = _mlp_head(w, "iou_prediction_head", queries[:, 0], threads=threads)
     hyper = np.stack([_mlp_head(w, f"output_hypernetworks_mlps.{k}", queries[:, 1 + j], threads=threads)
                       for j, k in enumerate(mask_outputs)], axis=1)
-    return iou.astype(np.float32), hyper.astype(np.float32), keys
+    if factors is None:
+        return iou.astype(np.float32), hyper.astype(np.float32), keys
+    norms = tuple((w[f"transformer.layers.{i}.norm4.weight"], w[f"transformer.layers.{i}.norm4.bias"],
+                   float(w[f"transformer.layers.{i}.norm4.eps"])) for i in range(depth))
+    view = ImageTokenFactors(keys=factors.keys, values=factors.values[:, :b], probs=factors.probs[:, :b],
+                             rstd=factors.rstd[:, :b], norms=norms)
+    return iou.astype(np.float32), hyper.astype(np.float32), view
 
 
 def _self_attention(w: TwoWayWeights, i: int, queries: np.ndarray, query_pe: np.ndarray, *,

@@ -393,3 +393,59 @@ def test_threads_reach_the_cpu_kernels(tiny_dir):
 def test_bad_threads_are_input_errors(tiny_dir, threads):
     with pytest.raises(InputError, match="threads"):
         Engine.load(tiny_dir, threads=threads)
+
+
+def _factored_both_ways(engine, emb, coords, labels, keep_rule):
+    """decode_tokens and decode_kept_masks with the image tokens dense and factored (a factors_buffer
+    larger than the batch, used twice) -> (dense tokens, factors, dense masks, factored masks)."""
+    factors = engine.factors_buffer(len(coords) + 3, coords.shape[1])
+    iou, hyper, tokens = engine.decode_tokens(emb, coords, labels, mask_outputs=(1, 2, 3))
+    for _ in range(2):
+        iou2, hyper2, got = engine.decode_tokens(emb, coords, labels, mask_outputs=(1, 2, 3), factors=factors)
+    np.testing.assert_array_equal(iou2, iou)          # the token side does not change
+    np.testing.assert_array_equal(hyper2, hyper)
+    assert isinstance(got, two_way.ImageTokenFactors) and len(got) == len(coords)
+    assert np.shares_memory(got.probs, factors.probs)
+    keep = keep_rule(iou[:, 1:])
+    return tokens, got, engine.decode_kept_masks(tokens, hyper, keep), engine.decode_kept_masks(got, hyper, keep)
+
+
+@pytest.mark.skipif(_ext.mask_upscaling_isa() != "avx512", reason="the fused kernels run on AVX-512 CPUs")
+def test_factored_image_tokens_give_the_same_masks(litemedsam_dir, data_dir):
+    """Real weights (LiteMedSAM, point prompts): the image tokens in factored form reproduce the dense ones,
+    and the kept masks' logits upscaled from the factors equal those upscaled from the dense tokens up to
+    float rounding (binary masks at 0 identical but for a few boundary pixels at most)."""
+    image = load_image(data_dir / "cardiac_mr" / "acdc2d_example" / "fixed.png").array
+    engine = Engine.load(litemedsam_dir, threads=2)
+    emb = engine.embed(image)
+    coords, labels = amg.build_prompts(amg.AmgParams(prompt_kind="points", points_per_side=5), emb.frame)
+    tokens, factors, dense, factored = _factored_both_ways(engine, emb.embedding, coords, labels,
+                                                           lambda iou: iou > np.median(iou))
+    np.testing.assert_allclose(factors.dense(), tokens, rtol=0, atol=1e-5 * float(np.abs(tokens).max()))
+    assert len(dense) == len(coords) * 3 // 2
+    np.testing.assert_allclose(factored, dense, rtol=0, atol=1e-5 * float(np.abs(dense).max()))
+    assert ((factored > 0) != (dense > 0)).mean() < 1e-5
+
+
+@pytest.mark.skipif(_ext.mask_upscaling_isa() != "avx512", reason="the fused kernels run on AVX-512 CPUs")
+def test_factors_buffer_only_where_both_kernels_take_it(tiny_dir):
+    """A factors buffer exists only when the fused decoder and the fused upscaling both run; factored image
+    tokens also go through the upscaling graph (densified); a buffer too small is an InputError."""
+    assert Engine.load(tiny_dir, fused_upscaling=False).factors_buffer(4, 2) is None
+    assert Engine.load(tiny_dir, fused_tokens=False).factors_buffer(4, 2) is None
+    engine = Engine.load(tiny_dir, threads=2)
+    assert engine.factors_buffer(4, 4) is None                  # 4 points: the graph decodes them
+    rng = np.random.default_rng(6)
+    emb = engine.embed(rng.integers(0, 255, (64, 64), np.uint8)).embedding
+    coords = np.concatenate([rng.uniform(0, 255, (5, 1, 2)), np.zeros((5, 1, 2))], axis=1).astype(np.float32)
+    labels = np.tile([1.0, -1.0], (5, 1)).astype(np.float32)
+    _, _, dense, factored = _factored_both_ways(engine, emb, coords, labels, lambda iou: iou > np.median(iou))
+    np.testing.assert_allclose(factored, dense, rtol=0, atol=1e-5 * float(np.abs(dense).max()))
+    graph_engine = Engine.load(tiny_dir, threads=2, fused_upscaling=False)
+    _, hyper, got = engine.decode_tokens(emb, coords, labels, mask_outputs=(1, 2, 3),
+                                         factors=engine.factors_buffer(5, 2))
+    keep = np.ones((5, 3), bool)
+    np.testing.assert_allclose(graph_engine.decode_kept_masks(got, hyper, keep), engine.decode_kept_masks(got, hyper, keep),
+                               rtol=0, atol=1e-4 * float(np.abs(dense).max()))
+    with pytest.raises(InputError, match="factors: expected"):
+        engine.decode_tokens(emb, coords, labels, factors=engine.factors_buffer(4, 2))

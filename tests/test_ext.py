@@ -535,7 +535,7 @@ def test_mask_upscaling_rejects_bad_arguments(rng):
         (dict(mask_start=np.array([0, 2], np.int64)), r"mask_start: expected shape \(3\)"),
         (dict(w2=good["w2"][:, :64].copy()), r"w2: expected shape \(64, 128\)"),
         (dict(tokens=good["tokens"][:, :, :128].copy()), r"tokens: expected shape"),
-        (dict(rows=np.array([1, 3], np.int64)), "rows: 3 is not a row of tokens"),
+        (dict(rows=np.array([1, 3], np.int64)), "rows: 3 is not a prompt of the batch"),
         (dict(out=np.zeros((3, 64, 64), np.float32)[:, ::2]), "C-contiguous"),
         (dict(hyper=good["hyper"].astype(np.float64)), "dtype"),
         (dict(isa="avx2"), "isa must be 'auto' or 'generic'"),
@@ -545,6 +545,134 @@ def test_mask_upscaling_rejects_bad_arguments(rng):
         error = TypeError if message == "dtype" else ValueError
         with pytest.raises(error, match=message):
             _ext.mask_upscaling(**{**good, **change})
+
+
+@pytest.mark.parametrize("counts,height,width,tokens,heads", [
+    ([3, 1, 2], 64, 64, 56, 8),      # SAM's point prompts on a 64x64 embedding
+    ([2], 16, 16, 7, 1),             # one head
+    ([1, 0, 3], 4, 32, 16, 4),       # a prompt without masks; 2J + 2 not a multiple of the tile
+    ([4], 1, 16, 127, 1),            # the most tokens: 2J + 2 = 256
+])
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+def test_mask_upscaling_factored_matches_twin(rng, counts, height, width, tokens, heads, isa):
+    args = twins.upscaling_factored_inputs(rng, counts, height, width, tokens, heads)
+    got = _ext.mask_upscaling_factored(**args, isa=isa)
+    want = twins.mask_upscaling_factored(**args)
+    assert got.shape == (sum(counts), 4 * height, 4 * width)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(np.abs(want).max()))
+
+
+def test_mask_upscaling_factored_equals_mask_upscaling_of_its_tokens(rng):
+    """Factors whose z is that of given tokens (first = [0; 0; 0; b1] plus the tokens' product folded into e_t
+    with unit scales) upscale to mask_upscaling's logits of those tokens."""
+    args = twins.upscaling_inputs(rng, [2, 3], 16, 16)
+    tokens, w1, b1 = args.pop("tokens"), args.pop("w1"), args.pop("b1")
+    b, hw = tokens.shape[:2]
+    e = tokens[2] @ w1                                          # the rows upscaled are 2 then 1: the same e for both
+    tokens[1] = tokens[2]
+    first = np.zeros((b, 2 * 8 + 2, 256), np.float32)
+    first[:, -1] = b1
+    factored = _ext.mask_upscaling_factored(
+        e_t=np.ascontiguousarray(e.reshape(hw // 16, 16, 256).transpose(0, 2, 1)),
+        probs1=np.zeros((b, hw // 16, 8, 16), np.float32), rstd1=np.ones((b, hw), np.float32),
+        probs2=np.zeros((b, hw // 16, 8, 16), np.float32), rstd2=np.ones((b, hw), np.float32), first=first, **args)
+    np.testing.assert_allclose(factored, _ext.mask_upscaling(tokens=tokens, w1=w1, b1=b1, **args), rtol=0,
+                               atol=1e-5 * float(np.abs(factored).max()))
+
+
+def test_mask_upscaling_factored_rejects_bad_arguments(rng):
+    good = twins.upscaling_factored_inputs(rng, [2, 1], 16, 16, 8, 2)
+    cases = [
+        (dict(e_t=good["e_t"][:, :128].copy()), r"e_t: expected shape \(16, 256, 16\)"),
+        (dict(probs1=good["probs1"][:, :, :7].copy()), r"probs2: expected shape \(3, 16, 7, 16\)"),
+        (dict(probs2=good["probs2"][:2].copy()), r"probs2: expected shape \(3, 16, 8, 16\)"),
+        (dict(rstd1=good["rstd1"][:, :255].copy()), r"rstd1: expected shape \(3, 256\)"),
+        (dict(first=good["first"][:, :17].copy()), r"first: expected shape \(3, 18, 256\)"),
+        (dict(probs1=np.zeros((3, 16, 128, 16), np.float32)), "probs1: 128 tokens; expected 1..127"),
+        (dict(rows=np.array([1, 3], np.int64)), "rows: 3 is not a prompt of the batch"),
+        (dict(width=24), "mask_upscaling_factored: width 24 must be a positive multiple of 16"),
+        (dict(rstd2=good["rstd2"].astype(np.float64)), "rstd2: expected dtype float32"),
+        (dict(isa="avx2"), "isa must be 'auto' or 'generic'"),
+    ]
+    _ext.mask_upscaling_factored(**good)
+    for change, message in cases:
+        error = TypeError if "dtype" in message else ValueError
+        with pytest.raises(error, match=message):
+            _ext.mask_upscaling_factored(**{**good, **change})
+
+
+def _two_way_reference_factors(args):
+    """float64 attention weights a [B, P, J] and LayerNorm scales 1 / sqrt(var + eps) [B, P] of a two_way_pass."""
+    batch, tokens = args["kq"].shape[:2]
+    pixels, heads = args["keys"].shape[1], args["heads"]
+    keys = np.broadcast_to(args["keys"].astype(np.float64), (batch, pixels, 256))
+    if args.get("qproj") is None:
+        logits = np.einsum("bpc,bjc->bpj", keys + args["pe"], args["kq"].astype(np.float64))
+    else:
+        q = args["qproj"].astype(np.float64).reshape(pixels, heads, -1)
+        kq = args["kq"].astype(np.float64).reshape(batch, heads, tokens // heads, -1)
+        logits = np.einsum("phc,bhtc->bpht", q, kq).reshape(batch, pixels, tokens)
+    logits = (logits + args["koff"][:, None]).reshape(batch, pixels, heads, -1)
+    a = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    a = (a / a.sum(axis=-1, keepdims=True)).reshape(batch, pixels, tokens)
+    y = keys + a @ args["vwo"].astype(np.float64)
+    return a, 1 / np.sqrt(y.var(axis=-1) + args["eps"])
+
+
+@pytest.mark.parametrize("mode", ["shared", "per prompt", "qproj"])
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+def test_two_way_pass_factors(rng, mode, isa):
+    """probs and rstd receive the image->token attention weights and the LayerNorm's scales; they and
+    keep_keys=False change nothing else (bit for bit), and keep_keys=False returns None for keys_out."""
+    if mode == "qproj":
+        args = twins.two_way_qproj_inputs(rng, 6, True, 4096, 56, 56, 8, 16)
+    else:
+        args = twins.two_way_inputs(rng, 5, mode == "shared", 4096 if mode == "shared" else 208, 56, 32, 8)
+    batch, tokens = args["kq"].shape[:2]
+    pixels = args["keys"].shape[1]
+    probs = np.full((batch, pixels // 16, tokens, 16), np.nan, np.float32)
+    rstd = np.full((batch, pixels), np.nan, np.float32)
+    keys, pooled = _ext.two_way_pass(**args, isa=isa)
+    keys2, pooled2 = _ext.two_way_pass(**args, isa=isa, probs=probs, rstd=rstd)
+    none, pooled3 = _ext.two_way_pass(**args, isa=isa, keep_keys=False)
+    assert none is None
+    for got in (pooled2, pooled3):
+        np.testing.assert_array_equal(got, pooled)
+    np.testing.assert_array_equal(keys2, keys)
+    a, r = _two_way_reference_factors(args)
+    np.testing.assert_allclose(probs.transpose(0, 1, 3, 2).reshape(batch, pixels, tokens), a, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(rstd, r, rtol=2e-6)
+
+
+def test_two_way_pass_factors_reject_bad_arguments(rng):
+    good = twins.two_way_inputs(rng, 3, False, 32, 16, 8, 4)
+    probs, rstd = np.zeros((3, 2, 16, 16), np.float32), np.zeros((3, 32), np.float32)
+    _ext.two_way_pass(**good, probs=probs, rstd=rstd)
+    read_only = rstd.copy()
+    read_only.flags.writeable = False
+    cases = [
+        (dict(probs=probs[:, :1].copy()), r"probs: expected shape \(3, 2, 16, 16\)", ValueError),
+        (dict(probs=probs.astype(np.float64)), "probs: expected dtype float32", TypeError),
+        (dict(rstd=rstd[:, :31].copy()), r"rstd: expected shape \(3, 32\)", ValueError),
+        (dict(rstd=read_only), "rstd: array is read-only", ValueError),
+        (dict(rstd=probs.reshape(3, -1)[:, :32]), "rstd: array is not C-contiguous", ValueError),
+        (dict(keep_keys=False, out=np.zeros((3, 32, 256), np.float32)), "out: given, but keep_keys is False",
+         ValueError),
+        (dict(probs=good["keys"].reshape(3, 2, 16, 256)[:, :, :, :16].copy(), rstd=probs.reshape(3, -1)[:, :32].copy()),
+         None, None),
+    ]
+    for change, message, error in cases:
+        if message is None:
+            _ext.two_way_pass(**{**good, **change})
+            continue
+        with pytest.raises(error, match=message):
+            _ext.two_way_pass(**{**good, **change})
+    with pytest.raises(ValueError, match="probs: keys' 20 pixels must be a multiple of 16"):
+        _ext.two_way_pass(**twins.two_way_inputs(rng, 3, False, 20, 16, 8, 4), probs=np.zeros((3, 1, 16, 16), np.float32))
+    with pytest.raises(ValueError, match="rstd: must not overlap probs"):
+        _ext.two_way_pass(**good, probs=probs, rstd=probs.reshape(-1)[:96].reshape(3, 32))
+    with pytest.raises(ValueError, match="probs: must not overlap keys"):
+        _ext.two_way_pass(**good, probs=good["keys"].reshape(-1)[:3 * 2 * 16 * 16].reshape(3, 2, 16, 16))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -979,6 +1107,7 @@ def _threaded_calls(rng) -> dict:
     two_way = twins.two_way_inputs(rng, 8, True, 4096, 56, 56, 8)
     two_way_q = twins.two_way_qproj_inputs(rng, 8, True, 4096, 56, 40, 8, 16)
     upscaling = twins.upscaling_inputs(rng, [3, 1, 2, 3], 64, 64)
+    factored = twins.upscaling_factored_inputs(rng, [3, 1, 2, 3], 64, 64)
     x, w, b = (rng.normal(0, 1, s).astype(np.float32) for s in ((448, 256), (256, 2048), (2048,)))
     logits = rng.normal(0, 4, (64, 256, 256)).astype(np.float32)
     ry = rng.uniform(0, 1, (200, 256)).astype(np.float32)
@@ -988,6 +1117,7 @@ def _threaded_calls(rng) -> dict:
         "two_way_pass": lambda threads: _ext.two_way_pass(**two_way, threads=threads),
         "two_way_pass qproj": lambda threads: _ext.two_way_pass(**two_way_q, threads=threads),
         "mask_upscaling": lambda threads: _ext.mask_upscaling(**upscaling, threads=threads),
+        "mask_upscaling_factored": lambda threads: _ext.mask_upscaling_factored(**factored, threads=threads),
         "linear": lambda threads: _ext.linear(x, w, b, relu=True, threads=threads),
         "shared_attention": lambda threads: _ext.shared_attention(*shared, threads=threads),
         "stability_scores": lambda threads: _ext.stability_scores(logits, 0.0, 1.0, threads=threads),

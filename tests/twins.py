@@ -126,23 +126,66 @@ def mask_upscaling(tokens: np.ndarray, rows: np.ndarray, w1: np.ndarray, b1: np.
     LayerNorm over c1, GELU -> @ w2 [C1, (di2, dj2, c2)] + b2, GELU -> logits of mask m (of prompt
     rows[r] when mask_start[r] <= m < mask_start[r+1]) = activations . hyper[m], at output pixel
     (4i + 2di + di2, 4j + 2dj + dj2) -> float32[M, 4h, 4w]."""
+    z = tokens[rows].astype(np.float64) @ w1 + b1
+    return _upscale_first_output(z, ln_weight, ln_bias, eps, w2, b2, hyper, mask_start, width)
+
+
+def mask_upscaling_factored(e_t: np.ndarray, probs1: np.ndarray, rstd1: np.ndarray, probs2: np.ndarray,
+                            rstd2: np.ndarray, first: np.ndarray, rows: np.ndarray, ln_weight: np.ndarray,
+                            ln_bias: np.ndarray, eps: float, w2: np.ndarray, b2: np.ndarray, hyper: np.ndarray,
+                            mask_start: np.ndarray, width: int) -> np.ndarray:
+    """mask_upscaling with the first convolution's output z given by factors, in float64: for prompt
+    b = rows[r] and pixel p, x = [rstd1 rstd2 a1, rstd2 a2, rstd2, 1] (a1 = probs1[b, p // 16, :, p % 16], a2
+    likewise, rstd1 and rstd2 of [b, p]) and z = x @ first[b] + rstd1 rstd2 e_t[p // 16, :, p % 16]."""
+    batch, groups, tokens, lanes = probs1.shape
+    e = e_t.astype(np.float64).transpose(0, 2, 1).reshape(groups * lanes, -1)         # [hw, 256]
+    a1, a2 = (p.astype(np.float64).transpose(0, 1, 3, 2).reshape(batch, -1, tokens) for p in (probs1, probs2))
+    r1, r2 = (r.astype(np.float64)[..., None] for r in (rstd1, rstd2))              # [B, hw, 1]
+    x = np.concatenate([r1 * r2 * a1, r2 * a2, r2, np.ones_like(r2)], axis=-1)      # [B, hw, 2J + 2]
+    z = np.einsum("bpk,bkc->bpc", x[rows], first[rows].astype(np.float64)) + (r1 * r2)[rows] * e
+    return _upscale_first_output(z, ln_weight, ln_bias, eps, w2, b2, hyper, mask_start, width)
+
+
+def _upscale_first_output(z: np.ndarray, ln_weight: np.ndarray, ln_bias: np.ndarray, eps: float, w2: np.ndarray,
+                          b2: np.ndarray, hyper: np.ndarray, mask_start: np.ndarray, width: int) -> np.ndarray:
+    """The mask upscaling after the first convolution's output z float64[R, hw, (di, dj, c1)]."""
     from scipy.special import erf
 
     def gelu(x: np.ndarray) -> np.ndarray:
         return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
 
-    hw = tokens.shape[1]
+    rows, hw = z.shape[:2]
     c1, c2 = ln_weight.shape[0], hyper.shape[1]
     height = hw // width
-    x = (tokens[rows].astype(np.float64) @ w1 + b1).reshape(len(rows), hw, 4, c1)   # [R, p, s1, c1]
+    x = z.reshape(rows, hw, 4, c1)                                                  # [R, p, s1, c1]
     x = (x - x.mean(axis=-1, keepdims=True)) / np.sqrt(x.var(axis=-1, keepdims=True) + eps)
     x = gelu(x * ln_weight + ln_bias)
-    y = gelu(x @ w2.astype(np.float64) + b2).reshape(len(rows), hw, 4, 4, c2)      # [R, p, s1, s2, c2]
-    prompt_of = np.repeat(np.arange(len(rows)), np.diff(mask_start))
+    y = gelu(x @ w2.astype(np.float64) + b2).reshape(rows, hw, 4, 4, c2)            # [R, p, s1, s2, c2]
+    prompt_of = np.repeat(np.arange(rows), np.diff(mask_start))
     logits = np.einsum("mpstc,mc->mpst", y[prompt_of], hyper.astype(np.float64))  # [M, p, s1, s2]
     logits = logits.reshape(-1, height, width, 2, 2, 2, 2)                        # (i, j, di, dj, di2, dj2)
     out = logits.transpose(0, 1, 3, 5, 2, 4, 6).reshape(-1, 4 * height, 4 * width)
     return out.astype(np.float32)
+
+
+def upscaling_factored_inputs(rng: np.random.Generator, counts: list[int], height: int, width: int,
+                               tokens: int = 56, heads: int = 8) -> dict:
+    """Random mask_upscaling_factored inputs with SAM-like scales: factors of len(counts) + 1 prompts of which
+    all but the first are upscaled (in reverse order): attention weights summing to 1 within each head of
+    tokens // heads, LayerNorm scales 0.5..2, first rows ~ N(0, 0.25^2), e_t ~ N(0, 1)."""
+    prompts, hw = len(counts) + 1, height * width
+    args = upscaling_inputs(rng, counts, height, width)
+    del args["tokens"], args["w1"], args["b1"]
+
+    def probs():
+        logits = rng.normal(0, 2, (prompts, hw // 16, heads, tokens // heads, 16))
+        a = np.exp(logits) / np.exp(logits).sum(axis=3, keepdims=True)
+        return a.reshape(prompts, hw // 16, tokens, 16).astype(np.float32)
+
+    return dict(e_t=rng.normal(0, 1, (hw // 16, 256, 16)).astype(np.float32),
+                probs1=probs(), rstd1=rng.uniform(0.5, 2, (prompts, hw)).astype(np.float32),
+                probs2=probs(), rstd2=rng.uniform(0.5, 2, (prompts, hw)).astype(np.float32),
+                first=rng.normal(0, 0.25, (prompts, 2 * tokens + 2, 256)).astype(np.float32), **args)
 
 
 def resize_logits(low: np.ndarray, ry: np.ndarray, rx: np.ndarray) -> np.ndarray:
