@@ -64,7 +64,11 @@ class _ScriptedEngine:
         self.upscaled = 0
         self.seen = []
 
-    def decode_tokens(self, embedding, coords, labels, out=None, mask_outputs=(0, 1, 2, 3)):
+    def factors_buffer(self, capacity, points):
+        return None             # no factored image tokens: decode_tokens returns the "tokens" below
+
+    def decode_tokens(self, embedding, coords, labels, out=None, mask_outputs=(0, 1, 2, 3), factors=None):
+        assert factors is None
         b = len(coords)
         boxes = (labels[:, :1] == 2)[..., None]
         centres = np.where(boxes, coords.mean(axis=1, keepdims=True), coords[:, :1]) * 256 / 1024
