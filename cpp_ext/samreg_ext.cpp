@@ -22,6 +22,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -1806,14 +1807,17 @@ py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle 
 // SAM's two-way transformer, whose image tokens are the image's own): per head, kSaRows query rows at a
 // time, their logits against every key (pixels in the vector lanes, held in a per-thread scratch of
 // kSaRows x P floats), the row maxima, exp and sums in place, then the exp-weighted sum of the value rows.
-// The two passes over the logits stay in the core's L2 (128 KiB at P = 4096).
+// The two passes over the logits stay in the core's L2 (128 KiB at P = 4096). The logits take two key
+// vectors per broadcast query value (16 keys' d channels contiguous: one stream, no strided loads); the
+// value sums take 8 rows at a time, 4 when the rows have 3 or 4 value vectors (the accumulators of 8 would
+// spill out of the 32 registers).
 
 constexpr int kSaRows = 8;     // query rows per work item
 constexpr int kSaMaxVecs = 4;  // value vectors per row: head dimension up to 64
 
 struct SharedAttentionArgs {
     const float *q;       // [R, H, d]
-    const v16f *kt;       // keys per head, channel-major and padded: [H][d][vecs]
+    const v16f *kt;       // keys per head, 16 at a time channel-major, padded: [H][vecs][d]
     const v16f *v;        // values per head, pixel-major and padded: [H][vecs * 16][NV]
     float *out;           // [R, H, d]
     std::int64_t rows;    // R
@@ -1834,20 +1838,31 @@ __attribute__((always_inline)) inline void sa_rows(const SharedAttentionArgs &a,
     const v16f minus_inf = v16f{} - std::numeric_limits<float>::infinity();
     v16f mx[kSaRows];
     for (int r = 0; r < kSaRows; ++r) mx[r] = minus_inf;
-    for (std::int64_t j = 0; j < a.vecs; ++j) {
-        v16f acc[kSaRows] = {};
-        for (int c = 0; c < d; ++c) {
-            const v16f k = kt[c * a.vecs + j];
-            for (int r = 0; r < kSaRows; ++r) acc[r] += q[r][c] * k;
-        }
-        if (j == a.vecs - 1)
+    // the logits, two key vectors at a time (each broadcast query value serves both)
+    auto logit_vectors = [&](std::int64_t j, auto kv) {
+        constexpr int KV = decltype(kv)::value;
+        v16f acc[kSaRows][KV] = {};
+        const v16f *kj = kt + j * d;
+        for (int c = 0; c < d; ++c, ++kj) {
+            v16f k[KV];
+            for (int u = 0; u < KV; ++u) k[u] = kj[u * d];
             for (int r = 0; r < kSaRows; ++r)
-                for (std::int64_t l = tail; l < kLanes; ++l) acc[r][l] = minus_inf[l];
-        for (int r = 0; r < kSaRows; ++r) {
-            logits[r * a.vecs + j] = acc[r];
-            mx[r] = acc[r] > mx[r] ? acc[r] : mx[r];
+                for (int u = 0; u < KV; ++u) acc[r][u] += q[r][c] * k[u];
         }
-    }
+        for (int u = 0; u < KV; ++u) {
+            const std::int64_t ju = j + u;
+            if (ju == a.vecs - 1)
+                for (int r = 0; r < kSaRows; ++r)
+                    for (std::int64_t l = tail; l < kLanes; ++l) acc[r][u][l] = minus_inf[l];
+            for (int r = 0; r < kSaRows; ++r) {
+                logits[r * a.vecs + ju] = acc[r][u];
+                mx[r] = acc[r][u] > mx[r] ? acc[r][u] : mx[r];
+            }
+        }
+    };
+    std::int64_t j = 0;
+    for (; j + 2 <= a.vecs; j += 2) logit_vectors(j, std::integral_constant<int, 2>{});
+    if (j < a.vecs) logit_vectors(j, std::integral_constant<int, 1>{});
     float sum[kSaRows];
     for (int r = 0; r < kSaRows; ++r) {
         float m = mx[r][0];
@@ -1862,18 +1877,22 @@ __attribute__((always_inline)) inline void sa_rows(const SharedAttentionArgs &a,
         sum[r] = 0.f;
         for (int l = 0; l < kLanes; ++l) sum[r] += s[l];
     }
-    v16f acc[kSaRows][NV] = {};
+    // the weighted values, kPool rows at a time (their accumulators fit in the registers)
+    constexpr int kPool = NV > 2 ? 4 : 8;
     const float *w = reinterpret_cast<const float *>(logits);
     const std::int64_t ld = a.vecs * kLanes;
-    const v16f *v = a.v + static_cast<std::int64_t>(h) * ld * NV;
-    for (std::int64_t p = 0; p < ld; ++p, v += NV)
-        for (int r = 0; r < kSaRows; ++r)
-            for (int t = 0; t < NV; ++t) acc[r][t] += w[r * ld + p] * v[t];
-    for (int r = 0; r < n; ++r) {
-        float row[NV * kLanes];
-        std::memcpy(row, acc[r], sizeof row);
-        float *dst = a.out + ((r0 + r) * a.heads + h) * d;
-        for (int c = 0; c < d; ++c) dst[c] = row[c] / sum[r];
+    for (int g = 0; g < kSaRows && g < n; g += kPool) {
+        v16f acc[kPool][NV] = {};
+        const v16f *v = a.v + static_cast<std::int64_t>(h) * ld * NV;
+        for (std::int64_t p = 0; p < ld; ++p, v += NV)
+            for (int r = 0; r < kPool; ++r)
+                for (int t = 0; t < NV; ++t) acc[r][t] += w[(g + r) * ld + p] * v[t];
+        for (int r = 0; r < kPool && g + r < n; ++r) {
+            float row[NV * kLanes];
+            std::memcpy(row, acc[r], sizeof row);
+            float *dst = a.out + ((r0 + g + r) * a.heads + h) * d;
+            for (int c = 0; c < d; ++c) dst[c] = row[c] / sum[g + r];
+        }
     }
 }
 
@@ -1918,7 +1937,7 @@ __attribute__((always_inline)) inline void shared_attention_layout(const SharedA
                     }
                 }
                 transpose16(tile);
-                for (int c = 0; c < width; ++c) kt[((h * d) + c0 + c) * a.vecs + j] = tile[c];
+                for (int c = 0; c < width; ++c) kt[(h * a.vecs + j) * d + c0 + c] = tile[c];
             }
 }
 
