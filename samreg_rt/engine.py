@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import _ext
+from .cpus import usable_cpus
 from .errors import InputError, ManifestError, ModelError, ModelNotAvailableError
 from .io import validate_image
 from .manifest import read_manifest
@@ -166,7 +167,7 @@ class Engine:
     ``decode_kept_masks`` upscales only the kept masks. On CPUs with AVX-512 two steps run fused CPU
     kernels instead of graphs: ``decode_tokens`` when ``two_way`` (its weights) is set, the mask
     upscaling when ``mask_upscaling`` is. ``threads``: the thread limit of those kernels and of the ones
-    mask generation runs after them (0: as many as the CPUs this process may run on).
+    mask generation runs after them (``Engine.load`` sets it; 0: as many as the CPUs this process may run on).
     """
 
     def __init__(self, model_dir: Path, manifest: dict, spec: ModelSpec, precision: str,
@@ -192,8 +193,8 @@ class Engine:
 
         Every graph file is hashed and checked against the manifest before a session is built
         from those same bytes (``ManifestError`` names the file on mismatch).
-        ``threads``: ONNX Runtime's intra-op threads and the fused CPU kernels' thread limit (None: ONNX
-        Runtime's default, and the kernels run on as many threads as the CPUs this process may run on).
+        ``threads``: ONNX Runtime's intra-op threads and the fused CPU kernels' thread limit (None: the CPUs
+        this process may use, ``cpus.usable_cpus``: its affinity mask, at most its cgroup's CPU quota).
         ``fused_upscaling``: upscale kept masks with the fused kernel (``samreg_rt.upscaling``) when the
         decoders run fp32 on the CPU provider of a CPU with AVX-512 (``_ext.mask_upscaling_isa``;
         elsewhere ``decoder_masks`` is faster); False always runs the graph.
@@ -221,11 +222,12 @@ class Engine:
         # pattern is planned per input shape, and mask generation is faster without it
         # (benchmarks/results/session_options.md).
         options.enable_mem_pattern = False
-        if threads is not None:
-            if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-                raise InputError(f"threads: expected a positive integer or None, got {threads!r}")
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                    or threads < 1):
+            raise InputError(f"threads: expected a positive integer or None, got {threads!r}")
+        threads = usable_cpus() if threads is None else int(threads)
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
         sessions = {}
         for role, (inputs, outputs) in GRAPH_IO.items():
             entry = graphs[precision].get(role)
@@ -245,7 +247,7 @@ class Engine:
         log.info("loaded %s (%s) with %s%s%s", manifest.get("name"), precision, providers_used[0],
                  ", fused two-way transformer" if two_way else "", ", fused mask upscaling" if upscaling else "")
         return cls(model_dir, manifest, spec, precision, sessions, providers_used, upscaling, two_way,
-                   int(threads or 0))
+                   threads)
 
     def with_spec(self, spec: ModelSpec) -> "Engine":
         """The same sessions with another preprocessing/prompting spec (same input size)."""

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from samreg_export.export import export_model
-from samreg_rt import _ext, amg, two_way
+from samreg_rt import _ext, amg, cpus, two_way
 from samreg_rt.engine import Engine, resolve_model_dir, select_providers
 from samreg_rt.io import load_image
 from samreg_rt.errors import InputError, ManifestError, ModelError, ModelNotAvailableError
@@ -370,7 +370,7 @@ def test_threads_reach_the_cpu_kernels(tiny_dir):
     """Engine.load(threads=n) limits the fused CPU decoder's kernels too, not only ONNX Runtime: with
     threads=1 decode_tokens and decode_kept_masks start no thread, and give what threads=2 gives."""
     one, two = Engine.load(tiny_dir, threads=1), Engine.load(tiny_dir, threads=2)
-    assert (one.threads, two.threads, Engine.load(tiny_dir).threads) == (1, 2, 0)
+    assert (one.threads, two.threads, Engine.load(tiny_dir).threads) == (1, 2, cpus.usable_cpus())
     assert one.with_spec(one.spec).threads == 1
     if one.two_way is None or one.mask_upscaling is None:
         pytest.skip("the fused CPU decoder needs AVX-512")
