@@ -1804,7 +1804,8 @@ py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle 
 
 // ------------------------------------------------------------------------------------------------
 // Softmax attention of query rows to keys shared by all of them (the first token->image attention of
-// SAM's two-way transformer, whose image tokens are the image's own): per head, kSaRows query rows at a
+// SAM's two-way transformer, whose image tokens are the image's own; a ViT encoder's global attention, with
+// its decomposed relative position terms): per head, kSaRows query rows at a
 // time, their logits against every key (pixels in the vector lanes, held in a per-thread scratch of
 // kSaRows x P floats), the row maxima, exp and sums in place, then the exp-weighted sum of the value rows.
 // The two passes over the logits stay in the core's L2 (128 KiB at P = 4096). The logits take two key
@@ -1824,6 +1825,9 @@ struct SharedAttentionArgs {
     std::int64_t pixels;  // P
     std::int64_t vecs;    // ceil(P / 16)
     int heads, dim;       // H, d
+    const float *rel_h;   // [R, H, kh] or null (no relative position terms)
+    const float *rel_w;   // [R, H, kw]
+    int kw;               // keys per row of the key grid (a multiple of 16)
 };
 
 // Query rows r0..r0 + kSaRows - 1 (those below R) of head h. logits: kSaRows * vecs vectors of scratch.
@@ -1834,6 +1838,13 @@ __attribute__((always_inline)) inline void sa_rows(const SharedAttentionArgs &a,
     float q[kSaRows][kSaMaxVecs * kLanes] = {};  // rows past R stay zero (their results are not written)
     for (int r = 0; r < n; ++r) std::memcpy(q[r], a.q + ((r0 + r) * a.heads + h) * d, d * sizeof(float));
     const v16f *kt = a.kt + static_cast<std::int64_t>(h) * d * a.vecs;
+    const float *rel_h[kSaRows] = {}, *rel_w[kSaRows] = {};  // each row's terms (rows past R: the last row's)
+    if (a.rel_h)
+        for (int r = 0; r < kSaRows; ++r) {
+            const std::int64_t row = (r0 + std::min(r, n - 1)) * a.heads + h;
+            rel_h[r] = a.rel_h + row * (a.pixels / a.kw);
+            rel_w[r] = a.rel_w + row * a.kw;
+        }
     const std::int64_t tail = a.pixels - (a.vecs - 1) * kLanes;  // keys in the last vector
     const v16f minus_inf = v16f{} - std::numeric_limits<float>::infinity();
     v16f mx[kSaRows];
@@ -1851,6 +1862,10 @@ __attribute__((always_inline)) inline void sa_rows(const SharedAttentionArgs &a,
         }
         for (int u = 0; u < KV; ++u) {
             const std::int64_t ju = j + u;
+            if (a.rel_h) {  // keys 16 ju.. lie in one row of the key grid
+                const std::int64_t kh = ju * kLanes / a.kw, kw = ju * kLanes % a.kw;
+                for (int r = 0; r < kSaRows; ++r) acc[r][u] += rel_h[r][kh] + load16(rel_w[r] + kw);
+            }
             if (ju == a.vecs - 1)
                 for (int r = 0; r < kSaRows; ++r)
                     for (std::int64_t l = tail; l < kLanes; ++l) acc[r][u][l] = minus_inf[l];
@@ -1961,8 +1976,8 @@ void shared_layout_generic(const SharedAttentionArgs &a, const float *k, const f
     shared_attention_layout(a, k, v, j0, j1);
 }
 
-py::array_t<float> shared_attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, const std::string &isa,
-                                    std::int64_t threads) {
+py::array_t<float> shared_attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle rel_h_obj,
+                                    py::handle rel_w_obj, const std::string &isa, std::int64_t threads) {
     check_threads("shared_attention", threads);
     const py::array q = require<float>(q_obj, "q", "float32", 3);
     const py::array k = require<float>(k_obj, "k", "float32", 3);
@@ -1974,6 +1989,21 @@ py::array_t<float> shared_attention(py::handle q_obj, py::handle k_obj, py::hand
     if (pixels < 1) throw py::value_error("k: expected at least one key, got shape " + shape_str(k));
     require_shape(k, "k", {pixels, heads, dim});
     require_shape(v, "v", {pixels, heads, dim});
+    if (rel_h_obj.is_none() != rel_w_obj.is_none())
+        throw py::value_error("shared_attention: rel_h and rel_w go together (both or neither)");
+    py::array rel_h, rel_w;
+    std::int64_t kw = 0;
+    if (!rel_h_obj.is_none()) {
+        rel_h = require<float>(rel_h_obj, "rel_h", "float32", 3);
+        rel_w = require<float>(rel_w_obj, "rel_w", "float32", 3);
+        const std::int64_t kh = rel_h.shape(2);
+        kw = rel_w.shape(2);
+        require_shape(rel_h, "rel_h", {rows, heads, kh});
+        require_shape(rel_w, "rel_w", {rows, heads, kw});
+        if (kh * kw != pixels || kw % kLanes != 0)
+            throw py::value_error("rel_h, rel_w: a key grid of " + std::to_string(kh) + " x " + std::to_string(kw) +
+                                  "; expected kh * kw = " + std::to_string(pixels) + " keys and kw a multiple of 16");
+    }
     const bool avx512 = use_avx512(isa, "shared_attention");
     py::array_t<float> out({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(heads),
                             static_cast<py::ssize_t>(dim)});
@@ -1983,7 +2013,9 @@ py::array_t<float> shared_attention(py::handle q_obj, py::handle k_obj, py::hand
     v16f *kt = aligned_vecs(kt_buf, heads * dim * vecs), *vp = aligned_vecs(v_buf, heads * vecs * kLanes * nv);
     const auto *ks = static_cast<const float *>(k.data()), *vs = static_cast<const float *>(v.data());
     const SharedAttentionArgs args{static_cast<const float *>(q.data()), kt, vp, out.mutable_data(), rows, pixels,
-                                   vecs, static_cast<int>(heads), static_cast<int>(dim)};
+                                   vecs, static_cast<int>(heads), static_cast<int>(dim),
+                                   kw ? static_cast<const float *>(rel_h.data()) : nullptr,
+                                   kw ? static_cast<const float *>(rel_w.data()) : nullptr, static_cast<int>(kw)};
     const SharedAttentionFn fn = avx512 ? shared_attention_avx512 : shared_attention_generic;
     const std::int64_t items = heads * ((rows + kSaRows - 1) / kSaRows);
     // cost in parallel_for's units: the multiply-adds of an item's two products, its exps counting 16
@@ -2109,12 +2141,15 @@ PYBIND11_MODULE(_ext, m) {
           "caller transposed once; each sum in float32, from the bias over k in ascending order. out, when\n"
           "given, must not overlap the inputs. isa 'auto' runs the AVX-512 build on CPUs that have it,\n"
           "'generic' the portable build." THREADS_DOC);
-    m.def("shared_attention", &shared_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("isa") = "auto",
-          py::arg("threads") = 0,
-          "shared_attention(q: float32[R, H, d], k: float32[P, H, d], v: float32[P, H, d], isa='auto', threads=0)\n"
-          "    -> float32[R, H, d]\n\n"
+    m.def("shared_attention", &shared_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("rel_h") = py::none(),
+          py::arg("rel_w") = py::none(), py::arg("isa") = "auto", py::arg("threads") = 0,
+          "shared_attention(q: float32[R, H, d], k: float32[P, H, d], v: float32[P, H, d], rel_h=None, rel_w=None,\n"
+          "    isa='auto', threads=0) -> float32[R, H, d]\n\n"
           "Softmax attention of R query rows to P keys shared by all rows, per head h (d <= 64): out[r, h] =\n"
-          "sum_p softmax_p(q[r, h] . k[p, h]) v[p, h] (scale q or k beforehand). The logits' maximum is\n"
+          "sum_p softmax_p(l[r, h, p]) v[p, h], l = q[r, h] . k[p, h] (scale q or k beforehand), plus, with\n"
+          "rel_h: float32[R, H, kh] and rel_w: float32[R, H, kw] (keys on a kh x kw grid, row-major, kw a\n"
+          "multiple of 16), rel_h[r, h, p // kw] + rel_w[r, h, p % kw] (the decomposed relative positions of\n"
+          "SAM ViT's global attention). The logits' maximum is\n"
           "subtracted before exp (a polynomial exp, about 1 ulp); each sum runs in float32. isa 'auto' runs\n"
           "the AVX-512 build on CPUs that have it, 'generic' the portable build." THREADS_DOC);
     m.def("mask_upscaling_isa", [] { return std::string(have_avx512() ? "avx512" : "generic"); },

@@ -976,6 +976,38 @@ def test_shared_attention_matches_twin(rng, rows, heads, d, pixels, logit_std, i
         np.testing.assert_array_equal(got, np.broadcast_to(v, got.shape))
 
 
+@pytest.mark.parametrize("rows,heads,d,kh,kw", [
+    (4096, 12, 64, 64, 64),     # SAM ViT-B's global attention at 1024 px
+    (37, 2, 32, 16, 32),        # rows not a multiple of the 8-row blocks
+    (9, 1, 20, 3, 16),
+])
+def test_shared_attention_with_relative_positions_matches_twin(rng, rows, heads, d, kh, kw):
+    q, k, v = _shared_attention_inputs(rng, rows, heads, d, kh * kw, 3.0)
+    rel_h, rel_w = (rng.normal(0, 1, (rows, heads, n)).astype(np.float32) for n in (kh, kw))
+    want = twins.shared_attention(q, k, v, rel_h, rel_w)
+    for isa in ("auto", "generic") if rows < 4096 else ("auto",):
+        got = _ext.shared_attention(q, k, v, rel_h, rel_w, isa=isa)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+    assert np.abs(want - twins.shared_attention(q, k, v)).max() > 0.05    # the terms matter
+
+
+def test_shared_attention_rejects_bad_relative_positions(rng):
+    q, k, v = _shared_attention_inputs(rng, 6, 2, 8, 64, 3.0)
+    rel_h, rel_w = np.zeros((6, 2, 4), np.float32), np.zeros((6, 2, 16), np.float32)
+    _ext.shared_attention(q, k, v, rel_h, rel_w)
+    cases = [
+        (dict(rel_h=rel_h, rel_w=None), "rel_h and rel_w go together"),
+        (dict(rel_h=rel_h[:, :, :3].copy(), rel_w=rel_w), r"a key grid of 3 x 16; expected kh \* kw = 64"),
+        (dict(rel_h=np.zeros((6, 2, 8), np.float32), rel_w=np.zeros((6, 2, 8), np.float32)), "kw a multiple of 16"),
+        (dict(rel_h=rel_h[:5].copy(), rel_w=rel_w), r"rel_h: expected shape \(6, 2, 4\)"),
+        (dict(rel_h=rel_h, rel_w=rel_w.astype(np.float64)), "rel_w: expected dtype float32"),
+    ]
+    for change, message in cases:
+        error = TypeError if "dtype" in message else ValueError
+        with pytest.raises(error, match=message):
+            _ext.shared_attention(q, k, v, **change)
+
+
 def test_shared_attention_rows_are_independent(rng):
     """A row's output depends only on its own query: the same row alone (a padded one-row block) and inside
     a full batch are bit-identical, and so are heads computed in another order of work items."""

@@ -238,11 +238,16 @@ def linear(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray, relu: bool = F
     return y.astype(np.float32)
 
 
-def shared_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+def shared_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: np.ndarray | None = None,
+                     rel_w: np.ndarray | None = None) -> np.ndarray:
     """Softmax attention of query rows to keys shared by all of them, per head, in float64 (the kernel
     computes in float32 with a polynomial exp: compare with a tolerance): q [R, H, d], k and v [P, H, d] ->
-    float32 [R, H, d], out[r, h] = sum_p softmax_p(q[r, h] . k[p, h]) v[p, h]."""
+    float32 [R, H, d], out[r, h] = sum_p softmax_p(q[r, h] . k[p, h] (+ rel_h[r, h, p // kw] +
+    rel_w[r, h, p % kw] with rel_h [R, H, kh], rel_w [R, H, kw], P = kh kw)) v[p, h]."""
     logits = np.einsum("rhc,phc->rhp", q.astype(np.float64), k.astype(np.float64))
+    if rel_h is not None:
+        grid = rel_h.astype(np.float64)[..., :, None] + rel_w.astype(np.float64)[..., None, :]   # [R, H, kh, kw]
+        logits += grid.reshape(logits.shape)
     weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
     weights /= weights.sum(axis=-1, keepdims=True)
     return np.einsum("rhp,phc->rhc", weights, v.astype(np.float64)).astype(np.float32)
