@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from samreg_rt.errors import ModelError
+from samreg_rt.split_encoder import PART_INPUTS, PART_OUTPUTS
+
+from .modeling.image_encoder import EncoderPart, global_blocks
 
 MIN_OPSET = 17
 ENCODER_IO = (["image"], ["image_embeddings"])
@@ -306,6 +309,43 @@ def export_encoder(sam: nn.Module, path: str | Path, opset: int = MIN_OPSET) -> 
     embedding_shape = [1, sam.prompt_encoder.embed_dim, *sam.prompt_encoder.image_embedding_size]
     _set_static_shape(model.graph.output[0], embedding_shape)
     return _finish(model, path, PORTABLE_OPS)
+
+
+def encoder_parts_supported(sam: nn.Module) -> bool:
+    """Whether ``export_encoder_parts`` applies: a ViT encoder with global attention whose token grid width
+    is a multiple of 16 and whose heads have at most 64 channels (``_ext.shared_attention``)."""
+    encoder = sam.image_encoder
+    blocks = global_blocks(encoder)
+    if not blocks:
+        return False
+    attn = encoder.blocks[blocks[0]].attn
+    head_dim = attn.qkv.out_features // 3 // attn.num_heads
+    return encoder.embedding_size % 16 == 0 and head_dim <= 64
+
+
+def export_encoder_parts(sam: nn.Module, directory: str | Path, opset: int = MIN_OPSET) -> list[Path]:
+    """Trace a ViT encoder cut at each global block's attention core (``EncoderPart``) into
+    ``encoder_part<i>.onnx`` in ``directory`` (one more part than global blocks); [] when
+    ``encoder_parts_supported`` is false. ``samreg_rt.split_encoder.run_encoder_parts`` runs them."""
+    if not encoder_parts_supported(sam):
+        return []
+    encoder = sam.image_encoder
+    cuts: list[int | None] = [None, *global_blocks(encoder), None]
+    size = int(sam.prompt_encoder.input_image_size[0])
+    inputs: tuple[torch.Tensor, ...] = (torch.zeros(1, 3, size, size),)
+    paths = []
+    for i, (start, stop) in enumerate(zip(cuts[:-1], cuts[1:])):
+        part = EncoderPart(encoder, start, stop).eval()
+        names = (list(PART_INPUTS[0 if start is None else 1]), list(PART_OUTPUTS[0 if stop is not None else 1]))
+        model = _trace(part, inputs, *names, None, opset)
+        path = Path(directory) / f"encoder_part{i}.onnx"
+        _finish(model, path, PORTABLE_OPS)
+        paths.append(path)
+        if stop is not None:
+            with torch.no_grad():
+                tokens, q = part(*inputs)[:2]
+            inputs = (tokens, torch.zeros_like(q))
+    return paths
 
 
 def export_decoder(sam: nn.Module, path: str | Path, opset: int = MIN_OPSET) -> onnx.ModelProto:

@@ -18,9 +18,10 @@ from . import _ext
 from .cpus import usable_cpus
 from .errors import InputError, ManifestError, ModelError, ModelNotAvailableError
 from .io import validate_image
-from .manifest import read_manifest
+from .manifest import encoder_part_names, read_manifest
 from .preprocess import Frame, to_model_input
 from .spec import ModelSpec
+from .split_encoder import PART_INPUTS, PART_OUTPUTS, run_encoder_parts
 from .two_way import MAX_TOKENS, ImageTokenFactors, TwoWayWeights, decode_tokens as fused_decode_tokens
 from .upscaling import UpscalingWeights, upscale_kept, upscale_kept_factored
 
@@ -159,7 +160,8 @@ def _export(source: str, target: Path, name: str) -> Path:
 
 
 class Engine:
-    """Loaded sessions of one exported model: one per graph role of ``GRAPH_IO``.
+    """Loaded sessions of one exported model: one per graph role of ``GRAPH_IO``, except that a ViT
+    encoder may run as ``encoder_parts`` instead (see ``Engine.load``'s ``fused_encoder``).
 
     Create with ``Engine.load``. ``embed`` runs the encoder once per image; ``decode`` runs the
     whole decoder on batches of prompts against one embedding; ``decode_tokens`` and
@@ -173,7 +175,7 @@ class Engine:
     def __init__(self, model_dir: Path, manifest: dict, spec: ModelSpec, precision: str,
                  sessions: dict[str, ort.InferenceSession], providers: list[str],
                  mask_upscaling: UpscalingWeights | None = None, two_way: TwoWayWeights | None = None,
-                 threads: int = 0):
+                 threads: int = 0, encoder_parts: list[ort.InferenceSession] | None = None):
         self.model_dir = model_dir
         self.manifest = manifest
         self.manifest_sha256 = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()
@@ -184,11 +186,12 @@ class Engine:
         self.mask_upscaling = mask_upscaling
         self.two_way = two_way
         self.threads = threads
+        self.encoder_parts = encoder_parts or []
 
     @classmethod
     def load(cls, model: str | os.PathLike, providers: str | Sequence[str] = "auto",
              threads: int | None = None, precision: str = "fp32", fused_upscaling: bool = True,
-             fused_tokens: bool = True) -> "Engine":
+             fused_tokens: bool = True, fused_encoder: bool = True) -> "Engine":
         """Load and verify a model (see ``resolve_model_dir``) and create its sessions.
 
         Every graph file is hashed and checked against the manifest before a session is built
@@ -200,6 +203,9 @@ class Engine:
         elsewhere ``decoder_masks`` is faster); False always runs the graph.
         ``fused_tokens``: the same for ``decode_tokens`` (``samreg_rt.two_way`` instead of
         ``decoder_tokens``).
+        ``fused_encoder``: the same for a ViT encoder's global attention: the encoder runs as the graphs
+        ``encoder_part<i>`` around ``_ext.shared_attention`` (``samreg_rt.split_encoder``) when the export
+        has them (fp32 ViT exports since they exist: re-export older ones).
         The spec (preprocessing, prompting defaults) is the manifest's, except for a registry name,
         whose spec is the registry's: a cached export keeps up with changed defaults.
         """
@@ -228,33 +234,48 @@ class Engine:
         threads = usable_cpus() if threads is None else int(threads)
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        sessions = {}
-        for role, (inputs, outputs) in GRAPH_IO.items():
+        def load_graph(role: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> ort.InferenceSession:
             entry = graphs[precision].get(role)
             if entry is None:
                 raise ManifestError(f"{model_dir / 'manifest.json'}: no {role} graph for {precision}")
             path = model_dir / entry["file"]
-            data = _read_verified(path, entry)
-            sessions[role] = _session(path, data, options, chosen, inputs, outputs, model_dir, precision)
-        providers_used = sessions["encoder"].get_providers()
+            return _session(path, _read_verified(path, entry), options, chosen, inputs, outputs, model_dir, precision)
+
+        # every graph listed must be there (a broken model directory fails here, not when a graph is first
+        # needed); those that run are hashed when read
+        for role, entry in graphs[precision].items():
+            path = model_dir / entry["file"]
+            if not path.is_file() or path.stat().st_size != entry.get("bytes"):
+                raise ManifestError(f"{path}: {role} graph listed in the manifest is missing or has another size")
+        # the decoders first: whether they run on the CPU decides the fused kernels, and so which encoder
+        sessions = {role: load_graph(role, *io) for role, io in GRAPH_IO.items() if role != "encoder"}
         upscaling = two_way = None
+        encoder_parts: list[ort.InferenceSession] = []
         if (precision != "fp16" and _ext.mask_upscaling_isa() == "avx512"
                 and sessions["decoder_masks"].get_providers()[0] == "CPUExecutionProvider"):
             if fused_upscaling:
                 upscaling = UpscalingWeights.from_bytes(*_read_weights(model_dir, manifest, "mask_upscaling"))
             if fused_tokens:
                 two_way = TwoWayWeights.from_bytes(*_read_weights(model_dir, manifest, "two_way"))
-        log.info("loaded %s (%s) with %s%s%s", manifest.get("name"), precision, providers_used[0],
-                 ", fused two-way transformer" if two_way else "", ", fused mask upscaling" if upscaling else "")
+            roles = encoder_part_names(graphs[precision]) if fused_encoder and precision == "fp32" else []
+            # the first part takes the image, the last ends with the embedding
+            encoder_parts = [load_graph(role, PART_INPUTS[min(i, 1)], PART_OUTPUTS[int(i == len(roles) - 1)])
+                             for i, role in enumerate(roles)]
+        if not encoder_parts:
+            sessions["encoder"] = load_graph("encoder", *GRAPH_IO["encoder"])
+        providers_used = (encoder_parts[0] if encoder_parts else sessions["encoder"]).get_providers()
+        log.info("loaded %s (%s) with %s%s%s%s", manifest.get("name"), precision, providers_used[0],
+                 ", fused two-way transformer" if two_way else "", ", fused mask upscaling" if upscaling else "",
+                 ", encoder around the native global attention" if encoder_parts else "")
         return cls(model_dir, manifest, spec, precision, sessions, providers_used, upscaling, two_way,
-                   threads)
+                   threads, encoder_parts)
 
     def with_spec(self, spec: ModelSpec) -> "Engine":
         """The same sessions with another preprocessing/prompting spec (same input size)."""
         if spec.input_size != self.spec.input_size:
             raise ModelError(f"spec input_size {spec.input_size} differs from the graphs' {self.spec.input_size}")
         return Engine(self.model_dir, self.manifest, spec, self.precision, self.sessions, self.providers,
-                      self.mask_upscaling, self.two_way, self.threads)
+                      self.mask_upscaling, self.two_way, self.threads, self.encoder_parts)
 
     @property
     def provider(self) -> str:
@@ -265,7 +286,10 @@ class Engine:
         """Encode one image (HxW or HxWxC array, see ``io.validate_image``) -> ``ImageEmbedding``."""
         array = validate_image(image, name)
         tensor, frame = to_model_input(array, self.spec)
-        (embedding,) = self.sessions["encoder"].run(None, {"image": tensor})
+        if self.encoder_parts:
+            embedding = run_encoder_parts(self.encoder_parts, tensor, self.threads)
+        else:
+            (embedding,) = self.sessions["encoder"].run(None, {"image": tensor})
         return ImageEmbedding(embedding=embedding[0], frame=frame)
 
     def decode(self, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray,

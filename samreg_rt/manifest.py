@@ -77,10 +77,21 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
             _check_entry(path, f"graphs.{precision}.{graph}", entry)
             if entry is not None and "data" in entry:
                 _check_entry(path, f"graphs.{precision}.{graph}.data", entry["data"])
+        for part in encoder_part_names(entries):   # optional (ViT encoders)
+            _check_entry(path, f"graphs.{precision}.{part}", entries[part])
     weights = manifest["weights"]
     for name in WEIGHT_NAMES:
         _check_entry(path, f"weights.{name}", weights.get(name) if isinstance(weights, dict) else None)
     return manifest
+
+
+def encoder_part_names(entries: Any) -> list[str]:
+    """The roles ``encoder_part0``, ``encoder_part1``, ... present in one precision's graph entries, in order
+    (the first gap ends them): a ViT encoder cut at its global attention (``samreg_rt.split_encoder``)."""
+    names: list[str] = []
+    while isinstance(entries, dict) and f"encoder_part{len(names)}" in entries:
+        names.append(f"encoder_part{len(names)}")
+    return names
 
 
 def _check_entry(path: Path, where: str, entry: Any) -> None:
@@ -104,7 +115,7 @@ def graph_files(model_dir: str | Path, manifest: dict[str, Any], precision: str)
 
 def verify_files(model_dir: str | Path, manifest: dict[str, Any], precision: str) -> None:
     """Check that the graph files of ``precision`` (and their external-data files, if
-    any) and the weight files exist with the size and sha256 the manifest lists. Raises
+    any, and the encoder parts, if any) and the weight files exist with the size and sha256 the manifest lists. Raises
     ``ManifestError`` naming the file."""
     graph_files(model_dir, manifest, precision)
     for graph in GRAPH_NAMES:
@@ -112,6 +123,8 @@ def verify_files(model_dir: str | Path, manifest: dict[str, Any], precision: str
         for item in (entry, entry.get("data")):
             if item is not None:
                 _verify_file(Path(model_dir) / item["file"], item)
+    for part in encoder_part_names(manifest["graphs"][precision]):
+        _verify_file(Path(model_dir) / manifest["graphs"][precision][part]["file"], manifest["graphs"][precision][part])
     for name in WEIGHT_NAMES:
         _verify_file(Path(model_dir) / manifest["weights"][name]["file"], manifest["weights"][name])
 

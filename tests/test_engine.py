@@ -309,7 +309,7 @@ def test_truncated_or_foreign_graph_is_a_model_error(tiny_dir, tmp_path):
     model2 = _copy(tiny_dir, tmp_path / "b")
     _rehash(model2, "encoder", b"this is not onnx at all")
     with pytest.raises(ModelError, match="encoder.onnx"):
-        Engine.load(model2)
+        Engine.load(model2, fused_encoder=False)     # (with the encoder parts, encoder.onnx is not read)
 
 
 def test_graph_with_wrong_input_names(tiny_dir, tmp_path):
@@ -321,7 +321,7 @@ def test_graph_with_wrong_input_names(tiny_dir, tmp_path):
         node.input[:] = ["pixels" if i == old else i for i in node.input]
     _rehash(model, "encoder", graph.SerializeToString())
     with pytest.raises(ModelError, match="expected \\('image',\\)"):
-        Engine.load(model)
+        Engine.load(model, fused_encoder=False)
 
 
 def test_unknown_precision_and_provider(tiny_dir):
@@ -449,3 +449,27 @@ def test_factors_buffer_only_where_both_kernels_take_it(tiny_dir):
                                rtol=0, atol=1e-4 * float(np.abs(dense).max()))
     with pytest.raises(InputError, match="factors: expected"):
         engine.decode_tokens(emb, coords, labels, factors=engine.factors_buffer(4, 2))
+
+
+def test_encoder_parts_give_the_encoder_graph_embedding(tiny_dir, tmp_path):
+    """A ViT export's encoder runs as its parts around the native global attention (on AVX-512 CPUs, fp32),
+    with the single graph's embedding up to float rounding; fused_encoder=False runs the graph; a changed
+    part is a ManifestError naming it."""
+    parts = Engine.load(tiny_dir, threads=2)
+    graph = Engine.load(tiny_dir, threads=2, fused_encoder=False)
+    assert not graph.encoder_parts and "encoder" in graph.sessions
+    if _ext.mask_upscaling_isa() != "avx512":
+        assert not parts.encoder_parts
+        pytest.skip("the native attention kernel runs on AVX-512 CPUs")
+    assert len(parts.encoder_parts) == 2 and "encoder" not in parts.sessions
+    image = np.random.default_rng(8).integers(0, 255, (90, 130), np.uint8)
+    got, want = parts.embed(image), graph.embed(image)
+    assert got.frame == want.frame
+    np.testing.assert_allclose(got.embedding, want.embedding, rtol=0, atol=1e-5 * float(np.abs(want.embedding).max()))
+    assert parts.with_spec(parts.spec).encoder_parts == parts.encoder_parts
+    copy = _copy(tiny_dir, tmp_path)
+    path = copy / "encoder_part0.onnx"
+    path.write_bytes(path.read_bytes()[:-1] + b"x")
+    with pytest.raises(ManifestError, match="encoder_part0.onnx"):
+        Engine.load(copy)
+    Engine.load(copy, fused_encoder=False)        # the part is not read then

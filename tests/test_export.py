@@ -147,6 +147,8 @@ def test_parity_litemedsam(litemedsam_dir: Path) -> None:
     assert manifest["parity_setup"]["prompts"]["points"] == 64
     assert manifest["source"]["trained"] is True and manifest["spec"]["trained"] is True
     assert manifest["spec"]["prompt_kind"] == "boxes"
+    assert "encoder_part0" not in manifest["graphs"]["fp32"]          # TinyViT: no global rel-pos attention
+    assert "encoder_parts" not in manifest["parity"]["fp32"]
 
 
 @pytest.mark.slow
@@ -160,6 +162,7 @@ def test_parity_vit_b_random(vit_b_dir: Path) -> None:
 def test_fp32_parity_bounds_are_tight(tiny_dir: Path) -> None:
     fp32 = _figures(tiny_dir)["fp32"]
     assert fp32["encoder"]["max_abs"] <= 1e-3 and fp32["encoder"]["cosine"] >= 0.9999
+    assert fp32["encoder_parts"]["max_abs"] <= 1e-3 and fp32["encoder_parts"]["cosine"] >= 0.9999
     for kind in ("points", "boxes"):
         for section in ("decoder", "decoder_split"):
             assert fp32[section][kind]["iou_max_abs"] <= 1e-3
@@ -182,6 +185,11 @@ def test_manifest_contents(tiny_dir: Path) -> None:
     assert {"torch", "onnx", "onnxslim", "onnxruntime", "samreg_rt"} <= set(manifest["exporter"])
     assert set(manifest["operators"]["fp32"]["encoder"]) <= onnx_export.PORTABLE_OPS
     assert "MatMulInteger" in manifest["operators"]["int8"]["encoder"]
+    # the ViT encoder cut at its one global-attention block: two parts, fp32 only, portable operators
+    assert [g for g in manifest["graphs"]["fp32"] if g.startswith("encoder_part")] == ["encoder_part0", "encoder_part1"]
+    assert not any(g.startswith("encoder_part") for p in ("fp16", "int8") for g in manifest["graphs"][p])
+    for part in ("encoder_part0", "encoder_part1"):
+        assert set(manifest["operators"]["fp32"][part]) <= onnx_export.PORTABLE_OPS
     for precision in PRECISIONS:
         verify_files(tiny_dir, manifest, precision)
 
@@ -246,6 +254,49 @@ def test_missing_manifest_and_unknown_precision(model_copy: Path) -> None:
     (model_copy / "manifest.json").unlink()
     with pytest.raises(ManifestError, match="missing"):
         read_manifest(model_copy)
+
+
+def test_encoder_parts_match_pytorch_where_relative_positions_matter(tmp_path: Path) -> None:
+    """The parts chained through the native attention kernel give the PyTorch encoder's embedding, with
+    relative-position tables large enough that their terms move the embedding (random init's are small)."""
+    from samreg_rt.split_encoder import run_encoder_parts
+
+    sam = load_source("random:tiny", seed=3).model.eval()
+    attn = sam.image_encoder.blocks[1].attn
+    image = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        attn.rel_pos_h.mul_(40.0)
+        attn.rel_pos_w.mul_(40.0)
+        want = sam.image_encoder(image).numpy()
+        tables = attn.rel_pos_h.clone(), attn.rel_pos_w.clone()
+        attn.rel_pos_h.zero_()
+        attn.rel_pos_w.zero_()
+        without = sam.image_encoder(image).numpy()
+        attn.rel_pos_h.copy_(tables[0])
+        attn.rel_pos_w.copy_(tables[1])
+    assert np.abs(want - without).max() > 0.1
+    paths = onnx_export.export_encoder_parts(sam, tmp_path)
+    assert [p.name for p in paths] == ["encoder_part0.onnx", "encoder_part1.onnx"]
+    got = run_encoder_parts([parity.session(p) for p in paths], image.numpy())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_encoder_parts_only_for_vit_encoders() -> None:
+    assert onnx_export.encoder_parts_supported(load_source("random:tiny").model)
+    assert not onnx_export.encoder_parts_supported(load_source("litemedsam").model)
+
+
+def test_encoder_part_entries_are_checked(model_copy: Path) -> None:
+    _edit_manifest(model_copy, lambda m: m["graphs"]["fp32"]["encoder_part1"].update(file="../x.onnx"))
+    with pytest.raises(ManifestError, match="encoder_part1.file"):
+        read_manifest(model_copy)
+
+
+def test_tampered_encoder_part_names_file(model_copy: Path) -> None:
+    path = model_copy / "encoder_part1.onnx"
+    path.write_bytes(path.read_bytes()[:-1] + b"x")
+    with pytest.raises(ManifestError, match="encoder_part1.onnx"):
+        verify_files(model_copy, read_manifest(model_copy), "fp32")
 
 
 def test_file_entry_outside_directory_is_rejected(model_copy: Path) -> None:

@@ -265,3 +265,53 @@ def add_rel_pos_terms(attn: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tens
     attn = attn.view(b, rows, q_w, k_h, k_w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
     return attn.view(b, rows * q_w, k_h * k_w)
 
+
+
+class EncoderPart(nn.Module):
+    """The part of a ViT encoder between two global-attention cores, for an encoder run as ONNX graphs
+    around a native attention kernel (``samreg_rt._ext.shared_attention``; batch 1).
+
+    ``start``: the global block whose attention core output this part takes (None: the part takes the
+    image); ``stop``: the global block whose attention core inputs it returns (None: it returns the
+    embedding). Inputs: ``image`` (1 x 3 x S x S), or ``tokens`` (1 x h x w x dim, the residual stream
+    before block ``start``) and ``attention`` (hw x heads x head_dim, its attention core's output).
+    Outputs: the embedding, or ``next_tokens`` (before block ``stop``) and block ``stop``'s core inputs:
+    ``q`` (scaled), ``k``, ``v`` (hw x heads x head_dim) and ``rel_h``, ``rel_w`` (hw x heads x h and
+    hw x heads x w, the decomposed relative position terms of the unscaled queries).
+    """
+
+    def __init__(self, encoder: ImageEncoderViT, start: int | None, stop: int | None) -> None:
+        super().__init__()
+        self.encoder, self.start, self.stop = encoder, start, stop
+
+    def forward(self, *inputs: torch.Tensor):
+        enc = self.encoder
+        if self.start is None:
+            (image,) = inputs
+            x = enc.patch_embed(image)
+            if enc.pos_embed is not None:
+                x = x + enc.pos_embed
+            first = 0
+        else:
+            x, attention = inputs
+            blk = enc.blocks[self.start]
+            x = x + blk.attn.proj(attention.reshape(x.shape[0], x.shape[1], x.shape[2], -1))
+            x = x + blk.mlp(blk.norm2(x))
+            first = self.start + 1
+        for blk in enc.blocks[first:len(enc.blocks) if self.stop is None else self.stop]:
+            x = blk(x)
+        if self.stop is None:
+            return enc.neck(x.permute(0, 3, 1, 2))
+        attn = enc.blocks[self.stop].attn
+        _, h, w, _ = x.shape
+        qkv = attn.qkv(enc.blocks[self.stop].norm1(x)).reshape(h * w, 3, attn.num_heads, -1)
+        q, k, v = qkv.unbind(1)                                            # each hw x heads x head_dim
+        rel_h, rel_w = rel_pos_terms(q.permute(1, 0, 2), attn.rel_pos_h, attn.rel_pos_w, (h, w), (h, w))
+        return (x, q * attn.scale, k, v, rel_h.reshape(attn.num_heads, h * w, -1).permute(1, 0, 2),
+                rel_w.reshape(attn.num_heads, h * w, -1).permute(1, 0, 2))
+
+
+def global_blocks(encoder: nn.Module) -> list[int]:
+    """Indices of a ViT encoder's global-attention blocks with relative positions ([] for other encoders)."""
+    return [i for i, blk in enumerate(getattr(encoder, "blocks", ()))
+            if getattr(blk, "window_size", None) == 0 and getattr(blk.attn, "use_rel_pos", False)]
