@@ -30,6 +30,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from samreg_rt import _ext
+
 MODEL = "random_tiny"  # registry name every command uses (random_tiny_dir() makes sure it is cached)
 HUGE = 20000  # px per side of the decompression-bomb images (4e8 pixels, far above io.MAX_PIXELS)
 SIZE = (40, 48)  # (H, W) of the ordinary test images
@@ -446,13 +448,20 @@ def _flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _encoder(model: Path) -> str:
+    """The encoder graph Engine.load reads first: random_tiny is a ViT, whose encoder runs as its parts around
+    the native global attention on AVX-512 CPUs (samreg_rt.split_encoder) when its export has them."""
+    graphs = json.loads((model / "manifest.json").read_text())["graphs"]["fp32"]
+    return "encoder_part0" if _ext.mask_upscaling_isa() == "avx512" and "encoder_part0" in graphs else "encoder"
+
+
 # name, how the copy is spoiled, what the message must contain
 MODEL_CASES: list[tuple[str, Callable[[Path], object], tuple[str, ...]]] = [
     ("missing_file", lambda m: _graph(m, "encoder").unlink(), ("encoder.onnx", "missing")),
     ("truncated_graph", lambda m: _truncate(_graph(m, "decoder"), 1 / 3), ("decoder.onnx", "size")),
     ("truncated_graph_rehashed", lambda m: _rehash(m, "decoder", _graph(m, "decoder").read_bytes()[:5000]),
      ("decoder.onnx", "not a loadable ONNX graph")),
-    ("sha256_mismatch", lambda m: _flip_byte(_graph(m, "encoder")), ("encoder.onnx", "sha256")),
+    ("sha256_mismatch", lambda m: _flip_byte(_graph(m, _encoder(m))), ("encoder", ".onnx", "sha256")),
     ("newer_format", lambda m: _edit_manifest(m, lambda d: d.update(format_version=d["format_version"] + 1)),
      ("manifest.json", "newer")),
     ("malformed_manifest", lambda m: (m / "manifest.json").write_text('{"format_version": 1, "graphs": '),
@@ -461,7 +470,7 @@ MODEL_CASES: list[tuple[str, Callable[[Path], object], tuple[str, ...]]] = [
      lambda m: _edit_manifest(m, lambda d: d["graphs"]["fp32"]["encoder"].update(file="../../etc/passwd")),
      ("manifest.json", "plain file name")),
     ("bad_spec", lambda m: _edit_manifest(m, lambda d: d["spec"].update(input_size="big")), ("manifest.json", "spec")),
-    ("wrong_input_names", lambda m: _rename_encoder_input(m), ("encoder.onnx", "'image'")),
+    ("wrong_input_names", lambda m: _rename_encoder_input(m), ("encoder", ".onnx", "'image'")),
     ("no_manifest", lambda m: (m / "manifest.json").unlink(), ("no_manifest", "not a model")),
 ]
 
@@ -503,13 +512,14 @@ def _zero_pixdim(path: Path, vol: np.ndarray) -> Path:
 def _rename_encoder_input(model: Path) -> None:
     import onnx
 
-    role_file = json.loads((model / "manifest.json").read_text())["graphs"]["fp32"]["encoder"]["file"]
+    role = _encoder(model)
+    role_file = json.loads((model / "manifest.json").read_text())["graphs"]["fp32"][role]["file"]
     graph = onnx.load(str(model / role_file))
     old = graph.graph.input[0].name
     graph.graph.input[0].name = "pixels"
     for node in graph.graph.node:
         node.input[:] = ["pixels" if i == old else i for i in node.input]
-    _rehash(model, "encoder", graph.SerializeToString())
+    _rehash(model, role, graph.SerializeToString())
 
 
 def _data_manifest(case_dir: Path, pair: dict) -> Path:
