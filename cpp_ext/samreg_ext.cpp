@@ -1508,6 +1508,10 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
     }
     if (!(eps > 0) || !std::isfinite(eps)) throw py::value_error("two_way_pass: eps must be positive and finite");
     const bool avx512 = use_avx512(isa, "two_way_pass");
+    // the inputs no output may overlap
+    const std::vector<std::pair<const py::array *, const char *>> inputs{
+        {&keys, "keys"}, {&pe, "pe"}, {&kq, "kq"}, {&koff, "koff"}, {&vwo, "vwo"}, {&ln_weight, "ln_weight"},
+        {&ln_bias, "ln_bias"}, {&qk, "qk"}};
     py::array_t<float> out;
     if (!keep_keys && !out_obj.is_none())
         throw py::value_error("out: given, but keep_keys is False (keys_out is not written)");
@@ -1522,17 +1526,12 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
         // out may be keys itself (per-prompt keys, updated in place): a work item reads a block's keys
         // rows before it writes that block's rows, and no other item touches them.
         const bool in_place = shared == batch && out.data() == keys.data();
-        for (const auto &[arr, name] : {std::pair<const py::array &, const char *>{keys, "keys"}, {pe, "pe"},
-                                        {kq, "kq"}, {koff, "koff"}, {vwo, "vwo"}, {ln_weight, "ln_weight"},
-                                        {ln_bias, "ln_bias"}, {qk, "qk"}})
-            if (!(in_place && &arr == &keys)) require_disjoint(out, arr, name);
+        for (const auto &[arr, name] : inputs)
+            if (!(in_place && arr == &keys)) require_disjoint(out, *arr, name);
         if (projected) require_disjoint(out, qproj, "qproj");
     }
     // the optional outputs of the image->token attention weights and the LayerNorm's scale per pixel
     py::array_t<float> probs, rstd;
-    const std::vector<std::pair<const py::array *, const char *>> inputs{
-        {&keys, "keys"}, {&pe, "pe"}, {&kq, "kq"}, {&koff, "koff"}, {&vwo, "vwo"}, {&ln_weight, "ln_weight"},
-        {&ln_bias, "ln_bias"}, {&qk, "qk"}};
     for (auto [obj, arr, name, ndim] : {std::tuple<py::handle, py::array_t<float> *, const char *, int>{
                                             probs_obj, &probs, "probs", 4}, {rstd_obj, &rstd, "rstd", 2}}) {
         if (obj.is_none()) continue;

@@ -32,7 +32,7 @@ def cgroup_quota_cpus(cgroup_root: Path = Path("/sys/fs/cgroup"),
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
         lines = []
-    paths = {"": ""}
+    paths: dict[str, str] = {}      # "v2", "v1": this process's cgroup path in that hierarchy
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) == 3 and parts[0] == "0" and parts[1] == "":
