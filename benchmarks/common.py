@@ -104,7 +104,13 @@ class WholeDecoder:
         self.decode = decode
         self.threads = threads
 
-    def decode_tokens(self, embedding, coords, labels, out=None, mask_outputs=(0, 1, 2, 3)):
+    def prepare(self, embedding):
+        return embedding                            # nothing to compute once per image
+
+    def factors_buffer(self, capacity, points):
+        return None                                 # image tokens are never factored here
+
+    def decode_tokens(self, embedding, coords, labels, out=None, mask_outputs=(0, 1, 2, 3), factors=None):
         iou, low = self.decode(embedding, coords, labels)
         rows = np.broadcast_to(np.asarray(mask_outputs, np.float32)[None, :, None], (len(coords), len(mask_outputs), 1))
         return iou, rows, low                       # "hyper_in" carries the output index

@@ -209,9 +209,10 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
     channels, h, w = emb.embedding.shape
     tokens_buffer = np.empty((min(params.batch_size, len(coords)), h * w, channels), np.float32)  # reused per batch
     factors = engine.factors_buffer(len(tokens_buffer), coords.shape[1])   # the same, when the kernels take them
+    embedding = engine.prepare(emb.embedding)                      # the image-only work, once for every batch
     for batch in _prompt_batches(params, out_shape, covered):
         counts["run"] += len(batch)
-        iou, hyper_in, image_tokens = engine.decode_tokens(emb.embedding, coords[batch], labels[batch],
+        iou, hyper_in, image_tokens = engine.decode_tokens(embedding, coords[batch], labels[batch],
                                                            out=tokens_buffer, mask_outputs=tuple(outputs),
                                                            factors=factors)
         iou = iou[:, outputs]                                          # (b, k)

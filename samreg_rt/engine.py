@@ -22,7 +22,8 @@ from .manifest import encoder_part_names, read_manifest
 from .preprocess import Frame, to_model_input
 from .spec import ModelSpec
 from .split_encoder import PART_INPUTS, PART_OUTPUTS, run_encoder_parts
-from .two_way import MAX_TOKENS, ImageTokenFactors, TwoWayWeights, decode_tokens as fused_decode_tokens
+from .two_way import MAX_TOKENS, ImageTokenFactors, SharedImage, TwoWayWeights, decode_tokens as fused_decode_tokens
+from .two_way import shared_image
 from .upscaling import UpscalingWeights, upscale_kept, upscale_kept_factored
 
 log = logging.getLogger("samreg_rt")
@@ -326,13 +327,21 @@ class Engine:
         hw = len(self.two_way["image_pe"])
         return ImageTokenFactors.empty(capacity, hw, self.two_way.num_heads * (5 + points))
 
-    def decode_tokens(self, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray,
+    def prepare(self, embedding: np.ndarray) -> np.ndarray | SharedImage:
+        """An embedding (C, 64, 64) or (1, C, 64, 64) made ready for ``decode_tokens`` calls on many prompt
+        batches: with the fused decoder its ``two_way.SharedImage`` (the first layer's image-only
+        projections, computed once instead of once per call), else the (1, C, 64, 64) array."""
+        emb = _check_embedding(embedding)
+        return shared_image(self.two_way, emb, self.threads) if self.two_way is not None else emb
+
+    def decode_tokens(self, embedding: np.ndarray | SharedImage, point_coords: np.ndarray, point_labels: np.ndarray,
                       out: np.ndarray | None = None, mask_outputs: tuple[int, ...] = (0, 1, 2, 3),
                       factors: ImageTokenFactors | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | ImageTokenFactors]:
         """First step of ``decode`` (one decoder call, B >= 1 prompts): everything but the masks.
 
-        Inputs as ``decode``. Returns iou_predictions (B, 4), hyper_in (B, K, C/8) (the hypernetwork
+        Inputs as ``decode``; the embedding may be the one ``prepare`` returns. Returns iou_predictions
+        (B, 4), hyper_in (B, K, C/8) (the hypernetwork
         outputs of the K = len(mask_outputs) mask outputs asked for: 0 single-mask, 1..3 multimask,
         distinct, in the order given) and image_tokens (B, 4096, C) (the two-way transformer's image
         side), float32; ``decode_masks`` turns the last two into mask logits. Runs the fused CPU
@@ -344,7 +353,9 @@ class Engine:
         ``factors``: a ``factors_buffer``: the fused decoder then returns the image tokens in factored form
         (``ImageTokenFactors``, views of the buffer), which ``decode_kept_masks`` takes; the graph ignores it.
         """
-        emb, coords, labels = _check_prompts(embedding, point_coords, point_labels)
+        prepared = embedding if isinstance(embedding, SharedImage) else None
+        emb, coords, labels = _check_prompts(embedding if prepared is None else prepared.embedding, point_coords,
+                                             point_labels)
         if coords.shape[0] == 0:
             raise InputError("prompts: decode_tokens needs at least one prompt")
         outputs = tuple(mask_outputs)
@@ -352,7 +363,8 @@ class Engine:
                 not all(isinstance(k, (int, np.integer)) and 0 <= k < 4 for k in outputs):
             raise InputError(f"mask_outputs: expected distinct mask output indices in 0..3, got {mask_outputs}")
         if self.two_way is not None and coords.shape[1] + 5 <= MAX_TOKENS:
-            return fused_decode_tokens(self.two_way, emb, coords, labels, out, outputs, self.threads, factors)
+            return fused_decode_tokens(self.two_way, emb if prepared is None else prepared, coords, labels, out,
+                                       outputs, self.threads, factors)
         iou, hyper_in, image_tokens = self.sessions["decoder_tokens"].run(
             None, {"image_embeddings": emb, "point_coords": coords, "point_labels": labels})
         return iou, np.ascontiguousarray(hyper_in[:, list(outputs)]), image_tokens
@@ -399,16 +411,22 @@ class Engine:
         return self.decode_masks(image_tokens, hyper_in)[keep]
 
 
-def _check_prompts(embedding: np.ndarray, point_coords: np.ndarray,
-                   point_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate decoder inputs -> (1, C, 64, 64), (B, N, 2), (B, N) float32 arrays (``InputError``)."""
+def _check_embedding(embedding: np.ndarray) -> np.ndarray:
+    """An embedding (C, h, w) or (1, C, h, w) -> (1, C, h, w) float32 C-contiguous (``InputError``)."""
     emb = np.ascontiguousarray(embedding, np.float32)
     if emb.ndim == 3:
         emb = emb[None]
-    coords = np.asarray(point_coords, np.float32)
-    labels = np.asarray(point_labels, np.float32)
     if emb.ndim != 4 or emb.shape[0] != 1:
         raise InputError(f"embedding: expected (C, 64, 64) or (1, C, 64, 64), got {embedding.shape}")
+    return emb
+
+
+def _check_prompts(embedding: np.ndarray, point_coords: np.ndarray,
+                   point_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate decoder inputs -> (1, C, 64, 64), (B, N, 2), (B, N) float32 arrays (``InputError``)."""
+    emb = _check_embedding(embedding)
+    coords = np.asarray(point_coords, np.float32)
+    labels = np.asarray(point_labels, np.float32)
     if coords.ndim != 3 or coords.shape[2] != 2 or labels.shape != coords.shape[:2]:
         raise InputError(
             f"prompts: expected point_coords (B, N, 2) and point_labels (B, N), got "

@@ -8,9 +8,10 @@ LayerNorms and heads of the 5 + N prompt tokens) runs in numpy with its products
 ``samreg_rt._ext.two_way_pass`` over the image tokens: the image-to-token attention update,
 residual and LayerNorm, then the next token-to-image attention's softmax pooling over the new image
 tokens. The first layer's token-to-image attention, whose image tokens are the image's own, is one
-``samreg_rt._ext.shared_attention`` call on the image tokens projected once per call. The image tokens
-are never projected per prompt, as in the exported graph (``samreg_export.onnx_export.PromptDecoder``);
-the first layer's have their query projection computed once per call (the pass's ``qproj``):
+``samreg_rt._ext.shared_attention`` call on the image tokens projected once per image (``shared_image``,
+which every prompt batch of the image reuses). The image tokens are never projected per prompt, as in
+the exported graph (``samreg_export.onnx_export.PromptDecoder``); the first layer's have their query
+projection computed once per image too (the pass's ``qproj``):
 
 - token-to-image head h: logits ``(q_h W_k,h) x^T`` and pooled values ``(A_h x) W_v,h^T + b_v,h``;
 - image-to-token head h: logits ``x (W_q,h^T k_h^T) + b_q,h k_h^T`` and output
@@ -124,6 +125,43 @@ class ImageTokenFactors:
         return np.ascontiguousarray(x, np.float32)
 
 
+@dataclass(frozen=True)
+class SharedImage:
+    """What the first layer of the two-way transformer computes from the image alone, for every prompt
+    batch of one image (``shared_image``; ``decode_tokens`` takes it in place of the embedding).
+
+    embedding: (1, C, h, w), as given; keys: (1, hw, C) the image tokens (embedding plus the no-mask
+    embedding); t2i_keys, t2i_values: (hw, heads, d) the first token-to-image attention's keys (scaled by
+    1/sqrt(d)) and values; i2t_queries: (hw, heads*d) the first image-to-token attention's queries.
+    """
+
+    embedding: np.ndarray
+    keys: np.ndarray
+    t2i_keys: np.ndarray
+    t2i_values: np.ndarray
+    i2t_queries: np.ndarray
+
+
+def shared_image(w: TwoWayWeights, embedding: np.ndarray, threads: int = 0) -> SharedImage:
+    """The image-only projections of the first layer for embedding (1, C, h, w) float32 (C-contiguous):
+    computed once per image instead of once per ``decode_tokens`` call. threads: the products' thread
+    limit (0: the CPUs this process may run on)."""
+    if embedding.ndim != 4 or embedding.shape[:2] != (1, C) or \
+            embedding.shape[2] * embedding.shape[3] != len(w["image_pe"]):
+        raise InputError(f"embedding: expected (1, {C}, h, w) with h*w = {len(w['image_pe'])}, got {embedding.shape}")
+    heads, pe = w.num_heads, w["image_pe"]
+    keys = np.ascontiguousarray((embedding.reshape(C, -1).T + w["no_mask"])[None])    # (1, hw, C)
+    name = "transformer.layers.0"
+    with threadpool_limits(1, user_api="blas"):
+        t2i_keys = _linear(w, f"{name}.cross_attn_token_to_image.k_proj", keys[0] + pe, threads=threads)
+        t2i_keys = t2i_keys.reshape(len(pe), heads, -1)
+        t2i_keys /= np.sqrt(t2i_keys.shape[-1], dtype=np.float32)
+        t2i_values = _linear(w, f"{name}.cross_attn_token_to_image.v_proj", keys[0], threads=threads)
+        i2t_queries = _linear(w, f"{name}.cross_attn_image_to_token.q_proj", keys[0] + pe, threads=threads)
+    return SharedImage(embedding=embedding, keys=keys, t2i_keys=t2i_keys,
+                       t2i_values=t2i_values.reshape(len(pe), heads, -1), i2t_queries=i2t_queries)
+
+
 def _parameter_names(depth: int, masks: int) -> list[str]:
     """The decoder parameters ``decode_tokens`` reads, for ``depth`` layers and ``masks`` mask tokens."""
     attentions = ["self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token"]
@@ -180,20 +218,16 @@ def _head_weights(w: TwoWayWeights, name: str) -> tuple[np.ndarray, np.ndarray]:
     return weight.reshape(heads, -1, weight.shape[1]), bias.reshape(heads, -1)
 
 
-def _token_to_shared_image(w: TwoWayWeights, name: str, q: np.ndarray, keys: np.ndarray, pe: np.ndarray, *,
+def _token_to_shared_image(w: TwoWayWeights, name: str, q: np.ndarray, image: "SharedImage", *,
                            threads: int) -> np.ndarray:
-    """Token-to-image attention of tokens q (B, T, C) to image tokens keys (hw, C) shared by the B prompts
-    (the first layer's): the image side is projected once and every head of every token attends to it in
-    one ``_ext.shared_attention`` call. -> (B, T, C)."""
+    """Token-to-image attention of tokens q (B, T, C) to the image's own tokens (the first layer's),
+    projected once per image (``SharedImage``): every head of every token attends to them in one
+    ``_ext.shared_attention`` call. -> (B, T, C)."""
     heads = w.num_heads
     b, t, _ = q.shape
     qh = _linear(w, f"{name}.q_proj", q, threads=threads).reshape(b * t, heads, -1)        # (B*T, heads, d)
-    d = qh.shape[-1]
-    kh = _linear(w, f"{name}.k_proj", keys + pe, threads=threads).reshape(-1, heads, d)   # (hw, heads, d)
-    kh /= np.sqrt(d, dtype=np.float32)
-    vh = _linear(w, f"{name}.v_proj", keys, threads=threads).reshape(-1, heads, d)
-    out = _ext.shared_attention(qh, kh, vh, threads=threads)                               # (B*T, heads, d)
-    return _linear(w, f"{name}.out_proj", out.reshape(b, t, heads * d), threads=threads)
+    out = _ext.shared_attention(qh, image.t2i_keys, image.t2i_values, threads=threads)     # (B*T, heads, d)
+    return _linear(w, f"{name}.out_proj", out.reshape(b, t, -1), threads=threads)
 
 
 def _token_to_image_rows(w: TwoWayWeights, name: str, q: np.ndarray, *, threads: int) -> np.ndarray:
@@ -254,11 +288,13 @@ def embed_points(w: TwoWayWeights, point_coords: np.ndarray, point_labels: np.nd
     return emb.astype(np.float32)
 
 
-def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray,
+def decode_tokens(w: TwoWayWeights, embedding: np.ndarray | SharedImage, point_coords: np.ndarray,
+                  point_labels: np.ndarray,
                   out: np.ndarray | None = None, mask_outputs: tuple[int, ...] = (0, 1, 2, 3), threads: int = 0,
                   factors: ImageTokenFactors | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | ImageTokenFactors]:
-    """``decoder_tokens`` of B prompts: embedding (1, C, h, w), point_coords (B, N, 2) and point_labels
+    """``decoder_tokens`` of B prompts: embedding (1, C, h, w) float32 C-contiguous, or its ``shared_image``
+    (which spares each call the first layer's image-only projections), point_coords (B, N, 2) and point_labels
     (B, N) float32 (N <= 3) -> iou_predictions (B, 4), hyper_in (B, K, C/8) of the K = len(mask_outputs)
     mask outputs asked for (0 single-mask, 1..3 multimask; distinct, in the order given), image_tokens
     (B, hw, C).
@@ -279,7 +315,8 @@ def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndar
 
     numpy's BLAS runs on one thread here: its idle worker threads keep spinning for a while after a
     multithreaded product and would halve the speed of the two-thread passes that follow."""
-    b, hw = point_coords.shape[0], embedding.shape[-2] * embedding.shape[-1]
+    image = embedding if isinstance(embedding, SharedImage) else shared_image(w, embedding, threads)
+    b, hw = point_coords.shape[0], image.keys.shape[1]
     if out is None:
         out = np.empty((b, hw, C), np.float32)
     elif out.dtype != np.float32 or out.ndim != 3 or out.shape[0] < b or out.shape[1:] != (hw, C) \
@@ -296,11 +333,11 @@ def decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndar
             not all(isinstance(k, (int, np.integer)) and 0 <= k < masks for k in mask_outputs):
         raise InputError(f"mask_outputs: expected distinct mask output indices in 0..{masks - 1}, got {mask_outputs}")
     with threadpool_limits(1, user_api="blas"):
-        return _decode_tokens(w, embedding, point_coords, point_labels, out[:b], [int(k) for k in mask_outputs],
+        return _decode_tokens(w, image, point_coords, point_labels, out[:b], [int(k) for k in mask_outputs],
                               threads=threads, factors=factors)
 
 
-def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.ndarray,
+def _decode_tokens(w: TwoWayWeights, image: SharedImage, point_coords: np.ndarray,
                    point_labels: np.ndarray, image_tokens: np.ndarray, mask_outputs: list[int], *,
                    threads: int, factors: ImageTokenFactors | None
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | ImageTokenFactors]:
@@ -311,7 +348,7 @@ def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.nda
     sparse = embed_points(w, point_coords, point_labels)
     tokens = np.concatenate([np.broadcast_to(w["output_tokens"], (b, *w["output_tokens"].shape)), sparse], axis=1)
     pe = w["image_pe"]
-    keys = np.ascontiguousarray((embedding.reshape(C, -1).T + w["no_mask"])[None])   # (1, hw, C): shared
+    keys = image.keys                                         # (1, hw, C): shared by the prompts
     if factors is not None:
         factors.keys[...] = keys[0]
     query_pe = tokens
@@ -321,16 +358,16 @@ def _decode_tokens(w: TwoWayWeights, embedding: np.ndarray, point_coords: np.nda
     for i in range(depth):
         layer = f"transformer.layers.{i}"
         if i == 0:
-            update = _token_to_shared_image(w, f"{layer}.cross_attn_token_to_image", queries + query_pe, keys[0], pe,
+            update = _token_to_shared_image(w, f"{layer}.cross_attn_token_to_image", queries + query_pe, image,
                                             threads=threads)
         else:        # the pass before pooled the image tokens for it
             update = _token_to_image_output(w, f"{layer}.cross_attn_token_to_image", pooled, threads=threads)
         queries = _layer_norm(w, f"{layer}.norm2", queries + update)
         mlp = _linear(w, f"{layer}.mlp.lin1", queries, relu=True, threads=threads)
         queries = _layer_norm(w, f"{layer}.norm3", queries + _linear(w, f"{layer}.mlp.lin2", mlp, threads=threads))
-        # The first layer's image tokens are the image's alone: their query projection runs once per call.
+        # The first layer's image tokens are the image's alone: their query projection runs once per image.
         i2t = f"{layer}.cross_attn_image_to_token"
-        qproj = _linear(w, f"{i2t}.q_proj", keys[0] + pe, threads=threads) if i == 0 else None
+        qproj = image.i2t_queries if i == 0 else None
         kq, koff, vwo = _image_to_token_rows(w, i2t, queries + query_pe, queries, projected=i == 0,
                                              threads=threads)
         # The next token-to-image attention's queries do not depend on the image tokens: the next

@@ -67,6 +67,9 @@ class _ScriptedEngine:
     def factors_buffer(self, capacity, points):
         return None             # no factored image tokens: decode_tokens returns the "tokens" below
 
+    def prepare(self, embedding):
+        return embedding
+
     def decode_tokens(self, embedding, coords, labels, out=None, mask_outputs=(0, 1, 2, 3), factors=None):
         assert factors is None
         b = len(coords)

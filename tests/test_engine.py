@@ -203,6 +203,30 @@ def test_fused_tokens_into_a_buffer(engine):
                 engine.decode_tokens(emb, coords, labels, out=bad)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_prepared_embedding(tiny_dir, fused):
+    """Engine.prepare: the fused decoder's image-only projections, computed once, give every later
+    decode_tokens call what the raw embedding gives (the same arithmetic, so bit for bit); the graph
+    decoder gets the embedding back; a wrong embedding is an InputError."""
+    engine = Engine.load(tiny_dir, threads=1, fused_tokens=fused)
+    rng = np.random.default_rng(5)
+    emb = engine.embed(rng.integers(0, 255, (64, 64), np.uint8)).embedding
+    prepared = engine.prepare(emb)
+    assert isinstance(prepared, two_way.SharedImage) == (engine.two_way is not None)
+    coords = np.concatenate([rng.uniform(0, 255, (6, 1, 2)), np.zeros((6, 1, 2))], axis=1).astype(np.float32)
+    labels = np.tile([1.0, -1.0], (6, 1)).astype(np.float32)
+    for rows in (slice(0, 4), slice(4, 6)):
+        want = engine.decode_tokens(emb, coords[rows], labels[rows], mask_outputs=(1, 2, 3))
+        got = engine.decode_tokens(prepared, coords[rows], labels[rows], mask_outputs=(1, 2, 3))
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(InputError, match="embedding"):
+        engine.prepare(emb[0, :, :32])
+    if engine.two_way is not None:
+        with pytest.raises(InputError, match="embedding"):
+            two_way.shared_image(engine.two_way, np.zeros((1, 256, 32, 32), np.float32))
+
+
 def test_fused_tokens_litemedsam(litemedsam_dir, data_dir):
     """Real weights: LiteMedSAM's box grid through the CPU decoder and through decoder_tokens."""
     image = load_image(data_dir / "cardiac_mr" / "acdc2d_example" / "fixed.png").array
