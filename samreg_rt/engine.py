@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -235,35 +236,50 @@ class Engine:
         threads = usable_cpus() if threads is None else int(threads)
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        def load_graph(role: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> ort.InferenceSession:
-            entry = graphs[precision].get(role)
-            if entry is None:
-                raise ManifestError(f"{model_dir / 'manifest.json'}: no {role} graph for {precision}")
-            path = model_dir / entry["file"]
-            return _session(path, _read_verified(path, entry), options, chosen, inputs, outputs, model_dir, precision)
-
         # every graph listed must be there (a broken model directory fails here, not when a graph is first
         # needed); those that run are hashed when read
         for role, entry in graphs[precision].items():
             path = model_dir / entry["file"]
             if not path.is_file() or path.stat().st_size != entry.get("bytes"):
                 raise ManifestError(f"{path}: {role} graph listed in the manifest is missing or has another size")
-        # the decoders first: whether they run on the CPU decides the fused kernels, and so which encoder
-        sessions = {role: load_graph(role, *io) for role, io in GRAPH_IO.items() if role != "encoder"}
-        upscaling = two_way = None
-        encoder_parts: list[ort.InferenceSession] = []
-        if (precision != "fp16" and _ext.mask_upscaling_isa() == "avx512"
-                and sessions["decoder_masks"].get_providers()[0] == "CPUExecutionProvider"):
-            if fused_upscaling:
-                upscaling = UpscalingWeights.from_bytes(*_read_weights(model_dir, manifest, "mask_upscaling"))
-            if fused_tokens:
-                two_way = TwoWayWeights.from_bytes(*_read_weights(model_dir, manifest, "two_way"))
-            roles = encoder_part_names(graphs[precision]) if fused_encoder and precision == "fp32" else []
-            # the first part takes the image, the last ends with the embedding
-            encoder_parts = [load_graph(role, PART_INPUTS[min(i, 1)], PART_OUTPUTS[int(i == len(roles) - 1)])
-                             for i, role in enumerate(roles)]
-        if not encoder_parts:
-            sessions["encoder"] = load_graph("encoder", *GRAPH_IO["encoder"])
+        # A thread reads and hashes the graphs in the order they are loaded, so that the next one is hashed
+        # while ONNX Runtime builds a session from the last one's verified bytes.
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            reads: dict[str, Future] = {}
+
+            def read(roles: list[str]) -> None:
+                for role in roles:
+                    entry = graphs[precision].get(role)
+                    if entry is None:
+                        raise ManifestError(f"{model_dir / 'manifest.json'}: no {role} graph for {precision}")
+                    reads[role] = reader.submit(_read_verified, model_dir / entry["file"], entry)
+
+            def load_graph(role: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> ort.InferenceSession:
+                path = model_dir / graphs[precision][role]["file"]
+                return _session(path, reads[role].result(), options, chosen, inputs, outputs, model_dir, precision)
+
+            try:
+                # the decoders first: whether they run on the CPU decides the fused kernels, and so which encoder
+                read([role for role in GRAPH_IO if role != "encoder"])
+                sessions = {role: load_graph(role, *io) for role, io in GRAPH_IO.items() if role != "encoder"}
+                upscaling = two_way = None
+                encoder_parts: list[ort.InferenceSession] = []
+                if (precision != "fp16" and _ext.mask_upscaling_isa() == "avx512"
+                        and sessions["decoder_masks"].get_providers()[0] == "CPUExecutionProvider"):
+                    if fused_upscaling:
+                        upscaling = UpscalingWeights.from_bytes(*_read_weights(model_dir, manifest, "mask_upscaling"))
+                    if fused_tokens:
+                        two_way = TwoWayWeights.from_bytes(*_read_weights(model_dir, manifest, "two_way"))
+                    roles = encoder_part_names(graphs[precision]) if fused_encoder and precision == "fp32" else []
+                    read(roles)
+                    # the first part takes the image, the last ends with the embedding
+                    encoder_parts = [load_graph(role, PART_INPUTS[min(i, 1)], PART_OUTPUTS[int(i == len(roles) - 1)])
+                                     for i, role in enumerate(roles)]
+                if not encoder_parts:
+                    read(["encoder"])
+                    sessions["encoder"] = load_graph("encoder", *GRAPH_IO["encoder"])
+            finally:
+                reader.shutdown(cancel_futures=True)        # after an error: no reads left behind
         providers_used = (encoder_parts[0] if encoder_parts else sessions["encoder"]).get_providers()
         log.info("loaded %s (%s) with %s%s%s%s", manifest.get("name"), precision, providers_used[0],
                  ", fused two-way transformer" if two_way else "", ", fused mask upscaling" if upscaling else "",
