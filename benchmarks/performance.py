@@ -12,9 +12,10 @@ Everything runs in one process on this machine, with ``--threads`` threads for O
 2. Graph throughput: the encoders (fp32, int8) and LiteMedSAM's ``decoder_tokens`` and
    ``decoder_masks`` (a batch of ``DECODER_BATCH`` box prompts of its grid: the batch mask
    generation runs) run with ONNX Runtime's profiler; FLOPs (2 x multiply-adds) are counted from
-   each GEMM-class node's input and output shapes. The warm-up run is left out. "% of peak" is the
-   time the counted work takes at the measured peaks (fp32 FLOPs at the fp32 peak, int8 ops at the
-   int8 peak) over the latency: of the whole graph, and of its GEMM-class kernels alone. Where the
+   each GEMM-class node's input and output shapes. The warm-up run is left out; latency, work and op
+   times are those of the run of median latency. "% of peak" is the time the counted work takes at
+   the measured peaks (fp32 FLOPs at the fp32 peak, int8 ops at the int8 peak) over the latency: of
+   the whole graph, and of its GEMM-class kernels alone. Where the
    engine runs a step on its fused CPU path instead (``samreg_rt.two_way`` for decoder_tokens,
    ``samreg_rt.upscaling`` for decoder_masks), that path's row is timed by wall clock on the same
    batch and credited with the graph's FLOPs, and the decoder figure adds the two steps as mask
@@ -122,21 +123,23 @@ def node_flops(op: str, inputs: list[dict], outputs: list[dict]) -> int | None:
 
 
 def profile_graph(path: Path, feed: dict[str, np.ndarray], threads: int, runs: int, work: Path) -> dict[str, Any]:
-    """Latency, counted work and time per op type of ``runs`` profiled runs after one warm-up.
+    """Latency, counted work and time per op type of the median of ``runs`` profiled runs after one warm-up.
 
-    Returns latency_s (median), gflop_fp32 and gop_int8 per run, ms per op type per run,
-    gemm_ms, and the GEMM-class op types left uncounted (Einsum, unknown shapes)."""
+    Returns latency_s, gflop_fp32 and gop_int8, ms per op type, gemm_ms, and the GEMM-class op types left
+    uncounted (Einsum, unknown shapes), all of the run of median latency (so that an op's time never
+    comes from another run than the latency it is compared with)."""
     sess = session(path, threads, work / f"profile_{path.parent.name}_{path.stem}")
     for _ in range(runs + 1):
         sess.run(None, feed)
     events = json.loads(Path(sess.end_profiling()).read_text())
-    model_runs = sorted((e for e in events if e["name"] == "model_run"), key=lambda e: e["ts"])
-    start = model_runs[0]["ts"] + model_runs[0]["dur"]
+    model_runs = sorted((e for e in events if e["name"] == "model_run"), key=lambda e: e["ts"])[1:]
+    median = sorted(model_runs, key=lambda e: e["dur"])[(len(model_runs) - 1) // 2]
+    start, stop = median["ts"], median["ts"] + median["dur"]
     op_us: dict[str, float] = defaultdict(float)
     flops = {"fp32": 0, "int8": 0}
     uncounted: set[str] = set()
     for e in events:
-        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < start:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or not start <= e["ts"] <= stop:
             continue
         op = e["args"]["op_name"]
         op_us[op] += e["dur"]
@@ -146,9 +149,8 @@ def profile_graph(path: Path, feed: dict[str, np.ndarray], threads: int, runs: i
                 uncounted.add(op)
             else:
                 flops["int8" if op in INT8_OPS else "fp32"] += count
-    ms = {op: us / 1e3 / runs for op, us in sorted(op_us.items(), key=lambda kv: -kv[1])}
-    return {"latency_s": statistics.median(e["dur"] / 1e6 for e in model_runs[1:]),
-            "gflop_fp32": flops["fp32"] / runs / 1e9, "gop_int8": flops["int8"] / runs / 1e9,
+    ms = {op: us / 1e3 for op, us in sorted(op_us.items(), key=lambda kv: -kv[1])}
+    return {"latency_s": median["dur"] / 1e6, "gflop_fp32": flops["fp32"] / 1e9, "gop_int8": flops["int8"] / 1e9,
             "op_ms": ms, "gemm_ms": sum(v for op, v in ms.items() if op in GEMM_OPS),
             "uncounted": sorted(uncounted)}
 
@@ -318,7 +320,7 @@ def markdown(r: dict[str, Any]) -> str:
         "| shape | fp32 MatMul GFLOP/s | int8 MatMulInteger GOP/s |", "|---|---:|---:|",
         *(f"| {row['shape']} | {row['fp32']:.1f} | {row['int8']:.1f} |" for row in peaks["rows"]),
         f"| **peak** | **{peaks['fp32_gflops']:.1f}** | **{peaks['int8_gops']:.1f}** |", "",
-        "## 2. Achieved throughput of the graphs (ONNX Runtime profiler, warm-up run excluded)", "",
+        "## 2. Achieved throughput of the graphs (ONNX Runtime profiler, the run of median latency after a warm-up)", "",
         "| graph | latency ms | GFLOP fp32 | GOP int8 | achieved G(FL)OP/s | % of peak | % of peak in GEMM kernels "
         "| GEMM-class time | top op types (ms) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from .correspondence import overlay, write_png
@@ -140,8 +141,15 @@ def register_one(fixed: str, moving: str, engine: Engine, out_dir: str | os.Path
     (and ddf.npy + warped_moving.png with ``fit_ddf``). With ``prompts`` (points x,y or boxes
     x0,y0,x1,y1 in fixed-image pixels) the prompt mode replaces automatic mask generation.
 
-    Each file is written atomically; run.json comes last and marks the pair as complete.
+    Each file is written atomically; run.json comes last and marks the pair as complete. The BLAS and
+    OpenMP pools (numpy, FAISS, the dense field's fit) are limited to ``engine.threads``.
     """
+    with threadpool_limits(engine.threads):
+        return _register_one(fixed, moving, engine, out_dir, preset, fit_ddf, prompts, overrides)
+
+
+def _register_one(fixed: str, moving: str, engine: Engine, out_dir: str | os.PathLike, preset: str, fit_ddf: bool,
+                  prompts: list[tuple[float, ...]] | None, overrides: dict) -> dict:
     out = Path(out_dir)
     fixed_img, moving_img = load_image(fixed), load_image(moving)
     t = time.perf_counter()

@@ -100,7 +100,7 @@ def resolve_model_dir(model: str | os.PathLike) -> Path:
     if path.is_dir() and (path / "config.json").is_file() or path.is_file() and path.suffix in (".pth", ".pt"):
         digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
         target = cache_dir() / f"local-{path.stem}-{digest}"
-        if (target / "manifest.json").is_file():
+        if (target / "manifest.json").is_file() and not _older_format(target):
             return target
         source = f"hf:{path}" if path.is_dir() else str(path)
         return _export(source, target, name=path.stem)

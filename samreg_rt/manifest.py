@@ -13,8 +13,11 @@ from typing import Any
 from samreg_rt.errors import ManifestError
 
 # 2: the decoder also split at the mask upscaling; 3: + the upscaling weights (weights.mask_upscaling);
-# 4: + the two-way transformer's weights (weights.two_way)
-FORMAT_VERSION = 4
+# 4: + the two-way transformer's weights (weights.two_way); 5: + a ViT encoder's parts around its global
+# attention (graphs.fp32.encoder_part<i>). Version 4 is still read (a ViT's encoder then runs as one graph);
+# the model cache re-exports anything older than FORMAT_VERSION.
+FORMAT_VERSION = 5
+OLDEST_READ_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 GRAPH_NAMES = ("encoder", "decoder", "decoder_tokens", "decoder_masks")
 WEIGHT_NAMES = ("mask_upscaling", "two_way")  # precision-independent float32 arrays for CPU kernels
@@ -36,7 +39,8 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     """Load ``model_dir/manifest.json`` and check its structure.
 
     Raises ``ManifestError`` naming the manifest when it is missing, is not valid JSON, comes from a
-    format version this runtime does not read (newer, older, or not a positive integer), lacks a required
+    format version this runtime does not read (newer than ``FORMAT_VERSION``, older than
+    ``OLDEST_READ_VERSION``, or not a positive integer), lacks a required
     key, or lists a graph entry without file/sha256/bytes.
     """
     path = Path(model_dir) / MANIFEST_NAME
@@ -60,9 +64,9 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
             f"{path}: format_version {version} is newer than the supported version {FORMAT_VERSION}; "
             "upgrade samreg-rt or re-export the model"
         )
-    if version < FORMAT_VERSION:
+    if version < OLDEST_READ_VERSION:
         raise ManifestError(
-            f"{path}: format_version {version} is older than {FORMAT_VERSION} (no weights for the CPU kernels); "
+            f"{path}: format_version {version} is older than {OLDEST_READ_VERSION} (no weights for the CPU kernels); "
             "re-export the model (`samreg-rt export`)"
         )
     missing = [k for k in _REQUIRED_KEYS if k not in manifest]

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import cv2
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import amg, masks as mask_ops, match, roi
 from .correspondence import Correspondence, Side
@@ -159,7 +160,16 @@ def register(fixed: Image | np.ndarray | str | os.PathLike, moving: Image | np.n
     ``Engine``. preset: ``default`` or ``reference`` (see ``PRESETS``). amg_overrides: fields of
     ``amg.AmgParams`` (e.g. points_per_side, pred_iou_thresh, prompt_kind); the model spec gives
     the rest. Returns a ``Registration`` whose correspondence maps fixed ROIs to moving ROIs.
+
+    The BLAS and OpenMP pools it uses (numpy, FAISS) are limited to ``engine.threads``, as the engine's
+    own sessions and kernels are.
     """
+    with threadpool_limits(engine.threads):
+        return _register(fixed, moving, engine, preset, amg_overrides)
+
+
+def _register(fixed: Image | np.ndarray | str | os.PathLike, moving: Image | np.ndarray | str | os.PathLike,
+              engine: Engine, preset: str, amg_overrides: dict) -> Registration:
     if preset not in PRESETS:
         raise InputError(f"preset {preset!r}: expected one of {sorted(PRESETS)}")
     p = PRESETS[preset]

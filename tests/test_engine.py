@@ -11,6 +11,7 @@ import pytest
 
 from samreg_export.export import export_model
 from samreg_rt import _ext, amg, cpus, two_way
+from samreg_rt import engine as engine_module
 from samreg_rt.engine import Engine, resolve_model_dir, select_providers
 from samreg_rt.io import load_image
 from samreg_rt.errors import InputError, ManifestError, ModelError, ModelNotAvailableError
@@ -272,6 +273,40 @@ def test_older_cached_export_is_reexported(tiny_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("SAMREG_RT_CACHE", str(tmp_path / "cache"))
     assert resolve_model_dir("random_tiny") == cached
     assert json.loads((cached / "manifest.json").read_text())["format_version"] > 1
+
+
+def test_format_4_is_read_and_cached_exports_of_it_are_renewed(tiny_dir, tmp_path):
+    """A format-4 manifest (before the encoder parts) still loads from an explicit directory, and the
+    model cache counts it as older, so a registry model cached in it is exported again."""
+    model = _copy(tiny_dir, tmp_path)
+    manifest = json.loads((model / "manifest.json").read_text())
+    manifest["format_version"] = 4
+    for precision in manifest["graphs"].values():
+        for role in [r for r in precision if r.startswith("encoder_part")]:
+            del precision[role]
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    engine = Engine.load(model, threads=1)
+    assert not engine.encoder_parts
+    assert engine.embed(np.zeros((16, 16), np.uint8)).embedding.shape[0] == 256
+    assert engine_module._older_format(model) and not engine_module._older_format(tiny_dir)
+
+
+def test_older_cached_export_of_a_local_checkpoint_is_reexported(tiny_dir, monkeypatch, tmp_path):
+    """An HF directory's cached export is used while its format is current and exported again once older."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    monkeypatch.setenv("SAMREG_RT_CACHE", str(tmp_path / "cache"))
+    exports = []
+    monkeypatch.setattr(engine_module, "_export", lambda source, target, name: exports.append(source) or target)
+    cached = resolve_model_dir(hf)
+    assert exports == [f"hf:{hf}"]
+    shutil.copytree(tiny_dir, cached)                      # what the export writes
+    assert resolve_model_dir(hf) == cached and len(exports) == 1
+    manifest = json.loads((cached / "manifest.json").read_text())
+    manifest["format_version"] = 4
+    (cached / "manifest.json").write_text(json.dumps(manifest))
+    assert resolve_model_dir(hf) == cached and len(exports) == 2
 
 
 @pytest.mark.parametrize("coords, labels, problem", [

@@ -116,3 +116,28 @@ def test_cli_bad_image_names_file_and_leaves_nothing(litemedsam_dir, tmp_path, c
 def test_cli_usage_errors(capsys):
     assert main(["register", str(EXAMPLE / "fixed.png"), "--out", "x"]) == 2
     assert "FIXED MOVING" in capsys.readouterr().err
+
+
+def test_register_limits_blas_and_openmp_pools_to_the_engine_threads(litemedsam_dir, monkeypatch, tmp_path):
+    """register() and register_one() run with at most engine.threads threads in every BLAS and OpenMP pool
+    (numpy's, FAISS's: seen when the ROIs are matched), and restore the pools afterwards."""
+    from threadpoolctl import threadpool_info
+
+    from samreg_rt import batch, match
+
+    engine = Engine.load(litemedsam_dir, threads=1)
+    seen = []
+    cosine_matrix = match.cosine_matrix
+
+    def spy(*args, **kwargs):
+        seen.append({(i["user_api"], i["filepath"]): i["num_threads"] for i in threadpool_info()})
+        return cosine_matrix(*args, **kwargs)
+
+    monkeypatch.setattr(match, "cosine_matrix", spy)
+    before = {(i["user_api"], i["filepath"]): i["num_threads"] for i in threadpool_info()}
+    register(str(EXAMPLE / "fixed.png"), str(EXAMPLE / "moving.png"), engine, **FAST)
+    batch.register_one(str(EXAMPLE / "fixed.png"), str(EXAMPLE / "moving.png"), engine, tmp_path / "out", **FAST)
+    assert len(seen) == 2 and all(seen)
+    assert any(api == "openmp" for pools in seen for api, _ in pools)          # FAISS's OpenMP was seen
+    assert all(n == 1 for pools in seen for n in pools.values())
+    assert {(i["user_api"], i["filepath"]): i["num_threads"] for i in threadpool_info()} == before
