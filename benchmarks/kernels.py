@@ -1,16 +1,17 @@
 """Time each samreg_rt._ext kernel against its numpy twin (tests/twins.py) on realistic sizes.
 
-Run from the repository root: ``python benchmarks/kernels.py``. Prints a table of the best of a
-few runs in milliseconds and the speed-up; checks that both give identical results (the float
-kernels resize_logits, mask_upscaling, linear, two_way_pass (both modes) and shared_attention, whose
-twins compute in float64: within 2e-5
-of the largest value). linear, two_way_pass and shared_attention also get their achieved GFLOP/s.
-Takes about two minutes on 2 cores.
+Run from the repository root: ``python benchmarks/kernels.py [--out benchmarks/results]``. Prints
+a table of the best of a few runs in milliseconds and the speed-up, and writes it with the machine
+to ``kernels.md`` and ``kernels.json`` in ``--out``; checks that both give identical results (the
+float kernels resize_logits, mask_upscaling (both forms), linear, two_way_pass (both modes) and
+shared_attention, whose twins compute in float64: within 2e-5 of the largest value). linear,
+two_way_pass and shared_attention also get their achieved GFLOP/s. The kernels run on every CPU
+this process may use (``threads=0``). Takes about two minutes on 2 cores.
 """
 from __future__ import annotations
 
-import os
-import platform
+import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,9 @@ from samreg_rt import _ext  # noqa: E402
 from samreg_rt.amg import upscale_matrices  # noqa: E402
 from samreg_rt.preprocess import Frame  # noqa: E402
 from tests import twins  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402  (benchmarks/common.py)
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -48,6 +52,9 @@ def sam_like_boxes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.nda
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = ap.parse_args()
     rng = np.random.default_rng(0)
     masks = rng.uniform(size=(100, 256, 256)) < rng.uniform(0.02, 0.3, size=(100, 1, 1))
     packed = _ext.pack_masks(masks)
@@ -56,6 +63,7 @@ def main() -> None:
     logits = rng.normal(0, 3, size=(1024, 256, 256)).astype(np.float32)
     sim = rng.uniform(-1, 1, size=(60, 60)).astype(np.float32)
     upscaling = twins.upscaling_inputs(rng, [3] * 8, 64, 64)  # 8 prompts of a 64x64 embedding, 3 masks each
+    factored = twins.upscaling_factored_inputs(rng, [3] * 8, 64, 64)  # the same from factors (J 56)
     two_way = twins.two_way_inputs(rng, 8, True, 4096, 56, 56, 8)  # 8 prompts, shared 64x64 keys, 8 heads x 7
     two_way_out = np.empty((8, 4096, 256), np.float32)
     two_way_flop = 8 * 4096 * 4 * 2 * 256 * 56  # four products of 2 C J FLOPs per pixel and prompt
@@ -72,6 +80,11 @@ def main() -> None:
     sa_q = rng.normal(0, 0.75, (448, 8, 16)).astype(np.float32)
     sa_k, sa_v = (rng.normal(0, 1, (4096, 8, 16)).astype(np.float32) for _ in range(2))
     sa_flop = 2 * 448 * 8 * 4096 * 2 * 16  # logits and weighted values: 2 d FLOPs each per row, head and key
+    # a ViT-B global attention (64x64 tokens, 12 heads of d 64, relative-position terms), 512 of its 4096 queries
+    vit_q = rng.normal(0, 0.125, (512, 12, 64)).astype(np.float32)
+    vit_k, vit_v = (rng.normal(0, 1, (4096, 12, 64)).astype(np.float32) for _ in range(2))
+    vit_rel_h, vit_rel_w = (rng.normal(0, 1, (512, 12, 64)).astype(np.float32) for _ in range(2))
+    vit_flop = 2 * 512 * 12 * 4096 * 2 * 64
     frame = Frame((200, 200), (1024, 1024), 1024)              # the reference preset's working grid
     ry, rx = upscale_matrices(frame, (256, 256), (200, 200))
 
@@ -102,6 +115,8 @@ def main() -> None:
          lambda: _ext.resize_logits(logits, ry, rx), lambda: twins.resize_logits(logits, ry, rx), 3),
         ("mask_upscaling", "8 prompts x 3 masks",
          lambda: _ext.mask_upscaling(**upscaling), lambda: twins.mask_upscaling(**upscaling), 3),
+        ("mask_upscaling_factored", "8 prompts x 3 masks",
+         lambda: _ext.mask_upscaling_factored(**factored), lambda: twins.mask_upscaling_factored(**factored), 3),
         ("linear", "448x256 -> 2048, ReLU",
          lambda: _ext.linear(lin_x, lin_w, lin_b, relu=True, out=lin_out),
          lambda: twins.linear(lin_x, lin_w, lin_b, relu=True), 30),
@@ -111,33 +126,56 @@ def main() -> None:
          lambda: _ext.two_way_pass(**two_way_q, out=two_way_q_out), lambda: twins.two_way_pass(**two_way_q), 3),
         ("shared_attention", "448 rows, 8 heads, d 16",
          lambda: _ext.shared_attention(sa_q, sa_k, sa_v), lambda: twins.shared_attention(sa_q, sa_k, sa_v), 10),
+        ("shared_attention ViT", "512 rows, 12 heads, d 64",
+         lambda: _ext.shared_attention(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
+         lambda: twins.shared_attention(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w), 3),
     ]
+    gflops = {"linear": (lin_flop, "2 M K N"), "two_way_pass": (two_way_flop, "B P 4 2 C J"),
+              "two_way_pass qproj": (two_way_q_flop, "B P 2 (J d + 3 C J)"),
+              "shared_attention": (sa_flop, "R H P 2 2 d; and R H P exps"),
+              "shared_attention ViT": (vit_flop, "R H P 2 2 d; and R H P exps")}
+    float_kernels = ("resize_logits", "mask_upscaling", "mask_upscaling_factored", "two_way_pass",
+                     "two_way_pass qproj", "linear", "shared_attention", "shared_attention ViT")
 
-    print(f"machine: {platform.platform()}, {platform.machine()}, "
-          f"{platform.processor() or 'unknown cpu'}, os.cpu_count()={os.cpu_count()}")
-    print(f"python {platform.python_version()}, numpy {np.__version__}")
-    print(f"{'kernel':<20} {'size':<20} {'C++ ms':>10} {'numpy ms':>10} {'speed-up':>9}")
+    info = machine()
+    print(f"machine: {info}")
+    print(f"{'kernel':<24} {'size':<24} {'C++ ms':>10} {'numpy ms':>10} {'speed-up':>9}")
+    rows = []
     for name, size, native, twin, repeats in cases:
         got, want = native(), twin()
         for g, w in zip(got if isinstance(got, tuple) else (got,),
                         want if isinstance(want, tuple) else (want,)):
-            if name in ("resize_logits", "mask_upscaling", "two_way_pass", "two_way_pass qproj", "linear",
-                        "shared_attention"):
+            if name in float_kernels:
                 np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * float(np.abs(w).max()), err_msg=name)
             else:
                 np.testing.assert_array_equal(g, w, err_msg=name)
         t_native = best_ms(native, repeats)
         t_twin = best_ms(twin, repeats)
-        print(f"{name:<20} {size:<20} {t_native:>10.3f} {t_twin:>10.2f} "
-              f"{t_twin / t_native:>8.1f}x")
-        if name == "linear":
-            print(f"{'':<20} {'':<20} {lin_flop / t_native / 1e6:>10.1f} GFLOP/s (FLOPs = 2 M K N)")
-        if name == "two_way_pass":
-            print(f"{'':<20} {'':<20} {two_way_flop / t_native / 1e6:>10.1f} GFLOP/s (FLOPs = B P 4 2 C J)")
-        if name == "two_way_pass qproj":
-            print(f"{'':<20} {'':<20} {two_way_q_flop / t_native / 1e6:>10.1f} GFLOP/s (FLOPs = B P 2 (J d + 3 C J))")
-        if name == "shared_attention":
-            print(f"{'':<20} {'':<20} {sa_flop / t_native / 1e6:>10.1f} GFLOP/s (FLOPs = R H P 2 2 d; and R H P exps)")
+        row = {"kernel": name, "size": size, "native_ms": t_native, "numpy_ms": t_twin, "speedup": t_twin / t_native}
+        print(f"{name:<24} {size:<24} {t_native:>10.3f} {t_twin:>10.2f} {t_twin / t_native:>8.1f}x")
+        if name in gflops:
+            flop, formula = gflops[name]
+            row.update(gflop_s=flop / t_native / 1e6, flops=formula)
+            print(f"{'':<24} {'':<24} {row['gflop_s']:>10.1f} GFLOP/s (FLOPs = {formula})")
+        rows.append(row)
+    write_results(args.out, info, rows)
+
+
+def write_results(out: Path, info: dict, rows: list[dict]) -> None:
+    """kernels.md (the table, with the machine and the command) and kernels.json in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# samreg_rt._ext kernels against their numpy twins (tests/twins.py)", "",
+             f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, SIMD {' '.join(info['simd_flags'])}; "
+             f"Python {info['python']}, numpy {info['numpy']}. Command: `python benchmarks/kernels.py`. "
+             "Best of a few runs each; the kernels on every CPU of the process, the twins in numpy (float64 for "
+             "the float kernels, whose results agree within 2e-5 of the largest value; the others identical).", "",
+             "| kernel | size | C++ ms | numpy ms | speed-up | GFLOP/s | FLOPs |", "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        gf = f"{r['gflop_s']:.1f}" if "gflop_s" in r else ""
+        lines.append(f"| {r['kernel']} | {r['size']} | {r['native_ms']:.3f} | {r['numpy_ms']:.2f} | "
+                     f"{r['speedup']:.1f}x | {gf} | {r.get('flops', '')} |")
+    (out / "kernels.md").write_text("\n".join(lines) + "\n")
+    (out / "kernels.json").write_text(json.dumps({"machine": info, "kernels": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
