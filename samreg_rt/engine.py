@@ -193,7 +193,7 @@ class Engine:
     @classmethod
     def load(cls, model: str | os.PathLike, providers: str | Sequence[str] = "auto",
              threads: int | None = None, precision: str = "fp32", fused_upscaling: bool = True,
-             fused_tokens: bool = True, fused_encoder: bool = True) -> "Engine":
+             fused_tokens: bool = True, fused_encoder: bool = True, shared_arena: bool = True) -> "Engine":
         """Load and verify a model (see ``resolve_model_dir``) and create its sessions.
 
         Every graph file is hashed and checked against the manifest before a session is built
@@ -208,6 +208,9 @@ class Engine:
         ``fused_encoder``: the same for a ViT encoder's global attention: the encoder runs as the graphs
         ``encoder_part<i>`` around ``_ext.shared_attention`` (``samreg_rt.split_encoder``) when the export
         has them (fp32 ViT exports since they exist: re-export older ones).
+        ``shared_arena``: the sessions allocate from one CPU memory arena registered in ONNX Runtime's
+        process-wide environment (and shared with the other engines of the process that use it) instead of
+        one arena each (benchmarks/results/memory_arena.md).
         The spec (preprocessing, prompting defaults) is the manifest's, except for a registry name,
         whose spec is the registry's: a cached export keeps up with changed defaults.
         """
@@ -236,6 +239,11 @@ class Engine:
         threads = usable_cpus() if threads is None else int(threads)
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # One memory arena for every session instead of one each: a ViT's encoder parts then reuse the
+        # memory the first part's run grew instead of page-faulting in arenas of their own.
+        if shared_arena:
+            _register_shared_cpu_arena()
+            options.add_session_config_entry("session.use_env_allocators", "1")
         # every graph listed must be there (a broken model directory fails here, not when a graph is first
         # needed); those that run are hashed when read
         for role, entry in graphs[precision].items():
@@ -425,6 +433,13 @@ class Engine:
         if rows.size < len(keep):          # (image_tokens is 4 MB per prompt: no copy when all are kept)
             image_tokens, hyper_in, keep = image_tokens[rows], hyper_in[rows], keep[rows]
         return self.decode_masks(image_tokens, hyper_in)[keep]
+
+
+def _register_shared_cpu_arena() -> None:
+    """Register a CPU arena allocator in ONNX Runtime's process-wide environment, which the sessions made
+    with ``session.use_env_allocators`` share (ONNX Runtime keeps the first one registered)."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
 
 
 def _check_embedding(embedding: np.ndarray) -> np.ndarray:

@@ -309,6 +309,21 @@ def test_older_cached_export_of_a_local_checkpoint_is_reexported(tiny_dir, monke
     assert resolve_model_dir(hf) == cached and len(exports) == 2
 
 
+def test_shared_arena_gives_the_same_outputs(tiny_dir):
+    """Engine.load(shared_arena=...): the sessions allocating from one arena or from one each compute the same
+    embedding and decoder outputs, bit for bit."""
+    image = np.random.default_rng(6).integers(0, 255, (48, 40), np.uint8)
+    coords = np.array([[[100.0, 80.0], [0.0, 0.0]]], np.float32)
+    labels = np.array([[1.0, -1.0]], np.float32)
+    outputs = []
+    for shared in (False, True):
+        engine = Engine.load(tiny_dir, threads=1, shared_arena=shared, fused_tokens=False, fused_upscaling=False)
+        emb = engine.embed(image).embedding
+        outputs.append((emb, *engine.decode(emb, coords, labels)))
+    for a, b in zip(*outputs):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("coords, labels, problem", [
     (np.zeros((2, 2), np.float32), np.zeros((2,), np.float32), "expected point_coords"),
     (np.zeros((1, 2, 2), np.float32), np.array([[1.0, 7.0]], np.float32), "labels"),
