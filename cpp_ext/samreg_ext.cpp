@@ -1807,13 +1807,16 @@ py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle 
 // its decomposed relative position terms): per head, kSaRows query rows at a
 // time, their logits against every key (pixels in the vector lanes, held in a per-thread scratch of
 // kSaRows x P floats), the row maxima, exp and sums in place, then the exp-weighted sum of the value rows.
-// The two passes over the logits stay in the core's L2 (128 KiB at P = 4096). The logits take two key
+// The two passes over the logits stay in the core's L2 (192 KiB at P = 4096). The logits take two key
 // vectors per broadcast query value (16 keys' d channels contiguous: one stream, no strided loads); the
-// value sums take 8 rows at a time, 4 when the rows have 3 or 4 value vectors (the accumulators of 8 would
-// spill out of the 32 registers).
+// value sums take all the rows at a time, half of them when the rows have 3 or 4 value vectors (the
+// accumulators of all would spill out of the 32 registers). Heads of 3 or 4 value vectors (a ViT's d = 64)
+// take 12 rows per work item, so that each pass over the keys and values serves more rows; smaller heads
+// (SAM's decoder, d = 16) take 8, which measured faster for them (benchmarks/kernels.py).
 
-constexpr int kSaRows = 8;     // query rows per work item
 constexpr int kSaMaxVecs = 4;  // value vectors per row: head dimension up to 64
+
+constexpr int sa_item_rows(std::int64_t nv) { return nv > 2 ? 12 : 8; }  // query rows per work item
 
 struct SharedAttentionArgs {
     const float *q;       // [R, H, d]
@@ -1829,10 +1832,12 @@ struct SharedAttentionArgs {
     int kw;               // keys per row of the key grid (a multiple of 16)
 };
 
-// Query rows r0..r0 + kSaRows - 1 (those below R) of head h. logits: kSaRows * vecs vectors of scratch.
+// Query rows r0..r0 + kSaRows - 1 (those below R) of head h, kSaRows = sa_item_rows(NV). logits: kSaRows * vecs
+// vectors of scratch.
 template <int NV>
 __attribute__((always_inline)) inline void sa_rows(const SharedAttentionArgs &a, int h, std::int64_t r0,
                                                   v16f *logits) {
+    constexpr int kSaRows = sa_item_rows(NV);
     const int d = a.dim, n = static_cast<int>(std::min<std::int64_t>(kSaRows, a.rows - r0));
     float q[kSaRows][kSaMaxVecs * kLanes] = {};  // rows past R stay zero (their results are not written)
     for (int r = 0; r < n; ++r) std::memcpy(q[r], a.q + ((r0 + r) * a.heads + h) * d, d * sizeof(float));
@@ -1892,7 +1897,7 @@ __attribute__((always_inline)) inline void sa_rows(const SharedAttentionArgs &a,
         for (int l = 0; l < kLanes; ++l) sum[r] += s[l];
     }
     // the weighted values, kPool rows at a time (their accumulators fit in the registers)
-    constexpr int kPool = NV > 2 ? 4 : 8;
+    constexpr int kPool = NV > 2 ? kSaRows / 2 : kSaRows;
     const float *w = reinterpret_cast<const float *>(logits);
     const std::int64_t ld = a.vecs * kLanes;
     for (int g = 0; g < kSaRows && g < n; g += kPool) {
@@ -1912,11 +1917,11 @@ __attribute__((always_inline)) inline void sa_rows(const SharedAttentionArgs &a,
 
 __attribute__((always_inline)) inline void shared_attention_body(const SharedAttentionArgs &a, std::int64_t i0,
                                                                 std::int64_t i1, v16f *logits) {
-    const std::int64_t blocks = (a.rows + kSaRows - 1) / kSaRows;
-    const int nv = (a.dim + kLanes - 1) / kLanes;
+    const int nv = (a.dim + kLanes - 1) / kLanes, item_rows = sa_item_rows(nv);
+    const std::int64_t blocks = (a.rows + item_rows - 1) / item_rows;
     for (std::int64_t i = i0; i < i1; ++i) {
         const int h = static_cast<int>(i / blocks);
-        const std::int64_t r0 = i % blocks * kSaRows;
+        const std::int64_t r0 = i % blocks * item_rows;
         switch (nv) {
             case 1: sa_rows<1>(a, h, r0, logits); break;
             case 2: sa_rows<2>(a, h, r0, logits); break;
@@ -2016,9 +2021,10 @@ py::array_t<float> shared_attention(py::handle q_obj, py::handle k_obj, py::hand
                                    kw ? static_cast<const float *>(rel_h.data()) : nullptr,
                                    kw ? static_cast<const float *>(rel_w.data()) : nullptr, static_cast<int>(kw)};
     const SharedAttentionFn fn = avx512 ? shared_attention_avx512 : shared_attention_generic;
-    const std::int64_t items = heads * ((rows + kSaRows - 1) / kSaRows);
+    const int item_rows = sa_item_rows(nv);
+    const std::int64_t items = heads * ((rows + item_rows - 1) / item_rows);
     // cost in parallel_for's units: the multiply-adds of an item's two products, its exps counting 16
-    const double item_cost = static_cast<double>(kSaRows) * vecs * kLanes * (dim + nv * kLanes + 16);
+    const double item_cost = static_cast<double>(item_rows) * vecs * kLanes * (dim + nv * kLanes + 16);
     {
         py::gil_scoped_release release;
         const SharedLayoutFn layout = avx512 ? shared_layout_avx512 : shared_layout_generic;
@@ -2026,7 +2032,7 @@ py::array_t<float> shared_attention(py::handle q_obj, py::handle k_obj, py::hand
                      [&](std::int64_t j0, std::int64_t j1) { layout(args, ks, vs, j0, j1); });
         parallel_for(items, item_cost, threads, [&](std::int64_t i0, std::int64_t i1) {
             std::vector<float> storage;
-            v16f *logits = aligned_vecs(storage, kSaRows * vecs);
+            v16f *logits = aligned_vecs(storage, item_rows * vecs);
             fn(args, i0, i1, logits);
         });
     }

@@ -979,6 +979,7 @@ def test_shared_attention_matches_twin(rng, rows, heads, d, pixels, logit_std, i
 @pytest.mark.parametrize("rows,heads,d,kh,kw", [
     (4096, 12, 64, 64, 64),     # SAM ViT-B's global attention at 1024 px
     (37, 2, 32, 16, 32),        # rows not a multiple of the 8-row blocks
+    (29, 3, 64, 4, 16),         # nor of the 12-row blocks of a 64-wide head
     (9, 1, 20, 3, 16),
 ])
 def test_shared_attention_with_relative_positions_matches_twin(rng, rows, heads, d, kh, kw):
@@ -1008,12 +1009,13 @@ def test_shared_attention_rejects_bad_relative_positions(rng):
             _ext.shared_attention(q, k, v, **change)
 
 
-def test_shared_attention_rows_are_independent(rng):
+@pytest.mark.parametrize("d", [16, 64])      # work items of 8 and of 12 rows
+def test_shared_attention_rows_are_independent(rng, d):
     """A row's output depends only on its own query: the same row alone (a padded one-row block) and inside
     a full batch are bit-identical, and so are heads computed in another order of work items."""
-    q, k, v = _shared_attention_inputs(rng, 448, 8, 16, 4096, 3.0)
+    q, k, v = _shared_attention_inputs(rng, 448, 8, d, 4096, 3.0)
     full = _ext.shared_attention(q, k, v)
-    for r in (0, 7, 8, 447):
+    for r in (0, 7, 8, 11, 12, 447):
         np.testing.assert_array_equal(_ext.shared_attention(q[r:r + 1].copy(), k, v)[0], full[r])
     np.testing.assert_array_equal(_ext.shared_attention(q[:, 3:5].copy(), k[:, 3:5].copy(), v[:, 3:5].copy()),
                                   full[:, 3:5])
