@@ -14,7 +14,6 @@ usage: python benchmarks/amg_decoder.py [--model litemedsam] [--grid 16] [--batc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,7 +25,7 @@ from samreg_rt import amg
 from samreg_rt.engine import Engine
 from samreg_rt.io import load_image
 
-from common import WholeDecoder, machine, same_masks  # benchmarks/common.py (the script's folder is on sys.path)
+from common import WholeDecoder, machine, same_masks, write_report  # benchmarks/common.py (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -120,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": [load_before, os.getloadavg()[0]],
         "images": images,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "amg_decoder.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "amg_decoder.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "amg_decoder", report, markdown(report))
     return 0 if all(r["outputs"]["identical"] for r in images) else 1
 
 

@@ -1,5 +1,6 @@
 """Shared helpers of the benchmark scripts: the machine's description, the labelled 2-D images of
-../shared/data, CPU sessions and single-GEMM graphs, and mask generation on a whole decoder."""
+../shared/data, CPU sessions and single-GEMM graphs, mask generation on a whole decoder, and writing a
+results file pair."""
 from __future__ import annotations
 
 import json
@@ -33,6 +34,15 @@ def machine() -> dict[str, Any]:
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,
     }
+
+
+def write_report(out: Path, stem: str, report: dict[str, Any], text: str) -> None:
+    """``out/<stem>.json`` (the report) and ``out/<stem>.md`` (its text), creating ``out``; the text also on
+    stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(text)
 
 
 def labelled_images(data: Path, per_application: int | None) -> list[tuple[str, Path, Path]]:

@@ -14,7 +14,6 @@ matmuls, convolutions and einsums, counted by ``torch.utils.flop_counter``) / la
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ from samreg_export import onnx_export, parity, quantize
 from samreg_export.checkpoints import load_source
 from samreg_export.export import default_spec, read_parity_image
 
-from common import machine as common_machine  # benchmarks/common.py (the script's folder is on sys.path)
+from common import machine as common_machine, write_report  # benchmarks/common.py (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO.parent / "shared" / "data" / "prostate_mr" / "prostate_slice_s30" / "fixed.png"
@@ -168,10 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models:
             report["models"][key] = bench_model(key, args.threads, args.warmup, args.repeats, Path(tmp))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "encoder.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "encoder.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "encoder", report, markdown(report))
     return 0
 
 

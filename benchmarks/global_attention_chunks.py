@@ -14,7 +14,6 @@ after a warm-up) and checks that the embedding equals the first size's bit for b
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from samreg_export import onnx_export
 from samreg_export.export import export_model
 from samreg_rt.engine import Engine
 
-from common import machine  # benchmarks/common.py (the script's folder is on sys.path)
+from common import machine, write_report  # benchmarks/common.py (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['queries']} | {r['session_s']:.2f} | {r['encode_s']:.2f} | {r['encode_best_s']:.2f} | "
                      f"{'yes' if r['identical_to_first'] else 'no'} |")
     lines += ["", f"The exporter's default: {onnx_export.GLOBAL_ATTENTION_QUERIES} queries per chunk."]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "global_attention_chunks.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "global_attention_chunks.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "global_attention_chunks", report, "\n".join(lines) + "\n")
     return 0
 
 

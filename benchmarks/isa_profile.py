@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 import onnxruntime as ort
 
-from common import gemm_graph, machine, session  # benchmarks/common.py (the script's folder is on sys.path)
+from common import gemm_graph, machine, session, write_report  # benchmarks/common.py (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 WORKLOADS = ("gemm_fp32", "gemm_int8", "encoder_fp32", "encoder_int8", "decoder_fp32")
@@ -208,10 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": info, "threads": args.threads, "seconds": args.seconds,
               "command": "python benchmarks/isa_profile.py" + (f" --seconds {args.seconds:g}" if args.seconds != 8 else ""),
               "library": library.name, "workloads": workloads, "reading": reading(workloads, info["simd_flags"])}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "isa_profile.json").write_text(json.dumps(report, indent=1))
-    (args.out / "isa_profile.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "isa_profile", report, markdown(report))
     return 0
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from samreg_export.export import export_model
 
-from common import machine  # benchmarks/common.py (the script's folder is on sys.path)
+from common import machine, write_report  # benchmarks/common.py (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = REPO / "examples" / "cardiac_2d" / "fixed.png"
@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows[name]["identical"] = bool(np.array_equal(np.load(emb), np.load(work / f"{model_dir.name}_0.npy")))
                 print(key, name, rows[name], flush=True)
             report["models"][key] = rows
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory_arena.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "memory_arena.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "memory_arena", report, markdown(report))
     return 0
 
 

@@ -65,7 +65,7 @@ from samreg_rt.io import load_image
 from samreg_rt.masks import pack_masks
 from samreg_rt.pipeline import PRESETS, embedding_weights, keep_rois, pair_rois, register, work_shape
 
-from common import WholeDecoder, gemm_graph, machine, same_masks, session  # benchmarks/common.py (the script's folder is on sys.path)
+from common import WholeDecoder, gemm_graph, machine, same_masks, session, write_report  # benchmarks/common.py (the script's folder is on sys.path)
 from encoder import encoder_flops, time_runs  # benchmarks/encoder.py
 
 matplotlib.use("Agg")
@@ -467,9 +467,7 @@ def write_outputs(report: dict[str, Any], out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=["curve", "x", "metric", "value"])
         writer.writeheader()
         writer.writerows(report["curves"])
-    (out / "performance.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "performance.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(out, "performance", report, markdown(report))
 
 
 def main(argv: list[str] | None = None) -> int:

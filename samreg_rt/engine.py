@@ -252,42 +252,42 @@ class Engine:
                 raise ManifestError(f"{path}: {role} graph listed in the manifest is missing or has another size")
         # A thread reads and hashes the graphs in the order they are loaded, so that the next one is hashed
         # while ONNX Runtime builds a session from the last one's verified bytes.
-        with ThreadPoolExecutor(max_workers=1) as reader:
-            reads: dict[str, Future] = {}
+        reader = ThreadPoolExecutor(max_workers=1)
+        reads: dict[str, Future] = {}
 
-            def read(roles: list[str]) -> None:
-                for role in roles:
-                    entry = graphs[precision].get(role)
-                    if entry is None:
-                        raise ManifestError(f"{model_dir / 'manifest.json'}: no {role} graph for {precision}")
-                    reads[role] = reader.submit(_read_verified, model_dir / entry["file"], entry)
+        def read(roles: list[str]) -> None:
+            for role in roles:
+                entry = graphs[precision].get(role)
+                if entry is None:
+                    raise ManifestError(f"{model_dir / 'manifest.json'}: no {role} graph for {precision}")
+                reads[role] = reader.submit(_read_verified, model_dir / entry["file"], entry)
 
-            def load_graph(role: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> ort.InferenceSession:
-                path = model_dir / graphs[precision][role]["file"]
-                return _session(path, reads[role].result(), options, chosen, inputs, outputs, model_dir, precision)
+        def load_graph(role: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> ort.InferenceSession:
+            path = model_dir / graphs[precision][role]["file"]
+            return _session(path, reads[role].result(), options, chosen, inputs, outputs, model_dir, precision)
 
-            try:
-                # the decoders first: whether they run on the CPU decides the fused kernels, and so which encoder
-                read([role for role in GRAPH_IO if role != "encoder"])
-                sessions = {role: load_graph(role, *io) for role, io in GRAPH_IO.items() if role != "encoder"}
-                upscaling = two_way = None
-                encoder_parts: list[ort.InferenceSession] = []
-                if (precision != "fp16" and _ext.mask_upscaling_isa() == "avx512"
-                        and sessions["decoder_masks"].get_providers()[0] == "CPUExecutionProvider"):
-                    if fused_upscaling:
-                        upscaling = UpscalingWeights.from_bytes(*_read_weights(model_dir, manifest, "mask_upscaling"))
-                    if fused_tokens:
-                        two_way = TwoWayWeights.from_bytes(*_read_weights(model_dir, manifest, "two_way"))
-                    roles = encoder_part_names(graphs[precision]) if fused_encoder and precision == "fp32" else []
-                    read(roles)
-                    # the first part takes the image, the last ends with the embedding
-                    encoder_parts = [load_graph(role, PART_INPUTS[min(i, 1)], PART_OUTPUTS[int(i == len(roles) - 1)])
-                                     for i, role in enumerate(roles)]
-                if not encoder_parts:
-                    read(["encoder"])
-                    sessions["encoder"] = load_graph("encoder", *GRAPH_IO["encoder"])
-            finally:
-                reader.shutdown(cancel_futures=True)        # after an error: no reads left behind
+        try:
+            # the decoders first: whether they run on the CPU decides the fused kernels, and so which encoder
+            read([role for role in GRAPH_IO if role != "encoder"])
+            sessions = {role: load_graph(role, *io) for role, io in GRAPH_IO.items() if role != "encoder"}
+            upscaling = two_way = None
+            encoder_parts: list[ort.InferenceSession] = []
+            if (precision != "fp16" and _ext.mask_upscaling_isa() == "avx512"
+                    and sessions["decoder_masks"].get_providers()[0] == "CPUExecutionProvider"):
+                if fused_upscaling:
+                    upscaling = UpscalingWeights.from_bytes(*_read_weights(model_dir, manifest, "mask_upscaling"))
+                if fused_tokens:
+                    two_way = TwoWayWeights.from_bytes(*_read_weights(model_dir, manifest, "two_way"))
+                roles = encoder_part_names(graphs[precision]) if fused_encoder and precision == "fp32" else []
+                read(roles)
+                # the first part takes the image, the last ends with the embedding
+                encoder_parts = [load_graph(role, PART_INPUTS[min(i, 1)], PART_OUTPUTS[int(i == len(roles) - 1)])
+                                 for i, role in enumerate(roles)]
+            if not encoder_parts:
+                read(["encoder"])
+                sessions["encoder"] = load_graph("encoder", *GRAPH_IO["encoder"])
+        finally:
+            reader.shutdown(cancel_futures=True)        # after an error: no read left behind
         providers_used = (encoder_parts[0] if encoder_parts else sessions["encoder"]).get_providers()
         log.info("loaded %s (%s) with %s%s%s%s", manifest.get("name"), precision, providers_used[0],
                  ", fused two-way transformer" if two_way else "", ", fused mask upscaling" if upscaling else "",
@@ -377,8 +377,8 @@ class Engine:
         ``factors``: a ``factors_buffer``: the fused decoder then returns the image tokens in factored form
         (``ImageTokenFactors``, views of the buffer), which ``decode_kept_masks`` takes; the graph ignores it.
         """
-        prepared = embedding if isinstance(embedding, SharedImage) else None
-        emb, coords, labels = _check_prompts(embedding if prepared is None else prepared.embedding, point_coords,
+        prepared = isinstance(embedding, SharedImage)
+        emb, coords, labels = _check_prompts(embedding.embedding if prepared else embedding, point_coords,
                                              point_labels)
         if coords.shape[0] == 0:
             raise InputError("prompts: decode_tokens needs at least one prompt")
@@ -387,8 +387,8 @@ class Engine:
                 not all(isinstance(k, (int, np.integer)) and 0 <= k < 4 for k in outputs):
             raise InputError(f"mask_outputs: expected distinct mask output indices in 0..3, got {mask_outputs}")
         if self.two_way is not None and coords.shape[1] + 5 <= MAX_TOKENS:
-            return fused_decode_tokens(self.two_way, emb if prepared is None else prepared, coords, labels, out,
-                                       outputs, self.threads, factors)
+            return fused_decode_tokens(self.two_way, embedding if prepared else emb, coords, labels, out, outputs,
+                                       self.threads, factors)
         iou, hyper_in, image_tokens = self.sessions["decoder_tokens"].run(
             None, {"image_embeddings": emb, "point_coords": coords, "point_labels": labels})
         return iou, np.ascontiguousarray(hyper_in[:, list(outputs)]), image_tokens

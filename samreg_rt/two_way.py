@@ -152,12 +152,11 @@ def shared_image(w: TwoWayWeights, embedding: np.ndarray, threads: int = 0) -> S
     heads, pe = w.num_heads, w["image_pe"]
     keys = np.ascontiguousarray((embedding.reshape(C, -1).T + w["no_mask"])[None])    # (1, hw, C)
     name = "transformer.layers.0"
-    with threadpool_limits(1, user_api="blas"):
-        t2i_keys = _linear(w, f"{name}.cross_attn_token_to_image.k_proj", keys[0] + pe, threads=threads)
-        t2i_keys = t2i_keys.reshape(len(pe), heads, -1)
-        t2i_keys /= np.sqrt(t2i_keys.shape[-1], dtype=np.float32)
-        t2i_values = _linear(w, f"{name}.cross_attn_token_to_image.v_proj", keys[0], threads=threads)
-        i2t_queries = _linear(w, f"{name}.cross_attn_image_to_token.q_proj", keys[0] + pe, threads=threads)
+    t2i_keys = _linear(w, f"{name}.cross_attn_token_to_image.k_proj", keys[0] + pe, threads=threads)
+    t2i_keys = t2i_keys.reshape(len(pe), heads, -1)
+    t2i_keys /= np.sqrt(t2i_keys.shape[-1], dtype=np.float32)
+    t2i_values = _linear(w, f"{name}.cross_attn_token_to_image.v_proj", keys[0], threads=threads)
+    i2t_queries = _linear(w, f"{name}.cross_attn_image_to_token.q_proj", keys[0] + pe, threads=threads)
     return SharedImage(embedding=embedding, keys=keys, t2i_keys=t2i_keys,
                        t2i_values=t2i_values.reshape(len(pe), heads, -1), i2t_queries=i2t_queries)
 
