@@ -1183,17 +1183,17 @@ __attribute__((always_inline)) inline void tw_update(v16f *yt, const v16f *kt, c
         for (int v = 0; v < kTwVecs; ++v) yt[(c0 + t) * kTwVecs + v] = acc[t][v];
 }
 
-// acc[(j0 + t) * C + 16 (cv0 + s) + lane] += sum_{p < n} w[(j0 + t) * kTwBlock + p] * z[p, 16 (cv0 + s) + lane]
+// acc[(j0 + t) * acc_ld + 16 (cv0 + s) + lane] += sum_{p < n} w[(j0 + t) * kTwBlock + p] * z[p * z_ld + 16 (cv0 + s) + lane]
 // for kTwTokenBlock tokens t and kVecs channel vectors s: one tile of the [J2 x pixels] x
 // [pixels x C] pooling product.
 template <int kVecs>
-__attribute__((always_inline)) inline void tw_pool(float *acc, const float *w, const float *z, int n, int j0,
-                                                   int cv0) {
+__attribute__((always_inline)) inline void tw_pool(float *acc, int acc_ld, const float *w, const float *z, int z_ld,
+                                                   int n, int j0, int cv0) {
     v16f sum[kTwTokenBlock][kVecs];
     for (int t = 0; t < kTwTokenBlock; ++t)
-        for (int s = 0; s < kVecs; ++s) sum[t][s] = load16(acc + (j0 + t) * kChannels + (cv0 + s) * kLanes);
+        for (int s = 0; s < kVecs; ++s) sum[t][s] = load16(acc + (j0 + t) * acc_ld + (cv0 + s) * kLanes);
     const float *wj = w + j0 * kTwBlock, *zp = z + cv0 * kLanes;   // pointers, as in tw_tile
-    for (std::ptrdiff_t p = 0; p < n; ++p, zp += kChannels) {
+    for (std::ptrdiff_t p = 0; p < n; ++p, zp += z_ld) {
         v16f zv[kVecs];
         for (int s = 0; s < kVecs; ++s) zv[s] = load16(zp + s * kLanes);
         for (int t = 0; t < kTwTokenBlock; ++t) {
@@ -1203,7 +1203,70 @@ __attribute__((always_inline)) inline void tw_pool(float *acc, const float *w, c
     }
     for (int t = 0; t < kTwTokenBlock; ++t)
         for (int s = 0; s < kVecs; ++s)
-            std::memcpy(acc + (j0 + t) * kChannels + (cv0 + s) * kLanes, &sum[t][s], sizeof(v16f));
+            std::memcpy(acc + (j0 + t) * acc_ld + (cv0 + s) * kLanes, &sum[t][s], sizeof(v16f));
+}
+
+// acc[:, cols] (+)= the pooling product of the n pixel rows z (z_ld floats apart) for the J2p tokens, over the
+// `vecs` channel vectors of z from its first (three at a time).
+__attribute__((always_inline)) inline void tw_pool_rows(float *acc, int acc_ld, const float *w, const float *z, int z_ld,
+                                                        int n, int J2p, int vecs) {
+    int cv0 = 0;
+    for (; cv0 + 3 <= vecs; cv0 += 3)
+        for (int j0 = 0; j0 < J2p; j0 += kTwTokenBlock) tw_pool<3>(acc, acc_ld, w, z, z_ld, n, j0, cv0);
+    for (; cv0 < vecs; ++cv0)
+        for (int j0 = 0; j0 < J2p; j0 += kTwTokenBlock) tw_pool<1>(acc, acc_ld, w, z, z_ld, n, j0, cv0);
+}
+
+// Softmax within each head of the logits tile l [heads * T][kTwVecs] (head h: rows h T .. h T + T - 1), in place.
+__attribute__((always_inline)) inline void tw_head_softmax(v16f *lt, int heads, int T) {
+    for (int h = 0; h < heads; ++h) {
+        v16f *l = lt + h * T * kTwVecs;
+        for (int v = 0; v < kTwVecs; ++v) {
+            v16f m = l[v];
+            for (int t = 1; t < T; ++t) m = l[t * kTwVecs + v] > m ? l[t * kTwVecs + v] : m;
+            v16f sum = v16f{};
+            for (int t = 0; t < T; ++t) {
+                const v16f e = exp16(l[t * kTwVecs + v] - m);
+                l[t * kTwVecs + v] = e;
+                sum += e;
+            }
+            const v16f inv = 1.f / sum;
+            for (int t = 0; t < T; ++t) l[t * kTwVecs + v] *= inv;
+        }
+    }
+}
+
+// One block of the online softmax over the pixels, per token j < J2p: st [J2p][kTwVecs] holds the logits of
+// the block's n pixels; in place, it becomes the weights exp(s - running max) as floats w[j][kTwBlock]
+// (zero past n). When a token's running max grows, its running sum and its acc row (the first `width`
+// floats, acc_ld apart) are rescaled first.
+__attribute__((always_inline)) inline void tw_online_softmax(v16f *st, int J2p, int n, float *run_max, float *run_sum,
+                                                             float *acc, int acc_ld, int width) {
+    float *w = reinterpret_cast<float *>(st);
+    for (int j = 0; j < J2p; ++j) {
+        float *s = w + j * kTwBlock;
+        for (int p = n; p < kTwBlock; ++p) s[p] = -std::numeric_limits<float>::infinity();
+        v16f mv = v16f{} + run_max[j];  // the largest logit, lane-wise first (max is exact in any order)
+        for (int v = 0; v < kTwVecs; ++v) mv = st[j * kTwVecs + v] > mv ? st[j * kTwVecs + v] : mv;
+        float m = run_max[j];
+        for (int l = 0; l < kLanes; ++l) m = mv[l] > m ? mv[l] : m;
+        if (m > run_max[j]) {
+            const float scale = std::exp(run_max[j] - m);  // 0 for the first block
+            run_sum[j] *= scale;
+            for (int c = 0; c < width; c += kLanes) {  // (vectors: the compiler left it scalar)
+                const v16f r = load16(acc + j * acc_ld + c) * scale;
+                std::memcpy(acc + j * acc_ld + c, &r, sizeof r);
+            }
+            run_max[j] = m;
+        }
+        v16f sum = v16f{};
+        for (int v = 0; v < kTwVecs; ++v) {
+            const v16f e = exp16(st[j * kTwVecs + v] - m);
+            st[j * kTwVecs + v] = e;
+            sum += e;
+        }
+        for (int l = 0; l < kLanes; ++l) run_sum[j] += sum[l];
+    }
 }
 
 // dst[i] = src[i] for i < count with non-temporal stores where dst is 64-byte aligned (keys_out is
@@ -1310,21 +1373,7 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
                 }
                 tw_logits(lt, xt, kqt, Jp, koff, next_keys, next_pe);
             }
-            for (int h = 0; h < a.heads; ++h) {
-                v16f *l = lt + h * T * kTwVecs;
-                for (int v = 0; v < kTwVecs; ++v) {
-                    v16f m = l[v];
-                    for (int t = 1; t < T; ++t) m = l[t * kTwVecs + v] > m ? l[t * kTwVecs + v] : m;
-                    v16f sum = v16f{};
-                    for (int t = 0; t < T; ++t) {
-                        const v16f e = exp16(l[t * kTwVecs + v] - m);
-                        l[t * kTwVecs + v] = e;
-                        sum += e;
-                    }
-                    const v16f inv = 1.f / sum;
-                    for (int t = 0; t < T; ++t) l[t * kTwVecs + v] *= inv;
-                }
-            }
+            tw_head_softmax(lt, a.heads, T);
             if (a.probs)
                 for (int v = 0; v * kLanes < n; ++v) {
                     float *dst = a.probs + ((b * a.pixels + p0) / kLanes + v) * J * kLanes;
@@ -1366,34 +1415,9 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
             // token -> image logits of the new image tokens
             tw_logits(st, xt, qkt, J2p, zeros, nullptr, nullptr);
             // online softmax over the pixels: new running max, rescaled sums, this block's weights
-            float *w = reinterpret_cast<float *>(st);  // [J2p][kTwBlock]
-            for (int j = 0; j < J2p; ++j) {
-                float *s = w + j * kTwBlock;
-                for (int p = n; p < kTwBlock; ++p) s[p] = -std::numeric_limits<float>::infinity();
-                v16f mv = v16f{} + run_max[j];  // the largest logit, lane-wise first (max is exact in any order)
-                for (int v = 0; v < kTwVecs; ++v) mv = st[j * kTwVecs + v] > mv ? st[j * kTwVecs + v] : mv;
-                float m = run_max[j];
-                for (int l = 0; l < kLanes; ++l) m = mv[l] > m ? mv[l] : m;
-                if (m > run_max[j]) {
-                    const float scale = std::exp(run_max[j] - m);  // 0 for the first block
-                    run_sum[j] *= scale;
-                    for (int c = 0; c < kChannels; c += kLanes) {  // (vectors: the compiler left it scalar)
-                        const v16f r = load16(acc + j * kChannels + c) * scale;
-                        std::memcpy(acc + j * kChannels + c, &r, sizeof r);
-                    }
-                    run_max[j] = m;
-                }
-                v16f sum = v16f{};
-                for (int v = 0; v < kTwVecs; ++v) {
-                    const v16f e = exp16(st[j * kTwVecs + v] - m);
-                    st[j * kTwVecs + v] = e;
-                    sum += e;
-                }
-                for (int l = 0; l < kLanes; ++l) run_sum[j] += sum[l];
-            }
-            for (int cv0 = 0; cv0 + 3 <= kChannels / kLanes; cv0 += 3)
-                for (int j0 = 0; j0 < J2p; j0 += kTwTokenBlock) tw_pool<3>(acc, w, zrows, n, j0, cv0);
-            for (int j0 = 0; j0 < J2p; j0 += kTwTokenBlock) tw_pool<1>(acc, w, zrows, n, j0, kChannels / kLanes - 1);
+            tw_online_softmax(st, J2p, n, run_max, run_sum, acc, kChannels, kChannels);
+            tw_pool_rows(acc, kChannels, reinterpret_cast<const float *>(st), zrows, kChannels, n, J2p,
+                         kChannels / kLanes);
             if (store) store(a.out + (b * a.pixels + p0) * kChannels, zbuf, n * kChannels);
         }
     }
@@ -1450,6 +1474,30 @@ void require_disjoint(const py::array &out, const py::array &arr, const char *na
     const auto *o = static_cast<const char *>(out.data()), *x = static_cast<const char *>(arr.data());
     if (out.nbytes() > 0 && arr.nbytes() > 0 && o < x + arr.nbytes() && x < o + out.nbytes())
         throw py::value_error(std::string(out_name) + ": must not overlap " + name);
+}
+
+// pooled[b, j, :width] = prompt b's pooling states of its `chunks` chunks (kTwState floats each: running max,
+// running sum, acc rows acc_ld floats apart) merged: rescaled to the largest running max, divided by the total.
+void tw_merge(const float *states, std::int64_t batch, std::int64_t chunks, std::int64_t tokens2, int acc_ld, int width,
+              float *pooled) {
+    for (std::int64_t b = 0; b < batch; ++b) {
+        for (std::int64_t j = 0; j < tokens2; ++j) {
+            float m = -std::numeric_limits<float>::infinity();
+            for (std::int64_t c = 0; c < chunks; ++c) m = std::max(m, states[(b * chunks + c) * kTwState + j]);
+            float *dst = pooled + (b * tokens2 + j) * width;
+            std::fill(dst, dst + width, 0.f);
+            float total = 0.f;
+            for (std::int64_t c = 0; c < chunks; ++c) {
+                const float *st = states + (b * chunks + c) * kTwState;
+                const float scale = std::exp(st[j] - m);
+                total += scale * st[kTwMaxTokens + j];
+                const float *acc = st + 2 * kTwMaxTokens + j * acc_ld;
+                for (int k = 0; k < width; ++k) dst[k] += scale * acc[k];
+            }
+            const float inv = 1.f / total;
+            for (int k = 0; k < width; ++k) dst[k] *= inv;
+        }
+    }
 }
 
 py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj, py::handle koff_obj,
@@ -1596,27 +1644,338 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
                    states.data() + (b0 * chunks + c) * kTwState, chunks * kTwState);
             }
         });
-        // merge the chunks of each prompt: rescale to the largest running max
-        for (std::int64_t b = 0; b < batch; ++b) {
-            for (std::int64_t j = 0; j < tokens2; ++j) {
-                float m = -std::numeric_limits<float>::infinity();
-                for (std::int64_t c = 0; c < chunks; ++c) m = std::max(m, states[(b * chunks + c) * kTwState + j]);
-                float *dst = pooled_data + (b * tokens2 + j) * kChannels;
-                std::fill(dst, dst + kChannels, 0.f);
-                float total = 0.f;
-                for (std::int64_t c = 0; c < chunks; ++c) {
-                    const float *st = states.data() + (b * chunks + c) * kTwState;
-                    const float scale = std::exp(st[j] - m);
-                    total += scale * st[kTwMaxTokens + j];
-                    const float *acc = st + 2 * kTwMaxTokens + j * kChannels;
-                    for (int k = 0; k < kChannels; ++k) dst[k] += scale * acc[k];
-                }
-                const float inv = 1.f / total;
-                for (int k = 0; k < kChannels; ++k) dst[k] *= inv;
-            }
-        }
+        tw_merge(states.data(), batch, chunks, tokens2, kChannels, kChannels, pooled_data);
     }
     return py::make_tuple(keep_keys ? py::object(out) : py::object(py::none()), pooled);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The second layer of SAM's two-way transformer and its final token->image pooling with the first
+// layer's image tokens x1 in factored form (two_way_factored). x1 = LayerNorm_1(e + A1 V1) lies, per
+// pixel, in the span of the image's own token e and the J value rows V1 of the prompt, so every product
+// of x1 (and of y2 = x1 + A2 V2) with a prompt's vectors splits into a product of per-image features
+// (computed once per image) with a head's d-vector, plus products of inner width J or 2J + 1 with the
+// attention weights: no image token of C channels is formed per prompt. Blocks of kTwBlock pixels with
+// the pixels in the vector lanes, as two_way_pass; see its docstring for the formulas.
+
+struct FactoredArgs {
+    const v16f *image;       // [blocks][F][kTwVecs]: per-image features (F = 7 D + 4), the block layout
+    const float *probs1;     // [B, P/16, J, 16]
+    const float *rstd1;      // [B, P]
+    const float *k, *vh1, *vh2;  // [B, J, d]
+    const float *qf;         // [B, J2, d]
+    const float *n;          // [B, J, J]
+    const float *m1;         // [B, J]
+    const float *gram;       // [B, K, K]
+    const float *mf;         // [B, K, J2]
+    float eps;
+    std::int64_t pixels;     // P
+    int tokens, tokens2, heads, head_dim;  // J, J2, heads, d
+    float *probs2;           // [B, P/16, J, 16]
+    float *rstd2;            // [B, P]
+};
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// The padded sizes of a factored pass: Jp, J2p (multiples of kTwTokenBlock), K = 2J + 1, Kp (of
+// kTwTokenBlock), Kc (of kLanes: the rows of the coefficient tile), T = J / heads, Tp, T2 = J2 / heads, T2p.
+struct FactoredSizes {
+    int J, J2, K, Jp, J2p, Kp, Kc, T, Tp, T2, T2p, d, D;
+    explicit FactoredSizes(const FactoredArgs &a)
+        : J(a.tokens), J2(a.tokens2), K(2 * a.tokens + 1), Jp(round_up(J, kTwTokenBlock)),
+          J2p(round_up(J2, kTwTokenBlock)), Kp(round_up(K, kTwTokenBlock)), Kc(round_up(K, kLanes)),
+          T(J / a.heads), Tp(round_up(T, kTwTokenBlock)), T2(J2 / a.heads), T2p(round_up(T2, kTwTokenBlock)),
+          d(a.head_dim), D(a.heads * a.head_dim) {}
+    // per-prompt scratch floats: k, vh1, vh2 per head transposed [heads][d][Tp], qf [heads][d][T2p], n [J][Jp],
+    // gram [K][Kp], mf [K][J2p], m1 [64]
+    std::int64_t prompt_floats() const { return 3 * D * Tp + D * T2p + J * Jp + K * Kp + K * J2p + kTwMaxTokens; }
+    // per-item tile scratch, in vectors: a1, ra, a2, two temporaries, x1, x2, st [64][kTwVecs], c [Kc][kTwVecs],
+    // and the pixel-major pooling rows zv [kTwBlock][D], zc [kTwBlock][Kc]
+    std::int64_t tile_vecs() const { return 8 * kTwTokenTile + Kc * kTwVecs + kTwBlock * (D + Kc) / kLanes; }
+    int acc_ld() const { return d + Kc; }
+};
+
+// out[j] = sum_{c < d} img[h(j) d + c] * u[j, c] for the J = heads * T tokens (h(j) = j / T; img: D rows of a
+// channel-major tile, ut: per head the tokens' rows transposed [heads][d][Tp]).
+__attribute__((always_inline)) inline void tw_head_dots(v16f *out, const v16f *img, const float *ut, int heads, int T,
+                                                        int Tp, int d) {
+    static constexpr float kZeros[kTwMaxTokens] = {};
+    for (int h = 0; h < heads; ++h)
+        for (int t0 = 0; t0 < T; t0 += kTwTokenBlock)
+            tw_head_logits(out, img + h * d * kTwVecs, ut + h * d * Tp + t0, Tp, d, h * T + t0,
+                           std::min(kTwTokenBlock, T - t0), kZeros);
+}
+
+// acc[j * ld + c] += sum_{p < n} w[j * kTwBlock + p] * z[p * D + h(j) d + c] for c < d and tokens j < count
+// (h(j) = j / T): each token pools its own head's d columns of the pixel rows z.
+__attribute__((always_inline)) inline void tw_pool_heads(float *acc, int ld, const float *w, const float *z, int D,
+                                                         int n, int count, int T, int d) {
+    for (int j = 0; j < count; ++j) {
+        const float *zj = z + (j / T) * d, *wj = w + j * kTwBlock;
+        for (int c = 0; c < d; c += kLanes) {
+            v16f s[4] = {load16(acc + j * ld + c), v16f{}, v16f{}, v16f{}};  // four chains (n is a multiple of 16)
+            for (int p = 0; p < n; p += 4)
+                for (int u = 0; u < 4; ++u) s[u] += load16(zj + (p + u) * D + c) * wj[p + u];
+            const v16f r = (s[0] + s[1]) + (s[2] + s[3]);
+            std::memcpy(acc + j * ld + c, &r, sizeof r);
+        }
+    }
+}
+
+// dst[p * ld + c] = scale[p] * src[c][p] for the n pixels p of a channel-major tile src [rows][kTwVecs] and
+// rows c < rows (a multiple of 16): the tile's rows as pixel-major rows, each pixel scaled.
+__attribute__((always_inline)) inline void tw_rows_scaled(float *dst, int ld, const v16f *src, int rows,
+                                                          const v16f (&scale)[kTwVecs], int n) {
+    for (int v = 0; v * kLanes < n; ++v)
+        for (int c0 = 0; c0 < rows; c0 += kLanes) {
+            v16f z[kLanes];
+            for (int l = 0; l < kLanes; ++l) z[l] = src[(c0 + l) * kTwVecs + v] * scale[v];
+            transpose16(z);
+            for (int l = 0; l < kLanes; ++l) std::memcpy(dst + (v * kLanes + l) * ld + c0, &z[l], sizeof(v16f));
+        }
+}
+
+// Prompt b's scratch (see FactoredSizes::prompt_floats) and initial pooling state.
+__attribute__((always_inline)) inline void tf_setup(const FactoredArgs &a, const FactoredSizes &z, std::int64_t b,
+                                                    float *w, float *state) {
+    const int d = z.d;
+    auto heads_t = [&](float *dst, const float *src, int T, int Tp) {  // src [heads*T][d] -> [heads][d][Tp]
+        for (int h = 0; h < a.heads; ++h)
+            for (int c = 0; c < d; ++c)
+                for (int t = 0; t < Tp; ++t) dst[(h * d + c) * Tp + t] = t < T ? src[(h * T + t) * d + c] : 0.f;
+    };
+    auto padded = [](float *dst, const float *src, int rows, int cols, int ld) {  // [rows][cols] -> [rows][ld]
+        for (int r = 0; r < rows; ++r)
+            for (int c = 0; c < ld; ++c) dst[r * ld + c] = c < cols ? src[r * cols + c] : 0.f;
+    };
+    const std::int64_t J = z.J, J2 = z.J2, K = z.K;
+    heads_t(w, a.k + b * J * d, z.T, z.Tp);
+    heads_t(w + z.D * z.Tp, a.vh1 + b * J * d, z.T, z.Tp);
+    heads_t(w + 2 * z.D * z.Tp, a.vh2 + b * J * d, z.T, z.Tp);
+    float *qf = w + 3 * z.D * z.Tp, *n = qf + z.D * z.T2p, *g = n + z.J * z.Jp, *mf = g + z.K * z.Kp;
+    float *m1 = mf + z.K * z.J2p;
+    heads_t(qf, a.qf + b * J2 * d, z.T2, z.T2p);
+    padded(n, a.n + b * J * J, z.J, z.J, z.Jp);
+    padded(g, a.gram + b * K * K, z.K, z.K, z.Kp);
+    padded(mf, a.mf + b * K * J2, z.K, z.J2, z.J2p);
+    for (int j = 0; j < kTwMaxTokens; ++j) m1[j] = j < z.J ? a.m1[b * J + j] : 0.f;
+    float *run_max = state, *run_sum = state + kTwMaxTokens, *acc = state + 2 * kTwMaxTokens;
+    for (int j = 0; j < kTwMaxTokens; ++j) run_max[j] = -std::numeric_limits<float>::infinity(), run_sum[j] = 0.f;
+    std::fill(acc, acc + kTwMaxTokens * z.acc_ld(), 0.f);
+}
+
+// Pixel blocks [blk0, blk1) of prompts [b0, b1), block by block; pools into the prompts' states.
+__attribute__((always_inline)) inline void two_way_factored_body(const FactoredArgs &a, std::int64_t b0, std::int64_t b1,
+                                                                 std::int64_t blk0, std::int64_t blk1, v16f *tiles,
+                                                                 float *prompts, float *state, std::int64_t state_step) {
+    const FactoredSizes z(a);
+    const int J = z.J, J2 = z.J2, K = z.K, D = z.D, d = z.d, F = 7 * D + 4, ld = z.acc_ld();
+    v16f *a1 = tiles, *ra = a1 + kTwTokenTile, *a2 = ra + kTwTokenTile, *t1 = a2 + kTwTokenTile;
+    v16f *t2 = t1 + kTwTokenTile, *x1 = t2 + kTwTokenTile, *x2 = x1 + kTwTokenTile, *st = x2 + kTwTokenTile;
+    v16f *c = st + kTwTokenTile;
+    float *zv = reinterpret_cast<float *>(c + z.Kc * kTwVecs), *zc = zv + kTwBlock * D;
+    const std::int64_t pf = z.prompt_floats();
+    for (std::int64_t b = b0; b < b1; ++b) tf_setup(a, z, b, prompts + (b - b0) * pf, state + (b - b0) * state_step);
+    for (std::int64_t blk = blk0; blk < blk1; ++blk) {
+        const std::int64_t p0 = blk * kTwBlock;
+        const int n = static_cast<int>(std::min<std::int64_t>(kTwBlock, a.pixels - p0));
+        const v16f *img = a.image + blk * F * kTwVecs;
+        const v16f *e2 = img + 7 * D * kTwVecs, *sigma = e2 + kTwVecs, *s1 = sigma + kTwVecs, *s0 = s1 + kTwVecs;
+        for (std::int64_t b = b0; b < b1; ++b) {
+            const float *kt = prompts + (b - b0) * pf, *vh1t = kt + D * z.Tp, *vh2t = vh1t + D * z.Tp;
+            const float *qft = vh2t + D * z.Tp, *nw = qft + D * z.T2p, *gw = nw + J * z.Jp, *mfw = gw + K * z.Kp;
+            const float *m1 = mfw + K * z.J2p;
+            float *run_max = state + (b - b0) * state_step, *run_sum = run_max + kTwMaxTokens;
+            float *acc = run_sum + kTwMaxTokens;
+            v16f r1[kTwVecs], r2[kTwVecs], r12[kTwVecs];
+            for (int v = 0; v < kTwVecs; ++v) {
+                const bool valid = v * kLanes < n;
+                r1[v] = valid ? load16(a.rstd1 + b * a.pixels + p0 + v * kLanes) : v16f{};
+                const float *src = a.probs1 + ((b * a.pixels + p0) / kLanes + v) * J * kLanes;
+                for (int j = 0; j < J; ++j) {
+                    a1[j * kTwVecs + v] = valid ? load16(src + j * kLanes) : v16f{};
+                    ra[j * kTwVecs + v] = a1[j * kTwVecs + v] * r1[v];
+                }
+            }
+            // second image->token attention: l = r1 (Q . k) + QP . k + (r1 a1) N, softmax within each head
+            tw_head_dots(t1, img, kt, a.heads, z.T, z.Tp, d);
+            tw_head_dots(t2, img + D * kTwVecs, kt, a.heads, z.T, z.Tp, d);
+            for (int j0 = 0; j0 < J; j0 += kTwTokenBlock) {
+                v16f acc8[kTwTokenBlock][kTwVecs];
+                for (int t = 0; t < kTwTokenBlock; ++t)
+                    for (int v = 0; v < kTwVecs; ++v)
+                        acc8[t][v] = j0 + t < J ? t1[(j0 + t) * kTwVecs + v] * r1[v] + t2[(j0 + t) * kTwVecs + v] : v16f{};
+                tw_tile(acc8, ra, nw + j0, z.Jp, J);
+                for (int t = 0; t < kTwTokenBlock && j0 + t < J; ++t)
+                    for (int v = 0; v < kTwVecs; ++v) a2[(j0 + t) * kTwVecs + v] = acc8[t][v];
+            }
+            tw_head_softmax(a2, a.heads, z.T);
+            for (int v = 0; v * kLanes < n; ++v) {
+                float *dst = a.probs2 + ((b * a.pixels + p0) / kLanes + v) * J * kLanes;
+                for (int j = 0; j < J; ++j) std::memcpy(dst + j * kLanes, &a2[j * kTwVecs + v], sizeof(v16f));
+            }
+            // the coefficients c = [r1 a1, a2, 1] of the rows R of y2 - mean
+            for (int j = 0; j < J; ++j)
+                for (int v = 0; v < kTwVecs; ++v) c[j * kTwVecs + v] = ra[j * kTwVecs + v], c[(J + j) * kTwVecs + v] = a2[j * kTwVecs + v];
+            for (int k = 2 * J; k < z.Kc; ++k)
+                for (int v = 0; v < kTwVecs; ++v) c[k * kTwVecs + v] = v16f{} + (k == 2 * J ? 1.f : 0.f);
+            // |y2 - mean|^2 = r1^2 E2 + 2 r1 (c . X) + c G c
+            tw_head_dots(x1, img + 2 * D * kTwVecs, vh1t, a.heads, z.T, z.Tp, d);
+            tw_head_dots(x2, img + 3 * D * kTwVecs, vh2t, a.heads, z.T, z.Tp, d);
+            v16f cx[kTwVecs], cgc[kTwVecs];
+            for (int v = 0; v < kTwVecs; ++v) {
+                v16f s = r1[v] * s1[v] + s0[v];
+                for (int j = 0; j < J; ++j)
+                    s += ra[j * kTwVecs + v] * (x1[j * kTwVecs + v] - sigma[v] * m1[j]) +
+                         a2[j * kTwVecs + v] * x2[j * kTwVecs + v];
+                cx[v] = s;
+                cgc[v] = v16f{};
+            }
+            // (G symmetric: per block of 8 columns, its diagonal block once and the rows below it twice)
+            for (int k0 = 0; k0 < K; k0 += kTwTokenBlock) {
+                const int k1 = std::min(K, k0 + kTwTokenBlock);
+                v16f diag[kTwTokenBlock][kTwVecs] = {}, below[kTwTokenBlock][kTwVecs] = {};
+                tw_tile(diag, c + k0 * kTwVecs, gw + k0 * z.Kp + k0, z.Kp, k1 - k0);
+                tw_tile(below, c + k1 * kTwVecs, gw + k1 * z.Kp + k0, z.Kp, K - k1);
+                for (int t = 0; t < k1 - k0; ++t)
+                    for (int v = 0; v < kTwVecs; ++v)
+                        cgc[v] += (diag[t][v] + 2.f * below[t][v]) * c[(k0 + t) * kTwVecs + v];
+            }
+            for (int v = 0; v < kTwVecs; ++v) {
+                const v16f sq = r1[v] * r1[v] * e2[v] + 2.f * r1[v] * cx[v] + cgc[v];
+                for (int l = 0; l < kLanes; ++l)
+                    r2[v][l] = 1.f / std::sqrt(std::max(sq[l], 0.f) * (1.f / kChannels) + a.eps);
+                r12[v] = r1[v] * r2[v];
+                if (v * kLanes < n) std::memcpy(a.rstd2 + b * a.pixels + p0 + v * kLanes, &r2[v], sizeof(v16f));
+            }
+            // final token->image logits s = r1 r2 (Kf . q) + KPf . q + r2 (c Mf); online softmax over the pixels
+            tw_head_dots(t1, img + 4 * D * kTwVecs, qft, a.heads, z.T2, z.T2p, d);
+            tw_head_dots(t2, img + 5 * D * kTwVecs, qft, a.heads, z.T2, z.T2p, d);
+            for (int j0 = 0; j0 < z.J2p; j0 += kTwTokenBlock) {
+                v16f acc8[kTwTokenBlock][kTwVecs] = {};
+                tw_tile(acc8, c, mfw + j0, z.J2p, K);
+                for (int t = 0; t < kTwTokenBlock; ++t)
+                    for (int v = 0; v < kTwVecs; ++v)
+                        st[(j0 + t) * kTwVecs + v] = j0 + t < J2 ? r2[v] * acc8[t][v] + r12[v] * t1[(j0 + t) * kTwVecs + v] +
+                                                                      t2[(j0 + t) * kTwVecs + v]
+                                                                : v16f{};
+            }
+            tw_online_softmax(st, z.J2p, n, run_max, run_sum, acc, ld, ld);
+            // pool [r1 r2 V (the token's head), r2 c] over the block's pixels
+            tw_rows_scaled(zv, D, img + 6 * D * kTwVecs, D, r12, n);
+            tw_rows_scaled(zc, z.Kc, c, z.Kc, r2, n);
+            const float *w = reinterpret_cast<const float *>(st);
+            tw_pool_heads(acc, ld, w, zv, D, n, J2, z.T2, d);
+            tw_pool_rows(acc + d, ld, w, zc, z.Kc, n, z.J2p, z.Kc / kLanes);
+        }
+    }
+}
+
+using FactoredFn = void (*)(const FactoredArgs &, std::int64_t, std::int64_t, std::int64_t, std::int64_t, v16f *, float *,
+                            float *, std::int64_t);
+
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void two_way_factored_avx512(
+    const FactoredArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0, std::int64_t blk1, v16f *tiles,
+    float *prompts, float *state, std::int64_t state_step) {
+    two_way_factored_body(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
+}
+void two_way_factored_generic(const FactoredArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0,
+                              std::int64_t blk1, v16f *tiles, float *prompts, float *state, std::int64_t state_step) {
+    two_way_factored_body(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
+}
+
+py::array_t<float> two_way_factored(py::handle image_obj, py::handle probs1_obj, py::handle rstd1_obj, py::handle k_obj,
+                                    py::handle vh1_obj, py::handle vh2_obj, py::handle qf_obj, py::handle n_obj,
+                                    py::handle m1_obj, py::handle gram_obj, py::handle mf_obj, double eps,
+                                    std::int64_t heads, py::handle probs2_obj, py::handle rstd2_obj,
+                                    const std::string &isa, std::int64_t threads) {
+    check_threads("two_way_factored", threads);
+    const py::array image = require<float>(image_obj, "image", "float32", 3);
+    const py::array probs1 = require<float>(probs1_obj, "probs1", "float32", 4);
+    const py::array rstd1 = require<float>(rstd1_obj, "rstd1", "float32", 2);
+    const py::array k = require<float>(k_obj, "k", "float32", 3);
+    const py::array vh1 = require<float>(vh1_obj, "vh1", "float32", 3);
+    const py::array vh2 = require<float>(vh2_obj, "vh2", "float32", 3);
+    const py::array qf = require<float>(qf_obj, "qf", "float32", 3);
+    const py::array n = require<float>(n_obj, "n", "float32", 3);
+    const py::array m1 = require<float>(m1_obj, "m1", "float32", 2);
+    const py::array gram = require<float>(gram_obj, "gram", "float32", 3);
+    const py::array mf = require<float>(mf_obj, "mf", "float32", 3);
+    const std::int64_t batch = k.shape(0), tokens = k.shape(1), head_dim = k.shape(2), tokens2 = qf.shape(1);
+    const std::int64_t pixels = rstd1.shape(1), K = 2 * tokens + 1;
+    if (tokens < 1 || tokens > kTwMaxTokens || tokens2 < 1 || tokens2 > kTwMaxTokens)
+        throw py::value_error("two_way_factored: k has " + std::to_string(tokens) + " tokens and qf " +
+                              std::to_string(tokens2) + "; expected 1.." + std::to_string(kTwMaxTokens) + " each");
+    if (heads < 1 || tokens % heads != 0 || tokens2 % heads != 0)
+        throw py::value_error("two_way_factored: heads " + std::to_string(heads) + " must be >= 1 and divide k's " +
+                              std::to_string(tokens) + " and qf's " + std::to_string(tokens2) + " tokens");
+    if (head_dim < kLanes || head_dim % kLanes != 0 || heads * head_dim > kChannels)
+        throw py::value_error("k: head dimension " + std::to_string(head_dim) + "; expected a multiple of 16 with heads x d <= 256");
+    if (pixels < 1 || pixels % kLanes != 0)
+        throw py::value_error("rstd1: " + std::to_string(pixels) + " pixels; expected a positive multiple of 16");
+    const std::int64_t blocks = (pixels + kTwBlock - 1) / kTwBlock, features = 7 * heads * head_dim + 4;
+    require_shape(image, "image", {blocks, features, kTwBlock});
+    require_shape(probs1, "probs1", {batch, pixels / kLanes, tokens, kLanes});
+    require_shape(rstd1, "rstd1", {batch, pixels});
+    require_shape(vh1, "vh1", {batch, tokens, head_dim});
+    require_shape(vh2, "vh2", {batch, tokens, head_dim});
+    require_shape(qf, "qf", {batch, tokens2, head_dim});
+    require_shape(n, "n", {batch, tokens, tokens});
+    require_shape(m1, "m1", {batch, tokens});
+    require_shape(gram, "gram", {batch, K, K});
+    require_shape(mf, "mf", {batch, K, tokens2});
+    if (!(eps > 0) || !std::isfinite(eps)) throw py::value_error("two_way_factored: eps must be positive and finite");
+    if (reinterpret_cast<std::uintptr_t>(image.data()) % sizeof(v16f) != 0)
+        throw py::value_error("image: must be 64-byte aligned (samreg_rt.two_way.factored_image allocates it so)");
+    const bool avx512 = use_avx512(isa, "two_way_factored");
+    const std::vector<std::pair<const py::array *, const char *>> inputs{
+        {&image, "image"}, {&probs1, "probs1"}, {&rstd1, "rstd1"}, {&k, "k"}, {&vh1, "vh1"}, {&vh2, "vh2"},
+        {&qf, "qf"}, {&n, "n"}, {&m1, "m1"}, {&gram, "gram"}, {&mf, "mf"}};
+    auto output = [&](py::handle obj, const char *name, int ndim, std::initializer_list<py::ssize_t> shape) {
+        auto arr = py::reinterpret_borrow<py::array_t<float>>(require<float>(obj, name, "float32", ndim));
+        require_shape(arr, name, shape);
+        if (!arr.writeable()) throw py::value_error(std::string(name) + ": array is read-only");
+        for (const auto &[input, input_name] : inputs) require_disjoint(arr, *input, input_name, name);
+        return arr;
+    };
+    py::array_t<float> probs2 = output(probs2_obj, "probs2", 4, {batch, pixels / kLanes, tokens, kLanes});
+    py::array_t<float> rstd2 = output(rstd2_obj, "rstd2", 2, {batch, pixels});
+    require_disjoint(rstd2, probs2, "probs2", "rstd2");
+    const FactoredArgs args{static_cast<const v16f *>(image.data()), static_cast<const float *>(probs1.data()),
+                            static_cast<const float *>(rstd1.data()), static_cast<const float *>(k.data()),
+                            static_cast<const float *>(vh1.data()), static_cast<const float *>(vh2.data()),
+                            static_cast<const float *>(qf.data()), static_cast<const float *>(n.data()),
+                            static_cast<const float *>(m1.data()), static_cast<const float *>(gram.data()),
+                            static_cast<const float *>(mf.data()), static_cast<float>(eps), pixels,
+                            static_cast<int>(tokens), static_cast<int>(tokens2), static_cast<int>(heads),
+                            static_cast<int>(head_dim), probs2.mutable_data(), rstd2.mutable_data()};
+    const FactoredSizes sizes(args);
+    const int width = static_cast<int>(head_dim + K);
+    py::array_t<float> pooled({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(tokens2),
+                               static_cast<py::ssize_t>(width)});
+    const FactoredFn fn = avx512 ? two_way_factored_avx512 : two_way_factored_generic;
+    // work items as two_way_pass's with shared keys: (group of prompts, chunk of pixel blocks)
+    constexpr std::int64_t kMinItems = 16;
+    const std::int64_t chunks = batch > 0 ? std::min(blocks, (kMinItems + batch - 1) / batch) : 1;
+    const std::int64_t groups = (batch + kTwGroup - 1) / kTwGroup;
+    const double flops_per_block = 2.0 * kTwBlock * (4 * tokens * head_dim + 2 * tokens2 * head_dim + tokens * tokens +
+                                                     K * (K + tokens2) + tokens2 * (head_dim + K));
+    {
+        py::gil_scoped_release release;
+        std::vector<float> states(static_cast<std::size_t>(batch * chunks * kTwState));
+        parallel_for(groups * chunks, flops_per_block * blocks / chunks * kTwGroup, threads,
+                     [&](std::int64_t t0, std::int64_t t1) {
+            std::vector<float> buffer, prompts(static_cast<std::size_t>(kTwGroup * sizes.prompt_floats()));
+            v16f *tiles = aligned_vecs(buffer, sizes.tile_vecs());
+            for (std::int64_t t = t0; t < t1; ++t) {
+                const std::int64_t b0 = t / chunks * kTwGroup, b1 = std::min(batch, b0 + kTwGroup), c = t % chunks;
+                fn(args, b0, b1, blocks * c / chunks, blocks * (c + 1) / chunks, tiles, prompts.data(),
+                   states.data() + (b0 * chunks + c) * kTwState, chunks * kTwState);
+            }
+        });
+        tw_merge(states.data(), batch, chunks, tokens2, sizes.acc_ld(), width, pooled.mutable_data());
+    }
+    return pooled;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -2112,6 +2471,26 @@ PYBIND11_MODULE(_ext, m) {
           "pixel p of prompt b = rows[r] given by factors: with x = [rstd1 rstd2 probs1[b, p // 16, :, p % 16],\n"
           "rstd2 probs2[b, p // 16, :, p % 16], rstd2, 1] (rstd1, rstd2 of [b, p]), z = x @ first[b] +\n"
           "rstd1 rstd2 e_t[p // 16, :, p % 16]; the rest as mask_upscaling (J <= 127)." THREADS_DOC);
+    m.def("two_way_factored", &two_way_factored, py::arg("image"), py::arg("probs1"), py::arg("rstd1"), py::arg("k"),
+          py::arg("vh1"), py::arg("vh2"), py::arg("qf"), py::arg("n"), py::arg("m1"), py::arg("gram"), py::arg("mf"),
+          py::arg("eps"), py::arg("heads"), py::arg("probs2"), py::arg("rstd2"), py::arg("isa") = "auto",
+          py::arg("threads") = 0,
+          "two_way_factored(image: float32[blocks, 7D + 4, 48], probs1: float32[B, P/16, J, 16], rstd1: float32[B, P],\n"
+          "    k, vh1, vh2: float32[B, J, d], qf: float32[B, J2, d], n: float32[B, J, J], m1: float32[B, J],\n"
+          "    gram: float32[B, K, K], mf: float32[B, K, J2], eps, heads, probs2: float32[B, P/16, J, 16] (out),\n"
+          "    rstd2: float32[B, P] (out), isa='auto', threads=0) -> pooled: float32[B, J2, d + K]\n\n"
+          "The second layer of a two-layer two-way transformer and its final pooling from factors\n"
+          "(samreg_rt.two_way.factored_pass): K = 2J + 1, D = heads * d, d a multiple of 16, P a multiple of\n"
+          "16, blocks = ceil(P / 48). image holds per-pixel features in blocks of 48 pixels (image[i, f, l]:\n"
+          "feature f of pixel 48 i + l; zero past P): rows 0..D-1 Q, D.. QP, 2D.. R1, 3D.. R2, 4D.. Kf,\n"
+          "5D.. KPf, 6D.. V, then E2, sigma, s1, s0. With hd(X, u)_j = X[h(j) d:(h(j) + 1) d] . u[b, j]\n"
+          "(h(j) = j / (tokens / heads)), per prompt b and pixel p, a1 = probs1[b, p], r1 = rstd1[b, p]:\n"
+          "l_j = r1 hd(Q, k)_j + hd(QP, k)_j + (r1 a1 @ n[b])_j; a2 = softmax of l within each head -> probs2;\n"
+          "c = [r1 a1, a2, 1]; cx = sum_j r1 a1_j (hd(R1, vh1)_j - sigma m1[b, j]) + sum_j a2_j hd(R2, vh2)_j\n"
+          "+ r1 s1 + s0; r2 = 1 / sqrt((r1^2 E2 + 2 r1 cx + c gram[b] c) / 256 + eps) -> rstd2;\n"
+          "s_j = r1 r2 hd(Kf, qf)_j + hd(KPf, qf)_j + r2 (c @ mf[b])_j; w = softmax over the pixels of s_j;\n"
+          "pooled[b, j] = [sum_p w r1 r2 V[h(j) d:(h(j) + 1) d], sum_p w r2 c] (heads of J2 by J2 / heads).\n"
+          "image must be 64-byte aligned. isa as two_way_pass.");
     m.def("two_way_pass", &two_way_pass, py::arg("keys"), py::arg("pe"), py::arg("kq"), py::arg("koff"),
           py::arg("vwo"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("qk"), py::arg("heads"),
           py::arg("out") = py::none(), py::arg("isa") = "auto", py::arg("qproj") = py::none(),

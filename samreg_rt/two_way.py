@@ -132,7 +132,9 @@ class SharedImage:
 
     embedding: (1, C, h, w), as given; keys: (1, hw, C) the image tokens (embedding plus the no-mask
     embedding); t2i_keys, t2i_values: (hw, heads, d) the first token-to-image attention's keys (scaled by
-    1/sqrt(d)) and values; i2t_queries: (hw, heads*d) the first image-to-token attention's queries.
+    1/sqrt(d)) and values; i2t_queries: (hw, heads*d) the first image-to-token attention's queries;
+    features: for a two-layer transformer, ``factored_image``'s per-pixel features of the second layer
+    (None otherwise).
     """
 
     embedding: np.ndarray
@@ -140,6 +142,7 @@ class SharedImage:
     t2i_keys: np.ndarray
     t2i_values: np.ndarray
     i2t_queries: np.ndarray
+    features: np.ndarray | None = None
 
 
 def shared_image(w: TwoWayWeights, embedding: np.ndarray, threads: int = 0) -> SharedImage:
@@ -157,8 +160,59 @@ def shared_image(w: TwoWayWeights, embedding: np.ndarray, threads: int = 0) -> S
     t2i_keys /= np.sqrt(t2i_keys.shape[-1], dtype=np.float32)
     t2i_values = _linear(w, f"{name}.cross_attn_token_to_image.v_proj", keys[0], threads=threads)
     i2t_queries = _linear(w, f"{name}.cross_attn_image_to_token.q_proj", keys[0] + pe, threads=threads)
+    features = factored_image(w, keys[0], threads) if int(w["depth"]) == 2 else None
     return SharedImage(embedding=embedding, keys=keys, t2i_keys=t2i_keys,
-                       t2i_values=t2i_values.reshape(len(pe), heads, -1), i2t_queries=i2t_queries)
+                       t2i_values=t2i_values.reshape(len(pe), heads, -1), i2t_queries=i2t_queries, features=features)
+
+
+def factored_image(w: TwoWayWeights, keys: np.ndarray, threads: int = 0) -> np.ndarray:
+    """The per-image features that ``_ext.two_way_factored`` takes, for image tokens keys (hw, C) of a
+    two-layer transformer: the second layer's image side then runs on the first layer's factors.
+
+    With e the image tokens centred over the channels, ``eg = e * g1`` and ``et = eg - mean(eg)`` (g1, b1
+    and g2, b2: the two layers' final LayerNorms), per pixel (D = heads * d columns each): Q = eg W_q2^T and
+    QP = (pe + b1) W_q2^T + b_q2 (the second image-to-token attention's queries), R1 = (et * g1) W_o1 and
+    R2 = et W_o2 (the two image-to-token output projections, transposed), Kf = (et * g2) W_kf^T,
+    KPf = (pe + b2) W_kf^T and V = (et * g2) W_vf^T (the final attention's keys and values), then the
+    scalars E2 = |et|^2, sigma = sum(et * g1), s1 = (et * g1) . b_o1 and s0 = et . (b_o2 + b1).
+    -> float32 (blocks, 7 D + 4, 48), 64-byte aligned: feature f of pixel 48 i + l at [i, f, l], zero
+    past hw."""
+    l0, l1, fa = "transformer.layers.0", "transformer.layers.1", "transformer.final_attn_token_to_image"
+    g1, b1 = w[f"{l0}.norm4.weight"], w[f"{l0}.norm4.bias"]
+    g2, b2 = w[f"{l1}.norm4.weight"], w[f"{l1}.norm4.bias"]
+    pe = w["image_pe"]
+    e = keys - keys.mean(axis=-1, keepdims=True)
+    eg = e * g1
+    et = eg - eg.mean(axis=-1, keepdims=True)
+    i2t1, i2t2 = f"{l0}.cross_attn_image_to_token", f"{l1}.cross_attn_image_to_token"
+    zero = np.zeros(w[f"{i2t2}.q_proj.bias"].shape, np.float32)
+
+    def product(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray = zero) -> np.ndarray:
+        return _ext.linear(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(weight_t), bias, threads=threads)
+
+    columns = [product(eg, w[f"{i2t2}.q_proj.weight_t"]),
+               product(pe + b1, w[f"{i2t2}.q_proj.weight_t"], w[f"{i2t2}.q_proj.bias"]),
+               product(et * g1, w[f"{i2t1}.out_proj.weight"]), product(et, w[f"{i2t2}.out_proj.weight"]),
+               product(et * g2, w[f"{fa}.k_proj.weight_t"]), product(pe + b2, w[f"{fa}.k_proj.weight_t"]),
+               product(et * g2, w[f"{fa}.v_proj.weight_t"])]
+    e64, g64 = et.astype(np.float64), (et * g1).astype(np.float64)
+    scalars = [np.square(e64).sum(axis=-1), g64.sum(axis=-1), g64 @ w[f"{i2t1}.out_proj.bias"],
+               e64 @ (w[f"{i2t2}.out_proj.bias"].astype(np.float64) + b1)]
+    features = np.concatenate(columns + [np.stack(scalars, axis=1).astype(np.float32)], axis=1)    # (hw, F)
+    blocks = -(-len(features) // 48)
+    out = _aligned_empty((blocks, features.shape[1], 48))
+    padded = np.zeros((blocks * 48, features.shape[1]), np.float32)
+    padded[:len(features)] = features
+    out[...] = padded.reshape(blocks, 48, -1).transpose(0, 2, 1)
+    return out
+
+
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised float32 array of this shape whose data is 64-byte aligned."""
+    size = int(np.prod(shape))
+    raw = np.empty(size + 16, np.float32)
+    start = (-raw.ctypes.data % 64) // 4
+    return raw[start:start + size].reshape(shape)
 
 
 def _parameter_names(depth: int, masks: int) -> list[str]:
@@ -229,14 +283,19 @@ def _token_to_shared_image(w: TwoWayWeights, name: str, q: np.ndarray, image: "S
     return _linear(w, f"{name}.out_proj", out.reshape(b, t, -1), threads=threads)
 
 
-def _token_to_image_rows(w: TwoWayWeights, name: str, q: np.ndarray, *, threads: int) -> np.ndarray:
+def _token_to_image_rows(w: TwoWayWeights, name: str, q: np.ndarray, *, threads: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """Token-to-image logits rows: tokens q (B, T, C) -> (B, heads*T, C), row (h, t) = q_h W_k,h / sqrt(d)
-    (the key bias adds the same to every image token's logit, which softmax drops)."""
+    (the key bias adds the same to every image token's logit, which softmax drops), and the scaled head
+    queries q_h / sqrt(d) (B, heads*T, d)."""
     heads = w.num_heads
     qh = _heads(_linear(w, f"{name}.q_proj", q, threads=threads), heads)    # (B, heads, T, d)
+    scale = np.sqrt(qh.shape[-1], dtype=np.float32)
     w_k, _ = _head_weights(w, f"{name}.k_proj")
-    rows = qh @ w_k / np.sqrt(qh.shape[-1], dtype=np.float32)                # (B, heads, T, C)
-    return np.ascontiguousarray(rows.reshape(q.shape[0], -1, q.shape[2]))
+    rows = qh @ w_k / scale                                                  # (B, heads, T, C)
+    b = q.shape[0]
+    return (np.ascontiguousarray(rows.reshape(b, -1, q.shape[2])),
+            np.ascontiguousarray((qh / scale).reshape(b, -1, qh.shape[-1])))
 
 
 def _token_to_image_output(w: TwoWayWeights, name: str, pooled: np.ndarray, *, threads: int) -> np.ndarray:
@@ -245,18 +304,22 @@ def _token_to_image_output(w: TwoWayWeights, name: str, pooled: np.ndarray, *, t
     w_v, b_v = _head_weights(w, f"{name}.v_proj")
     b = pooled.shape[0]
     pooled = pooled.reshape(b, heads, -1, pooled.shape[-1])                  # (B, heads, T, C)
-    values = pooled @ w_v.transpose(0, 2, 1) + b_v[:, None, :]               # (B, heads, T, d)
-    return _linear(w, f"{name}.out_proj", values.transpose(0, 2, 1, 3).reshape(b, pooled.shape[2], -1),
-                   threads=threads)
+    return _head_output(w, name, pooled @ w_v.transpose(0, 2, 1) + b_v[:, None, :], threads=threads)
+
+
+def _head_output(w: TwoWayWeights, name: str, values: np.ndarray, *, threads: int) -> np.ndarray:
+    """An attention's head values (B, heads, T, d) -> its output (B, T, C)."""
+    b, _, t, _ = values.shape
+    return _linear(w, f"{name}.out_proj", values.transpose(0, 2, 1, 3).reshape(b, t, -1), threads=threads)
 
 
 def _image_to_token_rows(w: TwoWayWeights, name: str, k: np.ndarray, v: np.ndarray, projected: bool, *,
-                         threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Image-to-token attention with tokens k, v (B, T, C) as keys and values -> the fused pass's
     kq (B, heads*T, C) and koff (B, heads*T) (logits ``x . kq + koff`` of image token x) and vwo
     (B, heads*T, C) (output ``sum_j A_j vwo_j``, the output bias split evenly over the heads).
     ``projected``: for image tokens whose query projection the caller computes (the pass's ``qproj``):
-    kq (B, heads*T, d) = k_h / sqrt(d) and koff 0."""
+    kq (B, heads*T, d) = k_h / sqrt(d) and koff 0. Also returns k_h / sqrt(d) and v_h, (B, heads*T, d) each."""
     heads = w.num_heads
     kh = _heads(_linear(w, f"{name}.k_proj", k, threads=threads), heads)    # (B, heads, T, d)
     scale = np.sqrt(kh.shape[-1], dtype=np.float32)
@@ -270,9 +333,10 @@ def _image_to_token_rows(w: TwoWayWeights, name: str, k: np.ndarray, v: np.ndarr
     w_o = w[f"{name}.out_proj.weight"]                                       # (C, heads*d)
     w_o = w_o.reshape(w_o.shape[0], heads, -1).transpose(1, 2, 0)            # (heads, d, C)
     vwo = vh @ w_o + w[f"{name}.out_proj.bias"] / heads                      # (B, heads, T, C)
-    b = k.shape[0]
+    b, d = k.shape[0], kh.shape[-1]
     return (np.ascontiguousarray(kq.reshape(b, -1, kq.shape[-1])), np.ascontiguousarray(koff.reshape(b, -1)),
-            np.ascontiguousarray(vwo.reshape(b, -1, C)))
+            np.ascontiguousarray(vwo.reshape(b, -1, C)), np.ascontiguousarray((kh / scale).reshape(b, -1, d)),
+            np.ascontiguousarray(vh.reshape(b, -1, d)))
 
 
 def embed_points(w: TwoWayWeights, point_coords: np.ndarray, point_labels: np.ndarray) -> np.ndarray:
@@ -354,6 +418,7 @@ def _decode_tokens(w: TwoWayWeights, image: SharedImage, point_coords: np.ndarra
     outputs = [0] + [1 + k for k in mask_outputs]          # the tokens read after the final attention
     depth = int(w["depth"])
     queries = _self_attention(w, 0, tokens, query_pe, threads=threads)
+    final_values = None         # the final attention's head values, when the factored pass computes them
     for i in range(depth):
         layer = f"transformer.layers.{i}"
         if i == 0:
@@ -367,28 +432,38 @@ def _decode_tokens(w: TwoWayWeights, image: SharedImage, point_coords: np.ndarra
         # The first layer's image tokens are the image's alone: their query projection runs once per image.
         i2t = f"{layer}.cross_attn_image_to_token"
         qproj = image.i2t_queries if i == 0 else None
-        kq, koff, vwo = _image_to_token_rows(w, i2t, queries + query_pe, queries, projected=i == 0,
-                                             threads=threads)
+        kq, koff, vwo, k_heads, v_heads = _image_to_token_rows(w, i2t, queries + query_pe, queries,
+                                                               projected=i == 0, threads=threads)
         # The next token-to-image attention's queries do not depend on the image tokens: the next
         # layer's self-attention runs now, so that one pass over the image tokens serves both.
         if i + 1 < depth:
             queries = _self_attention(w, i + 1, queries, query_pe, threads=threads)
-            qk = _token_to_image_rows(w, f"transformer.layers.{i + 1}.cross_attn_token_to_image", queries + query_pe,
-                                      threads=threads)
+            qk, _ = _token_to_image_rows(w, f"transformer.layers.{i + 1}.cross_attn_token_to_image",
+                                         queries + query_pe, threads=threads)
         else:        # the final attention: the IoU token and the asked-for mask tokens only
             queries, query_pe = queries[:, outputs], query_pe[:, outputs]
-            qk = _token_to_image_rows(w, "transformer.final_attn_token_to_image", queries + query_pe, threads=threads)
+            qk, q_heads = _token_to_image_rows(w, "transformer.final_attn_token_to_image", queries + query_pe,
+                                               threads=threads)
         # every layer writes its image tokens into image_tokens (the later ones in place); in factored form
-        # the attention weights and LayerNorm scales instead, and the last layer's tokens are not kept
+        # the attention weights and LayerNorm scales instead, and the last layer's tokens are not kept (nor
+        # the first's when the second layer runs on the factors: two_way_factored)
         norm = (w[f"{layer}.norm4.weight"], w[f"{layer}.norm4.bias"], float(w[f"{layer}.norm4.eps"]))
         factor_out = {}
         if factors is not None:
             factors.values[i, :b] = vwo
-            factor_out = dict(probs=factors.probs[i, :b], rstd=factors.rstd[i, :b], keep_keys=i + 1 < depth)
+            if i == 1 and image.features is not None:
+                final_values = _factored_pass(w, image, factors, b, first_values, kq, k_heads, v_heads, vwo, qk,
+                                              q_heads, threads=threads)
+                break
+            factor_out = dict(probs=factors.probs[i, :b], rstd=factors.rstd[i, :b],
+                              keep_keys=i + 1 < depth and image.features is None)
         keys, pooled = _ext.two_way_pass(keys, pe, kq, koff, vwo, *norm, qk, heads,
                                          out=image_tokens if factor_out.get("keep_keys", True) else None,
                                          qproj=qproj, threads=threads, **factor_out)
-    update = _token_to_image_output(w, "transformer.final_attn_token_to_image", pooled, threads=threads)
+        first_values = v_heads
+    final = "transformer.final_attn_token_to_image"
+    update = _head_output(w, final, final_values, threads=threads) if final_values is not None else \
+        _token_to_image_output(w, final, pooled, threads=threads)
     queries = _layer_norm(w, "transformer.norm_final_attn", queries + update)
     iou = _mlp_head(w, "iou_prediction_head", queries[:, 0], threads=threads)
     hyper = np.stack([_mlp_head(w, f"output_hypernetworks_mlps.{k}", queries[:, 1 + j], threads=threads)
@@ -400,6 +475,40 @@ def _decode_tokens(w: TwoWayWeights, image: SharedImage, point_coords: np.ndarra
     view = ImageTokenFactors(keys=factors.keys, values=factors.values[:, :b], probs=factors.probs[:, :b],
                              rstd=factors.rstd[:, :b], norms=norms)
     return iou.astype(np.float32), hyper.astype(np.float32), view
+
+
+def _factored_pass(w: TwoWayWeights, image: SharedImage, factors: ImageTokenFactors, b: int, v1_heads: np.ndarray,
+                   kq2: np.ndarray, k2_heads: np.ndarray, v2_heads: np.ndarray, vwo2: np.ndarray, qkf: np.ndarray,
+                   qf_heads: np.ndarray, *, threads: int) -> np.ndarray:
+    """The second layer's image side and the final attention's pooling of B prompts from the first layer's
+    factors (``_ext.two_way_factored`` on ``image.features``); fills the second layer's probs and rstd in
+    ``factors`` -> the final attention's head values (B, heads, T, d).
+
+    With x1 = r1 (e + a1 V1 - mean) * g1 + b1 (``ImageTokenFactors``), y2 = x1 + a2 V2 minus its mean is
+    r1 et + c R per pixel, with c = [r1 a1, a2, 1] and the rows R = [centred (V1 - mean) * g1; V2 - mean;
+    b1 - mean] (K = 2J + 1 of them): the products the kernel needs are the Gram matrix R R^T, the rows'
+    products with the second layer's query rows (N) and with the final attention's key rows (Mf), and,
+    after the pooling, with its value projection."""
+    heads = w.num_heads
+    l0, l1, final = "transformer.layers.0", "transformer.layers.1", "transformer.final_attn_token_to_image"
+    g1, b1 = w[f"{l0}.norm4.weight"], w[f"{l0}.norm4.bias"]
+    g2, b2 = w[f"{l1}.norm4.weight"], w[f"{l1}.norm4.bias"]
+    v1 = factors.values[0, :b]
+    v1c = v1 - v1.mean(axis=-1, keepdims=True)
+    w1 = v1c * g1
+    rows = np.concatenate([w1 - w1.mean(axis=-1, keepdims=True), vwo2 - vwo2.mean(axis=-1, keepdims=True),
+                           np.broadcast_to(b1 - b1.mean(), (b, 1, C))], axis=1)            # (B, K, C)
+    rows_g2 = rows * g2
+    pooled = _ext.two_way_factored(image.features, factors.probs[0, :b], factors.rstd[0, :b], k2_heads, v1_heads,
+                                   v2_heads, qf_heads, w1 @ kq2.transpose(0, 2, 1), v1.mean(axis=-1),
+                                   rows @ rows.transpose(0, 2, 1), rows_g2 @ qkf.transpose(0, 2, 1),
+                                   float(w[f"{l1}.norm4.eps"]), heads, probs2=factors.probs[1, :b],
+                                   rstd2=factors.rstd[1, :b], threads=threads)
+    d = qf_heads.shape[-1]
+    w_v = w[f"{final}.v_proj.weight_t"]
+    pooled_v = ((pooled[..., d:] @ rows_g2 + b2) @ w_v + w[f"{final}.v_proj.bias"]).reshape(b, heads, -1, heads, d)
+    own_head = pooled_v[:, np.arange(heads), :, np.arange(heads)].transpose(1, 0, 2, 3)      # (B, heads, T, d)
+    return (pooled[..., :d].reshape(b, heads, -1, d) + own_head).astype(np.float32)
 
 
 def _self_attention(w: TwoWayWeights, i: int, queries: np.ndarray, query_pe: np.ndarray, *,

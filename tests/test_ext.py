@@ -743,6 +743,64 @@ def test_two_way_pass_shared_keys_equal_repeated_keys(rng):
     np.testing.assert_array_equal(shared[0], repeated[0])
     np.testing.assert_array_equal(shared[1], repeated[1])
 
+# ------------------------------------------------------------------------------------------------
+# Factored second pass (two_way_factored)
+
+@pytest.mark.parametrize("batch,pixels,tokens,tokens2,heads,head_dim", [
+    (5, 4096, 56, 16, 8, 16),     # LiteMedSAM's box prompts, single-mask output
+    (9, 112, 48, 32, 8, 16),      # point prompts, multimask outputs; a partial last block
+    (3, 80, 6, 4, 2, 32),
+    (1, 16, 64, 64, 1, 64),       # the largest J (K = 129) and d
+])
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+def test_two_way_factored_matches_twin(rng, batch, pixels, tokens, tokens2, heads, head_dim, isa):
+    args = twins.two_way_factored_inputs(rng, batch, pixels, tokens, tokens2, heads, head_dim)
+    probs2 = np.full_like(args["probs1"], np.nan)
+    rstd2 = np.full_like(args["rstd1"], np.nan)
+    pooled = _ext.two_way_factored(**args, probs2=probs2, rstd2=rstd2, isa=isa)
+    want, want_probs, want_rstd = twins.two_way_factored(**args)
+    assert pooled.shape == (batch, tokens2, head_dim + 2 * tokens + 1) and pooled.dtype == np.float32
+    np.testing.assert_allclose(pooled, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    np.testing.assert_allclose(probs2, want_probs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(rstd2, want_rstd, rtol=1e-5)
+    # each head's weights sum to 1 over its tokens; the pooled coefficient of the constant row is the
+    # weighted mean of r2, between its extremes
+    np.testing.assert_allclose(probs2.reshape(batch, pixels // 16, heads, -1, 16).sum(axis=3), 1, atol=1e-5)
+    last = pooled[..., head_dim + 2 * tokens]
+    assert np.all(last >= rstd2.min(axis=1, keepdims=True) * (1 - 1e-5))
+    assert np.all(last <= rstd2.max(axis=1, keepdims=True) * (1 + 1e-5))
+
+
+def test_two_way_factored_rejects_bad_arguments(rng):
+    good = twins.two_way_factored_inputs(rng, 3, 64, 8, 4, 2)
+    outs = dict(probs2=np.empty_like(good["probs1"]), rstd2=np.empty_like(good["rstd1"]))
+    _ext.two_way_factored(**good, **outs)
+    misaligned = np.empty(good["image"].size + 1, np.float32)[1:].reshape(good["image"].shape)
+    misaligned[...] = good["image"]
+    read_only = outs["rstd2"].copy()
+    read_only.flags.writeable = False
+    cases = [
+        (dict(image=np.zeros((2, 227, 48), np.float32)), r"image: expected shape \(2, 228, 48\)", ValueError),
+        (dict(image=misaligned), "image: must be 64-byte aligned", ValueError),
+        (dict(gram=good["gram"][:, :-1].copy()), r"gram: expected shape \(3, 17, 17\)", ValueError),
+        (dict(mf=good["mf"].astype(np.float64)), "mf: expected dtype float32", TypeError),
+        (dict(heads=3), "heads 3 must be >= 1 and divide", ValueError),
+        (dict(k=good["k"][..., :8].copy(), vh1=good["vh1"][..., :8].copy(), vh2=good["vh2"][..., :8].copy(),
+              qf=good["qf"][..., :8].copy()), "k: head dimension 8; expected a multiple of 16", ValueError),
+        (dict(eps=0.0), "eps must be positive", ValueError),
+        (dict(rstd2=read_only), "rstd2: array is read-only", ValueError),
+        (dict(probs2=good["probs1"]), "probs2: must not overlap probs1", ValueError),
+        (dict(rstd2=outs["probs2"].reshape(-1)[:192].reshape(3, 64)), "rstd2: must not overlap probs2", ValueError),
+        (dict(isa="avx2"), "isa must be 'auto' or 'generic'", ValueError),
+    ]
+    for change, message, error in cases:
+        with pytest.raises(error, match=message):
+            _ext.two_way_factored(**{**good, **outs, **change})
+    odd = twins.two_way_factored_inputs(rng, 3, 64, 8, 4, 2)
+    odd["rstd1"] = odd["rstd1"][:, :40].copy()
+    with pytest.raises(ValueError, match="rstd1: 40 pixels; expected a positive multiple of 16"):
+        _ext.two_way_factored(**odd, probs2=outs["probs2"], rstd2=outs["rstd2"][:, :40].copy())
+
 
 def test_two_way_pass_prompts_are_independent(rng):
     """One prompt alone (its pixels split into many chunks merged at the end) gives what it gives

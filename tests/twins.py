@@ -302,3 +302,74 @@ def two_way_inputs(rng: np.random.Generator, batch: int, shared: bool, pixels: i
         qk=rng.normal(0, w_std, (batch, tokens2, c)).astype(np.float32),
         heads=heads,
     )
+
+
+def two_way_factored(image: np.ndarray, probs1: np.ndarray, rstd1: np.ndarray, k: np.ndarray, vh1: np.ndarray,
+                     vh2: np.ndarray, qf: np.ndarray, n: np.ndarray, m1: np.ndarray, gram: np.ndarray,
+                     mf: np.ndarray, eps: float, heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_ext.two_way_factored`` in float64 (see its docstring for the formulas; the kernel computes in float32
+    with a polynomial exp and online softmax: compare with a tolerance) -> (pooled float32[B, J2, d + K],
+    probs2 float32[B, P/16, J, 16], rstd2 float32[B, P])."""
+    batch, pixels = rstd1.shape
+    tokens, tokens2, d = k.shape[1], qf.shape[1], k.shape[2]
+    big_d = heads * d
+    feats = image.astype(np.float64).transpose(0, 2, 1).reshape(-1, image.shape[1])[:pixels]      # [P, F]
+    q, qp, r1f, r2f, kf, kpf, v = (feats[:, i * big_d:(i + 1) * big_d].reshape(pixels, heads, d) for i in range(7))
+    e2, sigma, s1, s0 = feats[:, 7 * big_d:].T
+
+    def hd(x, u):   # x [P, heads, d], u [B, J, d] -> [B, P, J]: each token's head
+        per_head = u.shape[1] // heads
+        return np.einsum("phc,bhtc->bpht", x, u.astype(np.float64).reshape(batch, heads, per_head, d)).reshape(
+            batch, pixels, -1)
+
+    a1 = probs1.astype(np.float64).transpose(0, 1, 3, 2).reshape(batch, pixels, tokens)
+    r1 = rstd1.astype(np.float64)[..., None]
+    ra = r1 * a1
+    logits = (r1 * hd(q, k) + hd(qp, k) + ra @ n.astype(np.float64)).reshape(batch, pixels, heads, -1)
+    a2 = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    a2 = (a2 / a2.sum(axis=-1, keepdims=True)).reshape(batch, pixels, tokens)
+    c = np.concatenate([ra, a2, np.ones((batch, pixels, 1))], axis=-1)
+    cx = (ra * (hd(r1f, vh1) - sigma[:, None] * m1.astype(np.float64)[:, None, :])).sum(-1) + \
+        (a2 * hd(r2f, vh2)).sum(-1) + r1[..., 0] * s1 + s0
+    sq = r1[..., 0] ** 2 * e2 + 2 * r1[..., 0] * cx + np.einsum("bpk,bkl,bpl->bp", c, gram.astype(np.float64), c)
+    r2 = 1 / np.sqrt(np.maximum(sq, 0) / 256 + eps)
+    s = r1 * r2[..., None] * hd(kf, qf) + hd(kpf, qf) + r2[..., None] * (c @ mf.astype(np.float64))   # [B, P, J2]
+    weights = np.exp(s - s.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    own = v[:, np.repeat(np.arange(heads), tokens2 // heads)]                                      # [P, J2, d]
+    pooled = np.concatenate([np.einsum("bpj,bp,pjc->bjc", weights, (r1[..., 0] * r2), own),
+                             np.einsum("bpj,bp,bpk->bjk", weights, r2, c)], axis=-1)
+    probs2 = a2.reshape(batch, pixels // 16, 16, tokens).transpose(0, 1, 3, 2)
+    return pooled.astype(np.float32), probs2.astype(np.float32), r2.astype(np.float32)
+
+
+def two_way_factored_inputs(rng: np.random.Generator, batch: int, pixels: int, tokens: int, tokens2: int, heads: int,
+                            head_dim: int = 16) -> dict:
+    """Random two_way_factored inputs with the structure SAM gives them: features of a random image and
+    value rows, probs1 a softmax within each head, rstd1 near 1, gram = R R^T of random rows R, logits of
+    a few units."""
+    big_d, k_rows = heads * head_dim, 2 * tokens + 1
+    blocks = -(-pixels // 48)
+    feats = np.zeros((blocks * 48, 7 * big_d + 4), np.float32)
+    feats[:pixels, :7 * big_d] = rng.normal(0, 1, (pixels, 7 * big_d))
+    feats[:pixels, 7 * big_d:] = np.stack([rng.uniform(200, 300, pixels), rng.normal(0, 3, pixels),
+                                           rng.normal(0, 3, pixels), rng.normal(0, 3, pixels)], axis=1)
+    image = feats.reshape(blocks, 48, -1).transpose(0, 2, 1)
+    aligned = np.empty(image.size + 16, np.float32)
+    start = (-aligned.ctypes.data % 64) // 4
+    aligned = aligned[start:start + image.size].reshape(image.shape)
+    aligned[...] = image
+    logits = rng.normal(0, 2, (batch, pixels // 16, heads, tokens // heads, 16))
+    probs1 = np.exp(logits) / np.exp(logits).sum(axis=3, keepdims=True)
+    rows = rng.normal(0, 0.5, (batch, k_rows, 64))
+    scale = 1 / np.sqrt(head_dim)
+    return dict(image=aligned, probs1=probs1.reshape(batch, pixels // 16, tokens, 16).astype(np.float32),
+                rstd1=rng.uniform(0.5, 1.5, (batch, pixels)).astype(np.float32),
+                k=rng.normal(0, scale, (batch, tokens, head_dim)).astype(np.float32),
+                vh1=rng.normal(0, 0.5, (batch, tokens, head_dim)).astype(np.float32),
+                vh2=rng.normal(0, 0.5, (batch, tokens, head_dim)).astype(np.float32),
+                qf=rng.normal(0, scale, (batch, tokens2, head_dim)).astype(np.float32),
+                n=rng.normal(0, 0.3, (batch, tokens, tokens)).astype(np.float32),
+                m1=rng.normal(0, 0.1, (batch, tokens)).astype(np.float32),
+                gram=(rows @ rows.transpose(0, 2, 1)).astype(np.float32),
+                mf=rng.normal(0, 0.3, (batch, k_rows, tokens2)).astype(np.float32), eps=1e-5, heads=heads)
