@@ -1650,18 +1650,19 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
 }
 
 // ------------------------------------------------------------------------------------------------
-// The second layer of SAM's two-way transformer and its final token->image pooling with the first
-// layer's image tokens x1 in factored form (two_way_factored). x1 = LayerNorm_1(e + A1 V1) lies, per
-// pixel, in the span of the image's own token e and the J value rows V1 of the prompt, so every product
-// of x1 (and of y2 = x1 + A2 V2) with a prompt's vectors splits into a product of per-image features
-// (computed once per image) with a head's d-vector, plus products of inner width J or 2J + 1 with the
-// attention weights: no image token of C channels is formed per prompt. Blocks of kTwBlock pixels with
-// the pixels in the vector lanes, as two_way_pass; see its docstring for the formulas.
+// A layer of SAM's two-way transformer on the image side with its image tokens in factored form
+// (two_way_factored), and the next token->image pooling. The first layer's y1 = e + A1 V1 lies, per
+// pixel, in the span of the image's own token e and the J value rows V1 of the prompt, the second's
+// y2 = LayerNorm_1(y1) + A2 V2 in that of e and 2J + 1 rows; so every product of these tokens with a
+// prompt's vectors splits into a product of per-image features (computed once per image) with a head's
+// d-vector, plus products of inner width J or 2J + 1 with the attention weights: no image token of C
+// channels is formed per prompt. Blocks of kTwBlock pixels with the pixels in the vector lanes, as
+// two_way_pass; see its docstring for the formulas.
 
 struct FactoredArgs {
     const v16f *image;       // [blocks][F][kTwVecs]: per-image features (F = 7 D + 4), the block layout
-    const float *probs1;     // [B, P/16, J, 16]
-    const float *rstd1;      // [B, P]
+    const float *probs1;     // [B, P/16, J, 16]: the previous layer's, or null (the first layer)
+    const float *rstd1;      // [B, P], or null with probs1
     const float *k, *vh1, *vh2;  // [B, J, d]
     const float *qf;         // [B, J2, d]
     const float *n;          // [B, J, J]
@@ -1673,16 +1674,18 @@ struct FactoredArgs {
     int tokens, tokens2, heads, head_dim;  // J, J2, heads, d
     float *probs2;           // [B, P/16, J, 16]
     float *rstd2;            // [B, P]
+    bool prev() const { return probs1 != nullptr; }
 };
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// The padded sizes of a factored pass: Jp, J2p (multiples of kTwTokenBlock), K = 2J + 1, Kp (of
-// kTwTokenBlock), Kc (of kLanes: the rows of the coefficient tile), T = J / heads, Tp, T2 = J2 / heads, T2p.
+// The padded sizes of a factored pass: Jp, J2p (multiples of kTwTokenBlock), K rows of the coefficients c
+// (2J + 1 after a previous layer, else J), Kp (of kTwTokenBlock), Kc (of kLanes: the rows of the coefficient
+// tile), T = J / heads, Tp, T2 = J2 / heads, T2p.
 struct FactoredSizes {
     int J, J2, K, Jp, J2p, Kp, Kc, T, Tp, T2, T2p, d, D;
     explicit FactoredSizes(const FactoredArgs &a)
-        : J(a.tokens), J2(a.tokens2), K(2 * a.tokens + 1), Jp(round_up(J, kTwTokenBlock)),
+        : J(a.tokens), J2(a.tokens2), K(a.prev() ? 2 * a.tokens + 1 : a.tokens), Jp(round_up(J, kTwTokenBlock)),
           J2p(round_up(J2, kTwTokenBlock)), Kp(round_up(K, kTwTokenBlock)), Kc(round_up(K, kLanes)),
           T(J / a.heads), Tp(round_up(T, kTwTokenBlock)), T2(J2 / a.heads), T2p(round_up(T2, kTwTokenBlock)),
           d(a.head_dim), D(a.heads * a.head_dim) {}
@@ -1749,16 +1752,18 @@ __attribute__((always_inline)) inline void tf_setup(const FactoredArgs &a, const
             for (int c = 0; c < ld; ++c) dst[r * ld + c] = c < cols ? src[r * cols + c] : 0.f;
     };
     const std::int64_t J = z.J, J2 = z.J2, K = z.K;
-    heads_t(w, a.k + b * J * d, z.T, z.Tp);
-    heads_t(w + z.D * z.Tp, a.vh1 + b * J * d, z.T, z.Tp);
-    heads_t(w + 2 * z.D * z.Tp, a.vh2 + b * J * d, z.T, z.Tp);
     float *qf = w + 3 * z.D * z.Tp, *n = qf + z.D * z.T2p, *g = n + z.J * z.Jp, *mf = g + z.K * z.Kp;
     float *m1 = mf + z.K * z.J2p;
+    heads_t(w, a.k + b * J * d, z.T, z.Tp);
+    heads_t(w + 2 * z.D * z.Tp, a.vh2 + b * J * d, z.T, z.Tp);
     heads_t(qf, a.qf + b * J2 * d, z.T2, z.T2p);
-    padded(n, a.n + b * J * J, z.J, z.J, z.Jp);
     padded(g, a.gram + b * K * K, z.K, z.K, z.Kp);
     padded(mf, a.mf + b * K * J2, z.K, z.J2, z.J2p);
-    for (int j = 0; j < kTwMaxTokens; ++j) m1[j] = j < z.J ? a.m1[b * J + j] : 0.f;
+    if (a.prev()) {
+        heads_t(w + z.D * z.Tp, a.vh1 + b * J * d, z.T, z.Tp);
+        padded(n, a.n + b * J * J, z.J, z.J, z.Jp);
+        for (int j = 0; j < kTwMaxTokens; ++j) m1[j] = j < z.J ? a.m1[b * J + j] : 0.f;
+    }
     float *run_max = state, *run_sum = state + kTwMaxTokens, *acc = state + 2 * kTwMaxTokens;
     for (int j = 0; j < kTwMaxTokens; ++j) run_max[j] = -std::numeric_limits<float>::infinity(), run_sum[j] = 0.f;
     std::fill(acc, acc + kTwMaxTokens * z.acc_ld(), 0.f);
@@ -1770,6 +1775,7 @@ __attribute__((always_inline)) inline void two_way_factored_body(const FactoredA
                                                                  float *prompts, float *state, std::int64_t state_step) {
     const FactoredSizes z(a);
     const int J = z.J, J2 = z.J2, K = z.K, D = z.D, d = z.d, F = 7 * D + 4, ld = z.acc_ld();
+    const int J1 = a.prev() ? J : 0;  // rows of r1 a1 in the coefficients c (then a2's J, then the constant 1)
     v16f *a1 = tiles, *ra = a1 + kTwTokenTile, *a2 = ra + kTwTokenTile, *t1 = a2 + kTwTokenTile;
     v16f *t2 = t1 + kTwTokenTile, *x1 = t2 + kTwTokenTile, *x2 = x1 + kTwTokenTile, *st = x2 + kTwTokenTile;
     v16f *c = st + kTwTokenTile;
@@ -1790,6 +1796,10 @@ __attribute__((always_inline)) inline void two_way_factored_body(const FactoredA
             v16f r1[kTwVecs], r2[kTwVecs], r12[kTwVecs];
             for (int v = 0; v < kTwVecs; ++v) {
                 const bool valid = v * kLanes < n;
+                if (!a.prev()) {  // the first layer: r1 = 1, no previous weights
+                    r1[v] = v16f{} + 1.f;
+                    continue;
+                }
                 r1[v] = valid ? load16(a.rstd1 + b * a.pixels + p0 + v * kLanes) : v16f{};
                 const float *src = a.probs1 + ((b * a.pixels + p0) / kLanes + v) * J * kLanes;
                 for (int j = 0; j < J; ++j) {
@@ -1797,7 +1807,7 @@ __attribute__((always_inline)) inline void two_way_factored_body(const FactoredA
                     ra[j * kTwVecs + v] = a1[j * kTwVecs + v] * r1[v];
                 }
             }
-            // second image->token attention: l = r1 (Q . k) + QP . k + (r1 a1) N, softmax within each head
+            // image->token attention: l = r1 (Q . k) + QP . k + (r1 a1) N, softmax within each head
             tw_head_dots(t1, img, kt, a.heads, z.T, z.Tp, d);
             tw_head_dots(t2, img + D * kTwVecs, kt, a.heads, z.T, z.Tp, d);
             for (int j0 = 0; j0 < J; j0 += kTwTokenBlock) {
@@ -1805,7 +1815,7 @@ __attribute__((always_inline)) inline void two_way_factored_body(const FactoredA
                 for (int t = 0; t < kTwTokenBlock; ++t)
                     for (int v = 0; v < kTwVecs; ++v)
                         acc8[t][v] = j0 + t < J ? t1[(j0 + t) * kTwVecs + v] * r1[v] + t2[(j0 + t) * kTwVecs + v] : v16f{};
-                tw_tile(acc8, ra, nw + j0, z.Jp, J);
+                tw_tile(acc8, ra, nw + j0, z.Jp, J1);
                 for (int t = 0; t < kTwTokenBlock && j0 + t < J; ++t)
                     for (int v = 0; v < kTwVecs; ++v) a2[(j0 + t) * kTwVecs + v] = acc8[t][v];
             }
@@ -1814,20 +1824,22 @@ __attribute__((always_inline)) inline void two_way_factored_body(const FactoredA
                 float *dst = a.probs2 + ((b * a.pixels + p0) / kLanes + v) * J * kLanes;
                 for (int j = 0; j < J; ++j) std::memcpy(dst + j * kLanes, &a2[j * kTwVecs + v], sizeof(v16f));
             }
-            // the coefficients c = [r1 a1, a2, 1] of the rows R of y2 - mean
+            // the coefficients c = [r1 a1, a2, 1] (the first layer: c = a2) of the rows R of y - mean
             for (int j = 0; j < J; ++j)
-                for (int v = 0; v < kTwVecs; ++v) c[j * kTwVecs + v] = ra[j * kTwVecs + v], c[(J + j) * kTwVecs + v] = a2[j * kTwVecs + v];
-            for (int k = 2 * J; k < z.Kc; ++k)
-                for (int v = 0; v < kTwVecs; ++v) c[k * kTwVecs + v] = v16f{} + (k == 2 * J ? 1.f : 0.f);
-            // |y2 - mean|^2 = r1^2 E2 + 2 r1 (c . X) + c G c
-            tw_head_dots(x1, img + 2 * D * kTwVecs, vh1t, a.heads, z.T, z.Tp, d);
+                for (int v = 0; v < kTwVecs; ++v) {
+                    if (J1) c[j * kTwVecs + v] = ra[j * kTwVecs + v];
+                    c[(J1 + j) * kTwVecs + v] = a2[j * kTwVecs + v];
+                }
+            for (int k = J1 + J; k < z.Kc; ++k)
+                for (int v = 0; v < kTwVecs; ++v) c[k * kTwVecs + v] = v16f{} + (k < K ? 1.f : 0.f);
+            // |y - mean|^2 = r1^2 E2 + 2 r1 (c . X) + c G c
+            if (J1) tw_head_dots(x1, img + 2 * D * kTwVecs, vh1t, a.heads, z.T, z.Tp, d);
             tw_head_dots(x2, img + 3 * D * kTwVecs, vh2t, a.heads, z.T, z.Tp, d);
             v16f cx[kTwVecs], cgc[kTwVecs];
             for (int v = 0; v < kTwVecs; ++v) {
                 v16f s = r1[v] * s1[v] + s0[v];
-                for (int j = 0; j < J; ++j)
-                    s += ra[j * kTwVecs + v] * (x1[j * kTwVecs + v] - sigma[v] * m1[j]) +
-                         a2[j * kTwVecs + v] * x2[j * kTwVecs + v];
+                for (int j = 0; j < J1; ++j) s += ra[j * kTwVecs + v] * (x1[j * kTwVecs + v] - sigma[v] * m1[j]);
+                for (int j = 0; j < J; ++j) s += a2[j * kTwVecs + v] * x2[j * kTwVecs + v];
                 cx[v] = s;
                 cgc[v] = v16f{};
             }
@@ -1890,19 +1902,25 @@ py::array_t<float> two_way_factored(py::handle image_obj, py::handle probs1_obj,
                                     std::int64_t heads, py::handle probs2_obj, py::handle rstd2_obj,
                                     const std::string &isa, std::int64_t threads) {
     check_threads("two_way_factored", threads);
+    const bool prev = !probs1_obj.is_none();  // after a previous layer (else the first layer)
+    for (const py::handle obj : {rstd1_obj, vh1_obj, n_obj, m1_obj})
+        if (obj.is_none() == prev)
+            throw py::value_error("two_way_factored: probs1, rstd1, vh1, n and m1 go together (all given after a "
+                                  "previous layer, all None for the first)");
     const py::array image = require<float>(image_obj, "image", "float32", 3);
-    const py::array probs1 = require<float>(probs1_obj, "probs1", "float32", 4);
-    const py::array rstd1 = require<float>(rstd1_obj, "rstd1", "float32", 2);
+    const py::array probs1 = prev ? require<float>(probs1_obj, "probs1", "float32", 4) : py::array();
+    const py::array rstd1 = prev ? require<float>(rstd1_obj, "rstd1", "float32", 2) : py::array();
     const py::array k = require<float>(k_obj, "k", "float32", 3);
-    const py::array vh1 = require<float>(vh1_obj, "vh1", "float32", 3);
+    const py::array vh1 = prev ? require<float>(vh1_obj, "vh1", "float32", 3) : py::array();
     const py::array vh2 = require<float>(vh2_obj, "vh2", "float32", 3);
     const py::array qf = require<float>(qf_obj, "qf", "float32", 3);
-    const py::array n = require<float>(n_obj, "n", "float32", 3);
-    const py::array m1 = require<float>(m1_obj, "m1", "float32", 2);
+    const py::array n = prev ? require<float>(n_obj, "n", "float32", 3) : py::array();
+    const py::array m1 = prev ? require<float>(m1_obj, "m1", "float32", 2) : py::array();
     const py::array gram = require<float>(gram_obj, "gram", "float32", 3);
     const py::array mf = require<float>(mf_obj, "mf", "float32", 3);
+    const py::array rstd2_arr = require<float>(rstd2_obj, "rstd2", "float32", 2);
     const std::int64_t batch = k.shape(0), tokens = k.shape(1), head_dim = k.shape(2), tokens2 = qf.shape(1);
-    const std::int64_t pixels = rstd1.shape(1), K = 2 * tokens + 1;
+    const std::int64_t pixels = rstd2_arr.shape(1), K = prev ? 2 * tokens + 1 : tokens;
     if (tokens < 1 || tokens > kTwMaxTokens || tokens2 < 1 || tokens2 > kTwMaxTokens)
         throw py::value_error("two_way_factored: k has " + std::to_string(tokens) + " tokens and qf " +
                               std::to_string(tokens2) + "; expected 1.." + std::to_string(kTwMaxTokens) + " each");
@@ -1912,25 +1930,27 @@ py::array_t<float> two_way_factored(py::handle image_obj, py::handle probs1_obj,
     if (head_dim < kLanes || head_dim % kLanes != 0 || heads * head_dim > kChannels)
         throw py::value_error("k: head dimension " + std::to_string(head_dim) + "; expected a multiple of 16 with heads x d <= 256");
     if (pixels < 1 || pixels % kLanes != 0)
-        throw py::value_error("rstd1: " + std::to_string(pixels) + " pixels; expected a positive multiple of 16");
+        throw py::value_error("rstd2: " + std::to_string(pixels) + " pixels; expected a positive multiple of 16");
     const std::int64_t blocks = (pixels + kTwBlock - 1) / kTwBlock, features = 7 * heads * head_dim + 4;
     require_shape(image, "image", {blocks, features, kTwBlock});
-    require_shape(probs1, "probs1", {batch, pixels / kLanes, tokens, kLanes});
-    require_shape(rstd1, "rstd1", {batch, pixels});
-    require_shape(vh1, "vh1", {batch, tokens, head_dim});
+    if (prev) {
+        require_shape(probs1, "probs1", {batch, pixels / kLanes, tokens, kLanes});
+        require_shape(rstd1, "rstd1", {batch, pixels});
+        require_shape(vh1, "vh1", {batch, tokens, head_dim});
+        require_shape(n, "n", {batch, tokens, tokens});
+        require_shape(m1, "m1", {batch, tokens});
+    }
     require_shape(vh2, "vh2", {batch, tokens, head_dim});
     require_shape(qf, "qf", {batch, tokens2, head_dim});
-    require_shape(n, "n", {batch, tokens, tokens});
-    require_shape(m1, "m1", {batch, tokens});
     require_shape(gram, "gram", {batch, K, K});
     require_shape(mf, "mf", {batch, K, tokens2});
     if (!(eps > 0) || !std::isfinite(eps)) throw py::value_error("two_way_factored: eps must be positive and finite");
     if (reinterpret_cast<std::uintptr_t>(image.data()) % sizeof(v16f) != 0)
         throw py::value_error("image: must be 64-byte aligned (samreg_rt.two_way.factored_image allocates it so)");
     const bool avx512 = use_avx512(isa, "two_way_factored");
-    const std::vector<std::pair<const py::array *, const char *>> inputs{
-        {&image, "image"}, {&probs1, "probs1"}, {&rstd1, "rstd1"}, {&k, "k"}, {&vh1, "vh1"}, {&vh2, "vh2"},
-        {&qf, "qf"}, {&n, "n"}, {&m1, "m1"}, {&gram, "gram"}, {&mf, "mf"}};
+    std::vector<std::pair<const py::array *, const char *>> inputs{
+        {&image, "image"}, {&k, "k"}, {&vh2, "vh2"}, {&qf, "qf"}, {&gram, "gram"}, {&mf, "mf"}};
+    if (prev) inputs.insert(inputs.end(), {{&probs1, "probs1"}, {&rstd1, "rstd1"}, {&vh1, "vh1"}, {&n, "n"}, {&m1, "m1"}});
     auto output = [&](py::handle obj, const char *name, int ndim, std::initializer_list<py::ssize_t> shape) {
         auto arr = py::reinterpret_borrow<py::array_t<float>>(require<float>(obj, name, "float32", ndim));
         require_shape(arr, name, shape);
@@ -1941,11 +1961,10 @@ py::array_t<float> two_way_factored(py::handle image_obj, py::handle probs1_obj,
     py::array_t<float> probs2 = output(probs2_obj, "probs2", 4, {batch, pixels / kLanes, tokens, kLanes});
     py::array_t<float> rstd2 = output(rstd2_obj, "rstd2", 2, {batch, pixels});
     require_disjoint(rstd2, probs2, "probs2", "rstd2");
-    const FactoredArgs args{static_cast<const v16f *>(image.data()), static_cast<const float *>(probs1.data()),
-                            static_cast<const float *>(rstd1.data()), static_cast<const float *>(k.data()),
-                            static_cast<const float *>(vh1.data()), static_cast<const float *>(vh2.data()),
-                            static_cast<const float *>(qf.data()), static_cast<const float *>(n.data()),
-                            static_cast<const float *>(m1.data()), static_cast<const float *>(gram.data()),
+    auto data = [prev](const py::array &arr) { return prev ? static_cast<const float *>(arr.data()) : nullptr; };
+    const FactoredArgs args{static_cast<const v16f *>(image.data()), data(probs1), data(rstd1),
+                            static_cast<const float *>(k.data()), data(vh1), static_cast<const float *>(vh2.data()),
+                            static_cast<const float *>(qf.data()), data(n), data(m1), static_cast<const float *>(gram.data()),
                             static_cast<const float *>(mf.data()), static_cast<float>(eps), pixels,
                             static_cast<int>(tokens), static_cast<int>(tokens2), static_cast<int>(heads),
                             static_cast<int>(head_dim), probs2.mutable_data(), rstd2.mutable_data()};
@@ -1959,7 +1978,7 @@ py::array_t<float> two_way_factored(py::handle image_obj, py::handle probs1_obj,
     const std::int64_t chunks = batch > 0 ? std::min(blocks, (kMinItems + batch - 1) / batch) : 1;
     const std::int64_t groups = (batch + kTwGroup - 1) / kTwGroup;
     const double flops_per_block = 2.0 * kTwBlock * (4 * tokens * head_dim + 2 * tokens2 * head_dim + tokens * tokens +
-                                                     K * (K + tokens2) + tokens2 * (head_dim + K));
+                                                     K * (K / 2 + tokens2) + tokens2 * (head_dim + K));
     {
         py::gil_scoped_release release;
         std::vector<float> states(static_cast<std::size_t>(batch * chunks * kTwState));
@@ -2475,12 +2494,15 @@ PYBIND11_MODULE(_ext, m) {
           py::arg("vh1"), py::arg("vh2"), py::arg("qf"), py::arg("n"), py::arg("m1"), py::arg("gram"), py::arg("mf"),
           py::arg("eps"), py::arg("heads"), py::arg("probs2"), py::arg("rstd2"), py::arg("isa") = "auto",
           py::arg("threads") = 0,
-          "two_way_factored(image: float32[blocks, 7D + 4, 48], probs1: float32[B, P/16, J, 16], rstd1: float32[B, P],\n"
-          "    k, vh1, vh2: float32[B, J, d], qf: float32[B, J2, d], n: float32[B, J, J], m1: float32[B, J],\n"
-          "    gram: float32[B, K, K], mf: float32[B, K, J2], eps, heads, probs2: float32[B, P/16, J, 16] (out),\n"
-          "    rstd2: float32[B, P] (out), isa='auto', threads=0) -> pooled: float32[B, J2, d + K]\n\n"
-          "The second layer of a two-layer two-way transformer and its final pooling from factors\n"
-          "(samreg_rt.two_way.factored_pass): K = 2J + 1, D = heads * d, d a multiple of 16, P a multiple of\n"
+          "two_way_factored(image: float32[blocks, 7D + 4, 48], probs1: float32[B, P/16, J, 16] | None,\n"
+          "    rstd1: float32[B, P] | None, k: float32[B, J, d], vh1: float32[B, J, d] | None, vh2: float32[B, J, d],\n"
+          "    qf: float32[B, J2, d], n: float32[B, J, J] | None, m1: float32[B, J] | None, gram: float32[B, K, K],\n"
+          "    mf: float32[B, K, J2], eps, heads, probs2: float32[B, P/16, J, 16] (out), rstd2: float32[B, P] (out),\n"
+          "    isa='auto', threads=0) -> pooled: float32[B, J2, d + K]\n\n"
+          "A layer of a two-way transformer on the image side, and the next token->image pooling, from factors\n"
+          "(samreg_rt.two_way._factored_pass): the second layer after the first (K = 2J + 1), or the first one\n"
+          "(probs1, rstd1, vh1, n and m1 None: r1 = 1, a1 and the constant 1 absent from c, K = J).\n"
+          "D = heads * d, d a multiple of 16, P a multiple of\n"
           "16, blocks = ceil(P / 48). image holds per-pixel features in blocks of 48 pixels (image[i, f, l]:\n"
           "feature f of pixel 48 i + l; zero past P): rows 0..D-1 Q, D.. QP, 2D.. R1, 3D.. R2, 4D.. Kf,\n"
           "5D.. KPf, 6D.. V, then E2, sigma, s1, s0. With hd(X, u)_j = X[h(j) d:(h(j) + 1) d] . u[b, j]\n"

@@ -17,6 +17,13 @@ projection computed once per image too (the pass's ``qproj``):
 - image-to-token head h: logits ``x (W_q,h^T k_h^T) + b_q,h k_h^T`` and output
   ``sum_h A_h (v_h W_o,h^T) + b_o``.
 
+When ``decode_tokens`` returns the image tokens factored (``factors``, a two-layer transformer), the
+image side of each layer runs on factors instead (``_factored_pass``, ``samreg_rt._ext.two_way_factored``):
+a layer's image tokens lie, per pixel, in the span of the image's own token and at most 2J + 1 rows
+of the prompt (J = heads x tokens), so every product with a prompt's vectors is a per-image feature
+(``factored_image``, once per image) times a head's d-vector, plus products of inner width J or 2J + 1
+with the attention weights; no image token of C channels is formed per prompt.
+
 Outputs equal the graph's up to float rounding (tests/test_engine.py). Weights: ``two_way.npz``,
 written by the export (``samreg_export.onnx_export.export_two_way``).
 """
@@ -133,8 +140,8 @@ class SharedImage:
     embedding: (1, C, h, w), as given; keys: (1, hw, C) the image tokens (embedding plus the no-mask
     embedding); t2i_keys, t2i_values: (hw, heads, d) the first token-to-image attention's keys (scaled by
     1/sqrt(d)) and values; i2t_queries: (hw, heads*d) the first image-to-token attention's queries;
-    features: for a two-layer transformer, ``factored_image``'s per-pixel features of the second layer
-    (None otherwise).
+    features: for a two-layer transformer, ``factored_image``'s per-pixel features of each layer (None
+    otherwise).
     """
 
     embedding: np.ndarray
@@ -142,7 +149,7 @@ class SharedImage:
     t2i_keys: np.ndarray
     t2i_values: np.ndarray
     i2t_queries: np.ndarray
-    features: np.ndarray | None = None
+    features: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def shared_image(w: TwoWayWeights, embedding: np.ndarray, threads: int = 0) -> SharedImage:
@@ -160,23 +167,31 @@ def shared_image(w: TwoWayWeights, embedding: np.ndarray, threads: int = 0) -> S
     t2i_keys /= np.sqrt(t2i_keys.shape[-1], dtype=np.float32)
     t2i_values = _linear(w, f"{name}.cross_attn_token_to_image.v_proj", keys[0], threads=threads)
     i2t_queries = _linear(w, f"{name}.cross_attn_image_to_token.q_proj", keys[0] + pe, threads=threads)
-    features = factored_image(w, keys[0], threads) if int(w["depth"]) == 2 else None
+    features = factored_image(w, keys[0], i2t_queries, threads) if int(w["depth"]) == 2 else None
     return SharedImage(embedding=embedding, keys=keys, t2i_keys=t2i_keys,
                        t2i_values=t2i_values.reshape(len(pe), heads, -1), i2t_queries=i2t_queries, features=features)
 
 
-def factored_image(w: TwoWayWeights, keys: np.ndarray, threads: int = 0) -> np.ndarray:
-    """The per-image features that ``_ext.two_way_factored`` takes, for image tokens keys (hw, C) of a
-    two-layer transformer: the second layer's image side then runs on the first layer's factors.
+def factored_image(w: TwoWayWeights, keys: np.ndarray, i2t_queries: np.ndarray, threads: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The per-image features that ``_ext.two_way_factored`` takes for each layer of a two-layer transformer,
+    for image tokens keys (hw, C) and the first image-to-token attention's queries i2t_queries (hw, D): the
+    image side then runs on factors (``_factored_pass``).
 
     With e the image tokens centred over the channels, ``eg = e * g1`` and ``et = eg - mean(eg)`` (g1, b1
-    and g2, b2: the two layers' final LayerNorms), per pixel (D = heads * d columns each): Q = eg W_q2^T and
-    QP = (pe + b1) W_q2^T + b_q2 (the second image-to-token attention's queries), R1 = (et * g1) W_o1 and
-    R2 = et W_o2 (the two image-to-token output projections, transposed), Kf = (et * g2) W_kf^T,
-    KPf = (pe + b2) W_kf^T and V = (et * g2) W_vf^T (the final attention's keys and values), then the
-    scalars E2 = |et|^2, sigma = sum(et * g1), s1 = (et * g1) . b_o1 and s0 = et . (b_o2 + b1).
-    -> float32 (blocks, 7 D + 4, 48), 64-byte aligned: feature f of pixel 48 i + l at [i, f, l], zero
-    past hw."""
+    and g2, b2: the two layers' final LayerNorms), per pixel (D = heads * d columns each, zero where a layer
+    has no such term):
+
+    - first layer: Q = i2t_queries, R2 = e W_o1 (its output projection, transposed), Kf = eg W_k^T and
+      KPf = (pe + b1) W_k^T, V = eg W_v^T (the second layer's token-to-image keys and values), E2 = |e|^2,
+      s0 = e . b_o1;
+    - second layer: Q = eg W_q2^T and QP = (pe + b1) W_q2^T + b_q2 (its image-to-token queries),
+      R1 = (et * g1) W_o1, R2 = et W_o2, Kf = (et * g2) W_kf^T, KPf = (pe + b2) W_kf^T and
+      V = (et * g2) W_vf^T (the final attention's keys and values), E2 = |et|^2, sigma = sum(et * g1),
+      s1 = (et * g1) . b_o1 and s0 = et . (b_o2 + b1).
+
+    -> two float32 arrays (blocks, 7 D + 4, 48), 64-byte aligned: feature f of pixel 48 i + l at [i, f, l],
+    zero past hw."""
     l0, l1, fa = "transformer.layers.0", "transformer.layers.1", "transformer.final_attn_token_to_image"
     g1, b1 = w[f"{l0}.norm4.weight"], w[f"{l0}.norm4.bias"]
     g2, b2 = w[f"{l1}.norm4.weight"], w[f"{l1}.norm4.bias"]
@@ -184,25 +199,36 @@ def factored_image(w: TwoWayWeights, keys: np.ndarray, threads: int = 0) -> np.n
     e = keys - keys.mean(axis=-1, keepdims=True)
     eg = e * g1
     et = eg - eg.mean(axis=-1, keepdims=True)
-    i2t1, i2t2 = f"{l0}.cross_attn_image_to_token", f"{l1}.cross_attn_image_to_token"
-    zero = np.zeros(w[f"{i2t2}.q_proj.bias"].shape, np.float32)
+    i2t1, i2t2, t2i2 = f"{l0}.cross_attn_image_to_token", f"{l1}.cross_attn_image_to_token", f"{l1}.cross_attn_token_to_image"
+    none = np.zeros(i2t_queries.shape, np.float32)
 
-    def product(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray = zero) -> np.ndarray:
+    def product(x: np.ndarray, weight_t: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        bias = np.zeros(weight_t.shape[1], np.float32) if bias is None else bias
         return _ext.linear(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(weight_t), bias, threads=threads)
 
-    columns = [product(eg, w[f"{i2t2}.q_proj.weight_t"]),
-               product(pe + b1, w[f"{i2t2}.q_proj.weight_t"], w[f"{i2t2}.q_proj.bias"]),
-               product(et * g1, w[f"{i2t1}.out_proj.weight"]), product(et, w[f"{i2t2}.out_proj.weight"]),
-               product(et * g2, w[f"{fa}.k_proj.weight_t"]), product(pe + b2, w[f"{fa}.k_proj.weight_t"]),
-               product(et * g2, w[f"{fa}.v_proj.weight_t"])]
-    e64, g64 = et.astype(np.float64), (et * g1).astype(np.float64)
-    scalars = [np.square(e64).sum(axis=-1), g64.sum(axis=-1), g64 @ w[f"{i2t1}.out_proj.bias"],
-               e64 @ (w[f"{i2t2}.out_proj.bias"].astype(np.float64) + b1)]
-    features = np.concatenate(columns + [np.stack(scalars, axis=1).astype(np.float32)], axis=1)    # (hw, F)
+    e64, eg64, et64 = (x.astype(np.float64) for x in (e, et * g1, et))
+    first = [i2t_queries, none, none, product(e, w[f"{i2t1}.out_proj.weight"]),
+             product(eg, w[f"{t2i2}.k_proj.weight_t"]), product(pe + b1, w[f"{t2i2}.k_proj.weight_t"]),
+             product(eg, w[f"{t2i2}.v_proj.weight_t"]),
+             np.stack([np.square(e64).sum(axis=-1), np.zeros(len(e)), np.zeros(len(e)),
+                       e64 @ w[f"{i2t1}.out_proj.bias"]], axis=1)]
+    second = [product(eg, w[f"{i2t2}.q_proj.weight_t"]),
+              product(pe + b1, w[f"{i2t2}.q_proj.weight_t"], w[f"{i2t2}.q_proj.bias"]),
+              product(et * g1, w[f"{i2t1}.out_proj.weight"]), product(et, w[f"{i2t2}.out_proj.weight"]),
+              product(et * g2, w[f"{fa}.k_proj.weight_t"]), product(pe + b2, w[f"{fa}.k_proj.weight_t"]),
+              product(et * g2, w[f"{fa}.v_proj.weight_t"]),
+              np.stack([np.square(et64).sum(axis=-1), eg64.sum(axis=-1), eg64 @ w[f"{i2t1}.out_proj.bias"],
+                        et64 @ (w[f"{i2t2}.out_proj.bias"].astype(np.float64) + b1)], axis=1)]
+    return _blocks(first), _blocks(second)
+
+
+def _blocks(columns: list[np.ndarray]) -> np.ndarray:
+    """Per-pixel columns [(hw, n_i)] -> float32 (blocks, sum n_i, 48), 64-byte aligned, zero past hw."""
+    features = np.concatenate([c.astype(np.float32) for c in columns], axis=1)
     blocks = -(-len(features) // 48)
-    out = _aligned_empty((blocks, features.shape[1], 48))
     padded = np.zeros((blocks * 48, features.shape[1]), np.float32)
     padded[:len(features)] = features
+    out = _aligned_empty((blocks, features.shape[1], 48))
     out[...] = padded.reshape(blocks, 48, -1).transpose(0, 2, 1)
     return out
 
@@ -418,12 +444,18 @@ def _decode_tokens(w: TwoWayWeights, image: SharedImage, point_coords: np.ndarra
     outputs = [0] + [1 + k for k in mask_outputs]          # the tokens read after the final attention
     depth = int(w["depth"])
     queries = _self_attention(w, 0, tokens, query_pe, threads=threads)
-    final_values = None         # the final attention's head values, when the factored pass computes them
+    # with factors and the image's factored features, each layer's image side runs on factors
+    # (_factored_pass), which returns the next token-to-image attention's head values instead of its pooled
+    # image tokens
+    factored = factors is not None and image.features is not None
+    values = first_v_heads = None
     for i in range(depth):
         layer = f"transformer.layers.{i}"
         if i == 0:
             update = _token_to_shared_image(w, f"{layer}.cross_attn_token_to_image", queries + query_pe, image,
                                             threads=threads)
+        elif factored:
+            update = _head_output(w, f"{layer}.cross_attn_token_to_image", values, threads=threads)
         else:        # the pass before pooled the image tokens for it
             update = _token_to_image_output(w, f"{layer}.cross_attn_token_to_image", pooled, threads=threads)
         queries = _layer_norm(w, f"{layer}.norm2", queries + update)
@@ -438,31 +470,28 @@ def _decode_tokens(w: TwoWayWeights, image: SharedImage, point_coords: np.ndarra
         # layer's self-attention runs now, so that one pass over the image tokens serves both.
         if i + 1 < depth:
             queries = _self_attention(w, i + 1, queries, query_pe, threads=threads)
-            qk, _ = _token_to_image_rows(w, f"transformer.layers.{i + 1}.cross_attn_token_to_image",
-                                         queries + query_pe, threads=threads)
+            next_attention = f"transformer.layers.{i + 1}.cross_attn_token_to_image"
         else:        # the final attention: the IoU token and the asked-for mask tokens only
             queries, query_pe = queries[:, outputs], query_pe[:, outputs]
-            qk, q_heads = _token_to_image_rows(w, "transformer.final_attn_token_to_image", queries + query_pe,
-                                               threads=threads)
+            next_attention = "transformer.final_attn_token_to_image"
+        qk, q_heads = _token_to_image_rows(w, next_attention, queries + query_pe, threads=threads)
         # every layer writes its image tokens into image_tokens (the later ones in place); in factored form
-        # the attention weights and LayerNorm scales instead, and the last layer's tokens are not kept (nor
-        # the first's when the second layer runs on the factors: two_way_factored)
+        # the attention weights and LayerNorm scales instead, and the last layer's tokens are not kept
         norm = (w[f"{layer}.norm4.weight"], w[f"{layer}.norm4.bias"], float(w[f"{layer}.norm4.eps"]))
         factor_out = {}
         if factors is not None:
             factors.values[i, :b] = vwo
-            if i == 1 and image.features is not None:
-                final_values = _factored_pass(w, image, factors, b, first_values, kq, k_heads, v_heads, vwo, qk,
-                                              q_heads, threads=threads)
-                break
-            factor_out = dict(probs=factors.probs[i, :b], rstd=factors.rstd[i, :b],
-                              keep_keys=i + 1 < depth and image.features is None)
-        keys, pooled = _ext.two_way_pass(keys, pe, kq, koff, vwo, *norm, qk, heads,
-                                         out=image_tokens if factor_out.get("keep_keys", True) else None,
-                                         qproj=qproj, threads=threads, **factor_out)
-        first_values = v_heads
+            factor_out = dict(probs=factors.probs[i, :b], rstd=factors.rstd[i, :b], keep_keys=i + 1 < depth)
+        if factored:
+            values = _factored_pass(w, image.features[i], factors, i, b, k_heads, v_heads, vwo, qk, q_heads,
+                                    next_attention, first_v_heads, kq, threads=threads)
+            first_v_heads = v_heads
+        else:
+            keys, pooled = _ext.two_way_pass(keys, pe, kq, koff, vwo, *norm, qk, heads,
+                                             out=image_tokens if factor_out.get("keep_keys", True) else None,
+                                             qproj=qproj, threads=threads, **factor_out)
     final = "transformer.final_attn_token_to_image"
-    update = _head_output(w, final, final_values, threads=threads) if final_values is not None else \
+    update = _head_output(w, final, values, threads=threads) if factored else \
         _token_to_image_output(w, final, pooled, threads=threads)
     queries = _layer_norm(w, "transformer.norm_final_attn", queries + update)
     iou = _mlp_head(w, "iou_prediction_head", queries[:, 0], threads=threads)
@@ -477,36 +506,45 @@ def _decode_tokens(w: TwoWayWeights, image: SharedImage, point_coords: np.ndarra
     return iou.astype(np.float32), hyper.astype(np.float32), view
 
 
-def _factored_pass(w: TwoWayWeights, image: SharedImage, factors: ImageTokenFactors, b: int, v1_heads: np.ndarray,
-                   kq2: np.ndarray, k2_heads: np.ndarray, v2_heads: np.ndarray, vwo2: np.ndarray, qkf: np.ndarray,
-                   qf_heads: np.ndarray, *, threads: int) -> np.ndarray:
-    """The second layer's image side and the final attention's pooling of B prompts from the first layer's
-    factors (``_ext.two_way_factored`` on ``image.features``); fills the second layer's probs and rstd in
-    ``factors`` -> the final attention's head values (B, heads, T, d).
+def _factored_pass(w: TwoWayWeights, features: np.ndarray, factors: ImageTokenFactors, i: int, b: int,
+                   k_heads: np.ndarray, v_heads: np.ndarray, vwo: np.ndarray, q_rows: np.ndarray, q_heads: np.ndarray,
+                   next_attention: str, first_v_heads: np.ndarray | None, kq: np.ndarray, *, threads: int
+                   ) -> np.ndarray:
+    """Layer i's image side (image-to-token attention, residual, LayerNorm) and the next token-to-image
+    attention's pooling for B prompts, the image tokens in factored form (``_ext.two_way_factored`` on
+    ``features``, layer i's ``factored_image`` features); fills layer i's probs and rstd in ``factors``
+    (and reads layer 0's when i = 1) -> the next attention's head values (B, heads, T, d).
 
-    With x1 = r1 (e + a1 V1 - mean) * g1 + b1 (``ImageTokenFactors``), y2 = x1 + a2 V2 minus its mean is
-    r1 et + c R per pixel, with c = [r1 a1, a2, 1] and the rows R = [centred (V1 - mean) * g1; V2 - mean;
-    b1 - mean] (K = 2J + 1 of them): the products the kernel needs are the Gram matrix R R^T, the rows'
-    products with the second layer's query rows (N) and with the final attention's key rows (Mf), and,
-    after the pooling, with its value projection."""
+    k_heads, v_heads: the image-to-token keys / sqrt(d) and values per head (B, J, d) (vwo: its value rows
+    (B, J, C)); q_rows, q_heads: the next attention's logit rows (B, J2, C) and queries / sqrt(d) per head;
+    for i = 1, the first layer's v_heads and the second's dense logit rows kq (B, J, C).
+
+    Layer 0: y1 = e + a1 V1 minus its mean is e - mean(e) + c R with c = a1 and the rows R = V1 - mean;
+    layer 1: x1 = r1 (e + a1 V1 - mean) * g1 + b1, so y2 = x1 + a2 V2 minus its mean is r1 et + c R with
+    c = [r1 a1, a2, 1] and R = [centred (V1 - mean) * g1; V2 - mean; b1 - mean] (K = 2J + 1 rows). The
+    kernel takes the Gram matrix R R^T and the rows' products with the logit rows (after LayerNorm i's
+    weight); the pooled coefficients of R go through the next attention's value projection here."""
     heads = w.num_heads
-    l0, l1, final = "transformer.layers.0", "transformer.layers.1", "transformer.final_attn_token_to_image"
-    g1, b1 = w[f"{l0}.norm4.weight"], w[f"{l0}.norm4.bias"]
-    g2, b2 = w[f"{l1}.norm4.weight"], w[f"{l1}.norm4.bias"]
-    v1 = factors.values[0, :b]
-    v1c = v1 - v1.mean(axis=-1, keepdims=True)
-    w1 = v1c * g1
-    rows = np.concatenate([w1 - w1.mean(axis=-1, keepdims=True), vwo2 - vwo2.mean(axis=-1, keepdims=True),
-                           np.broadcast_to(b1 - b1.mean(), (b, 1, C))], axis=1)            # (B, K, C)
-    rows_g2 = rows * g2
-    pooled = _ext.two_way_factored(image.features, factors.probs[0, :b], factors.rstd[0, :b], k2_heads, v1_heads,
-                                   v2_heads, qf_heads, w1 @ kq2.transpose(0, 2, 1), v1.mean(axis=-1),
-                                   rows @ rows.transpose(0, 2, 1), rows_g2 @ qkf.transpose(0, 2, 1),
-                                   float(w[f"{l1}.norm4.eps"]), heads, probs2=factors.probs[1, :b],
-                                   rstd2=factors.rstd[1, :b], threads=threads)
-    d = qf_heads.shape[-1]
-    w_v = w[f"{final}.v_proj.weight_t"]
-    pooled_v = ((pooled[..., d:] @ rows_g2 + b2) @ w_v + w[f"{final}.v_proj.bias"]).reshape(b, heads, -1, heads, d)
+    norm = f"transformer.layers.{i}.norm4"
+    vc = vwo - vwo.mean(axis=-1, keepdims=True)
+    previous = dict(probs1=None, rstd1=None, vh1=None, n=None, m1=None)
+    rows = vc
+    if i == 1:
+        g1, b1 = w["transformer.layers.0.norm4.weight"], w["transformer.layers.0.norm4.bias"]
+        v1 = factors.values[0, :b]
+        w1 = (v1 - v1.mean(axis=-1, keepdims=True)) * g1
+        rows = np.concatenate([w1 - w1.mean(axis=-1, keepdims=True), vc, np.broadcast_to(b1 - b1.mean(), (b, 1, C))],
+                              axis=1)
+        previous = dict(probs1=factors.probs[0, :b], rstd1=factors.rstd[0, :b], vh1=first_v_heads,
+                        n=w1 @ kq.transpose(0, 2, 1), m1=v1.mean(axis=-1))
+    rows_g = rows * w[f"{norm}.weight"]
+    pooled = _ext.two_way_factored(features, k=k_heads, vh2=v_heads, qf=q_heads, gram=rows @ rows.transpose(0, 2, 1),
+                                   mf=rows_g @ q_rows.transpose(0, 2, 1), eps=float(w[f"{norm}.eps"]), heads=heads,
+                                   probs2=factors.probs[i, :b], rstd2=factors.rstd[i, :b], threads=threads, **previous)
+    d = q_heads.shape[-1]
+    w_v = w[f"{next_attention}.v_proj.weight_t"]
+    pooled_v = ((pooled[..., d:] @ rows_g + w[f"{norm}.bias"]) @ w_v + w[f"{next_attention}.v_proj.bias"])
+    pooled_v = pooled_v.reshape(b, heads, -1, heads, d)
     own_head = pooled_v[:, np.arange(heads), :, np.arange(heads)].transpose(1, 0, 2, 3)      # (B, heads, T, d)
     return (pooled[..., :d].reshape(b, heads, -1, d) + own_head).astype(np.float32)
 

@@ -752,21 +752,23 @@ def test_two_way_pass_shared_keys_equal_repeated_keys(rng):
     (3, 80, 6, 4, 2, 32),
     (1, 16, 64, 64, 1, 64),       # the largest J (K = 129) and d
 ])
+@pytest.mark.parametrize("first", [False, True], ids=["second layer", "first layer"])
 @pytest.mark.parametrize("isa", ["auto", "generic"])
-def test_two_way_factored_matches_twin(rng, batch, pixels, tokens, tokens2, heads, head_dim, isa):
-    args = twins.two_way_factored_inputs(rng, batch, pixels, tokens, tokens2, heads, head_dim)
-    probs2 = np.full_like(args["probs1"], np.nan)
-    rstd2 = np.full_like(args["rstd1"], np.nan)
+def test_two_way_factored_matches_twin(rng, batch, pixels, tokens, tokens2, heads, head_dim, first, isa):
+    args = twins.two_way_factored_inputs(rng, batch, pixels, tokens, tokens2, heads, head_dim, first)
+    probs2 = np.full((batch, pixels // 16, tokens, 16), np.nan, np.float32)
+    rstd2 = np.full((batch, pixels), np.nan, np.float32)
     pooled = _ext.two_way_factored(**args, probs2=probs2, rstd2=rstd2, isa=isa)
-    want, want_probs, want_rstd = twins.two_way_factored(**args)
-    assert pooled.shape == (batch, tokens2, head_dim + 2 * tokens + 1) and pooled.dtype == np.float32
+    want, want_probs, want_rstd = twins.two_way_factored(**args, pixels=pixels)
+    rows = tokens if first else 2 * tokens + 1
+    assert pooled.shape == (batch, tokens2, head_dim + rows) and pooled.dtype == np.float32
     np.testing.assert_allclose(pooled, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
     np.testing.assert_allclose(probs2, want_probs, rtol=0, atol=1e-5)
     np.testing.assert_allclose(rstd2, want_rstd, rtol=1e-5)
-    # each head's weights sum to 1 over its tokens; the pooled coefficient of the constant row is the
-    # weighted mean of r2, between its extremes
+    # each head's weights sum to 1 over its tokens; the pooled coefficients of the constant row (the first
+    # layer: the sum of a head's weights) are weighted means of r2, between its extremes
     np.testing.assert_allclose(probs2.reshape(batch, pixels // 16, heads, -1, 16).sum(axis=3), 1, atol=1e-5)
-    last = pooled[..., head_dim + 2 * tokens]
+    last = pooled[..., head_dim:head_dim + tokens // heads].sum(axis=-1) if first else pooled[..., head_dim + 2 * tokens]
     assert np.all(last >= rstd2.min(axis=1, keepdims=True) * (1 - 1e-5))
     assert np.all(last <= rstd2.max(axis=1, keepdims=True) * (1 + 1e-5))
 
@@ -796,10 +798,13 @@ def test_two_way_factored_rejects_bad_arguments(rng):
     for change, message, error in cases:
         with pytest.raises(error, match=message):
             _ext.two_way_factored(**{**good, **outs, **change})
-    odd = twins.two_way_factored_inputs(rng, 3, 64, 8, 4, 2)
-    odd["rstd1"] = odd["rstd1"][:, :40].copy()
-    with pytest.raises(ValueError, match="rstd1: 40 pixels; expected a positive multiple of 16"):
-        _ext.two_way_factored(**odd, probs2=outs["probs2"], rstd2=outs["rstd2"][:, :40].copy())
+    with pytest.raises(ValueError, match="rstd2: 40 pixels; expected a positive multiple of 16"):
+        _ext.two_way_factored(**good, probs2=outs["probs2"], rstd2=outs["rstd2"][:, :40].copy())
+    with pytest.raises(ValueError, match="probs1, rstd1, vh1, n and m1 go together"):
+        _ext.two_way_factored(**{**good, **outs, "n": None})
+    first = twins.two_way_factored_inputs(rng, 3, 64, 8, 4, 2, first=True)
+    with pytest.raises(ValueError, match=r"gram: expected shape \(3, 8, 8\)"):
+        _ext.two_way_factored(**{**first, **outs, "gram": good["gram"]})
 
 
 def test_two_way_pass_prompts_are_independent(rng):

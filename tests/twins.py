@@ -304,13 +304,15 @@ def two_way_inputs(rng: np.random.Generator, batch: int, shared: bool, pixels: i
     )
 
 
-def two_way_factored(image: np.ndarray, probs1: np.ndarray, rstd1: np.ndarray, k: np.ndarray, vh1: np.ndarray,
-                     vh2: np.ndarray, qf: np.ndarray, n: np.ndarray, m1: np.ndarray, gram: np.ndarray,
-                     mf: np.ndarray, eps: float, heads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def two_way_factored(image: np.ndarray, probs1: np.ndarray | None, rstd1: np.ndarray | None, k: np.ndarray,
+                     vh1: np.ndarray | None, vh2: np.ndarray, qf: np.ndarray, n: np.ndarray | None,
+                     m1: np.ndarray | None, gram: np.ndarray, mf: np.ndarray, eps: float, heads: int, pixels: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``_ext.two_way_factored`` in float64 (see its docstring for the formulas; the kernel computes in float32
-    with a polynomial exp and online softmax: compare with a tolerance) -> (pooled float32[B, J2, d + K],
-    probs2 float32[B, P/16, J, 16], rstd2 float32[B, P])."""
-    batch, pixels = rstd1.shape
+    with a polynomial exp and online softmax: compare with a tolerance); probs1 None: the first layer (no
+    r1 a1 nor constant row in c) -> (pooled float32[B, J2, d + K], probs2 float32[B, P/16, J, 16],
+    rstd2 float32[B, P])."""
+    batch = k.shape[0]
     tokens, tokens2, d = k.shape[1], qf.shape[1], k.shape[2]
     big_d = heads * d
     feats = image.astype(np.float64).transpose(0, 2, 1).reshape(-1, image.shape[1])[:pixels]      # [P, F]
@@ -322,15 +324,22 @@ def two_way_factored(image: np.ndarray, probs1: np.ndarray, rstd1: np.ndarray, k
         return np.einsum("phc,bhtc->bpht", x, u.astype(np.float64).reshape(batch, heads, per_head, d)).reshape(
             batch, pixels, -1)
 
-    a1 = probs1.astype(np.float64).transpose(0, 1, 3, 2).reshape(batch, pixels, tokens)
-    r1 = rstd1.astype(np.float64)[..., None]
-    ra = r1 * a1
-    logits = (r1 * hd(q, k) + hd(qp, k) + ra @ n.astype(np.float64)).reshape(batch, pixels, heads, -1)
+    if probs1 is None:
+        r1 = np.ones((batch, pixels, 1))
+        logits = (hd(q, k) + hd(qp, k)).reshape(batch, pixels, heads, -1)
+    else:
+        a1 = probs1.astype(np.float64).transpose(0, 1, 3, 2).reshape(batch, pixels, tokens)
+        r1 = rstd1.astype(np.float64)[..., None]
+        ra = r1 * a1
+        logits = (r1 * hd(q, k) + hd(qp, k) + ra @ n.astype(np.float64)).reshape(batch, pixels, heads, -1)
     a2 = np.exp(logits - logits.max(axis=-1, keepdims=True))
     a2 = (a2 / a2.sum(axis=-1, keepdims=True)).reshape(batch, pixels, tokens)
-    c = np.concatenate([ra, a2, np.ones((batch, pixels, 1))], axis=-1)
-    cx = (ra * (hd(r1f, vh1) - sigma[:, None] * m1.astype(np.float64)[:, None, :])).sum(-1) + \
-        (a2 * hd(r2f, vh2)).sum(-1) + r1[..., 0] * s1 + s0
+    cx = (a2 * hd(r2f, vh2)).sum(-1) + r1[..., 0] * s1 + s0
+    if probs1 is None:
+        c = a2
+    else:
+        c = np.concatenate([ra, a2, np.ones((batch, pixels, 1))], axis=-1)
+        cx += (ra * (hd(r1f, vh1) - sigma[:, None] * m1.astype(np.float64)[:, None, :])).sum(-1)
     sq = r1[..., 0] ** 2 * e2 + 2 * r1[..., 0] * cx + np.einsum("bpk,bkl,bpl->bp", c, gram.astype(np.float64), c)
     r2 = 1 / np.sqrt(np.maximum(sq, 0) / 256 + eps)
     s = r1 * r2[..., None] * hd(kf, qf) + hd(kpf, qf) + r2[..., None] * (c @ mf.astype(np.float64))   # [B, P, J2]
@@ -344,11 +353,11 @@ def two_way_factored(image: np.ndarray, probs1: np.ndarray, rstd1: np.ndarray, k
 
 
 def two_way_factored_inputs(rng: np.random.Generator, batch: int, pixels: int, tokens: int, tokens2: int, heads: int,
-                            head_dim: int = 16) -> dict:
+                            head_dim: int = 16, first: bool = False) -> dict:
     """Random two_way_factored inputs with the structure SAM gives them: features of a random image and
     value rows, probs1 a softmax within each head, rstd1 near 1, gram = R R^T of random rows R, logits of
-    a few units."""
-    big_d, k_rows = heads * head_dim, 2 * tokens + 1
+    a few units; ``first``: the first layer's (probs1, rstd1, vh1, n and m1 None)."""
+    big_d, k_rows = heads * head_dim, tokens if first else 2 * tokens + 1
     blocks = -(-pixels // 48)
     feats = np.zeros((blocks * 48, 7 * big_d + 4), np.float32)
     feats[:pixels, :7 * big_d] = rng.normal(0, 1, (pixels, 7 * big_d))
@@ -363,7 +372,7 @@ def two_way_factored_inputs(rng: np.random.Generator, batch: int, pixels: int, t
     probs1 = np.exp(logits) / np.exp(logits).sum(axis=3, keepdims=True)
     rows = rng.normal(0, 0.5, (batch, k_rows, 64))
     scale = 1 / np.sqrt(head_dim)
-    return dict(image=aligned, probs1=probs1.reshape(batch, pixels // 16, tokens, 16).astype(np.float32),
+    args = dict(image=aligned, probs1=probs1.reshape(batch, pixels // 16, tokens, 16).astype(np.float32),
                 rstd1=rng.uniform(0.5, 1.5, (batch, pixels)).astype(np.float32),
                 k=rng.normal(0, scale, (batch, tokens, head_dim)).astype(np.float32),
                 vh1=rng.normal(0, 0.5, (batch, tokens, head_dim)).astype(np.float32),
@@ -373,3 +382,4 @@ def two_way_factored_inputs(rng: np.random.Generator, batch: int, pixels: int, t
                 m1=rng.normal(0, 0.1, (batch, tokens)).astype(np.float32),
                 gram=(rows @ rows.transpose(0, 2, 1)).astype(np.float32),
                 mf=rng.normal(0, 0.3, (batch, k_rows, tokens2)).astype(np.float32), eps=1e-5, heads=heads)
+    return {**args, **dict(probs1=None, rstd1=None, vh1=None, n=None, m1=None)} if first else args
