@@ -1808,14 +1808,15 @@ __attribute__((always_inline)) inline void two_way_factored_body(const FactoredA
                 }
             }
             // image->token attention: l = r1 (Q . k) + QP . k + (r1 a1) N, softmax within each head
-            tw_head_dots(t1, img, kt, a.heads, z.T, z.Tp, d);
-            tw_head_dots(t2, img + D * kTwVecs, kt, a.heads, z.T, z.Tp, d);
-            for (int j0 = 0; j0 < J; j0 += kTwTokenBlock) {
+            // (the first layer: l = Q . k, QP not read)
+            tw_head_dots(J1 ? t1 : a2, img, kt, a.heads, z.T, z.Tp, d);
+            if (J1) tw_head_dots(t2, img + D * kTwVecs, kt, a.heads, z.T, z.Tp, d);
+            for (int j0 = 0; j0 < J1; j0 += kTwTokenBlock) {
                 v16f acc8[kTwTokenBlock][kTwVecs];
                 for (int t = 0; t < kTwTokenBlock; ++t)
                     for (int v = 0; v < kTwVecs; ++v)
                         acc8[t][v] = j0 + t < J ? t1[(j0 + t) * kTwVecs + v] * r1[v] + t2[(j0 + t) * kTwVecs + v] : v16f{};
-                tw_tile(acc8, ra, nw + j0, z.Jp, J1);
+                tw_tile(acc8, ra, nw + j0, z.Jp, J);
                 for (int t = 0; t < kTwTokenBlock && j0 + t < J; ++t)
                     for (int v = 0; v < kTwVecs; ++v) a2[(j0 + t) * kTwVecs + v] = acc8[t][v];
             }
@@ -1837,7 +1838,7 @@ __attribute__((always_inline)) inline void two_way_factored_body(const FactoredA
             tw_head_dots(x2, img + 3 * D * kTwVecs, vh2t, a.heads, z.T, z.Tp, d);
             v16f cx[kTwVecs], cgc[kTwVecs];
             for (int v = 0; v < kTwVecs; ++v) {
-                v16f s = r1[v] * s1[v] + s0[v];
+                v16f s = J1 ? r1[v] * s1[v] + s0[v] : s0[v];
                 for (int j = 0; j < J1; ++j) s += ra[j * kTwVecs + v] * (x1[j * kTwVecs + v] - sigma[v] * m1[j]);
                 for (int j = 0; j < J; ++j) s += a2[j * kTwVecs + v] * x2[j * kTwVecs + v];
                 cx[v] = s;
@@ -2501,7 +2502,8 @@ PYBIND11_MODULE(_ext, m) {
           "    isa='auto', threads=0) -> pooled: float32[B, J2, d + K]\n\n"
           "A layer of a two-way transformer on the image side, and the next token->image pooling, from factors\n"
           "(samreg_rt.two_way._factored_pass): the second layer after the first (K = 2J + 1), or the first one\n"
-          "(probs1, rstd1, vh1, n and m1 None: r1 = 1, a1 and the constant 1 absent from c, K = J).\n"
+          "(probs1, rstd1, vh1, n and m1 None: r1 = 1, a1 and the constant 1 absent from c, K = J, l = hd(Q, k):\n"
+          "the rows QP, R1 and sigma, s1 are not read).\n"
           "D = heads * d, d a multiple of 16, P a multiple of\n"
           "16, blocks = ceil(P / 48). image holds per-pixel features in blocks of 48 pixels (image[i, f, l]:\n"
           "feature f of pixel 48 i + l; zero past P): rows 0..D-1 Q, D.. QP, 2D.. R1, 3D.. R2, 4D.. Kf,\n"

@@ -542,10 +542,11 @@ def _factored_pass(w: TwoWayWeights, features: np.ndarray, factors: ImageTokenFa
                                    mf=rows_g @ q_rows.transpose(0, 2, 1), eps=float(w[f"{norm}.eps"]), heads=heads,
                                    probs2=factors.probs[i, :b], rstd2=factors.rstd[i, :b], threads=threads, **previous)
     d = q_heads.shape[-1]
-    w_v = w[f"{next_attention}.v_proj.weight_t"]
-    pooled_v = ((pooled[..., d:] @ rows_g + w[f"{norm}.bias"]) @ w_v + w[f"{next_attention}.v_proj.bias"])
-    pooled_v = pooled_v.reshape(b, heads, -1, heads, d)
-    own_head = pooled_v[:, np.arange(heads), :, np.arange(heads)].transpose(1, 0, 2, 3)      # (B, heads, T, d)
+    w_v, b_v = _head_weights(w, f"{next_attention}.v_proj")                                # (heads, d, C), (heads, d)
+    pooled_rows = (pooled[..., d:] @ rows_g + w[f"{norm}.bias"]).reshape(b, heads, -1, C)   # (B, heads, T, C)
+    # each token's own head of the value projection: one product per head
+    own_head = pooled_rows.transpose(1, 0, 2, 3).reshape(heads, -1, C) @ w_v.transpose(0, 2, 1)  # (heads, B*T, d)
+    own_head = own_head.reshape(heads, b, -1, d).transpose(1, 0, 2, 3) + b_v[:, None, :]
     return (pooled[..., :d].reshape(b, heads, -1, d) + own_head).astype(np.float32)
 
 

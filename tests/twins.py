@@ -326,7 +326,7 @@ def two_way_factored(image: np.ndarray, probs1: np.ndarray | None, rstd1: np.nda
 
     if probs1 is None:
         r1 = np.ones((batch, pixels, 1))
-        logits = (hd(q, k) + hd(qp, k)).reshape(batch, pixels, heads, -1)
+        logits = hd(q, k).reshape(batch, pixels, heads, -1)       # the first layer reads no QP
     else:
         a1 = probs1.astype(np.float64).transpose(0, 1, 3, 2).reshape(batch, pixels, tokens)
         r1 = rstd1.astype(np.float64)[..., None]
@@ -334,7 +334,7 @@ def two_way_factored(image: np.ndarray, probs1: np.ndarray | None, rstd1: np.nda
         logits = (r1 * hd(q, k) + hd(qp, k) + ra @ n.astype(np.float64)).reshape(batch, pixels, heads, -1)
     a2 = np.exp(logits - logits.max(axis=-1, keepdims=True))
     a2 = (a2 / a2.sum(axis=-1, keepdims=True)).reshape(batch, pixels, tokens)
-    cx = (a2 * hd(r2f, vh2)).sum(-1) + r1[..., 0] * s1 + s0
+    cx = (a2 * hd(r2f, vh2)).sum(-1) + s0 + (0 if probs1 is None else r1[..., 0] * s1)
     if probs1 is None:
         c = a2
     else:
