@@ -3,9 +3,10 @@
 Run from the repository root: ``python benchmarks/kernels.py [--out benchmarks/results]``. Prints
 a table of the best of a few runs in milliseconds and the speed-up, and writes it with the machine
 to ``kernels.md`` and ``kernels.json`` in ``--out``; checks that both give identical results (the
-float kernels resize_logits, mask_upscaling (both forms), linear, two_way_pass (both modes) and
-shared_attention, whose twins compute in float64: within 2e-5 of the largest value). linear,
-two_way_pass and shared_attention also get their achieved GFLOP/s. The kernels run on every CPU
+float kernels resize_logits, mask_upscaling (both forms), linear, two_way_pass (both modes),
+two_way_factored (both layers) and shared_attention, whose twins compute in float64: within 2e-5 of
+the largest value). linear, two_way_pass, two_way_factored and shared_attention also get their
+achieved GFLOP/s. The kernels run on every CPU
 this process may use (``threads=0``). Takes about two minutes on 2 cores.
 """
 from __future__ import annotations
@@ -71,6 +72,20 @@ def main() -> None:
     two_way_q = twins.two_way_qproj_inputs(rng, 64, True, 4096, 56, 56, 8, 16)
     two_way_q_out = np.empty((64, 4096, 256), np.float32)
     two_way_q_flop = 64 * 4096 * 2 * (56 * 16 + 3 * 56 * 256)  # logits J d, then three products of C J
+    # the same layers on factors (two_way_factored): 8 prompts of 3 points (J 48 = 8 heads x 6), a multimask
+    # final attention (J2 32), d 16
+    factored_in = {first: twins.two_way_factored_inputs(rng, 8, 4096, 48, 48 if first else 32, 8, 16, first)
+                   for first in (True, False)}
+    factored_out = (np.empty((8, 256, 48, 16), np.float32), np.empty((8, 4096), np.float32))
+
+    def factored_flop(first: bool) -> float:
+        """Multiply-adds of two_way_factored per pixel and prompt (the Gram product's upper triangle), x 2."""
+        j, j2, d = 48, 48 if first else 32, 16
+        k = j if first else 2 * j + 1
+        per_pixel = (2 if first else 4) * j * d + (0 if first else j * j) + k * (k + 1) / 2 + 2 * j2 * d + \
+            k * j2 + j2 * (d + k)
+        return 8 * 4096 * 2 * per_pixel
+
     lin_x = rng.normal(0, 1, (448, 256)).astype(np.float32)     # 7 prompts x 64 tokens through a 256 -> 2048 MLP
     lin_w = rng.normal(0, 1 / 16, (256, 2048)).astype(np.float32)
     lin_b = rng.normal(0, 1, 2048).astype(np.float32)
@@ -124,6 +139,12 @@ def main() -> None:
          lambda: _ext.two_way_pass(**two_way, out=two_way_out), lambda: twins.two_way_pass(**two_way), 5),
         ("two_way_pass qproj", "64 prompts, d 16",
          lambda: _ext.two_way_pass(**two_way_q, out=two_way_q_out), lambda: twins.two_way_pass(**two_way_q), 3),
+        ("two_way_factored first", "8 prompts, J 48, J2 48",
+         lambda: _ext.two_way_factored(**factored_in[True], probs2=factored_out[0], rstd2=factored_out[1]),
+         lambda: twins.two_way_factored(**factored_in[True], pixels=4096)[0], 3),
+        ("two_way_factored second", "8 prompts, J 48, J2 32",
+         lambda: _ext.two_way_factored(**factored_in[False], probs2=factored_out[0], rstd2=factored_out[1]),
+         lambda: twins.two_way_factored(**factored_in[False], pixels=4096)[0], 3),
         ("shared_attention", "448 rows, 8 heads, d 16",
          lambda: _ext.shared_attention(sa_q, sa_k, sa_v), lambda: twins.shared_attention(sa_q, sa_k, sa_v), 10),
         ("shared_attention ViT", "512 rows, 12 heads, d 64",
@@ -132,10 +153,14 @@ def main() -> None:
     ]
     gflops = {"linear": (lin_flop, "2 M K N"), "two_way_pass": (two_way_flop, "B P 4 2 C J"),
               "two_way_pass qproj": (two_way_q_flop, "B P 2 (J d + 3 C J)"),
+              "two_way_factored first": (factored_flop(True), "B P 2 (2 J d + K(K+1)/2 + 2 J2 d + K J2 + J2 (d + K)), K = J"),
+              "two_way_factored second": (factored_flop(False),
+                                          "B P 2 (4 J d + J J + K(K+1)/2 + 2 J2 d + K J2 + J2 (d + K)), K = 2J + 1"),
               "shared_attention": (sa_flop, "R H P 2 2 d; and R H P exps"),
               "shared_attention ViT": (vit_flop, "R H P 2 2 d; and R H P exps")}
     float_kernels = ("resize_logits", "mask_upscaling", "mask_upscaling_factored", "two_way_pass",
-                     "two_way_pass qproj", "linear", "shared_attention", "shared_attention ViT")
+                     "two_way_pass qproj", "two_way_factored first", "two_way_factored second", "linear",
+                     "shared_attention", "shared_attention ViT")
 
     info = machine()
     print(f"machine: {info}")
