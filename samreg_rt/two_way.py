@@ -29,6 +29,7 @@ written by the export (``samreg_export.onnx_export.export_two_way``).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,12 @@ class TwoWayWeights:
     and ``output_hypernetworks_mlps.``, plus ``image_pe`` (hw, C), ``no_mask`` (C,), ``pe_gaussian``
     (2, C/2), ``point_embeddings`` (4, C), ``not_a_point`` (C,), ``output_tokens`` (5, C) (IoU
     token, then the 4 mask tokens) and the scalars ``input_size``, ``num_heads``, ``depth`` and each
-    LayerNorm's ``<name>.eps``.
+    LayerNorm's ``<name>.eps``; digest: the sha256 of the .npz they were read from (a ``SharedImage``
+    records it: ``decode_tokens`` rejects one prepared with other weights).
     """
 
     arrays: dict[str, np.ndarray]
+    digest: str
 
     @classmethod
     def from_bytes(cls, data: bytes, path: Path) -> "TwoWayWeights":
@@ -76,7 +79,7 @@ class TwoWayWeights:
         # each Linear's weight also transposed, (in, out), as _ext.linear takes it
         arrays.update({k + "_t": np.ascontiguousarray(v.T) for k, v in list(arrays.items())
                        if k.endswith(".weight") and v.ndim == 2})
-        return cls(arrays)
+        return cls(arrays, hashlib.sha256(data).hexdigest())
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]
@@ -141,7 +144,7 @@ class SharedImage:
     embedding); t2i_keys, t2i_values: (hw, heads, d) the first token-to-image attention's keys (scaled by
     1/sqrt(d)) and values; i2t_queries: (hw, heads*d) the first image-to-token attention's queries;
     features: for a two-layer transformer, ``factored_image``'s per-pixel features of each layer (None
-    otherwise).
+    otherwise); weights_digest: the ``TwoWayWeights.digest`` of the weights they were computed with.
     """
 
     embedding: np.ndarray
@@ -149,6 +152,7 @@ class SharedImage:
     t2i_keys: np.ndarray
     t2i_values: np.ndarray
     i2t_queries: np.ndarray
+    weights_digest: str
     features: tuple[np.ndarray, np.ndarray] | None = None
 
 
@@ -169,7 +173,8 @@ def shared_image(w: TwoWayWeights, embedding: np.ndarray, threads: int = 0) -> S
     i2t_queries = _linear(w, f"{name}.cross_attn_image_to_token.q_proj", keys[0] + pe, threads=threads)
     features = factored_image(w, keys[0], i2t_queries, threads) if int(w["depth"]) == 2 else None
     return SharedImage(embedding=embedding, keys=keys, t2i_keys=t2i_keys,
-                       t2i_values=t2i_values.reshape(len(pe), heads, -1), i2t_queries=i2t_queries, features=features)
+                       t2i_values=t2i_values.reshape(len(pe), heads, -1), i2t_queries=i2t_queries,
+                       weights_digest=w.digest, features=features)
 
 
 def factored_image(w: TwoWayWeights, keys: np.ndarray, i2t_queries: np.ndarray, threads: int = 0
@@ -405,6 +410,9 @@ def decode_tokens(w: TwoWayWeights, embedding: np.ndarray | SharedImage, point_c
     numpy's BLAS runs on one thread here: its idle worker threads keep spinning for a while after a
     multithreaded product and would halve the speed of the two-thread passes that follow."""
     image = embedding if isinstance(embedding, SharedImage) else shared_image(w, embedding, threads)
+    if image.weights_digest != w.digest:
+        raise InputError(f"embedding: prepared with other weights (two-way transformer {image.weights_digest[:12]}), "
+                         f"not these ({w.digest[:12]}): prepare it with this engine")
     b, hw = point_coords.shape[0], image.keys.shape[1]
     if out is None:
         out = np.empty((b, hw, C), np.float32)

@@ -227,6 +227,10 @@ def test_prepared_embedding(tiny_dir, fused):
     if engine.two_way is not None:
         with pytest.raises(InputError, match="embedding"):
             two_way.shared_image(engine.two_way, np.zeros((1, 256, 32, 32), np.float32))
+        # prepared with other weights (another digest): rejected, not decoded with the wrong projections
+        other = dataclasses.replace(engine.two_way, digest="0" * 64)
+        with pytest.raises(InputError, match="prepared with other weights"):
+            two_way.decode_tokens(other, prepared, coords[:2], labels[:2])
 
 
 def test_fused_tokens_litemedsam(litemedsam_dir, data_dir):
