@@ -1057,11 +1057,9 @@ struct TwoWayArgs {
     const float *qk;             // [B, J2, C]
     std::int64_t pixels;         // P
     int tokens, tokens2, heads;  // J, J2, heads
-    float *out;                  // [B, P, C], or null: keys_out is not kept
+    float *out;                  // [B, P, C]
     const v16f *qproj_t;         // projected logits mode: qproj in channel-major blocks [blocks][D][kTwVecs], else null
     int head_dim;                // d = D / heads in that mode (kq is then [B, J, d])
-    float *probs;                // [B, P/16, J, 16]: the image->token attention weights, or null
-    float *rstd;                 // [B, P]: the LayerNorm's 1 / sqrt(var + eps), or null
 };
 
 constexpr std::int64_t kTwTile = kChannels * kTwVecs;
@@ -1374,18 +1372,13 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
                 tw_logits(lt, xt, kqt, Jp, koff, next_keys, next_pe);
             }
             tw_head_softmax(lt, a.heads, T);
-            if (a.probs)
-                for (int v = 0; v * kLanes < n; ++v) {
-                    float *dst = a.probs + ((b * a.pixels + p0) / kLanes + v) * J * kLanes;
-                    for (int j = 0; j < J; ++j) std::memcpy(dst + j * kLanes, &lt[j * kTwVecs + v], sizeof(v16f));
-                }
             for (int c0 = 0; c0 < kChannels; c0 += kTwChannelBlock) tw_update(yt, kt, lt, vwo, J, c0);
             // LayerNorm over the channels (two passes); z into zrows (pixel-major, 16 channels of 16 pixels
             // at a time: keys_out, or zbuf when `store` copies them there), which the pooling then sums, and
             // z + pe for the next logits
             // (the sums over the channels run for the kTwVecs pixel vectors side by side: three
             // dependency chains instead of one at a time, each in the same order)
-            float *zrows = store || !a.out ? zbuf : a.out + (b * a.pixels + p0) * kChannels;
+            float *zrows = store ? zbuf : a.out + (b * a.pixels + p0) * kChannels;
             v16f mean[kTwVecs] = {}, var[kTwVecs] = {};
             for (int c = 0; c < kChannels; ++c)
                 for (int v = 0; v < kTwVecs; ++v) mean[v] += yt[c * kTwVecs + v];
@@ -1398,8 +1391,6 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
             for (int v = 0; v < kTwVecs; ++v) {
                 v16f inv;
                 for (int l = 0; l < kLanes; ++l) inv[l] = 1.f / std::sqrt(var[v][l] * (1.f / kChannels) + a.eps);
-                if (a.rstd)
-                    for (int l = 0; l < kLanes && v * kLanes + l < n; ++l) a.rstd[b * a.pixels + p0 + v * kLanes + l] = inv[l];
                 for (int c0 = 0; c0 < kChannels; c0 += kLanes) {
                     v16f z[kLanes];
                     for (int l = 0; l < kLanes; ++l) {
@@ -1462,7 +1453,7 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void two_
     float *state, std::int64_t state_step) {
     // in place, keys_out's lines are already in the caches (the block's keys): plain stores there
     two_way_body(a, b0, b1, blk0, blk1, scratch, state, state_step,
-                 a.out == a.keys || !a.out ? nullptr : tw_stream_avx512);
+                 a.out == a.keys ? nullptr : tw_stream_avx512);
 }
 void two_way_generic(const TwoWayArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0, std::int64_t blk1,
                      v16f *scratch, float *state, std::int64_t state_step) {
@@ -1503,8 +1494,7 @@ void tw_merge(const float *states, std::int64_t batch, std::int64_t chunks, std:
 py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj, py::handle koff_obj,
                        py::handle vwo_obj, py::handle ln_weight_obj, py::handle ln_bias_obj, double eps,
                        py::handle qk_obj, std::int64_t heads, py::handle out_obj, const std::string &isa,
-                       py::handle qproj_obj, std::int64_t threads, py::handle probs_obj, py::handle rstd_obj,
-                       bool keep_keys) {
+                       py::handle qproj_obj, std::int64_t threads) {
     check_threads("two_way_pass", threads);
     const py::array keys = require<float>(keys_obj, "keys", "float32", 3);
     const py::array pe = require<float>(pe_obj, "pe", "float32", 2);
@@ -1561,12 +1551,9 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
         {&keys, "keys"}, {&pe, "pe"}, {&kq, "kq"}, {&koff, "koff"}, {&vwo, "vwo"}, {&ln_weight, "ln_weight"},
         {&ln_bias, "ln_bias"}, {&qk, "qk"}};
     py::array_t<float> out;
-    if (!keep_keys && !out_obj.is_none())
-        throw py::value_error("out: given, but keep_keys is False (keys_out is not written)");
     if (out_obj.is_none()) {
-        if (keep_keys)
-            out = py::array_t<float>({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(pixels),
-                                      static_cast<py::ssize_t>(kChannels)});
+        out = py::array_t<float>({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(pixels),
+                                  static_cast<py::ssize_t>(kChannels)});
     } else {
         out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 3));
         require_shape(out, "out", {batch, pixels, kChannels});
@@ -1578,26 +1565,6 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
             if (!(in_place && arr == &keys)) require_disjoint(out, *arr, name);
         if (projected) require_disjoint(out, qproj, "qproj");
     }
-    // the optional outputs of the image->token attention weights and the LayerNorm's scale per pixel
-    py::array_t<float> probs, rstd;
-    for (auto [obj, arr, name, ndim] : {std::tuple<py::handle, py::array_t<float> *, const char *, int>{
-                                            probs_obj, &probs, "probs", 4}, {rstd_obj, &rstd, "rstd", 2}}) {
-        if (obj.is_none()) continue;
-        *arr = py::reinterpret_borrow<py::array_t<float>>(require<float>(obj, name, "float32", ndim));
-        if (ndim == 4) {
-            if (pixels % kLanes != 0)
-                throw py::value_error("probs: keys' " + std::to_string(pixels) + " pixels must be a multiple of 16");
-            require_shape(*arr, name, {batch, pixels / kLanes, tokens, kLanes});
-        } else {
-            require_shape(*arr, name, {batch, pixels});
-        }
-        if (!arr->writeable()) throw py::value_error(std::string(name) + ": array is read-only");
-        for (const auto &[input, input_name] : inputs) require_disjoint(*arr, *input, input_name, name);
-        if (projected) require_disjoint(*arr, qproj, "qproj", name);
-        if (keep_keys) require_disjoint(*arr, out, "out", name);
-    }
-    const bool has_probs = !probs_obj.is_none(), has_rstd = !rstd_obj.is_none();
-    if (has_probs && has_rstd) require_disjoint(rstd, probs, "probs", "rstd");
     py::array_t<float> pooled({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(tokens2),
                                static_cast<py::ssize_t>(kChannels)});
     const TwoWayFn fn = avx512 ? two_way_avx512 : two_way_generic;
@@ -1614,8 +1581,7 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
                           static_cast<const float *>(ln_weight.data()), static_cast<const float *>(ln_bias.data()),
                           static_cast<float>(eps), static_cast<const float *>(qk.data()), pixels,
                           static_cast<int>(tokens), static_cast<int>(tokens2), static_cast<int>(heads),
-                          keep_keys ? out.mutable_data() : nullptr, qproj_t, static_cast<int>(head_dim),
-                          has_probs ? probs.mutable_data() : nullptr, has_rstd ? rstd.mutable_data() : nullptr};
+                          out.mutable_data(), qproj_t, static_cast<int>(head_dim)};
     // Work items: (group of prompts, chunk of pixel blocks); each prompt keeps a pooling state per chunk,
     // merged per prompt below. At least kMinItems chunks of prompts in all so that few prompts still fill the
     // threads evenly (the chunks depend on the prompts alone, not on the groups: shared keys pool exactly
@@ -1646,7 +1612,7 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
         });
         tw_merge(states.data(), batch, chunks, tokens2, kChannels, kChannels, pooled_data);
     }
-    return py::make_tuple(keep_keys ? py::object(out) : py::object(py::none()), pooled);
+    return py::make_tuple(out, pooled);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -2518,12 +2484,11 @@ PYBIND11_MODULE(_ext, m) {
     m.def("two_way_pass", &two_way_pass, py::arg("keys"), py::arg("pe"), py::arg("kq"), py::arg("koff"),
           py::arg("vwo"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("qk"), py::arg("heads"),
           py::arg("out") = py::none(), py::arg("isa") = "auto", py::arg("qproj") = py::none(),
-          py::arg("threads") = 0, py::arg("probs") = py::none(), py::arg("rstd") = py::none(),
-          py::arg("keep_keys") = true,
+          py::arg("threads") = 0,
           "two_way_pass(keys: float32[Bk, P, 256], pe: float32[P, 256], kq: float32[B, J, 256],\n"
           "    koff: float32[B, J], vwo: float32[B, J, 256], ln_weight: float32[256], ln_bias: float32[256],\n"
-          "    eps, qk: float32[B, J2, 256], heads, out=None, isa='auto', qproj=None, threads=0, probs=None,\n"
-          "    rstd=None, keep_keys=True) -> (keys_out: float32[B, P, 256] or None, pooled: float32[B, J2, 256])\n\n"
+          "    eps, qk: float32[B, J2, 256], heads, out=None, isa='auto', qproj=None, threads=0)\n"
+          "    -> (keys_out: float32[B, P, 256], pooled: float32[B, J2, 256])\n\n"
           "Image side of one layer of SAM's two-way transformer for B prompts (Bk = 1: keys shared by\n"
           "all; Bk = B: one row each), J <= 64, J2 <= 64, heads dividing J. Per prompt b and pixel p,\n"
           "x = keys[b, p] + pe[p]; l = kq[b] @ x + koff[b]; a = softmax of l within each head (head h:\n"
@@ -2536,11 +2501,7 @@ PYBIND11_MODULE(_ext, m) {
           "Projected logits mode, qproj: float32[P, D] given (D a multiple of heads, at most 256; d = D / heads):\n"
           "kq is float32[B, J, d] and l[j] = qproj[p, h*d:(h+1)*d] . kq[b, j] + koff[b, j] for the head h of\n"
           "token j (qproj = (keys + pe) @ Wq.T + bq, computed once for keys shared by all prompts); the rest\n"
-          "is unchanged.\n\n"
-          "probs: float32[B, P/16, J, 16] (P a multiple of 16), when given, receives the attention weights a:\n"
-          "probs[b, p // 16, j, p % 16] = a[j] of pixel p; rstd: float32[B, P], the LayerNorm's\n"
-          "1 / sqrt(var + eps) of each pixel. keep_keys=False: keys_out is not written (out must be None) and\n"
-          "None is returned in its place." THREADS_DOC);
+          "is unchanged." THREADS_DOC);
     m.def("linear", &linear, py::arg("x"), py::arg("weight_t"), py::arg("bias"), py::arg("relu") = false,
           py::arg("out") = py::none(), py::arg("isa") = "auto", py::arg("threads") = 0,
           "linear(x: float32[M, K], weight_t: float32[K, N], bias: float32[N], relu=False, out=None,\n"

@@ -156,10 +156,11 @@ class SharedImage:
     features: tuple[np.ndarray, np.ndarray] | None = None
 
 
-def shared_image(w: TwoWayWeights, embedding: np.ndarray, threads: int = 0) -> SharedImage:
+def shared_image(w: TwoWayWeights, embedding: np.ndarray, threads: int = 0, factored: bool = True) -> SharedImage:
     """The image-only projections of the first layer for embedding (1, C, h, w) float32 (C-contiguous):
     computed once per image instead of once per ``decode_tokens`` call. threads: the products' thread
-    limit (0: the CPUs this process may run on)."""
+    limit (0: the CPUs this process may run on). factored: also the features that factored image tokens
+    need (``factored_image``, for a two-layer transformer; ``decode_tokens`` with ``factors``)."""
     if embedding.ndim != 4 or embedding.shape[:2] != (1, C) or \
             embedding.shape[2] * embedding.shape[3] != len(w["image_pe"]):
         raise InputError(f"embedding: expected (1, {C}, h, w) with h*w = {len(w['image_pe'])}, got {embedding.shape}")
@@ -171,7 +172,7 @@ def shared_image(w: TwoWayWeights, embedding: np.ndarray, threads: int = 0) -> S
     t2i_keys /= np.sqrt(t2i_keys.shape[-1], dtype=np.float32)
     t2i_values = _linear(w, f"{name}.cross_attn_token_to_image.v_proj", keys[0], threads=threads)
     i2t_queries = _linear(w, f"{name}.cross_attn_image_to_token.q_proj", keys[0] + pe, threads=threads)
-    features = factored_image(w, keys[0], i2t_queries, threads) if int(w["depth"]) == 2 else None
+    features = factored_image(w, keys[0], i2t_queries, threads) if factored and int(w["depth"]) == 2 else None
     return SharedImage(embedding=embedding, keys=keys, t2i_keys=t2i_keys,
                        t2i_values=t2i_values.reshape(len(pe), heads, -1), i2t_queries=i2t_queries,
                        weights_digest=w.digest, features=features)
@@ -404,12 +405,13 @@ def decode_tokens(w: TwoWayWeights, embedding: np.ndarray | SharedImage, point_c
     threads: the kernels' thread limit (0: the CPUs this process may run on).
 
     factors: an ``ImageTokenFactors.empty`` buffer of at least B prompts (J = heads x (5 + N)): the image
-    tokens are returned in factored form instead, views of its first B prompts (``out[:B]`` then holds
-    the first layer's image tokens, and the last pass writes none).
+    tokens are returned in factored form instead, views of its first B prompts, computed from factors
+    throughout (``_factored_pass``: no image token of C channels is formed, and ``out`` is not written).
 
     numpy's BLAS runs on one thread here: its idle worker threads keep spinning for a while after a
     multithreaded product and would halve the speed of the two-thread passes that follow."""
-    image = embedding if isinstance(embedding, SharedImage) else shared_image(w, embedding, threads)
+    image = embedding if isinstance(embedding, SharedImage) else \
+        shared_image(w, embedding, threads, factored=factors is not None)
     if image.weights_digest != w.digest:
         raise InputError(f"embedding: prepared with other weights (two-way transformer {image.weights_digest[:12]}), "
                          f"not these ({w.digest[:12]}): prepare it with this engine")
@@ -425,6 +427,9 @@ def decode_tokens(w: TwoWayWeights, embedding: np.ndarray | SharedImage, point_c
         if int(w["depth"]) != 2 or len(factors) < b or factors.probs.shape[2:] != (hw // 16, tokens, 16):
             raise InputError(f"factors: expected a two-layer transformer and buffers of at least {b} prompts of "
                              f"{tokens} tokens on {hw} pixels, got {factors.probs.shape[1:]} (depth {int(w['depth'])})")
+        if image.features is None:
+            raise InputError("embedding: a SharedImage without the factored features (shared_image computes them) "
+                             "cannot give factored image tokens")
     masks = w["output_tokens"].shape[0] - 1
     if not mask_outputs or len(set(mask_outputs)) != len(mask_outputs) or \
             not all(isinstance(k, (int, np.integer)) and 0 <= k < masks for k in mask_outputs):
@@ -452,17 +457,15 @@ def _decode_tokens(w: TwoWayWeights, image: SharedImage, point_coords: np.ndarra
     outputs = [0] + [1 + k for k in mask_outputs]          # the tokens read after the final attention
     depth = int(w["depth"])
     queries = _self_attention(w, 0, tokens, query_pe, threads=threads)
-    # with factors and the image's factored features, each layer's image side runs on factors
-    # (_factored_pass), which returns the next token-to-image attention's head values instead of its pooled
-    # image tokens
-    factored = factors is not None and image.features is not None
+    # with factors each layer's image side runs on factors (_factored_pass), which returns the next
+    # token-to-image attention's head values instead of its pooled image tokens
     values = first_v_heads = None
     for i in range(depth):
         layer = f"transformer.layers.{i}"
         if i == 0:
             update = _token_to_shared_image(w, f"{layer}.cross_attn_token_to_image", queries + query_pe, image,
                                             threads=threads)
-        elif factored:
+        elif factors is not None:
             update = _head_output(w, f"{layer}.cross_attn_token_to_image", values, threads=threads)
         else:        # the pass before pooled the image tokens for it
             update = _token_to_image_output(w, f"{layer}.cross_attn_token_to_image", pooled, threads=threads)
@@ -483,23 +486,17 @@ def _decode_tokens(w: TwoWayWeights, image: SharedImage, point_coords: np.ndarra
             queries, query_pe = queries[:, outputs], query_pe[:, outputs]
             next_attention = "transformer.final_attn_token_to_image"
         qk, q_heads = _token_to_image_rows(w, next_attention, queries + query_pe, threads=threads)
-        # every layer writes its image tokens into image_tokens (the later ones in place); in factored form
-        # the attention weights and LayerNorm scales instead, and the last layer's tokens are not kept
-        norm = (w[f"{layer}.norm4.weight"], w[f"{layer}.norm4.bias"], float(w[f"{layer}.norm4.eps"]))
-        factor_out = {}
-        if factors is not None:
+        if factors is not None:   # the attention weights and LayerNorm scales instead of image tokens
             factors.values[i, :b] = vwo
-            factor_out = dict(probs=factors.probs[i, :b], rstd=factors.rstd[i, :b], keep_keys=i + 1 < depth)
-        if factored:
             values = _factored_pass(w, image.features[i], factors, i, b, k_heads, v_heads, vwo, qk, q_heads,
                                     next_attention, first_v_heads, kq, threads=threads)
             first_v_heads = v_heads
-        else:
-            keys, pooled = _ext.two_way_pass(keys, pe, kq, koff, vwo, *norm, qk, heads,
-                                             out=image_tokens if factor_out.get("keep_keys", True) else None,
-                                             qproj=qproj, threads=threads, **factor_out)
+        else:                     # every layer writes its image tokens into image_tokens (the later ones in place)
+            norm = (w[f"{layer}.norm4.weight"], w[f"{layer}.norm4.bias"], float(w[f"{layer}.norm4.eps"]))
+            keys, pooled = _ext.two_way_pass(keys, pe, kq, koff, vwo, *norm, qk, heads, out=image_tokens,
+                                             qproj=qproj, threads=threads)
     final = "transformer.final_attn_token_to_image"
-    update = _head_output(w, final, values, threads=threads) if factored else \
+    update = _head_output(w, final, values, threads=threads) if factors is not None else \
         _token_to_image_output(w, final, pooled, threads=threads)
     queries = _layer_norm(w, "transformer.norm_final_attn", queries + update)
     iou = _mlp_head(w, "iou_prediction_head", queries[:, 0], threads=threads)

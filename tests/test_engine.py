@@ -558,9 +558,9 @@ def test_encoder_parts_give_the_encoder_graph_embedding(tiny_dir, tmp_path):
 @pytest.mark.skipif(_ext.mask_upscaling_isa() != "avx512", reason="the fused kernels run on AVX-512 CPUs")
 def test_image_side_on_factors_equals_the_dense_passes(litemedsam_dir, data_dir):
     """Real weights (LiteMedSAM, its box prompts): both layers' image sides computed from factors
-    (two_way_factored on the prepared image's features) give the attention weights, LayerNorm scales,
-    token outputs and kept masks of the dense passes (two_way_pass over the image tokens) up to float
-    rounding."""
+    (two_way_factored on the prepared image's features) give the token outputs of the dense passes
+    (two_way_pass over the image tokens), image tokens equal to theirs when densified, and the same kept
+    masks, up to float rounding; a SharedImage without the features cannot give factors."""
     image = load_image(data_dir / "cardiac_mr" / "acdc2d_example" / "fixed.png").array
     engine = Engine.load(litemedsam_dir, threads=2)
     emb = engine.embed(image)
@@ -568,15 +568,15 @@ def test_image_side_on_factors_equals_the_dense_passes(litemedsam_dir, data_dir)
     coords, labels = amg.build_prompts(params, emb.frame)
     prepared = engine.prepare(emb.embedding)
     assert len(prepared.features) == 2 and all(f.ctypes.data % 64 == 0 for f in prepared.features)
-    results = []
-    for shared in (prepared, dataclasses.replace(prepared, features=None)):
-        factors = engine.factors_buffer(len(coords), coords.shape[1])
-        iou, hyper, got = engine.decode_tokens(shared, coords, labels, mask_outputs=(0,), factors=factors)
-        results.append((iou, hyper, got, engine.decode_kept_masks(got, hyper, np.ones((len(coords), 1), bool))))
-    (iou, hyper, factors, masks), (iou0, hyper0, factors0, masks0) = results
-    np.testing.assert_allclose(factors.probs, factors0.probs, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(factors.rstd, factors0.rstd, rtol=1e-4)
+    factors = engine.factors_buffer(len(coords), coords.shape[1])
+    iou, hyper, got = engine.decode_tokens(prepared, coords, labels, mask_outputs=(0,), factors=factors)
+    iou0, hyper0, tokens = engine.decode_tokens(prepared, coords, labels, mask_outputs=(0,))
     np.testing.assert_allclose(iou, iou0, rtol=0, atol=1e-4)
     np.testing.assert_allclose(hyper, hyper0, rtol=0, atol=1e-4 * float(np.abs(hyper0).max()))
+    np.testing.assert_allclose(got.dense(), tokens, rtol=0, atol=1e-4 * float(np.abs(tokens).max()))
+    keep = np.ones((len(coords), 1), bool)
+    masks, masks0 = engine.decode_kept_masks(got, hyper, keep), engine.decode_kept_masks(tokens, hyper0, keep)
     np.testing.assert_allclose(masks, masks0, rtol=0, atol=1e-4 * float(np.abs(masks0).max()))
     assert ((masks > 0) != (masks0 > 0)).mean() < 1e-4
+    with pytest.raises(InputError, match="without the factored features"):
+        engine.decode_tokens(dataclasses.replace(prepared, features=None), coords, labels, factors=factors)
