@@ -354,7 +354,8 @@ class Engine:
     def prepare(self, embedding: np.ndarray) -> np.ndarray | SharedImage:
         """An embedding (C, 64, 64) or (1, C, 64, 64) made ready for ``decode_tokens`` calls on many prompt
         batches: with the fused decoder its ``two_way.SharedImage`` (the first layer's image-only
-        projections, computed once instead of once per call), else the (1, C, 64, 64) array."""
+        projections and the per-image features of factored image tokens, computed once instead of once
+        per call), else the (1, C, 64, 64) array."""
         emb = _check_embedding(embedding)
         return shared_image(self.two_way, emb, self.threads) if self.two_way is not None else emb
 
