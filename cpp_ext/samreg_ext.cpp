@@ -1215,6 +1215,12 @@ __attribute__((always_inline)) inline void tw_pool_rows(float *acc, int acc_ld, 
         for (int j0 = 0; j0 < J2p; j0 += kTwTokenBlock) tw_pool<1>(acc, acc_ld, w, z, z_ld, n, j0, cv0);
 }
 
+// A pooling state (kTwState floats) before its first block: running max -inf, running sum 0, acc rows 0.
+__attribute__((always_inline)) inline void tw_init_state(float *state) {
+    std::fill(state, state + kTwMaxTokens, -std::numeric_limits<float>::infinity());
+    std::fill(state + kTwMaxTokens, state + kTwState, 0.f);
+}
+
 // Softmax within each head of the logits tile l [heads * T][kTwVecs] (head h: rows h T .. h T + T - 1), in place.
 __attribute__((always_inline)) inline void tw_head_softmax(v16f *lt, int heads, int T) {
     for (int h = 0; h < heads; ++h) {
@@ -1236,10 +1242,10 @@ __attribute__((always_inline)) inline void tw_head_softmax(v16f *lt, int heads, 
 
 // One block of the online softmax over the pixels, per token j < J2p: st [J2p][kTwVecs] holds the logits of
 // the block's n pixels; in place, it becomes the weights exp(s - running max) as floats w[j][kTwBlock]
-// (zero past n). When a token's running max grows, its running sum and its acc row (the first `width`
-// floats, acc_ld apart) are rescaled first.
+// (zero past n). When a token's running max grows, its running sum and its acc row (acc_ld floats, a
+// multiple of 16) are rescaled first.
 __attribute__((always_inline)) inline void tw_online_softmax(v16f *st, int J2p, int n, float *run_max, float *run_sum,
-                                                             float *acc, int acc_ld, int width) {
+                                                             float *acc, int acc_ld) {
     float *w = reinterpret_cast<float *>(st);
     for (int j = 0; j < J2p; ++j) {
         float *s = w + j * kTwBlock;
@@ -1251,7 +1257,7 @@ __attribute__((always_inline)) inline void tw_online_softmax(v16f *st, int J2p, 
         if (m > run_max[j]) {
             const float scale = std::exp(run_max[j] - m);  // 0 for the first block
             run_sum[j] *= scale;
-            for (int c = 0; c < width; c += kLanes) {  // (vectors: the compiler left it scalar)
+            for (int c = 0; c < acc_ld; c += kLanes) {  // (vectors: the compiler left it scalar)
                 const v16f r = load16(acc + j * acc_ld + c) * scale;
                 std::memcpy(acc + j * acc_ld + c, &r, sizeof r);
             }
@@ -1304,9 +1310,7 @@ __attribute__((always_inline)) inline void tw_setup(const TwoWayArgs &a, std::in
             for (int j = 0; j < Jp; ++j) kqt[c * Jp + j] = j < J ? kq[j * kChannels + c] : 0.f;
     }
     for (int j = 0; j < kTwMaxTokens; ++j) koff[j] = j < J ? a.koff[b * J + j] : 0.f;
-    float *run_max = state, *run_sum = state + kTwMaxTokens, *acc = state + 2 * kTwMaxTokens;
-    for (int j = 0; j < kTwMaxTokens; ++j) run_max[j] = -std::numeric_limits<float>::infinity(), run_sum[j] = 0.f;
-    std::fill(acc, acc + kTwMaxTokens * kChannels, 0.f);
+    tw_init_state(state);
 }
 
 // Pixel blocks [blk0, blk1) of prompts [b0, b1), block by block (each block's keys, pe and qproj tiles
@@ -1406,7 +1410,7 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
             // token -> image logits of the new image tokens
             tw_logits(st, xt, qkt, J2p, zeros, nullptr, nullptr);
             // online softmax over the pixels: new running max, rescaled sums, this block's weights
-            tw_online_softmax(st, J2p, n, run_max, run_sum, acc, kChannels, kChannels);
+            tw_online_softmax(st, J2p, n, run_max, run_sum, acc, kChannels);
             tw_pool_rows(acc, kChannels, reinterpret_cast<const float *>(st), zrows, kChannels, n, J2p,
                          kChannels / kLanes);
             if (store) store(a.out + (b * a.pixels + p0) * kChannels, zbuf, n * kChannels);
@@ -1489,6 +1493,29 @@ void tw_merge(const float *states, std::int64_t batch, std::int64_t chunks, std:
             for (int k = 0; k < width; ++k) dst[k] *= inv;
         }
     }
+}
+
+// Runs a pass's work items, (group of `group` prompts, chunk of pixel blocks), on up to `threads` threads:
+// item(scratch, b0, b1, blk0, blk1, state, state_step) pools prompts [b0, b1) over blocks [blk0, blk1) into
+// their states of that chunk (scratch: a buffer of the thread's, kept across its items). At least kMinItems
+// chunks of prompts in all so that few prompts still fill the threads evenly (the chunks depend on the
+// prompts alone, not on the groups). Then merges each prompt's chunks into pooled [B, tokens2, width].
+template <typename Item>
+void tw_pool_items(std::int64_t batch, std::int64_t blocks, std::int64_t group, double flops_per_block,
+                   std::int64_t threads, std::int64_t tokens2, int acc_ld, int width, float *pooled, const Item &item) {
+    constexpr std::int64_t kMinItems = 16;
+    const std::int64_t chunks = batch > 0 ? std::min(blocks, (kMinItems + batch - 1) / batch) : 1;
+    const std::int64_t groups = (batch + group - 1) / group;
+    std::vector<float> states(static_cast<std::size_t>(batch * chunks * kTwState));
+    parallel_for(groups * chunks, flops_per_block * blocks / chunks * group, threads, [&](std::int64_t t0, std::int64_t t1) {
+        std::vector<float> scratch;
+        for (std::int64_t t = t0; t < t1; ++t) {
+            const std::int64_t b0 = t / chunks * group, b1 = std::min(batch, b0 + group), c = t % chunks;
+            item(scratch, b0, b1, blocks * c / chunks, blocks * (c + 1) / chunks,
+                 states.data() + (b0 * chunks + c) * kTwState, chunks * kTwState);
+        }
+    });
+    tw_merge(states.data(), batch, chunks, tokens2, acc_ld, width, pooled);
 }
 
 py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj, py::handle koff_obj,
@@ -1582,18 +1609,11 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
                           static_cast<float>(eps), static_cast<const float *>(qk.data()), pixels,
                           static_cast<int>(tokens), static_cast<int>(tokens2), static_cast<int>(heads),
                           out.mutable_data(), qproj_t, static_cast<int>(head_dim)};
-    // Work items: (group of prompts, chunk of pixel blocks); each prompt keeps a pooling state per chunk,
-    // merged per prompt below. At least kMinItems chunks of prompts in all so that few prompts still fill the
-    // threads evenly (the chunks depend on the prompts alone, not on the groups: shared keys pool exactly
-    // as the same keys repeated). Prompts share an item only when they share keys (per-prompt keys leave
-    // nothing to share).
-    constexpr std::int64_t kMinItems = 16;
-    const std::int64_t chunks = batch > 0 ? std::min(blocks, (kMinItems + batch - 1) / batch) : 1;
-    const std::int64_t group = keys_t ? kTwGroup : 1, groups = (batch + group - 1) / group;
-    float *pooled_data = pooled.mutable_data();
+    // Prompts share a work item only when they share keys (per-prompt keys leave nothing to share); shared
+    // keys pool exactly as the same keys repeated.
+    const std::int64_t group = keys_t ? kTwGroup : 1;
     {
         py::gil_scoped_release release;
-        std::vector<float> states(static_cast<std::size_t>(batch * chunks * kTwState));
         parallel_for(blocks, 4.0 * kTwTile * kLanes, threads, [&](std::int64_t b0, std::int64_t b1) {
             transpose(pe_t, args.pe, pixels, kChannels, b0, b1);
             if (keys_t) transpose(keys_t, args.keys, pixels, kChannels, b0, b1);
@@ -1601,16 +1621,11 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
         });
         const double flops_per_block = projected ? 2.0 * kTwBlock * (tokens * head_dim + kChannels * (tokens + 2 * tokens2))
                                                  : 8.0 * kTwBlock * kChannels * (tokens + tokens2);
-        parallel_for(groups * chunks, flops_per_block * blocks / chunks * group, threads, [&](std::int64_t t0, std::int64_t t1) {
-            std::vector<float> buffer;
-            v16f *scratch = aligned_vecs(buffer, kTwScratch);
-            for (std::int64_t t = t0; t < t1; ++t) {
-                const std::int64_t b0 = t / chunks * group, b1 = std::min(batch, b0 + group), c = t % chunks;
-                fn(args, b0, b1, blocks * c / chunks, blocks * (c + 1) / chunks, scratch,
-                   states.data() + (b0 * chunks + c) * kTwState, chunks * kTwState);
-            }
+        tw_pool_items(batch, blocks, group, flops_per_block, threads, tokens2, kChannels, kChannels,
+                      pooled.mutable_data(), [&](std::vector<float> &scratch, std::int64_t b0, std::int64_t b1,
+                                                 std::int64_t blk0, std::int64_t blk1, float *state, std::int64_t step) {
+            fn(args, b0, b1, blk0, blk1, aligned_vecs(scratch, kTwScratch), state, step);
         });
-        tw_merge(states.data(), batch, chunks, tokens2, kChannels, kChannels, pooled_data);
     }
     return py::make_tuple(out, pooled);
 }
@@ -1730,9 +1745,7 @@ __attribute__((always_inline)) inline void tf_setup(const FactoredArgs &a, const
         padded(n, a.n + b * J * J, z.J, z.J, z.Jp);
         for (int j = 0; j < kTwMaxTokens; ++j) m1[j] = j < z.J ? a.m1[b * J + j] : 0.f;
     }
-    float *run_max = state, *run_sum = state + kTwMaxTokens, *acc = state + 2 * kTwMaxTokens;
-    for (int j = 0; j < kTwMaxTokens; ++j) run_max[j] = -std::numeric_limits<float>::infinity(), run_sum[j] = 0.f;
-    std::fill(acc, acc + kTwMaxTokens * z.acc_ld(), 0.f);
+    tw_init_state(state);
 }
 
 // Pixel blocks [blk0, blk1) of prompts [b0, b1), block by block; pools into the prompts' states.
@@ -1839,7 +1852,7 @@ __attribute__((always_inline)) inline void two_way_factored_body(const FactoredA
                                                                       t2[(j0 + t) * kTwVecs + v]
                                                                 : v16f{};
             }
-            tw_online_softmax(st, z.J2p, n, run_max, run_sum, acc, ld, ld);
+            tw_online_softmax(st, z.J2p, n, run_max, run_sum, acc, ld);
             // pool [r1 r2 V (the token's head), r2 c] over the block's pixels
             tw_rows_scaled(zv, D, img + 6 * D * kTwVecs, D, r12, n);
             tw_rows_scaled(zc, z.Kc, c, z.Kc, r2, n);
@@ -1940,26 +1953,18 @@ py::array_t<float> two_way_factored(py::handle image_obj, py::handle probs1_obj,
     py::array_t<float> pooled({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(tokens2),
                                static_cast<py::ssize_t>(width)});
     const FactoredFn fn = avx512 ? two_way_factored_avx512 : two_way_factored_generic;
-    // work items as two_way_pass's with shared keys: (group of prompts, chunk of pixel blocks)
-    constexpr std::int64_t kMinItems = 16;
-    const std::int64_t chunks = batch > 0 ? std::min(blocks, (kMinItems + batch - 1) / batch) : 1;
-    const std::int64_t groups = (batch + kTwGroup - 1) / kTwGroup;
     const double flops_per_block = 2.0 * kTwBlock * (4 * tokens * head_dim + 2 * tokens2 * head_dim + tokens * tokens +
                                                      K * (K / 2 + tokens2) + tokens2 * (head_dim + K));
+    // work items as two_way_pass's with shared keys; each thread's scratch: the tiles, then its prompts' part
+    const std::int64_t tile_vecs = sizes.tile_vecs(), prompt_vecs = (kTwGroup * sizes.prompt_floats() + kLanes - 1) / kLanes;
     {
         py::gil_scoped_release release;
-        std::vector<float> states(static_cast<std::size_t>(batch * chunks * kTwState));
-        parallel_for(groups * chunks, flops_per_block * blocks / chunks * kTwGroup, threads,
-                     [&](std::int64_t t0, std::int64_t t1) {
-            std::vector<float> buffer, prompts(static_cast<std::size_t>(kTwGroup * sizes.prompt_floats()));
-            v16f *tiles = aligned_vecs(buffer, sizes.tile_vecs());
-            for (std::int64_t t = t0; t < t1; ++t) {
-                const std::int64_t b0 = t / chunks * kTwGroup, b1 = std::min(batch, b0 + kTwGroup), c = t % chunks;
-                fn(args, b0, b1, blocks * c / chunks, blocks * (c + 1) / chunks, tiles, prompts.data(),
-                   states.data() + (b0 * chunks + c) * kTwState, chunks * kTwState);
-            }
+        tw_pool_items(batch, blocks, kTwGroup, flops_per_block, threads, tokens2, sizes.acc_ld(), width,
+                      pooled.mutable_data(), [&](std::vector<float> &scratch, std::int64_t b0, std::int64_t b1,
+                                                 std::int64_t blk0, std::int64_t blk1, float *state, std::int64_t step) {
+            v16f *tiles = aligned_vecs(scratch, tile_vecs + prompt_vecs);
+            fn(args, b0, b1, blk0, blk1, tiles, reinterpret_cast<float *>(tiles + tile_vecs), state, step);
         });
-        tw_merge(states.data(), batch, chunks, tokens2, sizes.acc_ld(), width, pooled.mutable_data());
     }
     return pooled;
 }

@@ -212,7 +212,7 @@ def factored_image(w: TwoWayWeights, keys: np.ndarray, i2t_queries: np.ndarray, 
         bias = np.zeros(weight_t.shape[1], np.float32) if bias is None else bias
         return _ext.linear(np.ascontiguousarray(x, np.float32), np.ascontiguousarray(weight_t), bias, threads=threads)
 
-    e64, eg64, et64 = (x.astype(np.float64) for x in (e, et * g1, et))
+    e64, etg64, et64 = (x.astype(np.float64) for x in (e, et * g1, et))
     first = [i2t_queries, none, none, product(e, w[f"{i2t1}.out_proj.weight"]),
              product(eg, w[f"{t2i2}.k_proj.weight_t"]), product(pe + b1, w[f"{t2i2}.k_proj.weight_t"]),
              product(eg, w[f"{t2i2}.v_proj.weight_t"]),
@@ -223,7 +223,7 @@ def factored_image(w: TwoWayWeights, keys: np.ndarray, i2t_queries: np.ndarray, 
               product(et * g1, w[f"{i2t1}.out_proj.weight"]), product(et, w[f"{i2t2}.out_proj.weight"]),
               product(et * g2, w[f"{fa}.k_proj.weight_t"]), product(pe + b2, w[f"{fa}.k_proj.weight_t"]),
               product(et * g2, w[f"{fa}.v_proj.weight_t"]),
-              np.stack([np.square(et64).sum(axis=-1), eg64.sum(axis=-1), eg64 @ w[f"{i2t1}.out_proj.bias"],
+              np.stack([np.square(et64).sum(axis=-1), etg64.sum(axis=-1), etg64 @ w[f"{i2t1}.out_proj.bias"],
                         et64 @ (w[f"{i2t2}.out_proj.bias"].astype(np.float64) + b1)], axis=1)]
     return _blocks(first), _blocks(second)
 
@@ -355,8 +355,9 @@ def _image_to_token_rows(w: TwoWayWeights, name: str, k: np.ndarray, v: np.ndarr
     heads = w.num_heads
     kh = _heads(_linear(w, f"{name}.k_proj", k, threads=threads), heads)    # (B, heads, T, d)
     scale = np.sqrt(kh.shape[-1], dtype=np.float32)
+    k_scaled = kh / scale
     if projected:
-        kq, koff = kh / scale, np.zeros(kh.shape[:3], np.float32)
+        kq, koff = k_scaled, np.zeros(kh.shape[:3], np.float32)
     else:
         w_q, b_q = _head_weights(w, f"{name}.q_proj")
         kq = kh @ w_q / scale                                                # (B, heads, T, C)
@@ -367,7 +368,7 @@ def _image_to_token_rows(w: TwoWayWeights, name: str, k: np.ndarray, v: np.ndarr
     vwo = vh @ w_o + w[f"{name}.out_proj.bias"] / heads                      # (B, heads, T, C)
     b, d = k.shape[0], kh.shape[-1]
     return (np.ascontiguousarray(kq.reshape(b, -1, kq.shape[-1])), np.ascontiguousarray(koff.reshape(b, -1)),
-            np.ascontiguousarray(vwo.reshape(b, -1, C)), np.ascontiguousarray((kh / scale).reshape(b, -1, d)),
+            np.ascontiguousarray(vwo.reshape(b, -1, C)), np.ascontiguousarray(k_scaled.reshape(b, -1, d)),
             np.ascontiguousarray(vh.reshape(b, -1, d)))
 
 
@@ -537,11 +538,12 @@ def _factored_pass(w: TwoWayWeights, features: np.ndarray, factors: ImageTokenFa
     if i == 1:
         g1, b1 = w["transformer.layers.0.norm4.weight"], w["transformer.layers.0.norm4.bias"]
         v1 = factors.values[0, :b]
-        w1 = (v1 - v1.mean(axis=-1, keepdims=True)) * g1
+        m1 = v1.mean(axis=-1, keepdims=True)
+        w1 = (v1 - m1) * g1
         rows = np.concatenate([w1 - w1.mean(axis=-1, keepdims=True), vc, np.broadcast_to(b1 - b1.mean(), (b, 1, C))],
                               axis=1)
         previous = dict(probs1=factors.probs[0, :b], rstd1=factors.rstd[0, :b], vh1=first_v_heads,
-                        n=w1 @ kq.transpose(0, 2, 1), m1=v1.mean(axis=-1))
+                        n=w1 @ kq.transpose(0, 2, 1), m1=m1[..., 0])
     rows_g = rows * w[f"{norm}.weight"]
     pooled = _ext.two_way_factored(features, k=k_heads, vh2=v_heads, qf=q_heads, gram=rows @ rows.transpose(0, 2, 1),
                                    mf=rows_g @ q_rows.transpose(0, 2, 1), eps=float(w[f"{norm}.eps"]), heads=heads,
