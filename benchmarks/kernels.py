@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from samreg_rt import _ext  # noqa: E402
 from samreg_rt.amg import upscale_matrices  # noqa: E402
 from samreg_rt.preprocess import Frame  # noqa: E402
+from samreg_rt.two_way import ImageTokenFactors  # noqa: E402
 from tests import twins  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,15 +73,16 @@ def main() -> None:
     two_way_q = twins.two_way_qproj_inputs(rng, 64, True, 4096, 56, 56, 8, 16)
     two_way_q_out = np.empty((64, 4096, 256), np.float32)
     two_way_q_flop = 64 * 4096 * 2 * (56 * 16 + 3 * 56 * 256)  # logits J d, then three products of C J
-    # the same layers on factors (two_way_factored): 8 prompts of 3 points (J 48 = 8 heads x 6), a multimask
-    # final attention (J2 32), d 16
-    factored_in = {first: twins.two_way_factored_inputs(rng, 8, 4096, 48, 48 if first else 32, 8, 16, first)
+    # the same layers on factors (two_way_factored) as mask generation runs them: 8 prompts of a point and the
+    # padding point (J 56 = 8 heads x 7), a multimask final attention (J2 32), d 16; probs2 64-byte aligned as
+    # ImageTokenFactors.empty allocates it (the kernel then streams it)
+    factored_in = {first: twins.two_way_factored_inputs(rng, 8, 4096, 56, 56 if first else 32, 8, 16, first)
                    for first in (True, False)}
-    factored_out = (np.empty((8, 256, 48, 16), np.float32), np.empty((8, 4096), np.float32))
+    factored_out = (ImageTokenFactors.empty(8, 4096, 56).probs[0], np.empty((8, 4096), np.float32))
 
     def factored_flop(first: bool) -> float:
         """Multiply-adds of two_way_factored per pixel and prompt (the Gram product's upper triangle), x 2."""
-        j, j2, d = 48, 48 if first else 32, 16
+        j, j2, d = 56, 56 if first else 32, 16
         k = j if first else 2 * j + 1
         per_pixel = (2 if first else 4) * j * d + (0 if first else j * j) + k * (k + 1) / 2 + 2 * j2 * d + \
             k * j2 + j2 * (d + k)
@@ -139,10 +141,10 @@ def main() -> None:
          lambda: _ext.two_way_pass(**two_way, out=two_way_out), lambda: twins.two_way_pass(**two_way), 5),
         ("two_way_pass qproj", "64 prompts, d 16",
          lambda: _ext.two_way_pass(**two_way_q, out=two_way_q_out), lambda: twins.two_way_pass(**two_way_q), 3),
-        ("two_way_factored first", "8 prompts, J 48, J2 48",
+        ("two_way_factored first", "8 prompts, J 56, J2 56",
          lambda: _ext.two_way_factored(**factored_in[True], probs2=factored_out[0], rstd2=factored_out[1]),
          lambda: twins.two_way_factored(**factored_in[True], pixels=4096)[0], 3),
-        ("two_way_factored second", "8 prompts, J 48, J2 32",
+        ("two_way_factored second", "8 prompts, J 56, J2 32",
          lambda: _ext.two_way_factored(**factored_in[False], probs2=factored_out[0], rstd2=factored_out[1]),
          lambda: twins.two_way_factored(**factored_in[False], pixels=4096)[0], 3),
         ("shared_attention", "448 rows, 8 heads, d 16",

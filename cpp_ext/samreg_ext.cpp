@@ -1100,13 +1100,13 @@ __attribute__((always_inline)) inline void tw_load_t(v16f *dst, const float *src
     }
 }
 
-// acc[t][v] += sum_{k < count} x[k * kTwVecs + v] * w[k * ld + t] for the kTwTokenBlock columns t of a
-// register tile (x: rows of kTwVecs pixel vectors, w: row-major with ld floats per row). With kPrefetch,
+// acc[t][v] += sum_{k < count} x[k * kTwVecs + v] * w[k * ld + t] for the kCols columns t of a register
+// tile (x: rows of kTwVecs pixel vectors, w: row-major with ld floats per row). With kPrefetch,
 // also prefetches count cache lines from `prefetch`, one per row. x and w advance as pointers, row by row:
 // the broadcasts of w then take constant offsets from one register (with indices, the compiler kept one
 // address per column, spilled them and recomputed them every row, and the integer work slowed the FMAs).
-template <bool kPrefetch = false>
-__attribute__((always_inline)) inline void tw_tile(v16f (&acc)[kTwTokenBlock][kTwVecs], const v16f *x, const float *w,
+template <bool kPrefetch = false, int kCols>
+__attribute__((always_inline)) inline void tw_tile(v16f (&acc)[kCols][kTwVecs], const v16f *x, const float *w,
                                                    std::ptrdiff_t ld, int count, const char *prefetch = nullptr) {
     for (int k = 0; k < count; ++k, x += kTwVecs, w += ld) {
         if (kPrefetch) {
@@ -1115,7 +1115,7 @@ __attribute__((always_inline)) inline void tw_tile(v16f (&acc)[kTwTokenBlock][kT
         }
         v16f xk[kTwVecs];
         for (int v = 0; v < kTwVecs; ++v) xk[v] = x[v];
-        for (int t = 0; t < kTwTokenBlock; ++t) {
+        for (int t = 0; t < kCols; ++t) {
             const float wt = w[t];
             for (int v = 0; v < kTwVecs; ++v) acc[t][v] += xk[v] * wt;
         }
@@ -1157,17 +1157,34 @@ __attribute__((always_inline)) inline void tw_logits(v16f *out, const v16f *xt, 
 }
 
 // Projected logits mode: out[(j0 + t) * kTwVecs + v] = koff[j0 + t] + sum_{c < d} qt[c * kTwVecs + v] * kqh[c * ld + t]
-// for the `count` <= kTwTokenBlock tokens t from j0, all of one head (qt: that head's d channels of qproj,
-// kqh: its tokens' kq rows transposed, ld floats apart).
+// for the kCols tokens t from j0, all of one head (qt: that head's d channels of qproj, kqh: its tokens' kq rows
+// transposed, ld floats apart).
+template <int kCols>
+__attribute__((always_inline)) inline void tw_head_logits(v16f *out, const v16f *qt, const float *kqh, int ld, int d,
+                                                          int j0, const float *koff) {
+    v16f acc[kCols][kTwVecs];
+    for (int t = 0; t < kCols; ++t)
+        for (int v = 0; v < kTwVecs; ++v) acc[t][v] = v16f{} + koff[j0 + t];
+    tw_tile(acc, qt, kqh, ld, d);
+    for (int t = 0; t < kCols; ++t)
+        for (int v = 0; v < kTwVecs; ++v) out[(j0 + t) * kTwVecs + v] = acc[t][v];
+}
+
+// The same for the `count` <= kTwTokenBlock tokens from j0: a register tile of exactly that many columns (a head's
+// T tokens are often fewer than kTwTokenBlock: 6 image-to-token, 4 in SAM's final attention of multimask outputs).
 __attribute__((always_inline)) inline void tw_head_logits(v16f *out, const v16f *qt, const float *kqh, int ld, int d,
                                                           int j0, int count, const float *koff) {
-    v16f acc[kTwTokenBlock][kTwVecs];
-    for (int t = 0; t < kTwTokenBlock; ++t)
-        for (int v = 0; v < kTwVecs; ++v) acc[t][v] = v16f{} + (t < count ? koff[j0 + t] : 0.f);
-    tw_tile(acc, qt, kqh, ld, d);
-    for (int t = 0; t < kTwTokenBlock; ++t)
-        if (t < count)
-            for (int v = 0; v < kTwVecs; ++v) out[(j0 + t) * kTwVecs + v] = acc[t][v];
+    static_assert(kTwTokenBlock == 8, "one case per count below kTwTokenBlock");
+    switch (count) {
+        case 1: return tw_head_logits<1>(out, qt, kqh, ld, d, j0, koff);
+        case 2: return tw_head_logits<2>(out, qt, kqh, ld, d, j0, koff);
+        case 3: return tw_head_logits<3>(out, qt, kqh, ld, d, j0, koff);
+        case 4: return tw_head_logits<4>(out, qt, kqh, ld, d, j0, koff);
+        case 5: return tw_head_logits<5>(out, qt, kqh, ld, d, j0, koff);
+        case 6: return tw_head_logits<6>(out, qt, kqh, ld, d, j0, koff);
+        case 7: return tw_head_logits<7>(out, qt, kqh, ld, d, j0, koff);
+        default: return tw_head_logits<kTwTokenBlock>(out, qt, kqh, ld, d, j0, koff);
+    }
 }
 
 // yt[c] = kt[c] + sum_{j < tokens} at[j] * vwo[j, c] for the kTwChannelBlock channels c from c0.
@@ -1243,33 +1260,53 @@ __attribute__((always_inline)) inline void tw_head_softmax(v16f *lt, int heads, 
 // One block of the online softmax over the pixels, per token j < J2p: st [J2p][kTwVecs] holds the logits of
 // the block's n pixels; in place, it becomes the weights exp(s - running max) as floats w[j][kTwBlock]
 // (zero past n). When a token's running max grows, its running sum and its acc row (acc_ld floats, a
-// multiple of 16) are rescaled first.
+// multiple of 16) are rescaled first. Sixteen tokens at a time: their block maxima and sums across the lanes
+// come from one transpose each instead of a chain of scalar operations per token (run_max and run_sum hold
+// kTwMaxTokens floats, so their vectors from any j0 < J2p are in bounds).
 __attribute__((always_inline)) inline void tw_online_softmax(v16f *st, int J2p, int n, float *run_max, float *run_sum,
                                                              float *acc, int acc_ld) {
+    constexpr float kInf = std::numeric_limits<float>::infinity();
     float *w = reinterpret_cast<float *>(st);
-    for (int j = 0; j < J2p; ++j) {
-        float *s = w + j * kTwBlock;
-        for (int p = n; p < kTwBlock; ++p) s[p] = -std::numeric_limits<float>::infinity();
-        v16f mv = v16f{} + run_max[j];  // the largest logit, lane-wise first (max is exact in any order)
-        for (int v = 0; v < kTwVecs; ++v) mv = st[j * kTwVecs + v] > mv ? st[j * kTwVecs + v] : mv;
-        float m = run_max[j];
-        for (int l = 0; l < kLanes; ++l) m = mv[l] > m ? mv[l] : m;
-        if (m > run_max[j]) {
-            const float scale = std::exp(run_max[j] - m);  // 0 for the first block
-            run_sum[j] *= scale;
-            for (int c = 0; c < acc_ld; c += kLanes) {  // (vectors: the compiler left it scalar)
-                const v16f r = load16(acc + j * acc_ld + c) * scale;
-                std::memcpy(acc + j * acc_ld + c, &r, sizeof r);
+    for (int j0 = 0; j0 < J2p; j0 += kLanes) {
+        const int count = std::min(kLanes, J2p - j0);
+        v16f r[kLanes];
+        for (int t = 0; t < kLanes; ++t) {
+            r[t] = v16f{} - kInf;
+            if (t >= count) continue;
+            float *s = w + (j0 + t) * kTwBlock;
+            for (int p = n; p < kTwBlock; ++p) s[p] = -kInf;
+            for (int v = 0; v < kTwVecs; ++v) {
+                const v16f x = st[(j0 + t) * kTwVecs + v];
+                r[t] = x > r[t] ? x : r[t];
             }
-            run_max[j] = m;
         }
-        v16f sum = v16f{};
-        for (int v = 0; v < kTwVecs; ++v) {
-            const v16f e = exp16(st[j * kTwVecs + v] - m);
-            st[j * kTwVecs + v] = e;
-            sum += e;
+        transpose16(r);
+        v16f block_max = r[0];
+        for (int t = 1; t < kLanes; ++t) block_max = r[t] > block_max ? r[t] : block_max;
+        const v16f old_max = load16(run_max + j0);
+        const v16f new_max = block_max > old_max ? block_max : old_max;   // max is exact in any order
+        for (int t = 0; t < count; ++t) {
+            if (!(new_max[t] > old_max[t])) continue;
+            const float scale = std::exp(old_max[t] - new_max[t]);  // 0 for the first block
+            run_sum[j0 + t] *= scale;
+            for (int c = 0; c < acc_ld; c += kLanes) {  // (vectors: the compiler left it scalar)
+                const v16f x = load16(acc + (j0 + t) * acc_ld + c) * scale;
+                std::memcpy(acc + (j0 + t) * acc_ld + c, &x, sizeof x);
+            }
         }
-        for (int l = 0; l < kLanes; ++l) run_sum[j] += sum[l];
+        std::memcpy(run_max + j0, &new_max, sizeof new_max);
+        for (int t = 0; t < kLanes; ++t) {
+            r[t] = v16f{};
+            for (int v = 0; t < count && v < kTwVecs; ++v) {
+                const v16f e = exp16(st[(j0 + t) * kTwVecs + v] - new_max[t]);
+                st[(j0 + t) * kTwVecs + v] = e;
+                r[t] += e;
+            }
+        }
+        transpose16(r);
+        v16f block_sum = load16(run_sum + j0);
+        for (int t = 0; t < kLanes; ++t) block_sum += r[t];
+        std::memcpy(run_sum + j0, &block_sum, sizeof block_sum);
     }
 }
 
@@ -1673,9 +1710,9 @@ struct FactoredSizes {
     // per-prompt scratch floats: k, vh1, vh2 per head transposed [heads][d][Tp], qf [heads][d][T2p], n [J][Jp],
     // gram [K][Kp], mf [K][J2p], m1 [64]
     std::int64_t prompt_floats() const { return 3 * D * Tp + D * T2p + J * Jp + K * Kp + K * J2p + kTwMaxTokens; }
-    // per-item tile scratch, in vectors: a1, ra, a2, two temporaries, x1, x2, st [64][kTwVecs], c [Kc][kTwVecs],
-    // and the pixel-major pooling rows zv [kTwBlock][D], zc [kTwBlock][Kc]
-    std::int64_t tile_vecs() const { return 8 * kTwTokenTile + Kc * kTwVecs + kTwBlock * (D + Kc) / kLanes; }
+    // per-item tile scratch, in vectors: a1, two temporaries, x1, x2, st [64][kTwVecs], c [Kc][kTwVecs] (which
+    // holds r1 a1 and a2 in its rows), and the pixel-major pooling rows zv [kTwBlock][D], zc [kTwBlock][Kc]
+    std::int64_t tile_vecs() const { return 6 * kTwTokenTile + Kc * kTwVecs + kTwBlock * (D + Kc) / kLanes; }
     int acc_ld() const { return d + Kc; }
 };
 
@@ -1748,16 +1785,19 @@ __attribute__((always_inline)) inline void tf_setup(const FactoredArgs &a, const
     tw_init_state(state);
 }
 
-// Pixel blocks [blk0, blk1) of prompts [b0, b1), block by block; pools into the prompts' states.
+// Pixel blocks [blk0, blk1) of prompts [b0, b1), block by block; pools into the prompts' states. kStream: probs2
+// (64-byte aligned) is written with non-temporal stores: written once here and read by the next pass, it would
+// otherwise be read from memory before each write and evict the block's working set.
+template <bool kStream>
 __attribute__((always_inline)) inline void two_way_factored_body(const FactoredArgs &a, std::int64_t b0, std::int64_t b1,
                                                                  std::int64_t blk0, std::int64_t blk1, v16f *tiles,
                                                                  float *prompts, float *state, std::int64_t state_step) {
     const FactoredSizes z(a);
     const int J = z.J, J2 = z.J2, K = z.K, D = z.D, d = z.d, F = 7 * D + 4, ld = z.acc_ld();
     const int J1 = a.prev() ? J : 0;  // rows of r1 a1 in the coefficients c (then a2's J, then the constant 1)
-    v16f *a1 = tiles, *ra = a1 + kTwTokenTile, *a2 = ra + kTwTokenTile, *t1 = a2 + kTwTokenTile;
-    v16f *t2 = t1 + kTwTokenTile, *x1 = t2 + kTwTokenTile, *x2 = x1 + kTwTokenTile, *st = x2 + kTwTokenTile;
-    v16f *c = st + kTwTokenTile;
+    v16f *a1 = tiles, *t1 = a1 + kTwTokenTile, *t2 = t1 + kTwTokenTile, *x1 = t2 + kTwTokenTile;
+    v16f *x2 = x1 + kTwTokenTile, *st = x2 + kTwTokenTile, *c = st + kTwTokenTile;
+    v16f *ra = c, *a2 = c + J1 * kTwVecs;  // the coefficients c = [r1 a1, a2, 1] (the first layer: c = a2)
     float *zv = reinterpret_cast<float *>(c + z.Kc * kTwVecs), *zc = zv + kTwBlock * D;
     const std::int64_t pf = z.prompt_floats();
     for (std::int64_t b = b0; b < b1; ++b) tf_setup(a, z, b, prompts + (b - b0) * pf, state + (b - b0) * state_step);
@@ -1802,14 +1842,14 @@ __attribute__((always_inline)) inline void two_way_factored_body(const FactoredA
             tw_head_softmax(a2, a.heads, z.T);
             for (int v = 0; v * kLanes < n; ++v) {
                 float *dst = a.probs2 + ((b * a.pixels + p0) / kLanes + v) * J * kLanes;
-                for (int j = 0; j < J; ++j) std::memcpy(dst + j * kLanes, &a2[j * kTwVecs + v], sizeof(v16f));
-            }
-            // the coefficients c = [r1 a1, a2, 1] (the first layer: c = a2) of the rows R of y - mean
-            for (int j = 0; j < J; ++j)
-                for (int v = 0; v < kTwVecs; ++v) {
-                    if (J1) c[j * kTwVecs + v] = ra[j * kTwVecs + v];
-                    c[(J1 + j) * kTwVecs + v] = a2[j * kTwVecs + v];
+                for (int j = 0; j < J; ++j) {
+                    if constexpr (kStream)
+                        __builtin_ia32_movntps512(dst + j * kLanes, a2[j * kTwVecs + v]);
+                    else
+                        std::memcpy(dst + j * kLanes, &a2[j * kTwVecs + v], sizeof(v16f));
                 }
+            }
+            // the rows of c past r1 a1 and a2: the constant 1 of the row b1 - mean, then zero padding
             for (int k = J1 + J; k < z.Kc; ++k)
                 for (int v = 0; v < kTwVecs; ++v) c[k * kTwVecs + v] = v16f{} + (k < K ? 1.f : 0.f);
             // |y - mean|^2 = r1^2 E2 + 2 r1 (c . X) + c G c
@@ -1861,6 +1901,7 @@ __attribute__((always_inline)) inline void two_way_factored_body(const FactoredA
             tw_pool_rows(acc + d, ld, w, zc, z.Kc, n, z.J2p, z.Kc / kLanes);
         }
     }
+    if constexpr (kStream) __builtin_ia32_sfence();  // the streamed probs2 before the stores that follow
 }
 
 using FactoredFn = void (*)(const FactoredArgs &, std::int64_t, std::int64_t, std::int64_t, std::int64_t, v16f *, float *,
@@ -1869,11 +1910,14 @@ using FactoredFn = void (*)(const FactoredArgs &, std::int64_t, std::int64_t, st
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void two_way_factored_avx512(
     const FactoredArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0, std::int64_t blk1, v16f *tiles,
     float *prompts, float *state, std::int64_t state_step) {
-    two_way_factored_body(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
+    if (reinterpret_cast<std::uintptr_t>(a.probs2) % 64 == 0)
+        two_way_factored_body<true>(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
+    else
+        two_way_factored_body<false>(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
 }
 void two_way_factored_generic(const FactoredArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0,
                               std::int64_t blk1, v16f *tiles, float *prompts, float *state, std::int64_t state_step) {
-    two_way_factored_body(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
+    two_way_factored_body<false>(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
 }
 
 py::array_t<float> two_way_factored(py::handle image_obj, py::handle probs1_obj, py::handle rstd1_obj, py::handle k_obj,

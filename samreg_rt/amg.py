@@ -207,8 +207,11 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
     counts = {"prompts": len(coords), "run": 0, "candidates": 0, "pred_iou": 0, "stability": 0}
     covered = np.zeros(out_shape, bool)
     channels, h, w = emb.embedding.shape
-    tokens_buffer = np.empty((min(params.batch_size, len(coords)), h * w, channels), np.float32)  # reused per batch
-    factors = engine.factors_buffer(len(tokens_buffer), coords.shape[1])   # the same, when the kernels take them
+    capacity = min(params.batch_size, len(coords))
+    # the image tokens of a batch, in factored form when the kernels take them, else dense: one buffer for
+    # every batch
+    factors = engine.factors_buffer(capacity, coords.shape[1])
+    tokens_buffer = np.empty((capacity, h * w, channels), np.float32) if factors is None else None
     embedding = engine.prepare(emb.embedding)                      # the image-only work, once for every batch
     for batch in _prompt_batches(params, out_shape, covered):
         counts["run"] += len(batch)

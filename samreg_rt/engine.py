@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -189,6 +190,7 @@ class Engine:
         self.two_way = two_way
         self.threads = threads
         self.encoder_parts = encoder_parts or []
+        self._buffers = threading.local()     # each thread's last factors_buffer
 
     @classmethod
     def load(cls, model: str | os.PathLike, providers: str | Sequence[str] = "auto",
@@ -344,12 +346,19 @@ class Engine:
     def factors_buffer(self, capacity: int, points: int) -> ImageTokenFactors | None:
         """An ``ImageTokenFactors`` buffer for ``decode_tokens(factors=...)`` of up to ``capacity`` prompts
         of ``points`` points each, when both fused kernels run (the fused decoder returns the image tokens
-        factored and the fused upscaling takes them: ``upscaling.upscale_kept_factored``), else None."""
+        factored and the fused upscaling takes them: ``upscaling.upscale_kept_factored``), else None.
+
+        The calling thread gets the same buffer again for the same sizes (mask generation, image after
+        image, then reuses its 100 MB for SAM's 64-prompt batches instead of page-faulting fresh memory in
+        each time): what a ``decode_tokens`` call left in it holds until this thread's next call with it."""
         if self.two_way is None or self.mask_upscaling is None or int(self.two_way["depth"]) != 2 \
                 or points + 5 > MAX_TOKENS:
             return None
-        hw = len(self.two_way["image_pe"])
-        return ImageTokenFactors.empty(capacity, hw, self.two_way.num_heads * (5 + points))
+        hw, tokens = len(self.two_way["image_pe"]), self.two_way.num_heads * (5 + points)
+        last = getattr(self._buffers, "factors", None)
+        if last is None or len(last) != capacity or last.probs.shape[2:4] != (hw // 16, tokens):
+            last = self._buffers.factors = ImageTokenFactors.empty(capacity, hw, tokens)
+        return last
 
     def prepare(self, embedding: np.ndarray) -> np.ndarray | SharedImage:
         """An embedding (C, 64, 64) or (1, C, 64, 64) made ready for ``decode_tokens`` calls on many prompt

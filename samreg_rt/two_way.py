@@ -112,11 +112,12 @@ class ImageTokenFactors:
 
     @classmethod
     def empty(cls, capacity: int, hw: int, tokens: int) -> "ImageTokenFactors":
-        """Buffers for up to ``capacity`` prompts of ``tokens`` (J) image-to-token keys on hw pixels."""
+        """Buffers for up to ``capacity`` prompts of ``tokens`` (J) image-to-token keys on hw pixels (probs
+        64-byte aligned: ``_ext.two_way_factored`` then streams its writes past the caches)."""
         if hw % 16:
             raise InputError(f"ImageTokenFactors: {hw} pixels; expected a multiple of 16")
         return cls(keys=np.empty((hw, C), np.float32), values=np.empty((2, capacity, tokens, C), np.float32),
-                   probs=np.empty((2, capacity, hw // 16, tokens, 16), np.float32),
+                   probs=_aligned_empty((2, capacity, hw // 16, tokens, 16)),
                    rstd=np.empty((2, capacity, hw), np.float32), norms=())
 
     def __len__(self) -> int:
@@ -418,7 +419,7 @@ def decode_tokens(w: TwoWayWeights, embedding: np.ndarray | SharedImage, point_c
                          f"not these ({w.digest[:12]}): prepare it with this engine")
     b, hw = point_coords.shape[0], image.keys.shape[1]
     if out is None:
-        out = np.empty((b, hw, C), np.float32)
+        out = np.empty((b if factors is None else 0, hw, C), np.float32)   # (not written with factors)
     elif out.dtype != np.float32 or out.ndim != 3 or out.shape[0] < b or out.shape[1:] != (hw, C) \
             or not out.flags.c_contiguous:
         raise InputError(f"out: expected a C-contiguous float32 buffer of at least ({b}, {hw}, {C}), got "
@@ -460,7 +461,7 @@ def _decode_tokens(w: TwoWayWeights, image: SharedImage, point_coords: np.ndarra
     queries = _self_attention(w, 0, tokens, query_pe, threads=threads)
     # with factors each layer's image side runs on factors (_factored_pass), which returns the next
     # token-to-image attention's head values instead of its pooled image tokens
-    values = first_v_heads = None
+    values = first = None
     for i in range(depth):
         layer = f"transformer.layers.{i}"
         if i == 0:
@@ -489,9 +490,11 @@ def _decode_tokens(w: TwoWayWeights, image: SharedImage, point_coords: np.ndarra
         qk, q_heads = _token_to_image_rows(w, next_attention, queries + query_pe, threads=threads)
         if factors is not None:   # the attention weights and LayerNorm scales instead of image tokens
             factors.values[i, :b] = vwo
-            values = _factored_pass(w, image.features[i], factors, i, b, k_heads, v_heads, vwo, qk, q_heads,
-                                    next_attention, first_v_heads, kq, threads=threads)
-            first_v_heads = v_heads
+            means = vwo.mean(axis=-1, keepdims=True)
+            centred = vwo - means
+            values = _factored_pass(w, image.features[i], factors, i, b, k_heads, v_heads, centred, qk, q_heads,
+                                    next_attention, first, kq, threads=threads)
+            first = (v_heads, centred, means)
         else:                     # every layer writes its image tokens into image_tokens (the later ones in place)
             norm = (w[f"{layer}.norm4.weight"], w[f"{layer}.norm4.bias"], float(w[f"{layer}.norm4.eps"]))
             keys, pooled = _ext.two_way_pass(keys, pe, kq, koff, vwo, *norm, qk, heads, out=image_tokens,
@@ -513,44 +516,47 @@ def _decode_tokens(w: TwoWayWeights, image: SharedImage, point_coords: np.ndarra
 
 
 def _factored_pass(w: TwoWayWeights, features: np.ndarray, factors: ImageTokenFactors, i: int, b: int,
-                   k_heads: np.ndarray, v_heads: np.ndarray, vwo: np.ndarray, q_rows: np.ndarray, q_heads: np.ndarray,
-                   next_attention: str, first_v_heads: np.ndarray | None, kq: np.ndarray, *, threads: int
+                   k_heads: np.ndarray, v_heads: np.ndarray, centred: np.ndarray, q_rows: np.ndarray,
+                   q_heads: np.ndarray, next_attention: str,
+                   first: tuple[np.ndarray, np.ndarray, np.ndarray] | None, kq: np.ndarray, *, threads: int
                    ) -> np.ndarray:
     """Layer i's image side (image-to-token attention, residual, LayerNorm) and the next token-to-image
     attention's pooling for B prompts, the image tokens in factored form (``_ext.two_way_factored`` on
     ``features``, layer i's ``factored_image`` features); fills layer i's probs and rstd in ``factors``
     (and reads layer 0's when i = 1) -> the next attention's head values (B, heads, T, d).
 
-    k_heads, v_heads: the image-to-token keys / sqrt(d) and values per head (B, J, d) (vwo: its value rows
-    (B, J, C)); q_rows, q_heads: the next attention's logit rows (B, J2, C) and queries / sqrt(d) per head;
-    for i = 1, the first layer's v_heads and the second's dense logit rows kq (B, J, C).
+    k_heads, v_heads: the image-to-token keys / sqrt(d) and values per head (B, J, d) (centred: its value rows
+    (B, J, C) minus each row's mean); q_rows, q_heads: the next attention's logit rows (B, J2, C) and
+    queries / sqrt(d) per head; for i = 1, first: the first layer's (v_heads, centred, row means (B, J, 1)),
+    and kq: the second's dense logit rows (B, J, C).
 
     Layer 0: y1 = e + a1 V1 minus its mean is e - mean(e) + c R with c = a1 and the rows R = V1 - mean;
     layer 1: x1 = r1 (e + a1 V1 - mean) * g1 + b1, so y2 = x1 + a2 V2 minus its mean is r1 et + c R with
     c = [r1 a1, a2, 1] and R = [centred (V1 - mean) * g1; V2 - mean; b1 - mean] (K = 2J + 1 rows). The
     kernel takes the Gram matrix R R^T and the rows' products with the logit rows (after LayerNorm i's
-    weight); the pooled coefficients of R go through the next attention's value projection here."""
-    heads = w.num_heads
+    weight g); the pooled coefficients of R go through the next attention's value projection here."""
+    heads, tokens = w.num_heads, centred.shape[1]
     norm = f"transformer.layers.{i}.norm4"
-    vc = vwo - vwo.mean(axis=-1, keepdims=True)
+    g = w[f"{norm}.weight"]
     previous = dict(probs1=None, rstd1=None, vh1=None, n=None, m1=None)
-    rows = vc
+    rows = centred
     if i == 1:
         g1, b1 = w["transformer.layers.0.norm4.weight"], w["transformer.layers.0.norm4.bias"]
-        v1 = factors.values[0, :b]
-        m1 = v1.mean(axis=-1, keepdims=True)
-        w1 = (v1 - m1) * g1
-        rows = np.concatenate([w1 - w1.mean(axis=-1, keepdims=True), vc, np.broadcast_to(b1 - b1.mean(), (b, 1, C))],
-                              axis=1)
+        first_v_heads, first_centred, first_means = first
+        w1 = first_centred * g1
+        rows = np.empty((b, 2 * tokens + 1, C), np.float32)
+        np.subtract(w1, w1.mean(axis=-1, keepdims=True), out=rows[:, :tokens])
+        rows[:, tokens:2 * tokens] = centred
+        rows[:, 2 * tokens] = b1 - b1.mean()
         previous = dict(probs1=factors.probs[0, :b], rstd1=factors.rstd[0, :b], vh1=first_v_heads,
-                        n=w1 @ kq.transpose(0, 2, 1), m1=m1[..., 0])
-    rows_g = rows * w[f"{norm}.weight"]
+                        n=w1 @ kq.transpose(0, 2, 1), m1=first_means[..., 0])
     pooled = _ext.two_way_factored(features, k=k_heads, vh2=v_heads, qf=q_heads, gram=rows @ rows.transpose(0, 2, 1),
-                                   mf=rows_g @ q_rows.transpose(0, 2, 1), eps=float(w[f"{norm}.eps"]), heads=heads,
-                                   probs2=factors.probs[i, :b], rstd2=factors.rstd[i, :b], threads=threads, **previous)
+                                   mf=rows @ (q_rows * g).transpose(0, 2, 1), eps=float(w[f"{norm}.eps"]),
+                                   heads=heads, probs2=factors.probs[i, :b], rstd2=factors.rstd[i, :b],
+                                   threads=threads, **previous)
     d = q_heads.shape[-1]
     w_v, b_v = _head_weights(w, f"{next_attention}.v_proj")                                # (heads, d, C), (heads, d)
-    pooled_rows = (pooled[..., d:] @ rows_g + w[f"{norm}.bias"]).reshape(b, heads, -1, C)   # (B, heads, T, C)
+    pooled_rows = ((pooled[..., d:] @ rows) * g + w[f"{norm}.bias"]).reshape(b, heads, -1, C)   # (B, heads, T, C)
     # each token's own head of the value projection: one product per head
     own_head = pooled_rows.transpose(1, 0, 2, 3).reshape(heads, -1, C) @ w_v.transpose(0, 2, 1)  # (heads, B*T, d)
     own_head = own_head.reshape(heads, b, -1, d).transpose(1, 0, 2, 3) + b_v[:, None, :]

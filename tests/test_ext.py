@@ -672,6 +672,16 @@ def test_two_way_pass_shared_keys_equal_repeated_keys(rng):
 # ------------------------------------------------------------------------------------------------
 # Factored second pass (two_way_factored)
 
+def _at_offset(shape: tuple[int, ...], offset: int) -> np.ndarray:
+    """An uninitialised float32 array whose data starts `offset` bytes past a 64-byte boundary."""
+    size = int(np.prod(shape))
+    raw = np.empty(size + 32, np.float32)
+    start = (-raw.ctypes.data % 64 + offset) // 4
+    out = raw[start:start + size].reshape(shape)
+    assert out.ctypes.data % 64 == offset
+    return out
+
+
 @pytest.mark.parametrize("batch,pixels,tokens,tokens2,heads,head_dim", [
     (5, 4096, 56, 16, 8, 16),     # LiteMedSAM's box prompts, single-mask output
     (9, 112, 48, 32, 8, 16),      # point prompts, multimask outputs; a partial last block
@@ -680,9 +690,12 @@ def test_two_way_pass_shared_keys_equal_repeated_keys(rng):
 ])
 @pytest.mark.parametrize("first", [False, True], ids=["second layer", "first layer"])
 @pytest.mark.parametrize("isa", ["auto", "generic"])
-def test_two_way_factored_matches_twin(rng, batch, pixels, tokens, tokens2, heads, head_dim, first, isa):
+@pytest.mark.parametrize("offset", [0, 16], ids=["probs2 aligned", "probs2 unaligned"])
+def test_two_way_factored_matches_twin(rng, batch, pixels, tokens, tokens2, heads, head_dim, first, isa, offset):
+    # (probs2 64-byte aligned: the AVX-512 kernel writes it with non-temporal stores, else with plain ones)
     args = twins.two_way_factored_inputs(rng, batch, pixels, tokens, tokens2, heads, head_dim, first)
-    probs2 = np.full((batch, pixels // 16, tokens, 16), np.nan, np.float32)
+    probs2 = _at_offset((batch, pixels // 16, tokens, 16), offset)
+    probs2[...] = np.nan
     rstd2 = np.full((batch, pixels), np.nan, np.float32)
     pooled = _ext.two_way_factored(**args, probs2=probs2, rstd2=rstd2, isa=isa)
     want, want_probs, want_rstd = twins.two_way_factored(**args, pixels=pixels)
