@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _ext, amg_utils, masks as mask_ops
 from .engine import Engine, ImageEmbedding
+from .pages import small_pages
 from .preprocess import Frame
 from .spec import ModelSpec
 
@@ -194,8 +195,15 @@ def generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
     """Run the prompt grid through the decoder and filter the masks.
 
     emb: the image's embedding (from ``Engine.embed``); out_shape: (H, W) of the working grid
-    on which masks are returned (default: the image's own shape).
+    on which masks are returned (default: the image's own shape). numpy allocates without huge pages
+    meanwhile (``pages.small_pages``: each batch's fresh arrays page-fault in faster).
     """
+    with small_pages():
+        return _generate(engine, emb, params, out_shape)
+
+
+def _generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
+              out_shape: tuple[int, int] | None) -> MaskSet:
     frame = emb.frame
     out_shape = tuple(out_shape or frame.original_shape)
     coords, labels = build_prompts(params, frame)

@@ -3,12 +3,14 @@ weights in the padded model frame, and the generator on a scripted decoder."""
 from __future__ import annotations
 
 import numpy as np
+from numpy._core import multiarray
 import pytest
 import torch
 import torch.nn.functional as F
 
 from samreg_rt import amg
 from samreg_rt.engine import ImageEmbedding
+from samreg_rt.pages import small_pages
 from samreg_rt.pipeline import embedding_weights
 from samreg_rt.preprocess import Frame
 
@@ -138,3 +140,58 @@ def test_skip_covered_runs_coarse_first_and_skips_points_inside_kept_masks(kind)
     for point in set(range(64)) - ran:            # each one left out lies in the disk of one that ran
         assert np.min(np.hypot(*(grid[sorted(ran)] - grid[point]).T)) < 40
     assert set(fast.prompt_ids.tolist()) <= ran
+
+
+def _huge_pages() -> bool:
+    """numpy's current huge-page setting (read by setting it and setting it back)."""
+    previous = multiarray._set_madvise_hugepage(True)
+    multiarray._set_madvise_hugepage(previous)
+    return previous
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_small_pages_restores_the_setting(before, monkeypatch):
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    previous = multiarray._set_madvise_hugepage(before)
+    try:
+        with small_pages():
+            assert _huge_pages() is False
+        assert _huge_pages() is before
+        with pytest.raises(RuntimeError):
+            with small_pages():
+                raise RuntimeError("inside")
+        assert _huge_pages() is before
+    finally:
+        multiarray._set_madvise_hugepage(previous)
+
+
+def test_small_pages_leaves_the_users_choice(monkeypatch):
+    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")     # numpy's own switch, set by the user
+    previous = multiarray._set_madvise_hugepage(True)
+    try:
+        with small_pages():
+            assert _huge_pages() is True
+    finally:
+        multiarray._set_madvise_hugepage(previous)
+
+
+def test_generate_runs_without_huge_pages(monkeypatch):
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    frame = Frame((256, 256), (1024, 1024), 1024)
+    emb = ImageEmbedding(np.zeros((256, 64, 64), np.float32), frame)
+    params = amg.AmgParams(points_per_side=2, mask_output="single", pred_iou_thresh=0.5,
+                           stability_score_thresh=0.5, batch_size=3)
+    seen = []
+
+    class Recording(_ScriptedEngine):
+        def decode_kept_masks(self, image_tokens, hyper_in, keep):
+            seen.append(_huge_pages())
+            return super().decode_kept_masks(image_tokens, hyper_in, keep)
+
+    previous = multiarray._set_madvise_hugepage(True)
+    try:
+        amg.generate(Recording([0.9, 0.4, 0.95, 0.7]), emb, params)
+        assert seen and not any(seen)           # every batch's masks allocated without huge pages
+        assert _huge_pages() is True            # and the setting is back after
+    finally:
+        multiarray._set_madvise_hugepage(previous)
