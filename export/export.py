@@ -117,9 +117,11 @@ def export_model(
         written[precision] = dict(written["fp32"])
         for g in quantize.CONVERTED_GRAPHS[precision]:
             written[precision][g] = quantize.convert(precision, out / GRAPH_FILES["fp32"][g], out / GRAPH_FILES[precision][g])
-    # fp32 only: the encoder cut at its global attention (samreg_rt.split_encoder), for CPUs with AVX-512
+    # fp32 and int8: the encoder cut at its global attention (samreg_rt.split_encoder), for CPUs with AVX-512
     for i, path in enumerate(onnx_export.export_encoder_parts(sam, out, opset)):
         written["fp32"][f"encoder_part{i}"] = onnx_export.graph_files(path)
+        if "int8" in written:
+            written["int8"][f"encoder_part{i}"] = quantize.convert("int8", path, path.with_suffix(".int8.onnx"))
 
     image_label = str(parity_image) if parity_image else "synthetic phantom (samreg_export.parity.synthetic_image, seed 0)"
     raw = read_parity_image(parity_image) if parity_image else parity.synthetic_image()

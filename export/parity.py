@@ -251,7 +251,7 @@ BOUNDS: dict[str, dict[str, float]] = {
     "fp16": {"encoder_cosine": 0.9999, "decoder_mask_cosine": 0.9999, "decoder_mask_iou_mean": 0.95,
              "decoder_split_mask_cosine": 0.9999, "decoder_split_mask_iou_mean": 0.95,
              "end_to_end_mask_iou_mean": 0.95},
-    "int8": {"encoder_cosine": 0.99, "decoder_mask_cosine": 0.9999, "decoder_mask_iou_mean": 0.999,
+    "int8": {"encoder_cosine": 0.99, "encoder_parts_cosine": 0.99, "decoder_mask_cosine": 0.9999, "decoder_mask_iou_mean": 0.999,
              "decoder_split_mask_cosine": 0.9999, "decoder_split_mask_iou_mean": 0.999,
              "end_to_end_mask_iou_mean": 0.75},
 }

@@ -209,7 +209,7 @@ class Engine:
         ``decoder_tokens``).
         ``fused_encoder``: the same for a ViT encoder's global attention: the encoder runs as the graphs
         ``encoder_part<i>`` around ``_ext.shared_attention`` (``samreg_rt.split_encoder``) when the export
-        has them (fp32 ViT exports since they exist: re-export older ones).
+        has them for the precision (fp32 and int8 ViT exports since they exist: re-export older ones).
         ``shared_arena``: the sessions allocate from one CPU memory arena registered in ONNX Runtime's
         process-wide environment (and shared with the other engines of the process that use it) instead of
         one arena each (benchmarks/results/memory_arena.md).
@@ -280,7 +280,7 @@ class Engine:
                     upscaling = UpscalingWeights.from_bytes(*_read_weights(model_dir, manifest, "mask_upscaling"))
                 if fused_tokens:
                     two_way = TwoWayWeights.from_bytes(*_read_weights(model_dir, manifest, "two_way"))
-                roles = encoder_part_names(graphs[precision]) if fused_encoder and precision == "fp32" else []
+                roles = encoder_part_names(graphs[precision]) if fused_encoder else []
                 read(roles)
                 # the first part takes the image, the last ends with the embedding
                 encoder_parts = [load_graph(role, PART_INPUTS[min(i, 1)], PART_OUTPUTS[int(i == len(roles) - 1)])

@@ -555,6 +555,7 @@ def test_encoder_parts_give_the_encoder_graph_embedding(tiny_dir, tmp_path):
     Engine.load(copy, fused_encoder=False)        # the part is not read then
 
 
+
 @pytest.mark.skipif(_ext.mask_upscaling_isa() != "avx512", reason="the fused kernels run on AVX-512 CPUs")
 def test_image_side_on_factors_equals_the_dense_passes(litemedsam_dir, data_dir):
     """Real weights (LiteMedSAM, its box prompts): both layers' image sides computed from factors

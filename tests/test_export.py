@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
+from samreg_rt import _ext
+from samreg_rt.engine import Engine
 from samreg_rt.errors import ManifestError
 from samreg_rt.manifest import FORMAT_VERSION, read_manifest, verify_files
 from samreg_rt.spec import ModelSpec
@@ -59,7 +61,7 @@ def test_graphs_pass_checker_opset_and_allow_list(tiny_dir: Path, precision: str
     manifest = read_manifest(tiny_dir)
     assert manifest["opset"] >= 17
     allowed = onnx_export.PORTABLE_OPS | (onnx_export.INT8_CPU_OPS if precision == "int8" else set())
-    parts = {"encoder_part0", "encoder_part1"} if precision == "fp32" else set()   # ViT: fp32 only
+    parts = {"encoder_part0", "encoder_part1"} if precision != "fp16" else set()   # ViT: fp32 and int8
     assert set(manifest["graphs"][precision]) == {"encoder", "decoder", "decoder_tokens", "decoder_masks"} | parts
     for graph in manifest["graphs"][precision]:
         model = onnx.load(str(tiny_dir / manifest["graphs"][precision][graph]["file"]))
@@ -164,6 +166,7 @@ def test_fp32_parity_bounds_are_tight(tiny_dir: Path) -> None:
     fp32 = _figures(tiny_dir)["fp32"]
     assert fp32["encoder"]["max_abs"] <= 1e-3 and fp32["encoder"]["cosine"] >= 0.9999
     assert fp32["encoder_parts"]["max_abs"] <= 1e-3 and fp32["encoder_parts"]["cosine"] >= 0.9999
+    assert _figures(tiny_dir)["int8"]["encoder_parts"]["cosine"] >= 0.99
     for kind in ("points", "boxes"):
         for section in ("decoder", "decoder_split"):
             assert fp32[section][kind]["iou_max_abs"] <= 1e-3
@@ -186,11 +189,15 @@ def test_manifest_contents(tiny_dir: Path) -> None:
     assert {"torch", "onnx", "onnxslim", "onnxruntime", "samreg_rt"} <= set(manifest["exporter"])
     assert set(manifest["operators"]["fp32"]["encoder"]) <= onnx_export.PORTABLE_OPS
     assert "MatMulInteger" in manifest["operators"]["int8"]["encoder"]
-    # the ViT encoder cut at its one global-attention block: two parts, fp32 only, portable operators
-    assert [g for g in manifest["graphs"]["fp32"] if g.startswith("encoder_part")] == ["encoder_part0", "encoder_part1"]
-    assert not any(g.startswith("encoder_part") for p in ("fp16", "int8") for g in manifest["graphs"][p])
+    # the ViT encoder cut at its one global-attention block: two parts, fp32 and int8 (quantized as the encoder)
+    for precision in ("fp32", "int8"):
+        assert [g for g in manifest["graphs"][precision] if g.startswith("encoder_part")] == \
+            ["encoder_part0", "encoder_part1"]
+    assert not any(g.startswith("encoder_part") for g in manifest["graphs"]["fp16"])
     for part in ("encoder_part0", "encoder_part1"):
         assert set(manifest["operators"]["fp32"][part]) <= onnx_export.PORTABLE_OPS
+        assert "MatMulInteger" in manifest["operators"]["int8"][part]
+        assert manifest["graphs"]["int8"][part]["file"] == f"{part}.int8.onnx"
     for precision in PRECISIONS:
         verify_files(tiny_dir, manifest, precision)
 
@@ -318,3 +325,16 @@ def test_external_data_graph_is_listed_and_verified(tiny_dir: Path, tmp_path: Pa
     image = np.zeros((1, 3, 256, 256), np.float32)
     expected = parity.session(tiny_dir / "encoder.onnx").run(None, {"image": image})[0]
     assert np.array_equal(parity.session(tmp_path / "encoder.onnx").run(None, {"image": image})[0], expected)
+
+
+@pytest.mark.skipif(_ext.mask_upscaling_isa() != "avx512", reason="the native attention kernel runs on AVX-512 CPUs")
+def test_int8_encoder_parts_give_the_int8_graph_embedding(tiny_dir):
+    """The int8 export's encoder also runs as its (quantized) parts around the native global attention: the
+    same dynamically quantized products as the single int8 graph, so the same embedding up to the rounding of
+    the activations' quantization."""
+    parts = Engine.load(tiny_dir, threads=2, precision="int8")
+    graph = Engine.load(tiny_dir, threads=2, precision="int8", fused_encoder=False)
+    assert len(parts.encoder_parts) == 2 and "encoder" not in parts.sessions and not graph.encoder_parts
+    image = np.random.default_rng(9).integers(0, 255, (90, 130), np.uint8)
+    got, want = parts.embed(image).embedding.ravel(), graph.embed(image).embedding.ravel()
+    assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.999
