@@ -4,9 +4,10 @@ numpy asks Linux for transparent huge pages (``madvise(MADV_HUGEPAGE)``) for the
 4 MB or more. Mask generation allocates tens of MB of fresh arrays per prompt batch (the kept masks'
 logits at 256x256, their copies upscaled to the working grid, the binary masks), and where the kernel
 defragments on such faults (``/sys/kernel/mm/transparent_hugepage/defrag`` = ``madvise``, a common
-default) a fault can wait for memory to be compacted and a 2 MB page to be zeroed. Measured on the ViT-B
-reference preset, in the process's first image and in each later one: benchmarks/results/pipeline.md
-("numpy huge pages" row). ``small_pages`` turns numpy's request off for a block and restores it after,
+default) a fault can wait for memory to be compacted and a 2 MB page to be zeroed. In scratch runs of the
+ViT-B reference preset on a 2-core Xeon this cost up to about 1 s of a process's first image's mask
+generation (5.6 against 4.6 s) and 0.1-0.3 s of later ones; it varies with the memory's state, and
+benchmarks/results/pipeline.md has a run with the huge pages on ("numpy huge pages" column). ``small_pages`` turns numpy's request off for a block and restores it after,
 unless the environment sets ``NUMPY_MADVISE_HUGEPAGE`` (numpy's own switch: the user's choice then holds).
 """
 from __future__ import annotations
@@ -22,13 +23,15 @@ from numpy._core import multiarray
 def small_pages() -> Iterator[None]:
     """Within the block numpy allocates without asking for huge pages (a process-wide setting); the
     previous setting is restored on exit. Does nothing where the environment sets
-    ``NUMPY_MADVISE_HUGEPAGE``. Blocks running at once in several threads share the setting: the first
-    to exit restores it for all, which changes speed only, never results."""
-    if "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+    ``NUMPY_MADVISE_HUGEPAGE`` or where numpy lacks the setting. Blocks running at once in several
+    threads share the setting: the first to exit restores it for all, which changes speed only, never
+    results."""
+    setting = getattr(multiarray, "_set_madvise_hugepage", None)     # (numpy 1.20 to 2.4 at least)
+    if setting is None or "NUMPY_MADVISE_HUGEPAGE" in os.environ:
         yield
         return
-    previous = multiarray._set_madvise_hugepage(False)
+    previous = setting(False)
     try:
         yield
     finally:
-        multiarray._set_madvise_hugepage(previous)
+        setting(previous)
