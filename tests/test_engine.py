@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -505,6 +506,24 @@ def test_factored_image_tokens_give_the_same_masks(litemedsam_dir, data_dir):
     assert len(dense) == len(coords) * 3 // 2
     np.testing.assert_allclose(factored, dense, rtol=0, atol=1e-5 * float(np.abs(dense).max()))
     assert ((factored > 0) != (dense > 0)).mean() < 1e-5
+
+
+@pytest.mark.skipif(_ext.mask_upscaling_isa() != "avx512", reason="the fused kernels run on AVX-512 CPUs")
+def test_factors_buffer_is_kept_per_thread(tiny_dir):
+    """The calling thread gets its last buffer back for the same sizes (no fresh memory per image), a new one
+    for other sizes; another thread gets its own; probs is 64-byte aligned (the kernel streams into it)."""
+    engine = Engine.load(tiny_dir, threads=2)
+    first = engine.factors_buffer(4, 2)
+    assert engine.factors_buffer(4, 2) is first
+    assert first.probs.ctypes.data % 64 == 0 and len(first) == 4
+    other = engine.factors_buffer(6, 2)
+    assert other is not first and len(other) == 6 and engine.factors_buffer(6, 2) is other
+    assert engine.factors_buffer(6, 1).probs.shape[3] == engine.two_way.num_heads * 6     # other points: new
+    elsewhere = []
+    thread = threading.Thread(target=lambda: elsewhere.append(engine.factors_buffer(4, 2)))
+    thread.start()
+    thread.join()
+    assert elsewhere[0] is not first and len(elsewhere[0]) == 4
 
 
 @pytest.mark.skipif(_ext.mask_upscaling_isa() != "avx512", reason="the fused kernels run on AVX-512 CPUs")
