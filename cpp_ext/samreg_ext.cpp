@@ -2529,7 +2529,8 @@ PYBIND11_MODULE(_ext, m) {
           "+ r1 s1 + s0; r2 = 1 / sqrt((r1^2 E2 + 2 r1 cx + c gram[b] c) / 256 + eps) -> rstd2;\n"
           "s_j = r1 r2 hd(Kf, qf)_j + hd(KPf, qf)_j + r2 (c @ mf[b])_j; w = softmax over the pixels of s_j;\n"
           "pooled[b, j] = [sum_p w r1 r2 V[h(j) d:(h(j) + 1) d], sum_p w r2 c] (heads of J2 by J2 / heads).\n"
-          "image must be 64-byte aligned. isa as two_way_pass.");
+          "image must be 64-byte aligned; probs2, where 64-byte aligned, is written with non-temporal stores\n"
+          "(past the caches) by the AVX-512 kernel. isa as two_way_pass.");
     m.def("two_way_pass", &two_way_pass, py::arg("keys"), py::arg("pe"), py::arg("kq"), py::arg("koff"),
           py::arg("vwo"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("qk"), py::arg("heads"),
           py::arg("out") = py::none(), py::arg("isa") = "auto", py::arg("qproj") = py::none(),
