@@ -180,16 +180,19 @@ def run_samreg(model_dir: Path, precision: str, fixed: Path, moving: Path, out: 
             "load_average_before_after": [load, os.getloadavg()[0]]}
 
 
-def run_samreg_huge_pages(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """``run_samreg`` of the ViT-B fp32 export in a fresh process (this script with ``--huge-pages-run``) with
-    ``NUMPY_MADVISE_HUGEPAGE=1``: numpy then asks for transparent huge pages during mask generation too
-    (``samreg_rt.pages.small_pages`` leaves the user's setting alone)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--huge-pages-run", str(work), "--pair", args.pair,
+def run_samreg_fresh(work: Path, args: argparse.Namespace, huge_pages: bool) -> dict[str, Any]:
+    """``run_samreg`` of the ViT-B fp32 export in ``work`` (``build_models``) in a fresh process (this script
+    with ``--child-run``), after the same LiteMedSAM embeddings as in the parent. ``huge_pages``: with
+    ``NUMPY_MADVISE_HUGEPAGE=1``, so that numpy asks for transparent huge pages during mask generation too
+    (``samreg_rt.pages.small_pages`` leaves the user's setting alone); else without the variable."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if huge_pages:
+        env["NUMPY_MADVISE_HUGEPAGE"] = "1"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-run", str(work), "--pair", args.pair,
            "--points-per-side", str(args.points_per_side), "--pred-iou-thresh", str(args.pred_iou_thresh),
            "--stability-thresh", str(args.stability_thresh), "--mask-threshold", str(args.mask_threshold),
            "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                          env={**os.environ, "NUMPY_MADVISE_HUGEPAGE": "1"})
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mask-threshold", type=float, default=-6.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    ap.add_argument("--huge-pages-run", type=Path, help=argparse.SUPPRESS)  # internal: run_samreg_huge_pages's child
+    ap.add_argument("--child-run", type=Path, help=argparse.SUPPRESS)  # internal: run_samreg_fresh's child
     args = ap.parse_args(argv)
     if not REF_PYTHON.is_file():
         raise SystemExit(f"reference venv missing at {REF_PYTHON}: run `bash scripts/install.sh --with-reference`")
@@ -352,10 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     fixed, moving = DATA / entry["fixed"], DATA / entry["moving"]
     vit_b_amg = {"points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
                  "stability_score_thresh": args.stability_thresh, "mask_threshold": args.mask_threshold}
-    if args.huge_pages_run:      # the child: the same steps as the parent's fp32 run, in a fresh process
-        work = args.huge_pages_run
+    if args.child_run:      # the child: the same steps as the parent's fp32 run, in a fresh process
+        work = args.child_run
         embeddings = litemedsam_embeddings(work / "litemedsam", (fixed, moving), args.threads)
-        print(json.dumps(run_samreg(work / "vit_b", "fp32", fixed, moving, work / HUGE_PAGES, args.threads,
+        print(json.dumps(run_samreg(work / "vit_b", "fp32", fixed, moving, work / "child run", args.threads,
                                     embeddings, **vit_b_amg)))
         return 0
 
@@ -372,9 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                                     embeddings, **vit_b_amg)
             comparison[name] = compare(ref, runs[name], Correspondence.load(work / name / "correspondence.npz"))
             if precision == "fp32":
-                runs[HUGE_PAGES] = run_samreg_huge_pages(work, args)
+                runs[HUGE_PAGES] = run_samreg_fresh(work, args, huge_pages=True)
                 comparison[HUGE_PAGES] = compare(ref, runs[HUGE_PAGES],
-                                                 Correspondence.load(work / HUGE_PAGES / "correspondence.npz"))
+                                                 Correspondence.load(work / "child run" / "correspondence.npz"))
         for precision in ("fp32", "int8"):
             name = f"samreg-rt LiteMedSAM {precision}"
             runs[name] = run_samreg(models["litemedsam"], precision, fixed, moving, work / name, args.threads)

@@ -4,10 +4,10 @@ numpy asks Linux for transparent huge pages (``madvise(MADV_HUGEPAGE)``) for the
 4 MB or more. Mask generation allocates tens of MB of fresh arrays per prompt batch (the kept masks'
 logits at 256x256, their copies upscaled to the working grid, the binary masks), and where the kernel
 defragments on such faults (``/sys/kernel/mm/transparent_hugepage/defrag`` = ``madvise``, a common
-default) a fault can wait for memory to be compacted and a 2 MB page to be zeroed. In scratch runs of the
-ViT-B reference preset on a 2-core Xeon this cost up to about 1 s of a process's first image's mask
-generation (5.6 against 4.6 s) and 0.1-0.3 s of later ones; it varies with the memory's state, and
-benchmarks/results/pipeline.md has a run with the huge pages on ("numpy huge pages" column). ``small_pages`` turns numpy's request off for a block and restores it after,
+default) a fault can wait for memory to be compacted and a 2 MB page to be zeroed. Measured on the ViT-B
+reference preset in fresh processes (benchmarks/huge_pages.py, medians of 3 on a 2-core Xeon): the first
+image's mask generation 4.75 s with small pages against 5.42 s with huge ones, the second image's 4.41
+against 4.29 s, the pair 17.93 against 18.30 s. ``small_pages`` turns numpy's request off for a block and restores it after,
 unless the environment sets ``NUMPY_MADVISE_HUGEPAGE`` (numpy's own switch: the user's choice then holds).
 """
 from __future__ import annotations
