@@ -10,7 +10,11 @@
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <cpuid.h>
+#include <immintrin.h>
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -2374,34 +2378,49 @@ void shared_layout_generic(const SharedAttentionArgs &a, const float *k, const f
     shared_attention_layout(a, k, v, j0, j1);
 }
 
+// The validated arguments of shared_attention and shared_attention_bf16.
+struct AttentionInputs {
+    py::array q, k, v, rel_h, rel_w;  // rel_h, rel_w: empty without relative position terms
+    std::int64_t rows, heads, dim, pixels, kw;  // R, H, d, P, key grid width (0: no terms)
+};
+
+AttentionInputs attention_inputs(const char *kernel, py::handle q_obj, py::handle k_obj, py::handle v_obj,
+                                 py::handle rel_h_obj, py::handle rel_w_obj) {
+    AttentionInputs in;
+    in.q = require<float>(q_obj, "q", "float32", 3);
+    in.k = require<float>(k_obj, "k", "float32", 3);
+    in.v = require<float>(v_obj, "v", "float32", 3);
+    in.rows = in.q.shape(0), in.heads = in.q.shape(1), in.dim = in.q.shape(2), in.pixels = in.k.shape(0);
+    if (in.heads < 1 || in.dim < 1 || in.dim > kSaMaxVecs * kLanes)
+        throw py::value_error("q: expected [R, heads >= 1, d] with 1 <= d <= " + std::to_string(kSaMaxVecs * kLanes) +
+                              ", got " + shape_str(in.q));
+    if (in.pixels < 1) throw py::value_error("k: expected at least one key, got shape " + shape_str(in.k));
+    require_shape(in.k, "k", {in.pixels, in.heads, in.dim});
+    require_shape(in.v, "v", {in.pixels, in.heads, in.dim});
+    if (rel_h_obj.is_none() != rel_w_obj.is_none())
+        throw py::value_error(std::string(kernel) + ": rel_h and rel_w go together (both or neither)");
+    in.kw = 0;
+    if (!rel_h_obj.is_none()) {
+        in.rel_h = require<float>(rel_h_obj, "rel_h", "float32", 3);
+        in.rel_w = require<float>(rel_w_obj, "rel_w", "float32", 3);
+        const std::int64_t kh = in.rel_h.shape(2);
+        in.kw = in.rel_w.shape(2);
+        require_shape(in.rel_h, "rel_h", {in.rows, in.heads, kh});
+        require_shape(in.rel_w, "rel_w", {in.rows, in.heads, in.kw});
+        if (kh * in.kw != in.pixels || in.kw % kLanes != 0)
+            throw py::value_error("rel_h, rel_w: a key grid of " + std::to_string(kh) + " x " + std::to_string(in.kw) +
+                                  "; expected kh * kw = " + std::to_string(in.pixels) +
+                                  " keys and kw a multiple of 16");
+    }
+    return in;
+}
+
 py::array_t<float> shared_attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle rel_h_obj,
                                     py::handle rel_w_obj, const std::string &isa, std::int64_t threads) {
     check_threads("shared_attention", threads);
-    const py::array q = require<float>(q_obj, "q", "float32", 3);
-    const py::array k = require<float>(k_obj, "k", "float32", 3);
-    const py::array v = require<float>(v_obj, "v", "float32", 3);
-    const std::int64_t rows = q.shape(0), heads = q.shape(1), dim = q.shape(2), pixels = k.shape(0);
-    if (heads < 1 || dim < 1 || dim > kSaMaxVecs * kLanes)
-        throw py::value_error("q: expected [R, heads >= 1, d] with 1 <= d <= " + std::to_string(kSaMaxVecs * kLanes) +
-                              ", got " + shape_str(q));
-    if (pixels < 1) throw py::value_error("k: expected at least one key, got shape " + shape_str(k));
-    require_shape(k, "k", {pixels, heads, dim});
-    require_shape(v, "v", {pixels, heads, dim});
-    if (rel_h_obj.is_none() != rel_w_obj.is_none())
-        throw py::value_error("shared_attention: rel_h and rel_w go together (both or neither)");
-    py::array rel_h, rel_w;
-    std::int64_t kw = 0;
-    if (!rel_h_obj.is_none()) {
-        rel_h = require<float>(rel_h_obj, "rel_h", "float32", 3);
-        rel_w = require<float>(rel_w_obj, "rel_w", "float32", 3);
-        const std::int64_t kh = rel_h.shape(2);
-        kw = rel_w.shape(2);
-        require_shape(rel_h, "rel_h", {rows, heads, kh});
-        require_shape(rel_w, "rel_w", {rows, heads, kw});
-        if (kh * kw != pixels || kw % kLanes != 0)
-            throw py::value_error("rel_h, rel_w: a key grid of " + std::to_string(kh) + " x " + std::to_string(kw) +
-                                  "; expected kh * kw = " + std::to_string(pixels) + " keys and kw a multiple of 16");
-    }
+    const AttentionInputs in = attention_inputs("shared_attention", q_obj, k_obj, v_obj, rel_h_obj, rel_w_obj);
+    const py::array &q = in.q, &k = in.k, &v = in.v, &rel_h = in.rel_h, &rel_w = in.rel_w;
+    const std::int64_t rows = in.rows, heads = in.heads, dim = in.dim, pixels = in.pixels, kw = in.kw;
     const bool avx512 = use_avx512(isa, "shared_attention");
     py::array_t<float> out({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(heads),
                             static_cast<py::ssize_t>(dim)});
@@ -2429,6 +2448,284 @@ py::array_t<float> shared_attention(py::handle q_obj, py::handle k_obj, py::hand
             v16f *logits = aligned_vecs(storage, item_rows * vecs);
             fn(args, i0, i1, logits);
         });
+    }
+    return out;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The same attention core in bfloat16 on AMX tiles (the global attention of int8 encoders): q, k and v rounded
+// to bfloat16 (nearest even), both products accumulated in float32 by the tile unit (TDPBF16PS), the softmax in
+// float32 with its weights rounded to bfloat16 for the second product and their sum kept in float32. A work item
+// is 16 query rows of one head: their logits against every key (16 x P32 floats, P32 = P rounded up to 32),
+// the relative position terms, maxima, exp and sums in place with AVX-512, the weights as bfloat16 rows that
+// the value product loads as A tiles. Keys and values are laid out once per call as B tiles (channel or key
+// pairs interleaved, as TDPBF16PS reads them). Linux lets a process use the tiles after asking for them
+// (arch_prctl ARCH_REQ_XCOMP_PERM); has_amx_bf16 asks once.
+
+constexpr int kAmxRows = 16;          // rows of a tile: query rows per work item
+constexpr int kAmxDepth = 32;         // bfloat16 values in a tile row (64 bytes): one TDPBF16PS's reduction
+constexpr int kAmxTile = 16 * 32;     // bfloat16 values in a tile
+constexpr int kAmxLag = 4;            // key blocks between a logit tile's store and the vector loads of it
+
+bool has_amx_bf16() {
+    static const bool has = [] {
+        unsigned a, b, c, d;
+        if (!have_avx512() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+        const bool tiles = (d >> 24 & 1) && (d >> 22 & 1);  // AMX-TILE, AMX-BF16
+        if (!tiles || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1)) return false;  // AVX512-BF16
+#ifdef SYS_arch_prctl
+        constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+        return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+        return false;
+#endif
+    }();
+    return has;
+}
+
+// float32 -> bfloat16 bits, rounding to nearest even (as VCVTNEPS2BF16 for finite values).
+inline std::uint16_t to_bf16(float x) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    return static_cast<std::uint16_t>((bits + 0x7fffu + (bits >> 16 & 1u)) >> 16);
+}
+
+struct AmxAttentionArgs {
+    const float *q;          // [R, H, d]
+    const std::uint16_t *kb;  // keys as B tiles: [H][P32 / 16][kc][16 channel pairs][16 keys][2]
+    const std::uint16_t *vb;  // values as B tiles: [H][P32 / 32][vc][16 key pairs][16 channels][2]
+    float *out;              // [R, H, d]
+    std::int64_t rows, pixels, padded;  // R, P, P32
+    int heads, dim, kc, vc;  // H, d, ceil(d / 32) channel chunks of the logits, ceil(d / 16) value tiles
+    const float *rel_h;      // [R, H, kh] or null
+    const float *rel_w;      // [R, H, kw]
+    int kw;
+};
+
+// Keys and values of pixel chunks [t0, t1) (32 pixels each) into the tile layouts of AmxAttentionArgs (zero past
+// P and past d).
+void amx_layout(const AmxAttentionArgs &a, const float *k, const float *v, std::int64_t t0, std::int64_t t1) {
+    auto *kb = const_cast<std::uint16_t *>(a.kb), *vb = const_cast<std::uint16_t *>(a.vb);
+    const std::int64_t blocks = a.padded / 16, chunks = a.padded / kAmxDepth;
+    auto value = [&](const float *x, std::int64_t p, std::int64_t h, int c) {
+        return p < a.pixels && c < a.dim ? to_bf16(x[(p * a.heads + h) * a.dim + c]) : std::uint16_t{0};
+    };
+    for (std::int64_t t = t0; t < t1; ++t)
+        for (std::int64_t h = 0; h < a.heads; ++h) {
+            for (std::int64_t j = 2 * t; j < 2 * t + 2; ++j)
+                for (int c = 0; c < a.kc; ++c) {
+                    std::uint16_t *tile = kb + ((h * blocks + j) * a.kc + c) * kAmxTile;
+                    for (int i = 0; i < 16; ++i)
+                        for (int n = 0; n < 16; ++n)
+                            for (int e = 0; e < 2; ++e)
+                                tile[(i * 16 + n) * 2 + e] = value(k, j * 16 + n, h, c * kAmxDepth + 2 * i + e);
+                }
+            for (int c = 0; c < a.vc; ++c) {
+                std::uint16_t *tile = vb + ((h * chunks + t) * a.vc + c) * kAmxTile;
+                for (int i = 0; i < 16; ++i)
+                    for (int n = 0; n < 16; ++n)
+                        for (int e = 0; e < 2; ++e)
+                            tile[(i * 16 + n) * 2 + e] = value(v, t * kAmxDepth + 2 * i + e, h, c * 16 + n);
+            }
+        }
+}
+
+struct alignas(64) AmxTileConfig {
+    std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    std::uint16_t bytes_per_row[16] = {};
+    std::uint8_t rows[16] = {};
+};
+
+#define AMX_TARGET "amx-tile,amx-bf16,avx512bf16,avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
+
+// exp(x - m) for the weights: 2^t with t = x log2(e) + shift (shift = -m log2(e)), as 2^round(t) p(t - round(t)),
+// p the degree-4 minimax polynomial of 2^f on [-0.5, 0.5] (relative error 2.7e-6: the weights are rounded to
+// bfloat16, 2^-9, after it). kAmxMasked gives 0 (where -inf would give NaN).
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kAmxMasked = -1e30f;
+
+__attribute__((always_inline, target(AMX_TARGET))) inline v16f amx_exp(v16f x, __m512 shift) {
+    const __m512 t = _mm512_fmadd_ps(reinterpret_cast<__m512>(x), _mm512_set1_ps(kLog2e), shift);
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.00957007f), f, _mm512_set1_ps(0.05591777f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24024744f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69312185f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999993f));
+    return reinterpret_cast<v16f>(_mm512_scalef_ps(p, n));
+}
+
+// Query rows r0..r0 + 15 (those below R) of head h. logits: 16 rows of P32 + 16 floats; probs: 16 rows of P32 + 32
+// bfloat16 (rows 64 bytes past a multiple of 4 KiB, so that a tile's 16 rows do not share one set of the L1
+// cache), both 64-byte aligned. Tiles 0-1: q; 2-3: logits; 4-7: keys. Then 0-3: the value sums; 4: weights; 5-7: values.
+template <int KC, int VC>
+__attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int h, std::int64_t r0, float *logits,
+                                                  std::uint16_t *probs) {
+    const int d = a.dim, n = static_cast<int>(std::min<std::int64_t>(kAmxRows, a.rows - r0));
+    const std::int64_t ld = a.padded + kLanes, lp = a.padded + kAmxDepth;  // row strides off 4 KiB multiples
+    const std::int64_t blocks = a.padded / kLanes, chunks = a.padded / kAmxDepth;
+    alignas(64) std::uint16_t q[kAmxRows][KC * kAmxDepth] = {};
+    for (int r = 0; r < n; ++r)
+        for (int c = 0; c < d; ++c) q[r][c] = to_bf16(a.q[((r0 + r) * a.heads + h) * d + c]);
+    _tile_loadd(0, &q[0][0], sizeof q[0]);
+    if constexpr (KC == 2) _tile_loadd(1, &q[0][kAmxDepth], sizeof q[0]);
+    // the logits of each pair of key blocks, with the terms added and the row maxima taken while they are in L1
+    const std::int64_t full = a.pixels / kLanes;  // key blocks with all 16 keys below P
+    const float *rel_h[kAmxRows] = {}, *rel_w[kAmxRows] = {};  // rows past R: the last row's
+    if (a.rel_h)
+        for (int r = 0; r < kAmxRows; ++r) {
+            const std::int64_t item = (r0 + std::min(r, n - 1)) * a.heads + h;
+            rel_h[r] = a.rel_h + item * (a.pixels / a.kw);
+            rel_w[r] = a.rel_w + item * a.kw;
+        }
+    v16f mx[kAmxRows];
+    for (int r = 0; r < kAmxRows; ++r) mx[r] = v16f{} + kAmxMasked;
+    std::int64_t grid_row = 0, grid_col = 0;  // of key block j's first key on the kh x kw grid
+    auto finish = [&](std::int64_t j) {
+        auto *block = reinterpret_cast<v16f *>(logits + j * kLanes);
+        const std::int64_t step = ld / kLanes;
+        if (j < full) {
+            for (int r = 0; r < kAmxRows; ++r) {
+                v16f x = block[r * step];
+                if (a.rel_h) x += rel_h[r][grid_row] + load16(rel_w[r] + grid_col);
+                block[r * step] = x;
+                mx[r] = x > mx[r] ? x : mx[r];
+            }
+        } else {  // keys past P get weight 0 (with the terms, P = kh kw is a multiple of 16: no terms here)
+            for (int r = 0; r < kAmxRows; ++r) {
+                v16f x = block[r * step];
+                for (std::int64_t l = 0; l < kLanes; ++l)
+                    if (j * kLanes + l >= a.pixels) x[l] = kAmxMasked;
+                block[r * step] = x;
+                mx[r] = x > mx[r] ? x : mx[r];
+            }
+        }
+        if (a.rel_h && (grid_col += kLanes) == a.kw) grid_col = 0, ++grid_row;
+    };
+    const std::uint16_t *kb = a.kb + static_cast<std::int64_t>(h) * blocks * KC * kAmxTile;
+    for (std::int64_t j = 0; j < blocks; j += 2, kb += 2 * KC * kAmxTile) {
+        _tile_zero(2);
+        _tile_zero(3);
+        _tile_loadd(4, kb, 64);
+        _tile_loadd(5, kb + KC * kAmxTile, 64);
+        _tile_dpbf16ps(2, 0, 4);
+        _tile_dpbf16ps(3, 0, 5);
+        if constexpr (KC == 2) {
+            _tile_loadd(6, kb + kAmxTile, 64);
+            _tile_loadd(7, kb + 3 * kAmxTile, 64);
+            _tile_dpbf16ps(2, 1, 6);
+            _tile_dpbf16ps(3, 1, 7);
+        }
+        _tile_stored(2, logits + j * 16, ld * sizeof(float));
+        _tile_stored(3, logits + (j + 1) * 16, ld * sizeof(float));
+        if (j >= kAmxLag) finish(j - kAmxLag), finish(j - kAmxLag + 1);
+    }
+    for (std::int64_t j = std::max<std::int64_t>(0, blocks - kAmxLag); j < blocks; ++j) finish(j);
+    // exp, the sums, the weights in bfloat16
+    float sum[kAmxRows] = {};
+    for (int r = 0; r < n; ++r) {
+        const auto *row = reinterpret_cast<const v16f *>(logits + r * ld);
+        float top = mx[r][0];
+        for (int l = 1; l < kLanes; ++l) top = std::max(top, mx[r][l]);
+        const __m512 shift = _mm512_set1_ps(-top * kLog2e);
+        v16f s = v16f{};
+        auto *weights = reinterpret_cast<__m512i *>(probs + r * lp);
+        for (std::int64_t j = 0; j < blocks; j += 2) {  // two vectors into one of 32 bfloat16
+            const v16f e0 = amx_exp(row[j], shift), e1 = amx_exp(row[j + 1], shift);
+            s += e0 + e1;
+            _mm512_store_si512(weights + j / 2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(
+                                                    reinterpret_cast<__m512>(e1), reinterpret_cast<__m512>(e0))));
+        }
+        for (int l = 0; l < kLanes; ++l) sum[r] += s[l];
+    }
+    const std::uint16_t *vb = a.vb + static_cast<std::int64_t>(h) * chunks * VC * kAmxTile;
+    _tile_zero(0);
+    if constexpr (VC > 1) _tile_zero(1);
+    if constexpr (VC > 2) _tile_zero(2);
+    if constexpr (VC > 3) _tile_zero(3);
+    for (std::int64_t t = 0; t < chunks; ++t, vb += VC * kAmxTile) {
+        _tile_loadd(4, probs + t * kAmxDepth, lp * sizeof(std::uint16_t));
+        _tile_loadd(5, vb, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if constexpr (VC > 1) {
+            _tile_loadd(6, vb + kAmxTile, 64);
+            _tile_dpbf16ps(1, 4, 6);
+        }
+        if constexpr (VC > 2) {
+            _tile_loadd(7, vb + 2 * kAmxTile, 64);
+            _tile_dpbf16ps(2, 4, 7);
+        }
+        if constexpr (VC > 3) {
+            _tile_loadd(5, vb + 3 * kAmxTile, 64);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+    }
+    alignas(64) float o[kAmxRows][VC * 16];
+    _tile_stored(0, &o[0][0], sizeof o[0]);
+    if constexpr (VC > 1) _tile_stored(1, &o[0][16], sizeof o[0]);
+    if constexpr (VC > 2) _tile_stored(2, &o[0][32], sizeof o[0]);
+    if constexpr (VC > 3) _tile_stored(3, &o[0][48], sizeof o[0]);
+    for (int r = 0; r < n; ++r) {
+        float *dst = a.out + ((r0 + r) * a.heads + h) * d;
+        for (int c = 0; c < d; ++c) dst[c] = o[r][c] / sum[r];
+    }
+}
+
+// Work items [i0, i1) (head-major, 16 rows each) with the tiles configured for this thread.
+__attribute__((target(AMX_TARGET))) void amx_attention_items(const AmxAttentionArgs &a, std::int64_t i0,
+                                                             std::int64_t i1) {
+    const std::int64_t blocks = (a.rows + kAmxRows - 1) / kAmxRows;
+    std::vector<float> logit_buf, prob_buf;
+    float *logits = reinterpret_cast<float *>(aligned_vecs(logit_buf, kAmxRows * (a.padded + kLanes) / kLanes));
+    auto *probs = reinterpret_cast<std::uint16_t *>(
+        aligned_vecs(prob_buf, kAmxRows * (a.padded + kAmxDepth) / kLanes / 2));
+    AmxTileConfig config;
+    for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+    _tile_loadconfig(&config);
+    for (std::int64_t i = i0; i < i1; ++i) {
+        const int h = static_cast<int>(i / blocks);
+        const std::int64_t r0 = i % blocks * kAmxRows;
+        switch (a.kc * 4 + a.vc) {
+            case 1 * 4 + 1: amx_rows<1, 1>(a, h, r0, logits, probs); break;
+            case 1 * 4 + 2: amx_rows<1, 2>(a, h, r0, logits, probs); break;
+            case 2 * 4 + 3: amx_rows<2, 3>(a, h, r0, logits, probs); break;
+            default: amx_rows<2, 4>(a, h, r0, logits, probs); break;
+        }
+    }
+    _tile_release();
+}
+
+py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py::handle v_obj,
+                                         py::handle rel_h_obj, py::handle rel_w_obj, std::int64_t threads) {
+    check_threads("shared_attention_bf16", threads);
+    const AttentionInputs in = attention_inputs("shared_attention_bf16", q_obj, k_obj, v_obj, rel_h_obj, rel_w_obj);
+    if (!has_amx_bf16())
+        throw std::runtime_error("shared_attention_bf16: this CPU or operating system gives no AMX-BF16 tiles "
+                                 "(has_amx_bf16() is False); use shared_attention");
+    py::array_t<float> out({static_cast<py::ssize_t>(in.rows), static_cast<py::ssize_t>(in.heads),
+                            static_cast<py::ssize_t>(in.dim)});
+    if (in.rows == 0) return out;
+    const std::int64_t padded = (in.pixels + kAmxDepth - 1) / kAmxDepth * kAmxDepth;
+    const int kc = static_cast<int>((in.dim + kAmxDepth - 1) / kAmxDepth), vc = static_cast<int>((in.dim + 15) / 16);
+    std::vector<float> kb_buf, vb_buf;  // bfloat16 pairs in float-sized slots
+    const auto *kb = reinterpret_cast<const std::uint16_t *>(
+        aligned_vecs(kb_buf, in.heads * padded / 16 * kc * kAmxTile / 2 / kLanes));
+    const auto *vb = reinterpret_cast<const std::uint16_t *>(
+        aligned_vecs(vb_buf, in.heads * padded / kAmxDepth * vc * kAmxTile / 2 / kLanes));
+    const AmxAttentionArgs args{static_cast<const float *>(in.q.data()), kb, vb, out.mutable_data(), in.rows,
+                                in.pixels, padded, static_cast<int>(in.heads), static_cast<int>(in.dim), kc, vc,
+                                in.kw ? static_cast<const float *>(in.rel_h.data()) : nullptr,
+                                in.kw ? static_cast<const float *>(in.rel_w.data()) : nullptr,
+                                static_cast<int>(in.kw)};
+    const std::int64_t items = in.heads * ((in.rows + kAmxRows - 1) / kAmxRows);
+    const auto *ks = static_cast<const float *>(in.k.data()), *vs = static_cast<const float *>(in.v.data());
+    {
+        py::gil_scoped_release release;
+        parallel_for(padded / kAmxDepth, kAmxDepth * in.heads * 2.0 * in.dim, threads,
+                     [&](std::int64_t t0, std::int64_t t1) { amx_layout(args, ks, vs, t0, t1); });
+        // cost: the exps (16 each) and the products (1/16 of their multiply-adds, as the tiles run them)
+        parallel_for(items, kAmxRows * padded * (16.0 + 2.0 * in.dim / 16), threads,
+                     [&](std::int64_t i0, std::int64_t i1) { amx_attention_items(args, i0, i1); });
     }
     return out;
 }
@@ -2571,6 +2868,18 @@ PYBIND11_MODULE(_ext, m) {
           "SAM ViT's global attention). The logits' maximum is\n"
           "subtracted before exp (a polynomial exp, about 1 ulp); each sum runs in float32. isa 'auto' runs\n"
           "the AVX-512 build on CPUs that have it, 'generic' the portable build." THREADS_DOC);
+    m.def("shared_attention_bf16", &shared_attention_bf16, py::arg("q"), py::arg("k"), py::arg("v"),
+          py::arg("rel_h") = py::none(), py::arg("rel_w") = py::none(), py::arg("threads") = 0,
+          "shared_attention_bf16(q: float32[R, H, d], k: float32[P, H, d], v: float32[P, H, d], rel_h=None,\n"
+          "    rel_w=None, threads=0) -> float32[R, H, d]\n\n"
+          "shared_attention in bfloat16 on AMX tiles (CPUs where has_amx_bf16(); RuntimeError elsewhere): q, k, v\n"
+          "rounded to bfloat16 (nearest even); the logits q . k summed in float32, the terms added in float32,\n"
+          "e = exp(l - max) in float32 (a polynomial, relative error below 3e-6),\n"
+          "out[r, h] = (sum_p bf16(e_p) v[p, h]) / sum_p e_p with the products'\n"
+          "sums in float32 (in the tile unit's order)." THREADS_DOC);
+    m.def("has_amx_bf16", &has_amx_bf16,
+          "has_amx_bf16() -> whether shared_attention_bf16 runs here: the CPU has AMX-TILE, AMX-BF16 and\n"
+          "AVX512-BF16, and the operating system let this process use the tiles.");
     m.def("mask_upscaling_isa", [] { return std::string(have_avx512() ? "avx512" : "generic"); },
           "mask_upscaling_isa() -> 'avx512' or 'generic': the code path mask_upscaling runs on this CPU.");
 }

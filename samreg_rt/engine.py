@@ -178,7 +178,8 @@ class Engine:
     def __init__(self, model_dir: Path, manifest: dict, spec: ModelSpec, precision: str,
                  sessions: dict[str, ort.InferenceSession], providers: list[str],
                  mask_upscaling: UpscalingWeights | None = None, two_way: TwoWayWeights | None = None,
-                 threads: int = 0, encoder_parts: list[ort.InferenceSession] | None = None):
+                 threads: int = 0, encoder_parts: list[ort.InferenceSession] | None = None,
+                 encoder_attention: str = "fp32"):
         self.model_dir = model_dir
         self.manifest = manifest
         self.manifest_sha256 = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()
@@ -190,12 +191,14 @@ class Engine:
         self.two_way = two_way
         self.threads = threads
         self.encoder_parts = encoder_parts or []
+        self.encoder_attention = encoder_attention
         self._buffers = threading.local()     # each thread's last factors_buffer
 
     @classmethod
     def load(cls, model: str | os.PathLike, providers: str | Sequence[str] = "auto",
              threads: int | None = None, precision: str = "fp32", fused_upscaling: bool = True,
-             fused_tokens: bool = True, fused_encoder: bool = True, shared_arena: bool = True) -> "Engine":
+             fused_tokens: bool = True, fused_encoder: bool = True, shared_arena: bool = True,
+             encoder_attention: str = "auto") -> "Engine":
         """Load and verify a model (see ``resolve_model_dir``) and create its sessions.
 
         Every graph file is hashed and checked against the manifest before a session is built
@@ -210,6 +213,10 @@ class Engine:
         ``fused_encoder``: the same for a ViT encoder's global attention: the encoder runs as the graphs
         ``encoder_part<i>`` around ``_ext.shared_attention`` (``samreg_rt.split_encoder``) when the export
         has them for the precision (fp32 and int8 ViT exports since they exist: re-export older ones).
+        ``encoder_attention``: the precision of those attention cores: "fp32", "bf16" (AMX tiles,
+        ``_ext.shared_attention_bf16``; ModelError on a CPU without them, ``_ext.has_amx_bf16``) or "auto":
+        bf16 for int8 on CPUs with the tiles (int8's encoder is already approximate; bfloat16 attention adds
+        less to its error than its quantization: benchmarks/results/int8_accuracy.md), fp32 otherwise.
         ``shared_arena``: the sessions allocate from one CPU memory arena registered in ONNX Runtime's
         process-wide environment (and shared with the other engines of the process that use it) instead of
         one arena each (benchmarks/results/memory_arena.md).
@@ -239,6 +246,13 @@ class Engine:
                                     or threads < 1):
             raise InputError(f"threads: expected a positive integer or None, got {threads!r}")
         threads = usable_cpus() if threads is None else int(threads)
+        if encoder_attention not in ("auto", "fp32", "bf16"):
+            raise InputError(f"encoder_attention: expected 'auto', 'fp32' or 'bf16', got {encoder_attention!r}")
+        if encoder_attention == "bf16" and not _ext.has_amx_bf16():
+            raise ModelError("encoder_attention 'bf16' needs AMX-BF16 tiles, which this CPU or operating system "
+                             "does not give (_ext.has_amx_bf16() is False); use 'fp32' or 'auto'")
+        if encoder_attention == "auto":
+            encoder_attention = "bf16" if precision == "int8" and _ext.has_amx_bf16() else "fp32"
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # One memory arena for every session instead of one each: a ViT's encoder parts then reuse the
@@ -293,16 +307,16 @@ class Engine:
         providers_used = (encoder_parts[0] if encoder_parts else sessions["encoder"]).get_providers()
         log.info("loaded %s (%s) with %s%s%s%s", manifest.get("name"), precision, providers_used[0],
                  ", fused two-way transformer" if two_way else "", ", fused mask upscaling" if upscaling else "",
-                 ", encoder around the native global attention" if encoder_parts else "")
+                 f", encoder around the native global attention ({encoder_attention})" if encoder_parts else "")
         return cls(model_dir, manifest, spec, precision, sessions, providers_used, upscaling, two_way,
-                   threads, encoder_parts)
+                   threads, encoder_parts, encoder_attention)
 
     def with_spec(self, spec: ModelSpec) -> "Engine":
         """The same sessions with another preprocessing/prompting spec (same input size)."""
         if spec.input_size != self.spec.input_size:
             raise ModelError(f"spec input_size {spec.input_size} differs from the graphs' {self.spec.input_size}")
         return Engine(self.model_dir, self.manifest, spec, self.precision, self.sessions, self.providers,
-                      self.mask_upscaling, self.two_way, self.threads, self.encoder_parts)
+                      self.mask_upscaling, self.two_way, self.threads, self.encoder_parts, self.encoder_attention)
 
     @property
     def provider(self) -> str:
@@ -314,7 +328,7 @@ class Engine:
         array = validate_image(image, name)
         tensor, frame = to_model_input(array, self.spec)
         if self.encoder_parts:
-            embedding = run_encoder_parts(self.encoder_parts, tensor, self.threads)
+            embedding = run_encoder_parts(self.encoder_parts, tensor, self.threads, self.encoder_attention)
         else:
             (embedding,) = self.sessions["encoder"].run(None, {"image": tensor})
         return ImageEmbedding(embedding=embedding[0], frame=frame)

@@ -1051,6 +1051,98 @@ def test_shared_attention_rejects_bad_arguments(rng):
 
 
 # ------------------------------------------------------------------------------------------------
+# Shared-key attention in bfloat16 on AMX tiles
+
+needs_amx = pytest.mark.skipif(not _ext.has_amx_bf16(), reason="no AMX-BF16 tiles on this CPU or OS")
+
+
+def _assert_bf16_attention_close(got, q, k, v, rel_h=None, rel_w=None):
+    """got against twins.shared_attention_bf16. The logits differ from the twin's by float32 rounding (the tile
+    unit's order), so a weight within that of a bfloat16 rounding boundary may round the other way: most elements
+    agree to float32 rounding of the logits, and every element within one bfloat16 step of a full weight."""
+    want = twins.shared_attention_bf16(q, k, v, rel_h, rel_w)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    err = np.abs(got - want)
+    largest_logit = np.abs(np.einsum("rhc,phc->rhp", q, k)).max()
+    assert np.quantile(err, 0.99) <= 1e-5 + 8 * np.finfo(np.float32).eps * largest_logit
+    assert err.max() <= 2.0 ** -8 * np.abs(v).max()
+    return want
+
+
+@needs_amx
+@pytest.mark.parametrize("rows,heads,d,pixels,logit_std", SHARED_ATTENTION_CASES)
+def test_shared_attention_bf16_matches_twin(rng, rows, heads, d, pixels, logit_std):
+    q, k, v = _shared_attention_inputs(rng, rows, heads, d, pixels, logit_std)
+    got = _ext.shared_attention_bf16(q, k, v)
+    want = _assert_bf16_attention_close(got, q, k, v)
+    if pixels == 1:     # one weight, 1 up to the exp polynomial's error
+        np.testing.assert_allclose(got, np.broadcast_to(twins.bf16(v), got.shape), rtol=3e-6)
+    if pixels >= 16:    # the bfloat16 rounding shows against float32 attention: the comparison above can fail
+        assert np.quantile(np.abs(want - twins.shared_attention(q, k, v)), 0.99) > 1e-3
+
+
+@needs_amx
+@pytest.mark.parametrize("rows,heads,d,kh,kw", [
+    (4096, 12, 64, 64, 64),     # SAM ViT-B's global attention at 1024 px (the twin on a sample of rows)
+    (37, 2, 32, 16, 32),        # rows not a multiple of the 16-row work items
+    (29, 3, 48, 4, 16),         # three value tiles per row
+    (9, 1, 20, 3, 16),          # key blocks of 48 pixels: the last 16 of the 64 padded ones carry no keys
+])
+def test_shared_attention_bf16_with_relative_positions_matches_twin(rng, rows, heads, d, kh, kw):
+    q, k, v = _shared_attention_inputs(rng, rows, heads, d, kh * kw, 3.0)
+    rel_h, rel_w = (rng.normal(0, 1, (rows, heads, n)).astype(np.float32) for n in (kh, kw))
+    got = _ext.shared_attention_bf16(q, k, v, rel_h, rel_w)
+    sample = np.sort(rng.choice(rows, min(rows, 64), replace=False))   # rows are independent
+    _assert_bf16_attention_close(got[sample], q[sample], k, v, rel_h[sample], rel_w[sample])
+    assert np.abs(got - _ext.shared_attention_bf16(q, k, v)).max() > 0.05    # the terms matter
+
+
+@needs_amx
+def test_shared_attention_bf16_is_close_to_float32(rng):
+    """At SAM ViT-B's scale the bfloat16 core stays within a few bfloat16 steps of the float32 kernel."""
+    q, k, v = _shared_attention_inputs(rng, 512, 12, 64, 4096, 3.0)
+    rel_h, rel_w = (rng.normal(0, 1, (512, 12, 64)).astype(np.float32) for _ in range(2))
+    got = _ext.shared_attention_bf16(q, k, v, rel_h, rel_w, threads=2)
+    want = _ext.shared_attention(q, k, v, rel_h, rel_w)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 2.0 ** -6 * scale
+    np.testing.assert_array_equal(_ext.shared_attention_bf16(q, k, v, rel_h, rel_w, threads=1), got)
+
+
+def test_shared_attention_bf16_rejects_bad_arguments(rng):
+    """The float32 kernel's argument checks (they run before the tiles are asked for, on any CPU)."""
+    q, k, v = _shared_attention_inputs(rng, 6, 2, 8, 64, 3.0)
+    good = dict(q=q, k=k, v=v)
+    cases = [
+        (dict(q=q.astype(np.float64)), "q: expected dtype float32"),
+        (dict(v=v[:19].copy()), r"v: expected shape \(64, 2, 8\), got \(19, 2, 8\)"),
+        (dict(q=np.zeros((6, 2, 65), np.float32)), r"q: expected \[R, heads >= 1, d\] with 1 <= d <= 64"),
+        (dict(rel_h=np.zeros((6, 2, 4), np.float32)), "shared_attention_bf16: rel_h and rel_w go together"),
+        (dict(rel_h=np.zeros((6, 2, 3), np.float32), rel_w=np.zeros((6, 2, 16), np.float32)),
+         r"a key grid of 3 x 16; expected kh \* kw = 64"),
+        (dict(threads=-1), "threads"),
+    ]
+    if _ext.has_amx_bf16():
+        _ext.shared_attention_bf16(**good)
+    for change, message in cases:
+        with pytest.raises(TypeError if "dtype" in message else ValueError, match=message):
+            _ext.shared_attention_bf16(**{**good, **change})
+
+
+@pytest.mark.skipif(_ext.has_amx_bf16(), reason="this CPU has AMX-BF16 tiles")
+def test_shared_attention_bf16_refuses_without_amx(rng):
+    q, k, v = _shared_attention_inputs(rng, 6, 2, 8, 64, 3.0)
+    with pytest.raises(RuntimeError, match="no AMX-BF16 tiles"):
+        _ext.shared_attention_bf16(q, k, v)
+
+
+def test_bf16_twin_rounds_to_nearest_even():
+    x = np.array([1.0, 1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, 1 + 2.0 ** -7, -2.5, 1 + 2.0 ** -9], np.float32)
+    np.testing.assert_array_equal(twins.bf16(x), np.array([1.0, 1.0, 1 + 2.0 ** -6, 1 + 2.0 ** -7, -2.5, 1.0],
+                                                          np.float32))
+
+
+# ------------------------------------------------------------------------------------------------
 # Two-way pass, projected logits mode (qproj)
 
 TWO_WAY_QPROJ_CASES = [  # batch, shared keys, pixels, J, J2, heads, d, logit std

@@ -253,6 +253,50 @@ def shared_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: np.ndar
     return np.einsum("rhp,phc->rhc", weights, v.astype(np.float64)).astype(np.float32)
 
 
+def bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest even, as VCVTNEPS2BF16 for finite values), as float32."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
+
+
+EXP_COEFFICIENTS = (0.00957007, 0.05591777, 0.24024744, 0.69312185, 0.9999993)   # 2^f on [-0.5, 0.5], f^4 first
+
+
+def _fma32(a: np.ndarray, b: np.ndarray | float, c: np.ndarray | float) -> np.ndarray:
+    """float32 a * b + c rounded once (the product of two float32 is exact in float64)."""
+    return (np.asarray(a, np.float64) * np.float64(np.float32(b)) + np.asarray(c, np.float32)).astype(np.float32)
+
+
+def exp_weights(logits: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """shared_attention_bf16's exp(logits - top) in float32: t = fma(logits, log2 e, -top log2 e), n = round(t),
+    2^n p(t - n) with p the degree-4 polynomial EXP_COEFFICIENTS (relative error 2.7e-6)."""
+    log2e = np.float32(1.44269504088896341)
+    t = _fma32(logits, log2e, (-top * log2e).astype(np.float32))
+    n = np.rint(t)
+    f = (t - n).astype(np.float32)
+    p = np.full_like(f, EXP_COEFFICIENTS[0])
+    for c in EXP_COEFFICIENTS[1:]:
+        p = _fma32(p, f, np.float32(c))
+    return np.ldexp(p.astype(np.float64), np.maximum(n, -1000).astype(np.int64)).astype(np.float32)
+
+
+def shared_attention_bf16(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: np.ndarray | None = None,
+                          rel_w: np.ndarray | None = None) -> np.ndarray:
+    """shared_attention with bfloat16 operands: l = float32(bf16(q) . bf16(k)) (+ the terms, in float32),
+    e = exp_weights(l, max l), out = (sum_p bf16(e_p) bf16(v[p])) / sum_p e_p, the sums in float64 (the kernel
+    sums in float32 in the tile unit's order: a weight within rounding of a bfloat16 rounding boundary may round
+    the other way there) -> float32 [R, H, d]."""
+    logits = np.einsum("rhc,phc->rhp", bf16(q).astype(np.float64), bf16(k).astype(np.float64)).astype(np.float32)
+    if rel_h is not None:
+        grid = rel_h[..., :, None] + rel_w[..., None, :]                                  # [R, H, kh, kw] float32
+        logits = logits + grid.reshape(logits.shape)
+    weights = exp_weights(logits, logits.max(axis=-1, keepdims=True))
+    sums = weights.astype(np.float64).sum(axis=-1, keepdims=True)
+    return (np.einsum("rhp,phc->rhc", bf16(weights).astype(np.float64), bf16(v).astype(np.float64))
+            / sums).astype(np.float32)
+
+
 def two_way_qproj_inputs(rng: np.random.Generator, batch: int, shared: bool, pixels: int, tokens: int,
                          tokens2: int, heads: int, head_dim: int, logit_std: float = 3.0) -> dict:
     """two_way_inputs for the projected logits mode: qproj [P, heads * head_dim] ~ N(0, 1) and kq [B, J, head_dim]
