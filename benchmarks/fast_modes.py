@@ -80,19 +80,21 @@ def run(pair: PairSpec, engine: Engine, **amg: Any) -> tuple[Registration, float
     return reg, float(np.mean(scores)) if scores else float("nan")
 
 
-def roi_matches(full: np.ndarray, fast: np.ndarray) -> np.ndarray:
-    """For each full-grid ROI (packed masks) the index of its fast-mode counterpart, -1 if none."""
+def roi_matches(full: np.ndarray, fast: np.ndarray, min_iou: float = SAME_ROI_IOU) -> np.ndarray:
+    """For each full-grid ROI (packed masks) the index of its fast-mode counterpart (mask IoU >= ``min_iou``),
+    -1 if none."""
     if len(full) == 0 or len(fast) == 0:
         return np.full(len(full), -1)
     iou = iou_matrix(full, fast)
     best = iou.argmax(axis=1)
-    return np.where(iou[np.arange(len(full)), best] >= SAME_ROI_IOU, best, -1)
+    return np.where(iou[np.arange(len(full)), best] >= min_iou, best, -1)
 
 
-def compare(full: Registration, fast: Registration) -> dict[str, Any]:
-    """ROIs and pairs of the full grid that the fast mode keeps."""
+def compare(full: Registration, fast: Registration, min_iou: float = SAME_ROI_IOU) -> dict[str, Any]:
+    """ROIs and pairs of the full grid that the fast mode keeps (ROIs the same at mask IoU >= ``min_iou``)."""
     a, b = full.correspondence, fast.correspondence
-    found = {side: roi_matches(getattr(a, side).masks, getattr(b, side).masks) for side in ("fixed", "moving")}
+    found = {side: roi_matches(getattr(a, side).masks, getattr(b, side).masks, min_iou)
+             for side in ("fixed", "moving")}
     fast_pairs = {tuple(p) for p in b.pairs.tolist()}
     kept = sum((found["fixed"][i], found["moving"][j]) in fast_pairs for i, j in a.pairs.tolist())
     rois_full = len(a.fixed.masks) + len(a.moving.masks)

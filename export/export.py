@@ -149,7 +149,7 @@ def export_model(
                        for g, files in graphs.items()} for p, graphs in written.items()},
         parity=figures,
         parity_setup=parity.setup_description(image_label, seed, parity_prompts),
-        precision_notes={p: quantize.PRECISION_NOTES[p] for p in written},
+        precision_notes={p: quantize.precision_note(p) for p in written},
     )
     manifest_io.write_manifest(out, manifest)
     return out

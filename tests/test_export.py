@@ -17,7 +17,7 @@ from samreg_rt.manifest import FORMAT_VERSION, read_manifest, verify_files
 from samreg_rt.spec import ModelSpec
 
 torch = pytest.importorskip("torch")
-from samreg_export import onnx_export, parity  # noqa: E402
+from samreg_export import onnx_export, parity, quantize  # noqa: E402
 from samreg_export.checkpoints import load_source  # noqa: E402
 from samreg_export.export import export_model  # noqa: E402
 
@@ -354,3 +354,29 @@ def test_int8_engines_take_bf16_attention_where_the_cpu_has_amx(tiny_dir, monkey
         assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.999
     monkeypatch.setattr(_ext, "has_amx_bf16", lambda: False)
     assert Engine.load(tiny_dir, threads=2, precision="int8").encoder_attention == "fp32"
+
+
+def test_has_vnni_reads_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    for flags, want in (("fpu avx2 avx512f avx512_vnni", True), ("fpu avx2 avx_vnni", True), ("fpu avx2 fma", False)):
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert quantize.has_vnni(info) is want
+    assert quantize.has_vnni(tmp_path / "missing") is False
+
+
+def test_int8_weights_take_the_full_range_where_the_cpu_has_vnni(tiny_dir, tmp_path, monkeypatch):
+    """reduce_range=False quantizes the weights to the full int8 range, True to 7 bits; None follows has_vnni,
+    and the manifest's note says which."""
+    def peak(files):
+        model = onnx.load(str(files[0]))
+        return max(int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max())
+                   for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8)
+
+    src = tiny_dir / "encoder.onnx"
+    assert peak(quantize.to_int8(src, tmp_path / "full.onnx", reduce_range=False)) == 127
+    assert peak(quantize.to_int8(src, tmp_path / "reduced.onnx", reduce_range=True)) <= 64
+    for vnni in (True, False):
+        monkeypatch.setattr(quantize, "has_vnni", lambda vnni=vnni: vnni)
+        assert (peak(quantize.to_int8(src, tmp_path / f"auto{vnni}.onnx")) == 127) is vnni
+        assert ("full 8-bit range" in quantize.precision_note("int8")) is vnni
+    assert quantize.precision_note("fp32") == quantize.PRECISION_NOTES["fp32"]
