@@ -16,12 +16,15 @@ attention as ``Engine.load`` picks it on this machine), and compared:
 * Dice of the final registration (``fast_modes.run``: the field as ``samreg-rt eval`` fits it) and its change;
 * the encoder: the cosine of the int8 embedding to the fp32 one, per image.
 
+The same for the fp32 engine with Gaussian noise added to its embeddings (``--noise``, relative sizes):
+how sensitive mask generation and matching are to a perturbation of the embedding as such.
+
 Writes ``int8_accuracy.md`` and ``int8_accuracy.json``.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import shlex
 import sys
@@ -32,12 +35,12 @@ from typing import Any
 import numpy as np
 
 from samreg_export.export import export_model
-from samreg_rt.engine import Engine
+from samreg_rt.engine import Engine, ImageEmbedding
 from samreg_rt.io import load_image
 from samreg_rt.manifest import read_manifest
 from samreg_rt.masks import iou_matrix
 
-from common import machine  # benchmarks/common.py (the script's folder is on sys.path)
+from common import machine, write_report  # benchmarks/common.py (the script's folder is on sys.path)
 from fast_modes import compare, labelled_pairs, run  # benchmarks/fast_modes.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,39 +62,65 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-def bench(pairs: list, engines: dict[str, Engine]) -> list[dict[str, Any]]:
+class NoisyEmbeddings:
+    """An engine whose embeddings carry seeded Gaussian noise of ``sigma`` times their standard deviation (an
+    embedding cosine of about 1 / sqrt(1 + sigma^2) to the clean one): how much of int8's loss any perturbation
+    of that size would cause."""
+
+    def __init__(self, engine: Engine, sigma: float, seed: int = 0):
+        self.engine, self.sigma, self.rng = engine, sigma, np.random.default_rng(seed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def embed(self, image: np.ndarray, name: str = "image") -> ImageEmbedding:
+        clean = self.engine.embed(image, name)
+        x = clean.embedding
+        noise = self.rng.standard_normal(x.shape, dtype=np.float32) * np.float32(self.sigma * x.std())
+        return dataclasses.replace(clean, embedding=x + noise)
+
+
+def bench(pairs: list, fp32: Engine, variants: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per pair and variant (an engine or a stand-in for one), its registration against fp32's."""
     rows = []
     for pair in pairs:
-        regs, dice = {}, {}
-        for precision, engine in engines.items():
-            regs[precision], dice[precision] = run(pair, engine)
-        a, b = regs["fp32"].correspondence, regs["int8"].correspondence
-        ious = best_ious(a.fixed.masks, b.fixed.masks) + best_ious(a.moving.masks, b.moving.masks)
-        cosines = [cosine(engines["fp32"].embed(image).embedding, engines["int8"].embed(image).embedding)
-                   for image in (load_image(pair.fixed).array, load_image(pair.moving).array)]
-        rows.append({"pair": pair.id, "application": pair.application, "dice": [dice["fp32"], dice["int8"]],
-                     "roi_ious": ious, "embedding_cosine": cosines, **compare(regs["fp32"], regs["int8"], SAME_MASK_IOU)})
-        print(f"{pair.id}: {rows[-1]['pairs']} pairs, kept {rows[-1]['pairs_kept']}, dice {rows[-1]['dice']}",
-              file=sys.stderr)
+        images = (load_image(pair.fixed).array, load_image(pair.moving).array)
+        ref, dice_ref = run(pair, fp32)
+        for label, engine in variants.items():
+            reg, dice = run(pair, engine)
+            a, b = ref.correspondence, reg.correspondence
+            ious = best_ious(a.fixed.masks, b.fixed.masks) + best_ious(a.moving.masks, b.moving.masks)
+            cosines = [cosine(fp32.embed(image).embedding, engine.embed(image).embedding) for image in images]
+            rows.append({"pair": pair.id, "application": pair.application, "variant": label,
+                         "dice": [dice_ref, dice], "roi_ious": ious, "embedding_cosine": cosines,
+                         **compare(ref, reg, SAME_MASK_IOU)})
+            print(f"{pair.id} {label}: {rows[-1]['pairs']} pairs, kept {rows[-1]['pairs_kept']}, "
+                  f"dice {rows[-1]['dice']}", file=sys.stderr)
     return rows
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    ious = np.array([v for r in rows for v in r["roi_ious"]])
-    pairs_fp32 = sum(r["pairs"][0] for r in rows)
-    kept = sum(round(r["pairs_kept"] * r["pairs"][0]) for r in rows if r["pairs_kept"] is not None)
-    dice = np.array([r["dice"] for r in rows], float)
-    return {
-        "pairs": len(rows), "rois_fp32": int(ious.size),
-        "rois_same": float((ious >= SAME_MASK_IOU).mean()) if ious.size else None,
-        "roi_iou_mean": float(ious.mean()) if ious.size else None,
-        "roi_iou_median": float(np.median(ious)) if ious.size else None,
-        "roi_iou_min": float(ious.min()) if ious.size else None,
-        "roi_pairs_fp32": pairs_fp32, "roi_pairs_kept": float(kept / pairs_fp32) if pairs_fp32 else None,
-        "dice_fp32": float(np.nanmean(dice[:, 0])), "dice_int8": float(np.nanmean(dice[:, 1])),
-        "worst_dice_change": float(np.nanmin(dice[:, 1] - dice[:, 0])),
-        "embedding_cosine_min": float(min(c for r in rows for c in r["embedding_cosine"])),
-    }
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per variant: ROIs, best IoUs, pairs kept, Dice and cosines over all pairs."""
+    out = {}
+    for label in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == label]
+        ious = np.array([v for r in rs for v in r["roi_ious"]])
+        pairs_fp32 = sum(r["pairs"][0] for r in rs)
+        kept = sum(round(r["pairs_kept"] * r["pairs"][0]) for r in rs if r["pairs_kept"] is not None)
+        dice = np.array([r["dice"] for r in rs], float)
+        cosines = [c for r in rs for c in r["embedding_cosine"]]
+        out[label] = {
+            "pairs": len(rs), "rois_fp32": int(ious.size),
+            "rois_same": float((ious >= SAME_MASK_IOU).mean()) if ious.size else None,
+            "roi_iou_mean": float(ious.mean()) if ious.size else None,
+            "roi_iou_median": float(np.median(ious)) if ious.size else None,
+            "roi_iou_min": float(ious.min()) if ious.size else None,
+            "roi_pairs_fp32": pairs_fp32, "roi_pairs_kept": float(kept / pairs_fp32) if pairs_fp32 else None,
+            "dice_fp32": float(np.nanmean(dice[:, 0])), "dice": float(np.nanmean(dice[:, 1])),
+            "worst_dice_change": float(np.nanmin(dice[:, 1] - dice[:, 0])),
+            "embedding_cosine_mean": float(np.mean(cosines)), "embedding_cosine_min": float(min(cosines)),
+        }
+    return out
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -99,7 +128,7 @@ def _f(x: Any, digits: int = 3) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    m, s = report["machine"], report["summary"]
+    m, s = report["machine"], report["summary"]["int8"]
     met_masks = s["roi_iou_mean"] is not None and s["roi_iou_mean"] >= SAME_MASK_IOU
     met_pairs = s["roi_pairs_kept"] is not None and s["roi_pairs_kept"] >= PAIRS_KEPT
     lines = [
@@ -111,25 +140,32 @@ def markdown(report: dict[str, Any]) -> str:
         f"int8: {report['int8_note']}; encoder attention: {report['int8_encoder_attention']} "
         "(only ViT encoders have the global attention that it concerns). "
         f"ROIs count as the same at mask IoU >= {SAME_MASK_IOU}; pairs as kept when both ROIs are the same and "
-        "int8 pairs them together.", "",
+        "the variant pairs them together. `noise s`: the fp32 engine with Gaussian noise of s times the "
+        "embedding's standard deviation added to each embedding (seeded): the loss of a perturbation of that size.",
+        "", "## int8 per pair", "",
         "| pair | ROIs fp32 / int8 | ROIs same | lowest ROI IoU | pairs fp32 / int8 | pairs kept | Dice fp32 / int8 "
         "| embedding cosine (fixed, moving) |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report["rows"]:
+        if r["variant"] != "int8":
+            continue
         low = min(r["roi_ious"]) if r["roi_ious"] else None
         lines.append(f"| {r['pair']} | {r['rois'][0]} / {r['rois'][1]} | {_f(r['rois_kept'], 2)} | {_f(low)} | "
                      f"{r['pairs'][0]} / {r['pairs'][1]} | {_f(r['pairs_kept'], 2)} | {_f(r['dice'][0])} / "
                      f"{_f(r['dice'][1])} | {', '.join(f'{c:.5f}' for c in r['embedding_cosine'])} |")
     lines += ["", "## Summary", "",
-              f"{s['pairs']} pairs, {s['rois_fp32']} fp32 ROIs: {_f(s['rois_same'], 3)} of them have an int8 ROI at "
-              f"mask IoU >= {SAME_MASK_IOU} (best IoU: mean {_f(s['roi_iou_mean'])}, median {_f(s['roi_iou_median'])}, "
-              f"lowest {_f(s['roi_iou_min'])}); "
-              f"{s['roi_pairs_fp32']} fp32 ROI pairs, {_f(s['roi_pairs_kept'], 3)} kept. Mean Dice fp32 "
-              f"{_f(s['dice_fp32'])}, int8 {_f(s['dice_int8'])}, worst change {_f(s['worst_dice_change'])}. Lowest "
-              f"embedding cosine {s['embedding_cosine_min']:.5f}.", "",
-              f"Issue 6: mask IoU >= {SAME_MASK_IOU} against fp32 (the mean over the fp32 ROIs of the best IoU; "
-              f"an ROI that int8 does not find counts 0): {'met' if met_masks else 'NOT met'}; "
+              "| variant | pairs | fp32 ROIs | ROIs same | best ROI IoU mean / median / lowest | fp32 ROI pairs "
+              "| pairs kept | mean Dice fp32 / variant | worst Dice change | embedding cosine mean / lowest |",
+              "|---|---:|---:|---:|---|---:|---:|---|---:|---|"]
+    for label, v in report["summary"].items():
+        lines.append(f"| {label} | {v['pairs']} | {v['rois_fp32']} | {_f(v['rois_same'])} | {_f(v['roi_iou_mean'])} / "
+                     f"{_f(v['roi_iou_median'])} / {_f(v['roi_iou_min'])} | {v['roi_pairs_fp32']} | "
+                     f"{_f(v['roi_pairs_kept'])} | {_f(v['dice_fp32'])} / {_f(v['dice'])} | "
+                     f"{_f(v['worst_dice_change'])} | {v['embedding_cosine_mean']:.5f} / "
+                     f"{v['embedding_cosine_min']:.5f} |")
+    lines += ["", f"Issue 6 (int8): mask IoU >= {SAME_MASK_IOU} against fp32 (the mean over the fp32 ROIs of the best "
+              f"IoU; an ROI that int8 does not find counts 0): {'met' if met_masks else 'NOT met'}; "
               f">= {PAIRS_KEPT:.0%} of the fp32 pairs kept: {'met' if met_pairs else 'NOT met'}."]
     return "\n".join(lines) + "\n"
 
@@ -139,25 +175,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="litemedsam")
     ap.add_argument("--per-application", type=int, default=0, help="pairs per application (0: all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--noise", type=float, nargs="*", default=[0.03, 0.1],
+                    help="also fp32 with embedding noise of these relative sizes")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export_model(args.model, Path(tmp) / args.model, precisions=("fp32", "int8"), name=args.model)
         note = read_manifest(model_dir)["precisions"]["int8"]
-        engines = {p: Engine.load(model_dir, threads=args.threads, precision=p) for p in ("fp32", "int8")}
+        fp32 = Engine.load(model_dir, threads=args.threads)
+        int8 = Engine.load(model_dir, threads=args.threads, precision="int8")
+        variants = {"int8": int8, **{f"noise {sigma:g}": NoisyEmbeddings(fp32, sigma) for sigma in args.noise}}
         load_before = os.getloadavg()[0]
-        rows = bench(labelled_pairs(args.per_application or 10 ** 6), engines)
+        rows = bench(labelled_pairs(args.per_application or 10 ** 6), fp32, variants)
     report = {
         "machine": machine(), "load": [load_before, os.getloadavg()[0]], "threads": args.threads,
         "command": shlex.join(["python", "benchmarks/int8_accuracy.py", *(argv if argv is not None else sys.argv[1:])]),
-        "model": args.model, "int8_note": note, "int8_encoder_attention": engines["int8"].encoder_attention,
+        "model": args.model, "int8_note": note, "int8_encoder_attention": int8.encoder_attention,
         "rows": rows, "summary": summarise(rows),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "int8_accuracy.json").write_text(json.dumps(report, indent=1))
-    text = markdown(report)
-    (args.out / "int8_accuracy.md").write_text(text)
-    print(text)
+    write_report(args.out, "int8_accuracy", report, markdown(report))
     return 0
 
 

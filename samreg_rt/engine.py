@@ -236,12 +236,6 @@ class Engine:
             raise ManifestError(f"{model_dir / 'manifest.json'}: invalid model spec ({exc})") from None
         spec = _registry_spec(model, spec, model_dir)
         chosen = select_providers(providers)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # The decoders' batch changes from call to call (the prompts kept); ONNX Runtime's memory
-        # pattern is planned per input shape, and mask generation is faster without it
-        # (benchmarks/results/session_options.md).
-        options.enable_mem_pattern = False
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or threads < 1):
             raise InputError(f"threads: expected a positive integer or None, got {threads!r}")
@@ -253,13 +247,12 @@ class Engine:
                              "does not give (_ext.has_amx_bf16() is False); use 'fp32' or 'auto'")
         if encoder_attention == "auto":
             encoder_attention = "bf16" if precision == "int8" and _ext.has_amx_bf16() else "fp32"
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        # One memory arena for every session instead of one each: a ViT's encoder parts then reuse the
-        # memory the first part's run grew instead of page-faulting in arenas of their own.
         if shared_arena:
             _register_shared_cpu_arena()
-            options.add_session_config_entry("session.use_env_allocators", "1")
+        options = _session_options(threads, shared_arena, spinning=True)
+        # ONNX Runtime's threads spin for a while after a run; between the encoder parts the native attention
+        # kernel then shares the CPUs with them (ViT-B int8: 0.28 against 0.23 s of attention per image)
+        part_options = _session_options(threads, shared_arena, spinning=False)
         # every graph listed must be there (a broken model directory fails here, not when a graph is first
         # needed); those that run are hashed when read
         for role, entry in graphs[precision].items():
@@ -278,9 +271,10 @@ class Engine:
                     raise ManifestError(f"{model_dir / 'manifest.json'}: no {role} graph for {precision}")
                 reads[role] = reader.submit(_read_verified, model_dir / entry["file"], entry)
 
-        def load_graph(role: str, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> ort.InferenceSession:
+        def load_graph(role: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
+                       role_options: ort.SessionOptions = options) -> ort.InferenceSession:
             path = model_dir / graphs[precision][role]["file"]
-            return _session(path, reads[role].result(), options, chosen, inputs, outputs, model_dir, precision)
+            return _session(path, reads[role].result(), role_options, chosen, inputs, outputs, model_dir, precision)
 
         try:
             # the decoders first: whether they run on the CPU decides the fused kernels, and so which encoder
@@ -297,7 +291,8 @@ class Engine:
                 roles = encoder_part_names(graphs[precision]) if fused_encoder else []
                 read(roles)
                 # the first part takes the image, the last ends with the embedding
-                encoder_parts = [load_graph(role, PART_INPUTS[min(i, 1)], PART_OUTPUTS[int(i == len(roles) - 1)])
+                encoder_parts = [load_graph(role, PART_INPUTS[min(i, 1)], PART_OUTPUTS[int(i == len(roles) - 1)],
+                                            part_options)
                                  for i, role in enumerate(roles)]
             if not encoder_parts:
                 read(["encoder"])
@@ -509,6 +504,25 @@ def _read_verified(path: Path, entry: dict) -> bytes:
     if digest != entry.get("sha256"):
         raise ManifestError(f"{path}: sha256 {digest} does not match the manifest ({entry.get('sha256')})")
     return data
+
+
+def _session_options(threads: int, shared_arena: bool, spinning: bool) -> ort.SessionOptions:
+    """Options of an engine's sessions: ``threads`` intra-op threads, one memory arena for all of them when
+    ``shared_arena`` (a ViT's encoder parts then reuse the memory the first part's run grew instead of
+    page-faulting in arenas of their own), ONNX Runtime's thread spinning after a run when ``spinning``."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # The decoders' batch changes from call to call (the prompts kept); ONNX Runtime's memory
+    # pattern is planned per input shape, and mask generation is faster without it
+    # (benchmarks/results/session_options.md).
+    options.enable_mem_pattern = False
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if shared_arena:
+        options.add_session_config_entry("session.use_env_allocators", "1")
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def _session(path: Path, data: bytes, options: ort.SessionOptions, providers: list[str],

@@ -561,6 +561,11 @@ def test_encoder_parts_give_the_encoder_graph_embedding(tiny_dir, tmp_path):
         assert not parts.encoder_parts
         pytest.skip("the native attention kernel runs on AVX-512 CPUs")
     assert len(parts.encoder_parts) == 2 and "encoder" not in parts.sessions
+    # ONNX Runtime's threads do not spin after a part's run (the native attention runs next on the same CPUs)
+    spinning = "session.intra_op.allow_spinning"
+    assert all(p.get_session_options().get_session_config_entry(spinning) == "0" for p in parts.encoder_parts)
+    with pytest.raises(RuntimeError, match="does not have configuration"):    # ONNX Runtime's default: spinning
+        parts.sessions["decoder_tokens"].get_session_options().get_session_config_entry(spinning)
     image = np.random.default_rng(8).integers(0, 255, (90, 130), np.uint8)
     got, want = parts.embed(image), graph.embed(image)
     assert got.frame == want.frame
