@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from samreg_export import onnx_export, parity, quantize
 from samreg_export.checkpoints import load_source
-from samreg_export.export import default_spec, read_parity_image
+from samreg_export.export import calibrate, default_spec, read_parity_image
 
 from common import machine as common_machine, write_report  # benchmarks/common.py (the script's folder is on sys.path)
 
@@ -76,7 +76,8 @@ def bench_model(key: str, threads: int, warmup: int, repeats: int, work: Path) -
     paths = {"fp32": work / f"{key}.encoder.onnx"}
     onnx_export.export_encoder(sam, paths["fp32"])
     paths["fp16"] = quantize.to_fp16(paths["fp32"], work / f"{key}.encoder.fp16.onnx")[0]
-    paths["int8"] = quantize.to_int8(paths["fp32"], work / f"{key}.encoder.int8.onnx")[0]
+    paths["int8"] = quantize.to_int8(paths["fp32"], work / f"{key}.encoder.int8.onnx",
+                                     calib=calibrate(paths["fp32"], spec, None))[0]   # as the exporter makes it
     flops = encoder_flops(sam, torch.from_numpy(image))
 
     load_before = os.getloadavg()[0]

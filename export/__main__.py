@@ -19,11 +19,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="model name recorded in the manifest")
     parser.add_argument("--precision", nargs="+", default=["fp32", "fp16", "int8"],
                         choices=["fp32", "fp16", "int8"])
+    parser.add_argument("--calibration", nargs="+", default=None, metavar="IMAGE",
+                        help="int8: images whose encoder inputs calibrate the weight rounding (GPTQ); "
+                             "default: synthetic phantoms")
     args = parser.parse_args(argv)
     from .export import export_model
 
     try:
-        out = export_model(args.model, args.out, precisions=tuple(args.precision), name=args.name)
+        out = export_model(args.model, args.out, precisions=tuple(args.precision), name=args.name,
+                           calibration_images=args.calibration)
     except SamregError as exc:
         print(f"samreg-rt export: error: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from samreg_rt.models import REGISTRY
 from samreg_rt.spec import ModelSpec
 
 from . import manifest as manifest_io
-from . import onnx_export, parity, quantize
+from . import calibration, onnx_export, parity, quantize
 from .checkpoints import load_source
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ GRAPH_FILES = {
              "decoder_tokens": "decoder_tokens.fp16.onnx", "decoder_masks": "decoder_masks.fp16.onnx"},
     "int8": {"encoder": "encoder.int8.onnx"},  # + the fp32 decoders (quantize.CONVERTED_GRAPHS)
 }
+CALIBRATION_PHANTOMS = 4   # int8's default calibration images (``calibration``: GPTQ's input statistics)
 WEIGHT_FILES = {"mask_upscaling": "mask_upscaling.npz", "two_way": "two_way.npz"}
 EXPORTERS = {"encoder": onnx_export.export_encoder, "decoder": onnx_export.export_decoder,
              "decoder_tokens": onnx_export.export_decoder_tokens, "decoder_masks": onnx_export.export_decoder_masks}
@@ -68,6 +69,18 @@ def read_parity_image(path: str | Path) -> np.ndarray:
     return image
 
 
+def calibrate(encoder: Path, spec: ModelSpec, images: list[str | Path] | None) -> calibration.Calibration:
+    """int8's weight calibration: the fp32 ``encoder``'s input statistics on ``images`` (image files), by default
+    on ``CALIBRATION_PHANTOMS`` synthetic phantoms."""
+    if images:
+        arrays, label = [read_parity_image(path) for path in images], ", ".join(str(path) for path in images)
+    else:
+        arrays = [parity.synthetic_image(seed=i) for i in range(CALIBRATION_PHANTOMS)]
+        label = f"{CALIBRATION_PHANTOMS} synthetic phantoms (samreg_export.parity.synthetic_image, seeds 0..{CALIBRATION_PHANTOMS - 1})"
+    hessians = calibration.input_hessians(encoder, [parity.model_input(image, spec) for image in arrays])
+    return calibration.Calibration(hessians, label)
+
+
 def export_model(
     source: str,
     out_dir: str | Path,
@@ -78,13 +91,15 @@ def export_model(
     seed: int = 0,
     parity_image: str | Path | None = None,
     parity_prompts: int = parity.PROMPT_COUNT,
+    calibration_images: list[str | Path] | None = None,
 ) -> Path:
     """Export ``source`` (see ``samreg_export.checkpoints.load_source``) into ``out_dir``.
 
     fp32 graphs are always written; ``precisions`` adds fp16 and/or int8. ``spec`` defaults to the
     registry's spec of the source (else ``default_spec``); its ``trained`` flag is set from the
     checkpoint. Parity is measured on ``parity_image`` (default: a synthetic phantom) with
-    ``parity_prompts`` point prompts and as many box prompts. Returns ``out_dir``.
+    ``parity_prompts`` point prompts and as many box prompts. int8 rounds its weights by GPTQ, calibrated on
+    ``calibration_images`` (default: ``CALIBRATION_PHANTOMS`` synthetic phantoms). Returns ``out_dir``.
 
     Raises ``ModelError`` when the fp32 graphs miss the parity bounds (an export bug); fp16/int8
     figures outside their bounds are logged and recorded (``within_bounds`` in the manifest).
@@ -113,15 +128,17 @@ def export_model(
                "two_way": onnx_export.export_two_way(sam, out / WEIGHT_FILES["two_way"])}
     written: dict[str, dict[str, list[Path]]] = {
         "fp32": {g: onnx_export.graph_files(out / f) for g, f in GRAPH_FILES["fp32"].items()}}
+    calib = calibrate(out / GRAPH_FILES["fp32"]["encoder"], spec, calibration_images) if "int8" in wanted else None
     for precision in wanted[1:]:
         written[precision] = dict(written["fp32"])
         for g in quantize.CONVERTED_GRAPHS[precision]:
-            written[precision][g] = quantize.convert(precision, out / GRAPH_FILES["fp32"][g], out / GRAPH_FILES[precision][g])
+            written[precision][g] = quantize.convert(precision, out / GRAPH_FILES["fp32"][g], out / GRAPH_FILES[precision][g],
+                                                     calib=calib)
     # fp32 and int8: the encoder cut at its global attention (samreg_rt.split_encoder), for CPUs with AVX-512
     for i, path in enumerate(onnx_export.export_encoder_parts(sam, out, opset)):
         written["fp32"][f"encoder_part{i}"] = onnx_export.graph_files(path)
         if "int8" in written:
-            written["int8"][f"encoder_part{i}"] = quantize.convert("int8", path, path.with_suffix(".int8.onnx"))
+            written["int8"][f"encoder_part{i}"] = quantize.convert("int8", path, path.with_suffix(".int8.onnx"), calib=calib)
 
     image_label = str(parity_image) if parity_image else "synthetic phantom (samreg_export.parity.synthetic_image, seed 0)"
     raw = read_parity_image(parity_image) if parity_image else parity.synthetic_image()
@@ -149,7 +166,7 @@ def export_model(
                        for g, files in graphs.items()} for p, graphs in written.items()},
         parity=figures,
         parity_setup=parity.setup_description(image_label, seed, parity_prompts),
-        precision_notes={p: quantize.precision_note(p) for p in written},
+        precision_notes={p: quantize.precision_note(p, calib) for p in written},
     )
     manifest_io.write_manifest(out, manifest)
     return out

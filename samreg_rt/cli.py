@@ -33,6 +33,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
            "--precision", *args.precision]
     if name:
         cmd += ["--name", name]
+    if args.calibration:
+        cmd += ["--calibration", *args.calibration]
     return subprocess.call(cmd)
 
 
@@ -174,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--name", default=None)
     p.add_argument("--precision", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"])
+    p.add_argument("--calibration", nargs="+", default=None, metavar="IMAGE",
+                   help="int8: images that calibrate the weight rounding (GPTQ); default: synthetic phantoms")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("embed", help="encode images and print a summary")

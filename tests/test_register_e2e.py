@@ -118,6 +118,21 @@ def test_cli_usage_errors(capsys):
     assert "FIXED MOVING" in capsys.readouterr().err
 
 
+def test_cli_export_passes_the_calibration_images_to_the_exporter(monkeypatch, tmp_path):
+    """``samreg-rt export`` runs ``python -m samreg_export`` with the registry's source, and ``--calibration``."""
+    import samreg_rt.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    images = [str(EXAMPLE / "fixed.png"), str(EXAMPLE / "moving.png")]
+    assert main(["export", "--model", "litemedsam", "--out", str(tmp_path), "--precision", "int8",
+                 "--calibration", *images]) == 0
+    assert main(["export", "--model", "litemedsam", "--out", str(tmp_path)]) == 0
+    with_images, default = calls
+    assert with_images[1:3] == ["-m", "samreg_export"] and with_images[-3:] == ["--calibration", *images]
+    assert "--calibration" not in default and default[default.index("--precision") + 1:][:3] == ["fp32", "fp16", "int8"]
+
+
 def test_register_limits_blas_and_openmp_pools_to_the_engine_threads(litemedsam_dir, monkeypatch, tmp_path):
     """register() and register_one() run with at most engine.threads threads in every BLAS and OpenMP pool
     (numpy's, FAISS's: seen when the ROIs are matched), and restore the pools afterwards."""
