@@ -28,6 +28,7 @@ other graphs).
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -97,14 +98,18 @@ def input_hessians(model_path: str | Path, inputs: Iterable[np.ndarray], input_n
                                for name in dict.fromkeys(probed) if name not in graph_outputs])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     hessians: dict[str, np.ndarray] = {}
-    for x in inputs:
-        acts = dict(zip(probed, session.run(probed, {input_name: x})))
-        for key, name in zip(keys, probed):
-            a = acts[name].reshape(-1, acts[name].shape[-1])
-            h = (a.T @ a).astype(np.float64)
-            hessians[key] = hessians[key] + h if key in hessians else h
+    with tempfile.TemporaryDirectory() as tmp:   # weights in a side file: graphs past protobuf's 2 GiB too
+        probe = Path(tmp) / "probe.onnx"
+        onnx.save_model(model, str(probe), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="probe.data")
+        session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
+        for x in inputs:
+            acts = dict(zip(probed, session.run(probed, {input_name: x})))
+            for key, name in zip(keys, probed):
+                a = acts[name].reshape(-1, acts[name].shape[-1])
+                h = (a.T @ a).astype(np.float64)
+                hessians[key] = hessians[key] + h if key in hessians else h
     return hessians
 
 
