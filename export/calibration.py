@@ -119,18 +119,18 @@ def gptq_round(w: np.ndarray, h: np.ndarray, qmax: int) -> tuple[np.ndarray, np.
 
     Returns (q int8 [K, N] in [-qmax, qmax], scale float32 [N]). Each channel keeps one value at +-qmax (its
     largest weight, rounded first in its column's turn, its error spread like any other), so that a quantizer
-    given ``q * scale`` finds the same scale and the same q. With a diagonal ``h`` this is round-to-nearest.
+    given ``q * scale`` finds the same scale and the same q. With a diagonal ``h`` this is round-to-nearest, and so
+    it is for the weights of inputs that are zero throughout ``h``.
     """
-    w = np.asarray(w, np.float64)
+    w = np.array(w, np.float64)   # a copy: the updates below work on it
     k, n = w.shape
     absmax = np.abs(w).max(axis=0)
     scale = np.where(absmax > 0, absmax / qmax, 1.0)
     pinned_row = np.abs(w).argmax(axis=0)
     pinned_sign = np.sign(w[pinned_row, np.arange(n)])
     h = np.array(h, np.float64)
-    dead = np.diag(h) == 0
+    dead = np.diag(h) == 0     # inputs that never fired in calibration: rounded to nearest (they may fire later)
     h[dead, dead] = 1.0
-    w = np.where(dead[:, None], 0.0, w)
     h[np.diag_indices(k)] += DAMPING * np.mean(np.diag(h))
     u = np.linalg.cholesky(np.linalg.inv(h)).T            # upper: inv(h) = u.T @ u
     q = np.zeros((k, n))
