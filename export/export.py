@@ -108,6 +108,8 @@ def export_model(
     if unknown:
         raise InputError(f"unknown precisions {sorted(unknown)}; expected some of {PRECISIONS}")
     wanted = [p for p in PRECISIONS if p == "fp32" or p in precisions]
+    for path in calibration_images or ():   # fail before the minutes of tracing, not after
+        read_parity_image(path)
     loaded = load_source(source, seed=seed)
     sam = loaded.model.eval()
     input_size = int(sam.prompt_encoder.input_image_size[0])

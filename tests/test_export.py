@@ -12,7 +12,7 @@ import pytest
 
 from samreg_rt import _ext
 from samreg_rt.engine import Engine
-from samreg_rt.errors import ManifestError
+from samreg_rt.errors import InputError, ManifestError
 from samreg_rt.manifest import FORMAT_VERSION, read_manifest, verify_files
 from samreg_rt.spec import ModelSpec
 
@@ -433,6 +433,14 @@ def test_gptq_brings_the_litemedsam_int8_encoder_closer_to_fp32(litemedsam_dir, 
     cos = {name: float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) for name, got in
            (("gptq", embed(litemedsam_dir / "encoder.int8.onnx")), ("nearest", embed(tmp_path / "nearest.onnx")))}
     assert cos["gptq"] >= 0.997 and 1 - cos["gptq"] < 0.8 * (1 - cos["nearest"]), cos
+
+
+def test_unreadable_calibration_image_is_named_before_any_export(tmp_path):
+    bad = tmp_path / "not_an_image.png"
+    bad.write_bytes(b"no image here")
+    with pytest.raises(InputError, match=f"{bad}: cannot read as an image"):
+        export_model("random:tiny", tmp_path / "out", precisions=("fp32", "int8"), calibration_images=[bad])
+    assert not (tmp_path / "out").exists()
 
 
 def test_int8_calibration_images_are_named_in_the_manifest(data_dir, tmp_path):
