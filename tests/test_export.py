@@ -399,22 +399,17 @@ def _gptq_weights(fp32_path: Path, hessians: dict, qmax: int) -> set[bytes]:
     return out
 
 
-def _phantom_hessians(model_dir: Path) -> dict:
-    spec = ModelSpec.from_dict(read_manifest(model_dir)["spec"])
-    return export.calibrate(model_dir / "encoder.onnx", spec, None).hessians
-
-
 def test_int8_weights_are_the_gptq_rounding(tiny_dir, tmp_path):
     """Every int8 weight of the encoder and of its parts is GPTQ's rounding, calibrated by default on the synthetic
     phantoms of the whole fp32 encoder (the parts share its weights): the quantizer reproduces it exactly, on the
     full and on the 7-bit grid."""
-    hessians, qmax = _phantom_hessians(tiny_dir), 127 if quantize.has_vnni() else 64
+    calib = export.calibrate(tiny_dir / "encoder.onnx", ModelSpec.from_dict(read_manifest(tiny_dir)["spec"]), None)
+    hessians, qmax = calib.hessians, 127 if quantize.has_vnni() else 64
     for graph in ("encoder", "encoder_part0", "encoder_part1"):
         want = _gptq_weights(tiny_dir / f"{graph}.onnx", hessians, qmax)
         assert len(want) >= 2 and _int8_weights(tiny_dir / f"{graph}.int8.onnx") == want, graph
     assert f"GPTQ calibrated on {CALIBRATION_PHANTOMS} synthetic phantoms" in read_manifest(tiny_dir)["precisions"]["int8"]
     # the 7-bit grid of CPUs without VNNI too
-    calib = export.calibrate(tiny_dir / "encoder.onnx", ModelSpec.from_dict(read_manifest(tiny_dir)["spec"]), None)
     files = quantize.to_int8(tiny_dir / "encoder.onnx", tmp_path / "reduced.onnx", reduce_range=True, calib=calib)
     assert _int8_weights(files[0]) == _gptq_weights(tiny_dir / "encoder.onnx", hessians, 64)
 
