@@ -5,6 +5,7 @@ from setuptools import setup
 RUNTIME = [
     "numpy==2.4.6",
     "onnxruntime==1.31.1",
+    "onnx==1.23.2",  # precision bf16 cuts the fp32 encoder graph at its weight products (samreg_rt.bf16_graph)
     "opencv-python-headless==5.0.0.93",
     "faiss-cpu==1.15.1",
     "nibabel==5.4.2",
@@ -20,7 +21,6 @@ EXTRAS = {
     # checkpoint file is used.
     "export": [
         "torch==2.13.0",
-        "onnx==1.23.2",
         "onnxslim==0.1.98",
         "transformers==4.57.6",
         "huggingface_hub==0.36.2",

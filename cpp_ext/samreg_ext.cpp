@@ -2730,6 +2730,162 @@ py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py:
     return out;
 }
 
+// ------------------------------------------------------------------------------------------------
+// A weight product in bfloat16 on AMX tiles: out[M, N] = x[M, K] w[K, N] + bias, x and w rounded to bfloat16
+// (nearest even), the products accumulated in float32 by the tile unit (TDPBF16PS). w comes packed once
+// (pack_bf16_weight: panels of 32 columns, chunks of 32 rows, as two B tiles of 16 row pairs x 16 columns x 2).
+// A work item is a band of rows: its x rows rounded into a bfloat16 copy (K padded to 32 with zeros), then, for
+// each group of kLbGroup panels (their weights stay in the core's L2), each 32-row block against each panel of the
+// group: 2 x 2 accumulator tiles, started from the bias and stored straight into out where the block is whole.
+
+constexpr int kLbBlock = 32;  // rows of a block, columns of a panel, rows of w per chunk
+constexpr int kLbGroup = 8;   // panels whose weights one pass over the row blocks of a band reuses
+
+struct LinearBf16Args {
+    const float *x;            // [M, K]
+    const std::uint16_t *w;    // [N32 / 32][K32 / 32][2][16][16][2]
+    const float *bias_tiles;   // [N32 / 32][2][16][16]: each tile's 16 rows the bias of its 16 columns
+    float *out;                // [M, N]
+    std::int64_t m, k, n, kp, panels;  // kp = K32, panels = N32 / 32
+};
+
+// Rows [r0, r1) of x as bfloat16 into xb (row stride kp, zeros past K; r1 - r0 rounded up to 32 rows of zeros).
+__attribute__((target(AMX_TARGET))) void lb_round_rows(const LinearBf16Args &a, std::int64_t r0, std::int64_t r1,
+                                                       std::uint16_t *xb) {
+    const std::int64_t rows = (r1 - r0 + kLbBlock - 1) / kLbBlock * kLbBlock;
+    for (std::int64_t r = 0; r < rows; ++r) {
+        auto *dst = reinterpret_cast<__m512i *>(xb + r * a.kp);
+        const float *src = a.x + (r0 + r) * a.k;
+        for (std::int64_t c = 0; c < a.kp; c += kLbBlock) {
+            __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+            if (r0 + r < r1) {
+                const std::int64_t left = a.k - c;
+                const __mmask16 m0 = left >= 16 ? 0xffff : left > 0 ? static_cast<__mmask16>((1u << left) - 1) : 0;
+                const __mmask16 m1 = left >= 32 ? 0xffff : left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0;
+                lo = _mm512_maskz_loadu_ps(m0, src + c);
+                hi = _mm512_maskz_loadu_ps(m1, src + c + 16);
+            }
+            _mm512_store_si512(dst + c / kLbBlock, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+        }
+    }
+}
+
+// The band of rows [r0, r1) (xb: their bfloat16 copy), tiles configured.
+__attribute__((target(AMX_TARGET))) void lb_band(const LinearBf16Args &a, std::int64_t r0, std::int64_t r1,
+                                                 const std::uint16_t *xb) {
+    const std::int64_t chunks = a.kp / kLbBlock, stride = a.kp * sizeof(std::uint16_t);
+    alignas(64) float edge[kLbBlock][kLbBlock];
+    for (std::int64_t g0 = 0; g0 < a.panels; g0 += kLbGroup) {
+        const std::int64_t g1 = std::min(a.panels, g0 + kLbGroup);
+        for (std::int64_t m0 = r0; m0 < r1; m0 += kLbBlock) {
+            const std::uint16_t *xa = xb + (m0 - r0) * a.kp;
+            for (std::int64_t p = g0; p < g1; ++p) {
+                const float *bias = a.bias_tiles + p * 2 * 256;
+                _tile_loadd(0, bias, 64);
+                _tile_loadd(1, bias + 256, 64);
+                _tile_loadd(2, bias, 64);
+                _tile_loadd(3, bias + 256, 64);
+                const std::uint16_t *wp = a.w + p * chunks * 2 * 512;
+                for (std::int64_t c = 0; c < chunks; ++c, wp += 2 * 512) {
+                    _tile_loadd(4, xa + c * kLbBlock, stride);
+                    _tile_loadd(5, xa + 16 * a.kp + c * kLbBlock, stride);
+                    _tile_loadd(6, wp, 64);
+                    _tile_loadd(7, wp + 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                const std::int64_t n0 = p * kLbBlock;
+                float *o = a.out + m0 * a.n + n0;
+                const std::int64_t ldo = a.n * sizeof(float);
+                if (m0 + kLbBlock <= a.m && n0 + kLbBlock <= a.n) {
+                    _tile_stored(0, o, ldo);
+                    _tile_stored(1, o + 16, ldo);
+                    _tile_stored(2, o + 16 * a.n, ldo);
+                    _tile_stored(3, o + 16 * a.n + 16, ldo);
+                } else {
+                    _tile_stored(0, &edge[0][0], sizeof edge[0]);
+                    _tile_stored(1, &edge[0][16], sizeof edge[0]);
+                    _tile_stored(2, &edge[16][0], sizeof edge[0]);
+                    _tile_stored(3, &edge[16][16], sizeof edge[0]);
+                    const std::int64_t rows = std::min<std::int64_t>(kLbBlock, a.m - m0);
+                    const std::int64_t cols = std::min<std::int64_t>(kLbBlock, a.n - n0);
+                    for (std::int64_t r = 0; r < rows; ++r) std::memcpy(o + r * a.n, edge[r], cols * sizeof(float));
+                }
+            }
+        }
+    }
+}
+
+__attribute__((target(AMX_TARGET))) void lb_items(const LinearBf16Args &a, std::int64_t band, std::int64_t i0,
+                                                  std::int64_t i1) {
+    std::vector<float> storage;
+    auto *xb = reinterpret_cast<std::uint16_t *>(aligned_vecs(storage, band * a.kp / 32));
+    AmxTileConfig config;
+    for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+    _tile_loadconfig(&config);
+    for (std::int64_t i = i0; i < i1; ++i) {
+        const std::int64_t r0 = i * band, r1 = std::min(a.m, r0 + band);
+        lb_round_rows(a, r0, r1, xb);
+        lb_band(a, r0, r1, xb);
+    }
+    _tile_release();
+}
+
+py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bias_obj, py::handle out_obj,
+                               std::int64_t threads) {
+    check_threads("linear_bf16", threads);
+    const py::array x = require<float>(x_obj, "x", "float32", 2);
+    const py::array w = require<std::uint16_t>(w_obj, "w", "uint16", 6);
+    const py::array bias = require<float>(bias_obj, "bias", "float32", 1);
+    const std::int64_t rows = x.shape(0), depth = x.shape(1), cols = bias.shape(0);
+    const std::int64_t kp = (depth + kLbBlock - 1) / kLbBlock * kLbBlock, panels = (cols + kLbBlock - 1) / kLbBlock;
+    if (w.shape(0) != panels || w.shape(1) != kp / kLbBlock || w.shape(2) != 2 || w.shape(3) != 16 ||
+        w.shape(4) != 16 || w.shape(5) != 2)
+        throw py::value_error("w: expected the packing of a (" + std::to_string(depth) + ", " + std::to_string(cols) +
+                              ") weight (pack_bf16_weight), shape (" + std::to_string(panels) + ", " +
+                              std::to_string(kp / kLbBlock) + ", 2, 16, 16, 2); got " + shape_str(w));
+    if (!has_amx_bf16())
+        throw std::runtime_error("linear_bf16: this CPU or operating system gives no AMX-BF16 tiles "
+                                 "(has_amx_bf16() is False)");
+    py::array_t<float> out;
+    if (out_obj.is_none()) {
+        out = py::array_t<float>({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(cols)});
+    } else {
+        out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 2));
+        require_shape(out, "out", {rows, cols});
+        if (!out.writeable()) throw py::value_error("out: array is read-only");
+        for (const auto &[arr, name] : {std::pair<const py::array &, const char *>{x, "x"}, {w, "w"}, {bias, "bias"}})
+            require_disjoint(out, arr, name);
+    }
+    if (rows == 0 || cols == 0) return out;
+    std::vector<float> tiles_buf;
+    float *tiles = reinterpret_cast<float *>(aligned_vecs(tiles_buf, panels * 2 * 16));
+    const auto *b = static_cast<const float *>(bias.data());
+    for (std::int64_t p = 0; p < panels; ++p)
+        for (int t = 0; t < 2; ++t)
+            for (int r = 0; r < 16; ++r)
+                for (int c = 0; c < 16; ++c) {
+                    const std::int64_t col = p * kLbBlock + t * 16 + c;
+                    tiles[((p * 2 + t) * 16 + r) * 16 + c] = col < cols ? b[col] : 0.f;
+                }
+    const LinearBf16Args args{static_cast<const float *>(x.data()), static_cast<const std::uint16_t *>(w.data()),
+                              tiles, out.mutable_data(), rows, depth, cols, kp, panels};
+    // bands of whole 32-row blocks, at least one per thread where there are enough rows
+    const std::int64_t blocks = (rows + kLbBlock - 1) / kLbBlock;
+    const std::int64_t limit = threads > 0 ? threads : usable_cpus();
+    const std::int64_t band_blocks = std::max<std::int64_t>(1, std::min<std::int64_t>(8, blocks / limit));
+    const std::int64_t band = band_blocks * kLbBlock, items = (rows + band - 1) / band;
+    {
+        py::gil_scoped_release release;
+        // cost: the multiply-adds as the tiles run them (1/16 of them)
+        parallel_for(items, 2.0 * band * kp * panels * kLbBlock / 16, threads,
+                     [&](std::int64_t i0, std::int64_t i1) { lb_items(args, band, i0, i1); });
+    }
+    return out;
+}
+
 }  // namespace
 
 // The threads argument of the multi-threaded kernels, in their docstrings.
@@ -2877,8 +3033,19 @@ PYBIND11_MODULE(_ext, m) {
           "e = exp(l - max) in float32 (a polynomial, relative error below 3e-6),\n"
           "out[r, h] = (sum_p bf16(e_p) v[p, h]) / sum_p e_p with the products'\n"
           "sums in float32 (in the tile unit's order)." THREADS_DOC);
+    m.def("linear_bf16", &linear_bf16, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out") = py::none(),
+          py::arg("threads") = 0,
+          "linear_bf16(x: float32[M, K], w: uint16[N32 / 32, K32 / 32, 2, 16, 16, 2], bias: float32[N], out=None,\n"
+          "    threads=0) -> float32[M, N]\n\n"
+          "x @ W + bias in bfloat16 on AMX tiles (CPUs where has_amx_bf16(); RuntimeError elsewhere): w is W [K, N]\n"
+          "packed by samreg_rt.bf16_graph.pack_bf16_weight (rounded to bfloat16, nearest even; K and N padded to\n"
+          "multiples of 32 with zeros: the packing's shape gives K only up to that padding, so the caller keeps\n"
+          "x's K and W's equal, as bf16_graph.WeightProduct checks); x rounded to bfloat16 (nearest even); out[m, n] = bias[n] +\n"
+          "sum_k bf16(x[m, k]) bf16(W[k, n]), each product exact and the sums in float32 (in the tile unit's\n"
+          "order, pairs of k at a time). out: an optional float32[M, N] array (not overlapping the inputs) to\n"
+          "write and return instead of a new one." THREADS_DOC);
     m.def("has_amx_bf16", &has_amx_bf16,
-          "has_amx_bf16() -> whether shared_attention_bf16 runs here: the CPU has AMX-TILE, AMX-BF16 and\n"
+          "has_amx_bf16() -> whether shared_attention_bf16 and linear_bf16 run here: the CPU has AMX-TILE, AMX-BF16 and\n"
           "AVX512-BF16, and the operating system let this process use the tiles.");
     m.def("mask_upscaling_isa", [] { return std::string(have_avx512() ? "avx512" : "generic"); },
           "mask_upscaling_isa() -> 'avx512' or 'generic': the code path mask_upscaling runs on this CPU.");

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from . import _ext
+from .bf16_graph import Bf16Graph
 from .cpus import usable_cpus
 from .errors import InputError, ManifestError, ModelError, ModelNotAvailableError
 from .io import validate_image
@@ -226,9 +228,12 @@ class Engine:
         model_dir = resolve_model_dir(model)
         manifest = read_manifest(model_dir)
         graphs = manifest.get("graphs", {})
-        if precision not in graphs:
+        # bf16 runs the fp32 graphs, the encoder's weight products in bfloat16 (samreg_rt.bf16_graph)
+        files = "fp32" if precision == "bf16" else precision
+        if files not in graphs:
             raise ModelError(
-                f"{model_dir / 'manifest.json'}: no {precision!r} graphs (has {', '.join(sorted(graphs))})"
+                f"{model_dir / 'manifest.json'}: no {files!r} graphs (has {', '.join(sorted(graphs))})"
+                + (" (precision 'bf16' runs the fp32 graphs)" if precision == "bf16" else "")
             )
         try:
             spec = ModelSpec.from_dict(manifest["spec"])
@@ -236,6 +241,13 @@ class Engine:
             raise ManifestError(f"{model_dir / 'manifest.json'}: invalid model spec ({exc})") from None
         spec = _registry_spec(model, spec, model_dir)
         chosen = select_providers(providers)
+        if precision == "bf16":
+            if not _ext.has_amx_bf16():
+                raise ModelError("precision 'bf16' needs AMX-BF16 tiles, which this CPU or operating system does not "
+                                 "give (_ext.has_amx_bf16() is False); use 'fp32' or 'int8'")
+            if chosen[0] != "CPUExecutionProvider":
+                raise ModelError(f"precision 'bf16' runs on the CPU (AMX tiles), not on {chosen[0]}: pass "
+                                 "providers='cpu', or use 'fp16' on a GPU")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or threads < 1):
             raise InputError(f"threads: expected a positive integer or None, got {threads!r}")
@@ -246,7 +258,7 @@ class Engine:
             raise ModelError("encoder_attention 'bf16' needs AMX-BF16 tiles, which this CPU or operating system "
                              "does not give (_ext.has_amx_bf16() is False); use 'fp32' or 'auto'")
         if encoder_attention == "auto":
-            encoder_attention = "bf16" if precision == "int8" and _ext.has_amx_bf16() else "fp32"
+            encoder_attention = "bf16" if precision in ("int8", "bf16") and _ext.has_amx_bf16() else "fp32"
         if shared_arena:
             _register_shared_cpu_arena()
         options = _session_options(threads, shared_arena, spinning=True)
@@ -255,7 +267,7 @@ class Engine:
         part_options = _session_options(threads, shared_arena, spinning=False)
         # every graph listed must be there (a broken model directory fails here, not when a graph is first
         # needed); those that run are hashed when read
-        for role, entry in graphs[precision].items():
+        for role, entry in graphs[files].items():
             path = model_dir / entry["file"]
             if not path.is_file() or path.stat().st_size != entry.get("bytes"):
                 raise ManifestError(f"{path}: {role} graph listed in the manifest is missing or has another size")
@@ -266,14 +278,17 @@ class Engine:
 
         def read(roles: list[str]) -> None:
             for role in roles:
-                entry = graphs[precision].get(role)
+                entry = graphs[files].get(role)
                 if entry is None:
-                    raise ManifestError(f"{model_dir / 'manifest.json'}: no {role} graph for {precision}")
+                    raise ManifestError(f"{model_dir / 'manifest.json'}: no {role} graph for {files}")
                 reads[role] = reader.submit(_read_verified, model_dir / entry["file"], entry)
 
         def load_graph(role: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
                        role_options: ort.SessionOptions = options) -> ort.InferenceSession:
-            path = model_dir / graphs[precision][role]["file"]
+            path = model_dir / graphs[files][role]["file"]
+            if precision == "bf16" and role.startswith("encoder"):
+                # its pieces alternate with native products: no spinning threads (part_options)
+                return _bf16_graph(path, reads[role].result(), part_options, chosen, inputs, outputs, threads)
             return _session(path, reads[role].result(), role_options, chosen, inputs, outputs, model_dir, precision)
 
         try:
@@ -288,7 +303,7 @@ class Engine:
                     upscaling = UpscalingWeights.from_bytes(*_read_weights(model_dir, manifest, "mask_upscaling"))
                 if fused_tokens:
                     two_way = TwoWayWeights.from_bytes(*_read_weights(model_dir, manifest, "two_way"))
-                roles = encoder_part_names(graphs[precision]) if fused_encoder else []
+                roles = encoder_part_names(graphs[files]) if fused_encoder else []
                 read(roles)
                 # the first part takes the image, the last ends with the embedding
                 encoder_parts = [load_graph(role, PART_INPUTS[min(i, 1)], PART_OUTPUTS[int(i == len(roles) - 1)],
@@ -525,9 +540,27 @@ def _session_options(threads: int, shared_arena: bool, spinning: bool) -> ort.Se
     return options
 
 
+def _bf16_graph(path: Path, data: bytes, options: ort.SessionOptions, providers: list[str],
+                inputs: tuple[str, ...], outputs: tuple[str, ...], threads: int) -> Bf16Graph:
+    """An fp32 encoder graph (or part) with its weight products in bfloat16 (``samreg_rt.bf16_graph``)."""
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError and onnx's own
+        raise ModelError(f"{path}: not a loadable ONNX graph ({str(exc)[:300]})") from None
+    got_in = tuple(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    got_out = tuple(o.name for o in model.graph.output)
+    if got_in != inputs or got_out != outputs:
+        raise ModelError(f"{path}: graph has inputs {got_in} and outputs {got_out}; expected {inputs} and {outputs}")
+    try:
+        return Bf16Graph(model, lambda piece: _session(path, piece, options, providers, (), (), path.parent, "fp32",
+                                                       check_io=False), threads)
+    except ValueError as exc:
+        raise ModelError(f"{path}: cannot run in bf16 ({exc})") from None
+
+
 def _session(path: Path, data: bytes, options: ort.SessionOptions, providers: list[str],
              inputs: tuple[str, ...], outputs: tuple[str, ...], model_dir: Path,
-             precision: str) -> ort.InferenceSession:
+             precision: str, check_io: bool = True) -> ort.InferenceSession:
     provider_args = []
     for name in providers:
         if name == "TensorrtExecutionProvider":
@@ -544,6 +577,6 @@ def _session(path: Path, data: bytes, options: ort.SessionOptions, providers: li
         raise ModelError(f"{path}: not a loadable ONNX graph ({first[:300]})") from None
     got_in = tuple(i.name for i in session.get_inputs())
     got_out = tuple(o.name for o in session.get_outputs())
-    if got_in != inputs or got_out != outputs:
+    if check_io and (got_in != inputs or got_out != outputs):
         raise ModelError(f"{path}: graph has inputs {got_in} and outputs {got_out}; expected {inputs} and {outputs}")
     return session

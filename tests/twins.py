@@ -260,6 +260,12 @@ def bf16(x: np.ndarray) -> np.ndarray:
     return rounded.view(np.float32)
 
 
+def linear_bf16(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """_ext.linear_bf16's product: bf16(x) [M, K] @ bf16(w) [K, N] + bias [N] in float64 (the tile unit sums the
+    exact products in float32: compare with a tolerance) -> float32 [M, N]."""
+    return linear(bf16(x), bf16(w), bias)
+
+
 EXP_COEFFICIENTS = (0.00957007, 0.05591777, 0.24024744, 0.69312185, 0.9999993)   # 2^f on [-0.5, 0.5], f^4 first
 
 

@@ -1,0 +1,243 @@
+"""An fp32 ONNX graph whose weight products run in bfloat16 on AMX tiles, the rest in ONNX Runtime.
+
+ONNX Runtime has no x86 bfloat16 GEMM, and its int8 products lose too much of LiteMedSAM's embedding for the
+accuracy bounds of issue 6 (benchmarks/results/int8_accuracy.md: 8-bit activations cost about 0.002 of
+embedding cosine; bfloat16 products keep it near 0.9999). ``Bf16Graph`` cuts a float32 graph at each product
+of an activation with a constant weight (``Gemm``, or ``MatMul`` with its bias ``Add``), runs the pieces between
+the cuts as ONNX Runtime sessions and each product with ``_ext.linear_bf16`` (weights rounded and packed once,
+``pack_bf16_weight``). Everything else (convolutions, normalisation, attention) stays float32.
+
+The pieces are the graph's nodes in their (topological) order between two products, so each piece needs only
+tensors made before it; each tensor is dropped after its last use.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from samreg_rt import _ext
+
+TILE = 32  # _ext.linear_bf16's padding of K and N
+
+
+def round_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 array -> uint16 array of the same shape: the bfloat16 bits of each value, rounded to nearest even
+    (as VCVTNEPS2BF16 for finite values)."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+
+
+def bf16_to_float(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bits -> float32 values."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def pack_bf16_weight(w: np.ndarray) -> np.ndarray:
+    """W float32 [K, N] -> uint16 [N32 / 32, K32 / 32, 2, 16, 16, 2], the layout of ``_ext.linear_bf16``: W rounded
+    to bfloat16, K and N padded with zeros to multiples of 32 (K32, N32); element [p, c, t, i, n, e] is
+    W[32 c + 2 i + e, 32 p + 16 t + n] (AMX B tiles: rows of 16 pairs of K, 16 columns each)."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"pack_bf16_weight: expected a [K, N] weight, got shape {w.shape}")
+    k, n = w.shape
+    kp, np_ = -(-k // TILE) * TILE, -(-n // TILE) * TILE
+    padded = np.zeros((kp, np_), np.float32)
+    padded[:k, :n] = w
+    tiles = round_bf16(padded).reshape(kp // TILE, 16, 2, np_ // TILE, 2, 16)
+    return np.ascontiguousarray(tiles.transpose(3, 0, 4, 1, 5, 2))
+
+
+@dataclass(frozen=True)
+class WeightProduct:
+    """output = input @ weight + bias over the last axis of input; weight packed by ``pack_bf16_weight``."""
+    input: str
+    output: str
+    weight: np.ndarray   # uint16, packed
+    bias: np.ndarray     # float32 [N]
+    depth: int           # K
+
+    def run(self, x: np.ndarray, threads: int, out: np.ndarray | None = None) -> np.ndarray:
+        """x (..., K) float32 -> (..., N); into ``out`` (M x N values, M the product of x's other axes) if given."""
+        if x.shape[-1] != self.depth:
+            raise ValueError(f"{self.input}: expected {self.depth} channels in the last axis, got shape {x.shape}")
+        rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.depth)
+        if out is not None:
+            out = out.reshape(rows.shape[0], self.bias.shape[0])
+        return _ext.linear_bf16(rows, self.weight, self.bias, out=out, threads=threads).reshape(
+            *x.shape[:-1], self.bias.shape[0])
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Nodes run by one ONNX Runtime session: its inputs from earlier steps, its outputs for later ones."""
+    session: ort.InferenceSession
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def find_products(graph: onnx.GraphProto) -> dict[int, tuple[WeightProduct, set[int]]]:
+    """The weight products of a graph: {index of the first node: (product, indices of the nodes it replaces)}.
+
+    Gemm(A, B, C?) with B (and C) initializers, transA 0, alpha and beta 1; MatMul(A, B) with B a 2-D initializer,
+    with the bias of the one Add that takes its output when the other term is a 1-D initializer of N values.
+    """
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    graph_outputs = {o.name for o in graph.output}
+    products = {}
+    for i, node in enumerate(graph.node):
+        if node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        if node.input[0] in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if w.ndim != 2 or w.dtype != np.float32:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        replaced, output = {i}, node.output[0]
+        if node.op_type == "Gemm":
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                continue
+            if attrs.get("transB", 0):
+                w = w.T
+            bias = np.zeros(w.shape[1], np.float32)
+            if len(node.input) > 2 and node.input[2]:
+                if node.input[2] not in inits:
+                    continue
+                c = numpy_helper.to_array(inits[node.input[2]])
+                if c.dtype != np.float32 or c.size != w.shape[1]:
+                    continue
+                bias = c.reshape(-1).copy()
+        else:
+            bias = np.zeros(w.shape[1], np.float32)
+            users = consumers.get(output, [])
+            if len(users) == 1 and output not in graph_outputs:
+                add = graph.node[users[0]]
+                other = [name for name in add.input if name != output]
+                if add.op_type == "Add" and len(other) == 1 and other[0] in inits:
+                    c = numpy_helper.to_array(inits[other[0]])
+                    if c.dtype == np.float32 and c.shape == (w.shape[1],):
+                        bias, output = c.copy(), add.output[0]
+                        replaced.add(users[0])
+        products[i] = (WeightProduct(node.input[0], output, pack_bf16_weight(w), bias, w.shape[0]), replaced)
+    return products
+
+
+class Bf16Graph:
+    """A float32 graph run with its weight products in bfloat16 (``_ext.linear_bf16``): ``run`` as
+    ``onnxruntime.InferenceSession.run``. ``make_session(model_bytes)`` builds the session of each piece.
+    Raises ValueError for a graph with subgraphs (If, Loop, Scan) or no weight product."""
+
+    def __init__(self, model: onnx.ModelProto, make_session: Callable[[bytes], ort.InferenceSession],
+                 threads: int = 0):
+        graph = model.graph
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node
+               for a in n.attribute):
+            raise ValueError("Bf16Graph: graphs with subgraphs (If, Loop, Scan) are not supported")
+        products = find_products(graph)
+        if not products:
+            raise ValueError("Bf16Graph: the graph has no product of an activation with a constant weight")
+        self.threads = threads
+        self._spare = threading.local()  # each thread's arrays for the products' results, by size
+        self.inputs = tuple(i.name for i in graph.input if i.name not in {t.name for t in graph.initializer})
+        self.outputs = tuple(o.name for o in graph.output)
+        replaced = set().union(*(r for _, r in products.values()))
+        # the steps: runs of plain nodes, and the products at the place of their first node
+        groups: list[list[onnx.NodeProto] | WeightProduct] = [[]]
+        for i, node in enumerate(graph.node):
+            if i in products:
+                groups += [products[i][0], []]
+            elif i not in replaced:
+                groups[-1].append(node)
+        groups = [g for g in groups if not (isinstance(g, list) and not g)]
+        needs = [{g.input} if isinstance(g, WeightProduct) else _node_inputs(g) for g in groups]
+        makes = [{g.output} if isinstance(g, WeightProduct) else _node_outputs(g) for g in groups]
+        later: set[str] = set(self.outputs)
+        wanted = []
+        for k in range(len(groups) - 1, -1, -1):
+            wanted.append(makes[k] & later)
+            later |= needs[k]
+        wanted.reverse()
+        inferred = onnx.shape_inference.infer_shapes(model)
+        infos = {v.name: v for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
+        inits = {t.name: t for t in graph.initializer}
+        self.steps: list[Piece | WeightProduct] = []
+        alive: set[str] = set(self.inputs)
+        for k, group in enumerate(groups):
+            if isinstance(group, WeightProduct):
+                self.steps.append(group)
+            elif wanted[k]:  # (nodes whose results nothing uses are left out)
+                inputs = tuple(sorted(needs[k] & alive))
+                outputs = tuple(sorted(wanted[k]))
+                piece = onnx.helper.make_graph(
+                    group, f"{graph.name}_piece{k}", [_info(infos, name) for name in inputs],
+                    [_info(infos, name) for name in outputs],
+                    [inits[name] for name in sorted(needs[k] & inits.keys())])
+                sub = onnx.helper.make_model(piece, opset_imports=model.opset_import, ir_version=model.ir_version)
+                self.steps.append(Piece(make_session(sub.SerializeToString()), inputs, outputs))
+            alive |= wanted[k]
+        # the tensors each step is the last to use (graph outputs stay)
+        last_use: dict[str, int] = {}
+        for k, step in enumerate(self.steps):
+            for name in (step.inputs if isinstance(step, Piece) else (step.input,)):
+                last_use[name] = k
+        self.drops = [[n for n, k in last_use.items() if k == j and n not in self.outputs]
+                      for j in range(len(self.steps))]
+
+    def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The graph's outputs (``output_names``, None: all) for the input arrays ``feeds``."""
+        missing = [name for name in self.inputs if name not in feeds]
+        if missing:
+            raise ValueError(f"Bf16Graph.run: missing inputs {missing} (the graph takes {list(self.inputs)})")
+        # the products' results in arrays kept from earlier runs of this thread: fresh ones of tens of MB would
+        # be new pages from the operating system each time (page faults took as long as the products here)
+        spare = self._spare.__dict__.setdefault("arrays", {})
+        values, pooled = dict(feeds), {}
+        for step, drops in zip(self.steps, self.drops):
+            if isinstance(step, WeightProduct):
+                x = values[step.input]
+                size = x.size // step.depth * step.bias.shape[0]
+                out = None
+                if step.output not in self.outputs and spare.get(size):
+                    out = spare[size].pop()
+                values[step.output] = step.run(x, self.threads, out)
+                if step.output not in self.outputs:
+                    pooled[step.output] = values[step.output]
+            else:
+                results = step.session.run(list(step.outputs), {name: values[name] for name in step.inputs})
+                values.update(zip(step.outputs, results))
+            for name in drops:
+                array = values.pop(name)
+                if pooled.pop(name, None) is not None:
+                    spare.setdefault(array.size, []).append(array.reshape(-1))
+        return [values[name] for name in (output_names or self.outputs)]
+
+    def get_providers(self) -> list[str]:
+        """The execution providers of the ONNX Runtime pieces."""
+        first = next(step for step in self.steps if isinstance(step, Piece))
+        return first.session.get_providers()
+
+
+def _node_inputs(nodes: list[onnx.NodeProto]) -> set[str]:
+    made = _node_outputs(nodes)
+    return {name for node in nodes for name in node.input if name and name not in made}
+
+
+def _node_outputs(nodes: list[onnx.NodeProto]) -> set[str]:
+    return {name for node in nodes for name in node.output if name}
+
+
+def _info(infos: dict[str, onnx.ValueInfoProto], name: str) -> onnx.ValueInfoProto:
+    """The inferred type and shape of a tensor (float32 of unknown shape where inference gave none)."""
+    if name in infos and infos[name].type.tensor_type.elem_type:
+        return infos[name]
+    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)

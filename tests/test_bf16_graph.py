@@ -1,0 +1,236 @@
+"""bfloat16 weight products: _ext.linear_bf16 against its twin, the packing, Bf16Graph on hand-made graphs, and
+engines of precision 'bf16' (the fp32 export with the encoder's weight products on AMX tiles)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from samreg_rt import _ext
+from samreg_rt import engine as engine_module
+from samreg_rt.bf16_graph import Bf16Graph, bf16_to_float, find_products, pack_bf16_weight, round_bf16
+from samreg_rt.engine import Engine
+from samreg_rt.errors import ModelError
+from samreg_rt.io import load_image
+from samreg_export.export import export_model
+
+from . import twins
+
+needs_amx = pytest.mark.skipif(not _ext.has_amx_bf16(), reason="no AMX-BF16 tiles on this CPU or OS")
+
+
+@pytest.fixture()
+def rng():
+    return np.random.default_rng(0)
+
+
+def _linear_inputs(rng, m, k, n):
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    return x, w, rng.standard_normal(n).astype(np.float32)
+
+
+def test_round_bf16_is_torch_bfloat16(rng):
+    """Nearest even, as torch's float32 -> bfloat16 conversion (ties included)."""
+    x = np.concatenate([rng.standard_normal(10000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 10000),
+                        np.array([1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, -(1 + 2.0 ** -8), 0.0, -0.0, 3.0e38],
+                                 np.float32)]).astype(np.float32)
+    want = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(round_bf16(x), want)
+    np.testing.assert_array_equal(bf16_to_float(round_bf16(x)), twins.bf16(x))
+
+
+def test_pack_bf16_weight_layout(rng):
+    """Element [p, c, t, i, n, e] is W[32 c + 2 i + e, 32 p + 16 t + n], zero past K and N."""
+    k, n = 45, 70
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    packed = pack_bf16_weight(w)
+    assert packed.dtype == np.uint16 and packed.shape == (3, 2, 2, 16, 16, 2)
+    values = bf16_to_float(packed)
+    for p, c, t, i, col, e in [(0, 0, 0, 0, 0, 0), (2, 1, 0, 6, 5, 1), (1, 0, 1, 15, 15, 1), (2, 1, 1, 15, 15, 1),
+                               (2, 1, 0, 6, 6, 0)]:
+        row, column = 32 * c + 2 * i + e, 32 * p + 16 * t + col
+        want = twins.bf16(w[row, column]) if row < k and column < n else 0.0
+        assert values[p, c, t, i, col, e] == want, (p, c, t, i, col, e)
+    assert np.count_nonzero(values) == np.count_nonzero(twins.bf16(w))
+    with pytest.raises(ValueError, match=r"expected a \[K, N\] weight"):
+        pack_bf16_weight(w[None])
+
+
+@needs_amx
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 7, 3), (33, 40, 50), (64, 64, 64), (97, 160, 640),
+                                   (300, 1280, 320), (4096, 768, 96)])
+def test_linear_bf16_matches_twin(rng, m, k, n):
+    x, w, b = _linear_inputs(rng, m, k, n)
+    got = _ext.linear_bf16(x, pack_bf16_weight(w), b)
+    want = twins.linear_bf16(x, w, b)
+    assert got.dtype == np.float32 and got.shape == (m, n)
+    # float32 sums of k exact products: within k float32 roundings of the sum of magnitudes
+    scale = np.abs(twins.bf16(x)).astype(np.float64) @ np.abs(twins.bf16(w)) + np.abs(b)
+    assert (np.abs(got - want) <= 2 * k * np.finfo(np.float32).eps * scale + 1e-30).all()
+    # and the bfloat16 rounding shows against float32: the twin is not float32's product
+    if k >= 40:
+        assert np.abs(want - twins.linear(x, w, b)).max() > 1e-4
+
+
+@needs_amx
+def test_linear_bf16_threads_and_out(rng):
+    x, w, b = _linear_inputs(rng, 1000, 96, 200)
+    packed = pack_bf16_weight(w)
+    one = _ext.linear_bf16(x, packed, b, threads=1)
+    np.testing.assert_array_equal(_ext.linear_bf16(x, packed, b, threads=2), one)
+    out = np.full((1000, 200), np.nan, np.float32)
+    assert _ext.linear_bf16(x, packed, b, out=out) is out
+    np.testing.assert_array_equal(out, one)
+    assert _ext.linear_bf16(x[:0].copy(), packed, b).shape == (0, 200)
+
+
+def test_linear_bf16_rejects_bad_arguments(rng):
+    """Argument checks run before the tiles are asked for, on any CPU."""
+    x, w, b = _linear_inputs(rng, 10, 40, 50)
+    packed = pack_bf16_weight(w)
+    cases = [
+        (dict(x=x.astype(np.float64)), TypeError, "x: expected dtype float32"),
+        (dict(w=packed.astype(np.int16)), TypeError, "w: expected dtype uint16"),
+        (dict(x=x[:, :30].copy()), ValueError, r"w: expected the packing of a \(30, 50\) weight"),
+        (dict(bias=b[:20].copy()), ValueError, r"w: expected the packing of a \(40, 20\) weight"),
+        (dict(x=x.T), ValueError, "x: array is not C-contiguous"),
+        (dict(out=np.zeros((10, 49), np.float32)), ValueError, r"out: expected shape \(10, 50\)"),
+        (dict(threads=-1), ValueError, "threads"),
+    ]
+    for change, error, message in cases:
+        with pytest.raises(error, match=message):
+            _ext.linear_bf16(**{**dict(x=x, w=packed, bias=b), **change})
+
+
+@pytest.mark.skipif(_ext.has_amx_bf16(), reason="this CPU has AMX-BF16 tiles")
+def test_linear_bf16_refuses_without_amx(rng):
+    x, w, b = _linear_inputs(rng, 10, 40, 50)
+    with pytest.raises(RuntimeError, match="no AMX-BF16 tiles"):
+        _ext.linear_bf16(x, pack_bf16_weight(w), b)
+
+
+def _graph(rng) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x [2, 5, 24] -> LayerNorm -> MatMul(w1) + b1 -> Relu -> Reshape [10, 40] -> Gemm(w2^T, c2, transB) -> y,
+    and z = MatMul(x, w3) (no bias, a graph output itself), u = Gemm with alpha 2 (left to ONNX Runtime)."""
+    w = {"w1": rng.standard_normal((24, 40)), "b1": rng.standard_normal(40), "w2": rng.standard_normal((16, 40)),
+         "c2": rng.standard_normal(16), "w3": rng.standard_normal((24, 8)), "w4": rng.standard_normal((40, 4)),
+         "scale": np.ones(24), "shift": np.zeros(24)}
+    w = {name: (a / 4).astype(np.float32) for name, a in w.items()}
+    w["shape"] = np.array([10, 40], np.int64)
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "scale", "shift"], ["n"], axis=-1),
+        helper.make_node("MatMul", ["n", "w1"], ["h"]),
+        helper.make_node("Add", ["h", "b1"], ["hb"]),
+        helper.make_node("Relu", ["hb"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["r2"]),
+        helper.make_node("Gemm", ["r2", "w2", "c2"], ["y"], transB=1),
+        helper.make_node("MatMul", ["x", "w3"], ["z"]),
+        helper.make_node("Gemm", ["r2", "w4"], ["u"], alpha=2.0),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 24])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "z", "u")],
+        [numpy_helper.from_array(a, name) for name, a in w.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), w
+
+
+def _session(data: bytes) -> ort.InferenceSession:
+    return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+
+def test_find_products(rng):
+    model, w = _graph(rng)
+    products = find_products(model.graph)
+    assert sorted(products) == [1, 5, 6]     # the Gemm with alpha 2 stays in ONNX Runtime
+    first, replaced = products[1]
+    assert (first.input, first.output, first.depth, replaced) == ("n", "hb", 24, {1, 2})
+    np.testing.assert_array_equal(first.bias, w["b1"])
+    gemm = products[5][0]
+    np.testing.assert_array_equal(gemm.weight, pack_bf16_weight(w["w2"].T))
+    np.testing.assert_array_equal(gemm.bias, w["c2"])
+    assert products[6][0].output == "z" and not products[6][0].bias.any()
+
+
+@needs_amx
+def test_bf16_graph_matches_its_numpy_emulation(rng):
+    model, w = _graph(rng)
+    graph = Bf16Graph(model, _session, threads=2)
+    assert sum(type(step).__name__ == "WeightProduct" for step in graph.steps) == 3
+    x = rng.standard_normal((2, 5, 24)).astype(np.float32)
+    y, z, u = graph.run(None, {"x": x})
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    n = ((x - mean) / np.sqrt(var + 1e-5) * w["scale"] + w["shift"]).astype(np.float32)
+    h = twins.linear_bf16(n.reshape(10, 24), w["w1"], w["b1"])
+    r2 = np.maximum(h, 0).reshape(10, 40)
+    np.testing.assert_allclose(y, twins.linear_bf16(r2, w["w2"].T, w["c2"]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(z, twins.linear_bf16(x.reshape(10, 24), w["w3"], np.zeros(8, np.float32))
+                               .reshape(2, 5, 8), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(u, 2 * r2 @ w["w4"], rtol=1e-4, atol=1e-4)          # float32 in ONNX Runtime
+    # the products are bfloat16's, not float32's
+    full = _session(model.SerializeToString()).run(None, {"x": x})
+    assert np.abs(z - full[1]).max() > 1e-4
+    np.testing.assert_allclose(y, full[0], atol=0.05)
+    # outputs by name; a second run (the products' arrays reused) gives the same; missing inputs are named
+    again = graph.run(["z", "y"], {"x": x})
+    np.testing.assert_array_equal(again[0], z)
+    np.testing.assert_array_equal(again[1], y)
+    with pytest.raises(ValueError, match=r"missing inputs \['x'\]"):
+        graph.run(None, {})
+
+
+def test_bf16_graph_refuses_graphs_without_products():
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    with pytest.raises(ValueError, match="no product of an activation with a constant weight"):
+        Bf16Graph(model, _session)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@needs_amx
+def test_bf16_engine_litemedsam(litemedsam_dir, data_dir):
+    """LiteMedSAM's real weights: the bf16 encoder's embedding is within bfloat16 rounding of fp32's (cosine
+    0.99995 on this image when written) and the decoders are fp32's."""
+    fp32 = Engine.load(litemedsam_dir, threads=2)
+    bf16 = Engine.load(litemedsam_dir, threads=2, precision="bf16")
+    assert bf16.precision == "bf16" and bf16.provider == "CPUExecutionProvider"
+    assert isinstance(bf16.sessions["encoder"], Bf16Graph)
+    image = load_image(data_dir / "cardiac_mr" / "acdc2d_example" / "fixed.png").array
+    want, got = fp32.embed(image).embedding, bf16.embed(image).embedding
+    assert not np.array_equal(got, want)
+    assert _cosine(got, want) >= 0.9999
+    np.testing.assert_array_equal(bf16.embed(image).embedding, got)     # deterministic
+
+
+@needs_amx
+def test_bf16_engine_vit_parts(tmp_path_factory):
+    """A ViT export: the encoder parts around the native attention run with bfloat16 products (and attention)."""
+    model_dir = export_model("random:tiny", tmp_path_factory.mktemp("tiny"), precisions=("fp32",), name="tiny")
+    fp32 = Engine.load(model_dir, threads=2)
+    bf16 = Engine.load(model_dir, threads=2, precision="bf16")
+    image = np.random.default_rng(3).integers(0, 255, (90, 130), np.uint8)
+    want, got = fp32.embed(image).embedding, bf16.embed(image).embedding
+    if fp32.encoder_parts:
+        assert bf16.encoder_attention == "bf16"
+        assert all(isinstance(part, Bf16Graph) for part in bf16.encoder_parts)
+    assert _cosine(got, want) >= 0.999
+
+
+def test_bf16_engine_errors(litemedsam_dir, monkeypatch):
+    """bf16 needs the fp32 graphs and AMX tiles, and runs on the CPU provider."""
+    monkeypatch.setattr(engine_module._ext, "has_amx_bf16", lambda: False)
+    with pytest.raises(ModelError, match="precision 'bf16' needs AMX-BF16 tiles"):
+        Engine.load(litemedsam_dir, precision="bf16")
+    monkeypatch.setattr(engine_module._ext, "has_amx_bf16", lambda: True)
+    monkeypatch.setattr(engine_module, "select_providers", lambda providers: ["CUDAExecutionProvider"])
+    with pytest.raises(ModelError, match="precision 'bf16' runs on the CPU"):
+        Engine.load(litemedsam_dir, precision="bf16")
