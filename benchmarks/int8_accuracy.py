@@ -1,4 +1,4 @@
-"""int8 against fp32 on the labelled pairs of ../shared/data: masks, ROI pairs and registration Dice.
+"""int8 and bf16 against fp32 on the labelled pairs of ../shared/data: masks, ROI pairs and registration Dice.
 
     python benchmarks/int8_accuracy.py [--model litemedsam] [--per-application 0] [--threads 2]
         [--out benchmarks/results]
@@ -7,7 +7,8 @@ Issue 6 bounds int8's loss: mask IoU >= 0.95 against fp32 and >= 90% of the fp32
 2-D pair (all of them, or the first ``--per-application`` of each application) is registered with the
 ``default`` preset by an fp32 and an int8 engine of one fresh export (``export_model`` into a temporary
 directory, as the exporter now quantizes on this CPU; ``Engine.load(..., precision=...)``, int8's encoder
-attention as ``Engine.load`` picks it on this machine), and compared:
+attention as ``Engine.load`` picks it on this machine), and, on CPUs with AMX-BF16 tiles, by a bf16 engine (the
+fp32 graphs with the encoder's weight products in bfloat16, ``samreg_rt.bf16_graph``), and compared:
 
 * ROIs: for each fp32 ROI (after the area filter and dedup) its best mask IoU with an int8 ROI of the same
   image (0 where int8 has none); their mean (the bound's figure), the fraction at IoU >= 0.95 and the lowest;
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from samreg_export.export import export_model
+from samreg_rt import _ext
 from samreg_rt.engine import Engine, ImageEmbedding
 from samreg_rt.io import load_image
 from samreg_rt.manifest import read_manifest
@@ -128,33 +130,45 @@ def _f(x: Any, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
 
-def markdown(report: dict[str, Any]) -> str:
-    m, s = report["machine"], report["summary"]["int8"]
+def verdict(label: str, s: dict[str, Any]) -> str:
+    """Whether a variant's summary meets issue 6's bounds (set for int8), in words."""
     met_masks = s["roi_iou_mean"] is not None and s["roi_iou_mean"] >= SAME_MASK_IOU
     met_pairs = s["roi_pairs_kept"] is not None and s["roi_pairs_kept"] >= PAIRS_KEPT
+    return (f"{label}: mask IoU >= {SAME_MASK_IOU} against fp32 (the mean over the fp32 ROIs of the best IoU; an ROI "
+            f"that {label} does not find counts 0): {'met' if met_masks else 'NOT met'}; >= {PAIRS_KEPT:.0%} of the "
+            f"fp32 pairs kept: {'met' if met_pairs else 'NOT met'}.")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    variants = [label for label in ("int8", "bf16") if label in report["summary"]]
     lines = [
-        "# int8 against fp32: masks, ROI pairs and registration Dice", "",
+        f"# {' and '.join(variants)} against fp32: masks, ROI pairs and registration Dice", "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, SIMD {' '.join(m['simd_flags'])}; Python "
         f"{m['python']}, onnxruntime {m['onnxruntime']}. Load average before/after {report['load'][0]:.2f} / "
         f"{report['load'][1]:.2f}.",
         f"Command: `{report['command']}`. Model {report['model']}, `default` preset, {report['threads']} threads; "
         f"int8: {report['int8_note']}; encoder attention: {report['int8_encoder_attention']} "
         "(only ViT encoders have the global attention that it concerns). "
+        + ("bf16: the fp32 graphs with the encoder's weight products (Gemm, MatMul with a constant weight) in "
+           "bfloat16 on AMX tiles (`samreg_rt.bf16_graph`, `_ext.linear_bf16`: inputs and weights rounded to "
+           "bfloat16, sums in float32), everything else float32. " if "bf16" in variants else "") +
         f"ROIs count as the same at mask IoU >= {SAME_MASK_IOU}; pairs as kept when both ROIs are the same and "
         "the variant pairs them together. `noise s`: the fp32 engine with Gaussian noise of s times the "
         "embedding's standard deviation added to each embedding (seeded): the loss of a perturbation of that size.",
-        "", "## int8 per pair", "",
-        "| pair | ROIs fp32 / int8 | ROIs same | lowest ROI IoU | pairs fp32 / int8 | pairs kept | Dice fp32 / int8 "
-        "| embedding cosine (fixed, moving) |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in report["rows"]:
-        if r["variant"] != "int8":
-            continue
-        low = min(r["roi_ious"]) if r["roi_ious"] else None
-        lines.append(f"| {r['pair']} | {r['rois'][0]} / {r['rois'][1]} | {_f(r['rois_kept'], 2)} | {_f(low)} | "
-                     f"{r['pairs'][0]} / {r['pairs'][1]} | {_f(r['pairs_kept'], 2)} | {_f(r['dice'][0])} / "
-                     f"{_f(r['dice'][1])} | {', '.join(f'{c:.5f}' for c in r['embedding_cosine'])} |")
+    for label in variants:
+        lines += ["", f"## {label} per pair", "",
+                  f"| pair | ROIs fp32 / {label} | ROIs same | lowest ROI IoU | pairs fp32 / {label} | pairs kept "
+                  f"| Dice fp32 / {label} | embedding cosine (fixed, moving) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in report["rows"]:
+            if r["variant"] != label:
+                continue
+            low = min(r["roi_ious"]) if r["roi_ious"] else None
+            lines.append(f"| {r['pair']} | {r['rois'][0]} / {r['rois'][1]} | {_f(r['rois_kept'], 2)} | {_f(low)} | "
+                         f"{r['pairs'][0]} / {r['pairs'][1]} | {_f(r['pairs_kept'], 2)} | {_f(r['dice'][0])} / "
+                         f"{_f(r['dice'][1])} | {', '.join(f'{c:.5f}' for c in r['embedding_cosine'])} |")
     lines += ["", "## Summary", "",
               "| variant | pairs | fp32 ROIs | ROIs same | best ROI IoU mean / median / lowest | fp32 ROI pairs "
               "| pairs kept | mean Dice fp32 / variant | worst Dice change | embedding cosine mean / lowest |",
@@ -165,9 +179,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{_f(v['roi_pairs_kept'])} | {_f(v['dice_fp32'])} / {_f(v['dice'])} | "
                      f"{_f(v['worst_dice_change'])} | {v['embedding_cosine_mean']:.5f} / "
                      f"{v['embedding_cosine_min']:.5f} |")
-    lines += ["", f"Issue 6 (int8): mask IoU >= {SAME_MASK_IOU} against fp32 (the mean over the fp32 ROIs of the best "
-              f"IoU; an ROI that int8 does not find counts 0): {'met' if met_masks else 'NOT met'}; "
-              f">= {PAIRS_KEPT:.0%} of the fp32 pairs kept: {'met' if met_pairs else 'NOT met'}."]
+    lines += ["", "Issue 6's accuracy bounds:", ""] + [f"- {verdict(label, report['summary'][label])}"
+                                                       for label in variants]
     return "\n".join(lines) + "\n"
 
 
@@ -185,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         note = read_manifest(model_dir)["precisions"]["int8"]
         fp32 = Engine.load(model_dir, threads=args.threads)
         int8 = Engine.load(model_dir, threads=args.threads, precision="int8")
-        variants = {"int8": int8, **{f"noise {sigma:g}": NoisyEmbeddings(fp32, sigma) for sigma in args.noise}}
+        variants = {"int8": int8}
+        if _ext.has_amx_bf16():
+            variants["bf16"] = Engine.load(model_dir, threads=args.threads, precision="bf16")
+        variants.update({f"noise {sigma:g}": NoisyEmbeddings(fp32, sigma) for sigma in args.noise})
         load_before = os.getloadavg()[0]
         rows = bench(labelled_pairs(args.per_application or 10 ** 6), fp32, variants)
     report = {

@@ -61,7 +61,7 @@ import torch
 from samreg_export import parity
 from samreg_export.checkpoints import load_source
 from samreg_export.export import default_spec, export_model, read_parity_image
-from samreg_rt import amg, ddf, match, roi
+from samreg_rt import _ext, amg, ddf, match, roi
 from samreg_rt.correspondence import Side
 from samreg_rt.engine import Engine, ImageEmbedding
 from samreg_rt.io import load_image
@@ -204,16 +204,23 @@ def encoder_rows(key: str, graphs: Path, threads: int, runs: int, work: Path) ->
         torch_s = time_runs(lambda: sam.image_encoder(x), 1, runs)["wall_s"]
     rows = {p: profile_graph(graphs / f"encoder{'' if p == 'fp32' else '.int8'}.onnx", {"image": image},
                              threads, runs, work) for p in ("fp32", "int8")}
-    # how samreg-rt runs a ViT encoder on an AVX-512 CPU: its parts around the native attention (int8: in bfloat16
-    # where the CPU has AMX tiles), and int8 with float32 attention; embedding cosine to the ORT fp32 graph's
+    # how samreg-rt runs the encoder: a ViT's parts around the native attention on an AVX-512 CPU (int8 and bf16:
+    # in bfloat16 where the CPU has AMX tiles), int8 with float32 attention, and bf16 (the fp32 graphs with the
+    # weight products in bfloat16, samreg_rt.bf16_graph) on CPUs with AMX tiles; embedding cosine to the ORT fp32
+    # graph's
     want = session(str(graphs / "encoder.onnx"), threads).run(None, {"image": image})[0].ravel()
     native, attention, cosine = {}, {}, {}
-    for label, p, choice in (("fp32", "fp32", "auto"), ("int8", "int8", "auto"), ("int8_fp32_attention", "int8", "fp32")):
+    variants = [("fp32", "fp32", "auto"), ("int8", "int8", "auto"), ("int8_fp32_attention", "int8", "fp32")]
+    for label, p, choice in variants + ([("bf16", "bf16", "auto")] if _ext.has_amx_bf16() else []):
         engine = Engine.load(graphs, providers="cpu", threads=threads, precision=p, encoder_attention=choice)
-        if not engine.encoder_parts or (choice == "fp32" and attention.get("int8") == "fp32"):
+        if choice == "fp32" and (not engine.encoder_parts or attention.get("int8") == "fp32"):
             continue
-        run = lambda: run_encoder_parts(engine.encoder_parts, image, threads, engine.encoder_attention)  # noqa: E731
-        native[label], attention[label] = time_runs(run, 1, runs)["wall_s"], engine.encoder_attention
+        if engine.encoder_parts:
+            run = lambda: run_encoder_parts(engine.encoder_parts, image, threads, engine.encoder_attention)  # noqa: E731
+        else:
+            run = lambda: engine.sessions["encoder"].run(None, {"image": image})[0]  # noqa: E731
+        native[label] = time_runs(run, 1, runs)["wall_s"]
+        attention[label] = engine.encoder_attention if engine.encoder_parts else "-"
         got = run().ravel()
         cosine[label] = float(got @ want / np.linalg.norm(got) / np.linalg.norm(want))
     return {"source": MODELS[key], "trained": loaded.trained, "torch_s": torch_s, "profiles": rows,
@@ -385,14 +392,20 @@ def markdown(r: dict[str, Any]) -> str:
         native, f32 = e.get("native_s", {}), e["profiles"]["fp32"]["latency_s"]
         if {"fp32", "int8"} <= set(native):
             ratio, att, cos = f32 / native["int8"], e["native_attention"], e["native_cosine"]
-            lines += ["", f"{key} as samreg-rt runs it (the graphs `encoder_part<i>` around the native global attention, "
-                      f"`samreg_rt.split_encoder`; wall, median of the runs; embedding cosine to the ORT fp32 graph's):",
+            lines += ["", f"{key} as samreg-rt runs it (a ViT: the graphs `encoder_part<i>` around the native global "
+                      "attention, `samreg_rt.split_encoder`; bf16: the fp32 graphs with their weight products in "
+                      "bfloat16 on AMX tiles, `samreg_rt.bf16_graph`; wall, median of the runs; embedding cosine to "
+                      "the ORT fp32 graph's):",
                       "", "| encoder | global attention | ms | vs ORT fp32 graph | cosine |", "|---|---|---:|---:|---:|",
                       *(f"| {label} | {att[label]} | {1e3 * native[label]:.0f} | {f32 / native[label]:.2f}x | "
                         f"{cos[label]:.6f} |" for label in native),
                       "", f"int8 (as `Engine.load` picks its attention here: {att['int8']}) is {ratio:.2f}x the ORT fp32 "
                       f"graph ({'met' if ratio >= 3 else 'NOT met'} against issue 6's 3x) and "
                       f"{native['fp32'] / native['int8']:.2f}x samreg-rt's fp32 encoder."]
+            if "bf16" in native:
+                lines += ["", f"bf16 is {f32 / native['bf16']:.2f}x the ORT fp32 graph "
+                          f"({'met' if f32 / native['bf16'] >= 3 else 'NOT met'} against issue 6's 3x for int8), "
+                          f"embedding cosine {cos['bf16']:.6f} against int8's {cos['int8']:.6f}."]
     a, same = r["amg"], r["amg"]["masks"]
     met = "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in r["targets_met"].items())
     lines += ["", f"Mask generation, LiteMedSAM, {a['params']} on {a['image']} ({a['prompts']} prompts): PyTorch "
