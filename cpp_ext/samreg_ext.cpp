@@ -2147,6 +2147,19 @@ void linear_generic(const LinearArgs &a, std::int64_t n0, std::int64_t r0, std::
     linear_body(a, n0, r0, r1, buffer);
 }
 
+// The result of a product x @ w + bias: a new float32 [rows, cols] array, or out_obj checked (float32, that shape,
+// writeable, not overlapping x, w or bias).
+py::array_t<float> product_out(py::handle out_obj, std::int64_t rows, std::int64_t cols, const py::array &x,
+                               const py::array &w, const char *w_name, const py::array &bias) {
+    if (out_obj.is_none()) return py::array_t<float>({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(cols)});
+    auto out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 2));
+    require_shape(out, "out", {rows, cols});
+    if (!out.writeable()) throw py::value_error("out: array is read-only");
+    for (const auto &[arr, name] : {std::pair<const py::array &, const char *>{x, "x"}, {w, w_name}, {bias, "bias"}})
+        require_disjoint(out, arr, name);
+    return out;
+}
+
 py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle bias_obj, bool relu,
                           py::handle out_obj, const std::string &isa, std::int64_t threads) {
     check_threads("linear", threads);
@@ -2161,17 +2174,7 @@ py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle 
     }
     require_shape(bias, "bias", {cols});
     const bool avx512 = use_avx512(isa, "linear");
-    py::array_t<float> out;
-    if (out_obj.is_none()) {
-        out = py::array_t<float>({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(cols)});
-    } else {
-        out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 2));
-        require_shape(out, "out", {rows, cols});
-        if (!out.writeable()) throw py::value_error("out: array is read-only");
-        for (const auto &[arr, name] : {std::pair<const py::array &, const char *>{x, "x"}, {weight_t, "weight_t"},
-                                        {bias, "bias"}})
-            require_disjoint(out, arr, name);
-    }
+    py::array_t<float> out = product_out(out_obj, rows, cols, x, weight_t, "weight_t", bias);
     if (rows == 0 || cols == 0) return out;
     const LinearArgs args{static_cast<const float *>(x.data()), static_cast<const float *>(weight_t.data()),
                           static_cast<const float *>(bias.data()), out.mutable_data(), rows, depth, cols, relu};
@@ -2849,16 +2852,7 @@ py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bi
     if (!has_amx_bf16())
         throw std::runtime_error("linear_bf16: this CPU or operating system gives no AMX-BF16 tiles "
                                  "(has_amx_bf16() is False)");
-    py::array_t<float> out;
-    if (out_obj.is_none()) {
-        out = py::array_t<float>({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(cols)});
-    } else {
-        out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 2));
-        require_shape(out, "out", {rows, cols});
-        if (!out.writeable()) throw py::value_error("out: array is read-only");
-        for (const auto &[arr, name] : {std::pair<const py::array &, const char *>{x, "x"}, {w, "w"}, {bias, "bias"}})
-            require_disjoint(out, arr, name);
-    }
+    py::array_t<float> out = product_out(out_obj, rows, cols, x, w, "w", bias);
     if (rows == 0 || cols == 0) return out;
     std::vector<float> tiles_buf;
     float *tiles = reinterpret_cast<float *>(aligned_vecs(tiles_buf, panels * 2 * 16));

@@ -92,7 +92,12 @@ def test_linear_bf16_rejects_bad_arguments(rng):
     """Argument checks run before the tiles are asked for, on any CPU."""
     x, w, b = _linear_inputs(rng, 10, 40, 50)
     packed = pack_bf16_weight(w)
+    shared = np.zeros(1000, np.float32)
+    shared[:400] = x.ravel()
     cases = [
+        (dict(x=shared[:400].reshape(10, 40), out=shared[300:800].reshape(10, 50)), ValueError,
+         "out: must not overlap x"),
+        (dict(out=np.zeros((10, 50), np.float32)[:, ::-1]), ValueError, "out: array is not C-contiguous"),
         (dict(x=x.astype(np.float64)), TypeError, "x: expected dtype float32"),
         (dict(w=packed.astype(np.int16)), TypeError, "w: expected dtype uint16"),
         (dict(x=x[:, :30].copy()), ValueError, r"w: expected the packing of a \(30, 50\) weight"),
