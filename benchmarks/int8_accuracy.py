@@ -8,7 +8,8 @@ Issue 6 bounds int8's loss: mask IoU >= 0.95 against fp32 and >= 90% of the fp32
 ``default`` preset by an fp32 and an int8 engine of one fresh export (``export_model`` into a temporary
 directory, as the exporter now quantizes on this CPU; ``Engine.load(..., precision=...)``, int8's encoder
 attention as ``Engine.load`` picks it on this machine), and, on CPUs with AMX-BF16 tiles, by a bf16 engine (the
-fp32 graphs with the encoder's weight products in bfloat16, ``samreg_rt.bf16_graph``), and compared:
+fp32 graphs with the encoder's weight products in bfloat16, ``samreg_rt.bf16_graph``) and a bf16x2 engine (the same
+with each weight as two bfloat16 parts), and compared:
 
 * ROIs: for each fp32 ROI (after the area filter and dedup) its best mask IoU with an int8 ROI of the same
   image (0 where int8 has none); their mean (the bound's figure), the fraction at IoU >= 0.95 and the lowest;
@@ -141,7 +142,7 @@ def verdict(label: str, s: dict[str, Any]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
-    variants = [label for label in ("int8", "bf16") if label in report["summary"]]
+    variants = [label for label in ("int8", "bf16", "bf16x2") if label in report["summary"]]
     lines = [
         f"# {' and '.join(variants)} against fp32: masks, ROI pairs and registration Dice", "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, SIMD {' '.join(m['simd_flags'])}; Python "
@@ -152,7 +153,9 @@ def markdown(report: dict[str, Any]) -> str:
         "(only ViT encoders have the global attention that it concerns). "
         + ("bf16: the fp32 graphs with the encoder's weight products (Gemm, MatMul with a constant weight) in "
            "bfloat16 on AMX tiles (`samreg_rt.bf16_graph`, `_ext.linear_bf16`: inputs and weights rounded to "
-           "bfloat16, sums in float32), everything else float32. " if "bf16" in variants else "") +
+           "bfloat16, sums in float32), everything else float32. " if "bf16" in variants else "")
+        + ("bf16x2: the same with each weight as hi + lo, both bfloat16 (twice the products' work; "
+           "the activations still rounded to bfloat16). " if "bf16x2" in variants else "") +
         f"ROIs count as the same at mask IoU >= {SAME_MASK_IOU}; pairs as kept when both ROIs are the same and "
         "the variant pairs them together. `noise s`: the fp32 engine with Gaussian noise of s times the "
         "embedding's standard deviation added to each embedding (seeded): the loss of a perturbation of that size.",
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = {"int8": int8}
         if _ext.has_amx_bf16():
             variants["bf16"] = Engine.load(model_dir, threads=args.threads, precision="bf16")
+            variants["bf16x2"] = Engine.load(model_dir, threads=args.threads, precision="bf16x2")
         variants.update({f"noise {sigma:g}": NoisyEmbeddings(fp32, sigma) for sigma in args.noise})
         load_before = os.getloadavg()[0]
         rows = bench(labelled_pairs(args.per_application or 10 ** 6), fp32, variants)

@@ -2750,6 +2750,7 @@ struct LinearBf16Args {
     const float *bias_tiles;   // [N32 / 32][2][16][16]: each tile's 16 rows the bias of its 16 columns
     float *out;                // [M, N]
     std::int64_t m, k, n, kp, panels;  // kp = K32, panels = N32 / 32
+    int parts;                         // B tiles per chunk: 2 (W in bfloat16), 4 (W as hi + lo, both bfloat16)
 };
 
 // Rows [r0, r1) of x as bfloat16 into xb (row stride kp, zeros past K; r1 - r0 rounded up to 32 rows of zeros).
@@ -2788,8 +2789,8 @@ __attribute__((target(AMX_TARGET))) void lb_band(const LinearBf16Args &a, std::i
                 _tile_loadd(1, bias + 256, 64);
                 _tile_loadd(2, bias, 64);
                 _tile_loadd(3, bias + 256, 64);
-                const std::uint16_t *wp = a.w + p * chunks * 2 * 512;
-                for (std::int64_t c = 0; c < chunks; ++c, wp += 2 * 512) {
+                const std::uint16_t *wp = a.w + p * chunks * a.parts * 512;
+                for (std::int64_t c = 0; c < chunks; ++c, wp += a.parts * 512) {
                     _tile_loadd(4, xa + c * kLbBlock, stride);
                     _tile_loadd(5, xa + 16 * a.kp + c * kLbBlock, stride);
                     _tile_loadd(6, wp, 64);
@@ -2798,6 +2799,14 @@ __attribute__((target(AMX_TARGET))) void lb_band(const LinearBf16Args &a, std::i
                     _tile_dpbf16ps(1, 4, 7);
                     _tile_dpbf16ps(2, 5, 6);
                     _tile_dpbf16ps(3, 5, 7);
+                    if (a.parts == 4) {  // the weights' low parts against the same x tiles
+                        _tile_loadd(6, wp + 1024, 64);
+                        _tile_loadd(7, wp + 1536, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
                 }
                 const std::int64_t n0 = p * kLbBlock;
                 float *o = a.out + m0 * a.n + n0;
@@ -2844,11 +2853,11 @@ py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bi
     const py::array bias = require<float>(bias_obj, "bias", "float32", 1);
     const std::int64_t rows = x.shape(0), depth = x.shape(1), cols = bias.shape(0);
     const std::int64_t kp = (depth + kLbBlock - 1) / kLbBlock * kLbBlock, panels = (cols + kLbBlock - 1) / kLbBlock;
-    if (w.shape(0) != panels || w.shape(1) != kp / kLbBlock || w.shape(2) != 2 || w.shape(3) != 16 ||
-        w.shape(4) != 16 || w.shape(5) != 2)
+    if (w.shape(0) != panels || w.shape(1) != kp / kLbBlock || (w.shape(2) != 2 && w.shape(2) != 4) ||
+        w.shape(3) != 16 || w.shape(4) != 16 || w.shape(5) != 2)
         throw py::value_error("w: expected the packing of a (" + std::to_string(depth) + ", " + std::to_string(cols) +
                               ") weight (pack_bf16_weight), shape (" + std::to_string(panels) + ", " +
-                              std::to_string(kp / kLbBlock) + ", 2, 16, 16, 2); got " + shape_str(w));
+                              std::to_string(kp / kLbBlock) + ", 2 or 4, 16, 16, 2); got " + shape_str(w));
     if (!has_amx_bf16())
         throw std::runtime_error("linear_bf16: this CPU or operating system gives no AMX-BF16 tiles "
                                  "(has_amx_bf16() is False)");
@@ -2865,7 +2874,8 @@ py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bi
                     tiles[((p * 2 + t) * 16 + r) * 16 + c] = col < cols ? b[col] : 0.f;
                 }
     const LinearBf16Args args{static_cast<const float *>(x.data()), static_cast<const std::uint16_t *>(w.data()),
-                              tiles, out.mutable_data(), rows, depth, cols, kp, panels};
+                              tiles, out.mutable_data(), rows, depth, cols, kp, panels,
+                              static_cast<int>(w.shape(2))};
     // bands of whole 32-row blocks, at least one per thread where there are enough rows
     const std::int64_t blocks = (rows + kLbBlock - 1) / kLbBlock;
     const std::int64_t limit = threads > 0 ? threads : usable_cpus();
@@ -3029,14 +3039,16 @@ PYBIND11_MODULE(_ext, m) {
           "sums in float32 (in the tile unit's order)." THREADS_DOC);
     m.def("linear_bf16", &linear_bf16, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out") = py::none(),
           py::arg("threads") = 0,
-          "linear_bf16(x: float32[M, K], w: uint16[N32 / 32, K32 / 32, 2, 16, 16, 2], bias: float32[N], out=None,\n"
+          "linear_bf16(x: float32[M, K], w: uint16[N32 / 32, K32 / 32, 2 or 4, 16, 16, 2], bias: float32[N], out=None,\n"
           "    threads=0) -> float32[M, N]\n\n"
           "x @ W + bias in bfloat16 on AMX tiles (CPUs where has_amx_bf16(); RuntimeError elsewhere): w is W [K, N]\n"
           "packed by samreg_rt.bf16_graph.pack_bf16_weight (rounded to bfloat16, nearest even; K and N padded to\n"
           "multiples of 32 with zeros: the packing's shape gives K only up to that padding, so the caller keeps\n"
           "x's K and W's equal, as bf16_graph.WeightProduct checks); x rounded to bfloat16 (nearest even); out[m, n] = bias[n] +\n"
           "sum_k bf16(x[m, k]) bf16(W[k, n]), each product exact and the sums in float32 (in the tile unit's\n"
-          "order, pairs of k at a time). out: an optional float32[M, N] array (not overlapping the inputs) to\n"
+          "order, pairs of k at a time). A packing of W split (pack_bf16_weight(W, split=True): shape [.., 4, ..])\n"
+          "holds W as hi + lo, both bfloat16: out = bias + bf16(x) @ (hi + lo), W to about 16 significant bits.\n"
+          "out: an optional float32[M, N] array (not overlapping the inputs) to\n"
           "write and return instead of a new one." THREADS_DOC);
     m.def("has_amx_bf16", &has_amx_bf16,
           "has_amx_bf16() -> whether shared_attention_bf16 and linear_bf16 run here: the CPU has AMX-TILE, AMX-BF16 and\n"

@@ -38,10 +38,12 @@ def bf16_to_float(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def pack_bf16_weight(w: np.ndarray) -> np.ndarray:
+def pack_bf16_weight(w: np.ndarray, split: bool = False) -> np.ndarray:
     """W float32 [K, N] -> uint16 [N32 / 32, K32 / 32, 2, 16, 16, 2], the layout of ``_ext.linear_bf16``: W rounded
     to bfloat16, K and N padded with zeros to multiples of 32 (K32, N32); element [p, c, t, i, n, e] is
-    W[32 c + 2 i + e, 32 p + 16 t + n] (AMX B tiles: rows of 16 pairs of K, 16 columns each)."""
+    W[32 c + 2 i + e, 32 p + 16 t + n] (AMX B tiles: rows of 16 pairs of K, 16 columns each).
+    ``split``: [N32 / 32, K32 / 32, 4, 16, 16, 2], W as hi + lo (hi = bf16(W), lo = bf16(W - hi)): t = 0, 1 hi's
+    tiles, t = 2, 3 lo's."""
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"pack_bf16_weight: expected a [K, N] weight, got shape {w.shape}")
@@ -49,8 +51,10 @@ def pack_bf16_weight(w: np.ndarray) -> np.ndarray:
     kp, np_ = -(-k // TILE) * TILE, -(-n // TILE) * TILE
     padded = np.zeros((kp, np_), np.float32)
     padded[:k, :n] = w
-    tiles = round_bf16(padded).reshape(kp // TILE, 16, 2, np_ // TILE, 2, 16)
-    return np.ascontiguousarray(tiles.transpose(3, 0, 4, 1, 5, 2))
+    hi = round_bf16(padded)
+    parts = [hi, round_bf16(padded - bf16_to_float(hi))] if split else [hi]
+    tiles = [part.reshape(kp // TILE, 16, 2, np_ // TILE, 2, 16).transpose(3, 0, 4, 1, 5, 2) for part in parts]
+    return np.ascontiguousarray(np.concatenate(tiles, axis=2))
 
 
 @dataclass(frozen=True)
@@ -81,8 +85,9 @@ class Piece:
     outputs: tuple[str, ...]
 
 
-def find_products(graph: onnx.GraphProto) -> dict[int, tuple[WeightProduct, set[int]]]:
+def find_products(graph: onnx.GraphProto, split: bool = False) -> dict[int, tuple[WeightProduct, set[int]]]:
     """The weight products of a graph: {index of the first node: (product, indices of the nodes it replaces)}.
+    ``split``: weights packed as hi + lo (``pack_bf16_weight``).
 
     Gemm(A, B, C?) with B (and C) initializers, transA 0, alpha and beta 1; MatMul(A, B) with B a 2-D initializer,
     with the bias of the one Add that takes its output when the other term is a 1-D initializer of N values.
@@ -128,22 +133,24 @@ def find_products(graph: onnx.GraphProto) -> dict[int, tuple[WeightProduct, set[
                     if c.dtype == np.float32 and c.shape == (w.shape[1],):
                         bias, output = c.copy(), add.output[0]
                         replaced.add(users[0])
-        products[i] = (WeightProduct(node.input[0], output, pack_bf16_weight(w), bias, w.shape[0]), replaced)
+        products[i] = (WeightProduct(node.input[0], output, pack_bf16_weight(w, split), bias, w.shape[0]), replaced)
     return products
 
 
 class Bf16Graph:
     """A float32 graph run with its weight products in bfloat16 (``_ext.linear_bf16``): ``run`` as
     ``onnxruntime.InferenceSession.run``. ``make_session(model_bytes)`` builds the session of each piece.
+    ``split_weights``: each weight as hi + lo in bfloat16 (twice the products' work, weights to about 16
+    significant bits; x still rounded to bfloat16).
     Raises ValueError for a graph with subgraphs (If, Loop, Scan) or no weight product."""
 
     def __init__(self, model: onnx.ModelProto, make_session: Callable[[bytes], ort.InferenceSession],
-                 threads: int = 0):
+                 threads: int = 0, split_weights: bool = False):
         graph = model.graph
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node
                for a in n.attribute):
             raise ValueError("Bf16Graph: graphs with subgraphs (If, Loop, Scan) are not supported")
-        products = find_products(graph)
+        products = find_products(graph, split_weights)
         if not products:
             raise ValueError("Bf16Graph: the graph has no product of an activation with a constant weight")
         self.threads = threads

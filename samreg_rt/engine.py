@@ -39,6 +39,7 @@ PROVIDER_ALIASES = {
 }
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROMPT_INPUTS = ("image_embeddings", "point_coords", "point_labels")
+BF16_PRECISIONS = ("bf16", "bf16x2")  # run-time precisions of the fp32 export (samreg_rt.bf16_graph)
 GRAPH_IO = {  # role -> (inputs, outputs), as docs/contracts.md
     "encoder": (("image",), ("image_embeddings",)),
     "decoder": (PROMPT_INPUTS, ("iou_predictions", "low_res_masks")),
@@ -228,12 +229,13 @@ class Engine:
         model_dir = resolve_model_dir(model)
         manifest = read_manifest(model_dir)
         graphs = manifest.get("graphs", {})
-        # bf16 runs the fp32 graphs, the encoder's weight products in bfloat16 (samreg_rt.bf16_graph)
-        files = "fp32" if precision == "bf16" else precision
+        # bf16 (and bf16x2, its weights as two bfloat16 parts) runs the fp32 graphs, the encoder's weight products
+        # in bfloat16 (samreg_rt.bf16_graph)
+        files = "fp32" if precision in BF16_PRECISIONS else precision
         if files not in graphs:
             raise ModelError(
                 f"{model_dir / 'manifest.json'}: no {files!r} graphs (has {', '.join(sorted(graphs))})"
-                + (" (precision 'bf16' runs the fp32 graphs)" if precision == "bf16" else "")
+                + (f" (precision {precision!r} runs the fp32 graphs)" if precision in BF16_PRECISIONS else "")
             )
         try:
             spec = ModelSpec.from_dict(manifest["spec"])
@@ -241,12 +243,12 @@ class Engine:
             raise ManifestError(f"{model_dir / 'manifest.json'}: invalid model spec ({exc})") from None
         spec = _registry_spec(model, spec, model_dir)
         chosen = select_providers(providers)
-        if precision == "bf16":
+        if precision in BF16_PRECISIONS:
             if not _ext.has_amx_bf16():
-                raise ModelError("precision 'bf16' needs AMX-BF16 tiles, which this CPU or operating system does not "
-                                 "give (_ext.has_amx_bf16() is False); use 'fp32' or 'int8'")
+                raise ModelError(f"precision {precision!r} needs AMX-BF16 tiles, which this CPU or operating system "
+                                 "does not give (_ext.has_amx_bf16() is False); use 'fp32' or 'int8'")
             if chosen[0] != "CPUExecutionProvider":
-                raise ModelError(f"precision 'bf16' runs on the CPU (AMX tiles), not on {chosen[0]}: pass "
+                raise ModelError(f"precision {precision!r} runs on the CPU (AMX tiles), not on {chosen[0]}: pass "
                                  "providers='cpu', or use 'fp16' on a GPU")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or threads < 1):
@@ -258,7 +260,7 @@ class Engine:
             raise ModelError("encoder_attention 'bf16' needs AMX-BF16 tiles, which this CPU or operating system "
                              "does not give (_ext.has_amx_bf16() is False); use 'fp32' or 'auto'")
         if encoder_attention == "auto":
-            encoder_attention = "bf16" if precision in ("int8", "bf16") and _ext.has_amx_bf16() else "fp32"
+            encoder_attention = "bf16" if precision in ("int8", *BF16_PRECISIONS) and _ext.has_amx_bf16() else "fp32"
         if shared_arena:
             _register_shared_cpu_arena()
         options = _session_options(threads, shared_arena, spinning=True)
@@ -286,9 +288,10 @@ class Engine:
         def load_graph(role: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
                        role_options: ort.SessionOptions = options) -> ort.InferenceSession:
             path = model_dir / graphs[files][role]["file"]
-            if precision == "bf16" and role.startswith("encoder"):
+            if precision in BF16_PRECISIONS and role.startswith("encoder"):
                 # its pieces alternate with native products: no spinning threads (part_options)
-                return _bf16_graph(path, reads[role].result(), part_options, chosen, inputs, outputs, threads)
+                return _bf16_graph(path, reads[role].result(), part_options, chosen, inputs, outputs, threads,
+                                   split_weights=precision == "bf16x2")
             return _session(path, reads[role].result(), role_options, chosen, inputs, outputs, model_dir, precision)
 
         try:
@@ -541,7 +544,7 @@ def _session_options(threads: int, shared_arena: bool, spinning: bool) -> ort.Se
 
 
 def _bf16_graph(path: Path, data: bytes, options: ort.SessionOptions, providers: list[str],
-                inputs: tuple[str, ...], outputs: tuple[str, ...], threads: int) -> Bf16Graph:
+                inputs: tuple[str, ...], outputs: tuple[str, ...], threads: int, split_weights: bool) -> Bf16Graph:
     """An fp32 encoder graph (or part) with its weight products in bfloat16 (``samreg_rt.bf16_graph``)."""
     try:
         model = onnx.load_from_string(data)
@@ -553,7 +556,7 @@ def _bf16_graph(path: Path, data: bytes, options: ort.SessionOptions, providers:
         raise ModelError(f"{path}: graph has inputs {got_in} and outputs {got_out}; expected {inputs} and {outputs}")
     try:
         return Bf16Graph(model, lambda piece: _session(path, piece, options, providers, (), (), path.parent, "fp32",
-                                                       check_io=False), threads)
+                                                       check_io=False), threads, split_weights)
     except ValueError as exc:
         raise ModelError(f"{path}: cannot run in bf16 ({exc})") from None
 

@@ -76,6 +76,34 @@ def test_linear_bf16_matches_twin(rng, m, k, n):
         assert np.abs(want - twins.linear(x, w, b)).max() > 1e-4
 
 
+def test_pack_bf16_weight_split(rng):
+    """split: the hi tiles as the plain packing, then the tiles of lo = bf16(W - hi); hi + lo is W to ~16 bits."""
+    w = rng.standard_normal((45, 70)).astype(np.float32)
+    packed = pack_bf16_weight(w, split=True)
+    assert packed.shape == (3, 2, 4, 16, 16, 2)
+    np.testing.assert_array_equal(packed[:, :, :2], pack_bf16_weight(w))
+    lo = w - twins.bf16(w)
+    np.testing.assert_array_equal(packed[:, :, 2:], pack_bf16_weight(lo))
+    both = twins.bf16(w).astype(np.float64) + twins.bf16(lo)
+    assert np.abs(both - w).max() <= 2.0 ** -16 * np.abs(w).max()
+    assert np.abs(twins.bf16(w) - w).max() > 2.0 ** -10 * np.abs(w).max()
+
+
+@needs_amx
+@pytest.mark.parametrize("m,k,n", [(5, 7, 3), (97, 160, 640), (300, 768, 96)])
+def test_linear_bf16_split_matches_twin(rng, m, k, n):
+    x, w, b = _linear_inputs(rng, m, k, n)
+    got = _ext.linear_bf16(x, pack_bf16_weight(w, split=True), b)
+    want = twins.linear_bf16_split(x, w, b)
+    scale = np.abs(twins.bf16(x)).astype(np.float64) @ np.abs(w) + np.abs(b)
+    assert (np.abs(got - want) <= 4 * k * np.finfo(np.float32).eps * scale + 1e-30).all()
+    # closer to bf16(x) @ W than the plain packing
+    exact = twins.linear(twins.bf16(x), w, b)
+    plain = _ext.linear_bf16(x, pack_bf16_weight(w), b)
+    if k >= 40:
+        assert np.abs(got - exact).max() < 0.1 * np.abs(plain - exact).max()
+
+
 @needs_amx
 def test_linear_bf16_threads_and_out(rng):
     x, w, b = _linear_inputs(rng, 1000, 96, 200)
@@ -214,6 +242,9 @@ def test_bf16_engine_litemedsam(litemedsam_dir, data_dir):
     assert not np.array_equal(got, want)
     assert _cosine(got, want) >= 0.9999
     np.testing.assert_array_equal(bf16.embed(image).embedding, got)     # deterministic
+    # bf16x2 (weights as two bfloat16 parts) is closer still
+    split = Engine.load(litemedsam_dir, threads=2, precision="bf16x2").embed(image).embedding
+    assert 1 - _cosine(split, want) < 0.5 * (1 - _cosine(got, want))
 
 
 @needs_amx

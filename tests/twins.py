@@ -266,6 +266,13 @@ def linear_bf16(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
     return linear(bf16(x), bf16(w), bias)
 
 
+def linear_bf16_split(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """_ext.linear_bf16 with a split packing: bf16(x) @ (hi + lo) + bias, hi = bf16(w), lo = bf16(w - hi), in
+    float64 -> float32 [M, N]."""
+    hi = bf16(w)
+    return linear(bf16(x), hi.astype(np.float64) + bf16(w - hi), bias)
+
+
 EXP_COEFFICIENTS = (0.00957007, 0.05591777, 0.24024744, 0.69312185, 0.9999993)   # 2^f on [-0.5, 0.5], f^4 first
 
 
