@@ -211,7 +211,8 @@ def encoder_rows(key: str, graphs: Path, threads: int, runs: int, work: Path) ->
     want = session(str(graphs / "encoder.onnx"), threads).run(None, {"image": image})[0].ravel()
     native, attention, cosine = {}, {}, {}
     variants = [("fp32", "fp32", "auto"), ("int8", "int8", "auto"), ("int8_fp32_attention", "int8", "fp32")]
-    for label, p, choice in variants + ([("bf16", "bf16", "auto")] if _ext.has_amx_bf16() else []):
+    amx = [("bf16", "bf16", "auto"), ("bf16x2", "bf16x2", "auto")] if _ext.has_amx_bf16() else []
+    for label, p, choice in variants + amx:
         engine = Engine.load(graphs, providers="cpu", threads=threads, precision=p, encoder_attention=choice)
         if choice == "fp32" and (not engine.encoder_parts or attention.get("int8") == "fp32"):
             continue
