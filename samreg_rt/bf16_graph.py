@@ -108,13 +108,12 @@ def find_products(graph: onnx.GraphProto, split: bool = False) -> dict[int, tupl
         if w.ndim != 2 or w.dtype != np.float32:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        replaced, output = {i}, node.output[0]
+        if node.op_type == "Gemm" and attrs.get("transB", 0):
+            w = w.T
+        replaced, output, bias = {i}, node.output[0], np.zeros(w.shape[1], np.float32)
         if node.op_type == "Gemm":
             if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
                 continue
-            if attrs.get("transB", 0):
-                w = w.T
-            bias = np.zeros(w.shape[1], np.float32)
             if len(node.input) > 2 and node.input[2]:
                 if node.input[2] not in inits:
                     continue
@@ -123,7 +122,6 @@ def find_products(graph: onnx.GraphProto, split: bool = False) -> dict[int, tupl
                     continue
                 bias = c.reshape(-1).copy()
         else:
-            bias = np.zeros(w.shape[1], np.float32)
             users = consumers.get(output, [])
             if len(users) == 1 and output not in graph_outputs:
                 add = graph.node[users[0]]
@@ -199,6 +197,9 @@ class Bf16Graph:
                 last_use[name] = k
         self.drops = [[n for n, k in last_use.items() if k == j and n not in self.outputs]
                       for j in range(len(self.steps))]
+        # the products' results that the caller never sees, whose arrays run() keeps for the next run
+        self.reused = {step.output for step in self.steps
+                       if isinstance(step, WeightProduct) and step.output not in self.outputs}
 
     def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The graph's outputs (``output_names``, None: all) for the input arrays ``feeds``."""
@@ -208,23 +209,19 @@ class Bf16Graph:
         # the products' results in arrays kept from earlier runs of this thread: fresh ones of tens of MB would
         # be new pages from the operating system each time (page faults took as long as the products here)
         spare = self._spare.__dict__.setdefault("arrays", {})
-        values, pooled = dict(feeds), {}
+        values = dict(feeds)
         for step, drops in zip(self.steps, self.drops):
             if isinstance(step, WeightProduct):
                 x = values[step.input]
                 size = x.size // step.depth * step.bias.shape[0]
-                out = None
-                if step.output not in self.outputs and spare.get(size):
-                    out = spare[size].pop()
+                out = spare[size].pop() if step.output in self.reused and spare.get(size) else None
                 values[step.output] = step.run(x, self.threads, out)
-                if step.output not in self.outputs:
-                    pooled[step.output] = values[step.output]
             else:
                 results = step.session.run(list(step.outputs), {name: values[name] for name in step.inputs})
                 values.update(zip(step.outputs, results))
             for name in drops:
                 array = values.pop(name)
-                if pooled.pop(name, None) is not None:
+                if name in self.reused:
                     spare.setdefault(array.size, []).append(array.reshape(-1))
         return [values[name] for name in (output_names or self.outputs)]
 

@@ -550,20 +550,21 @@ def _bf16_graph(path: Path, data: bytes, options: ort.SessionOptions, providers:
         model = onnx.load_from_string(data)
     except Exception as exc:  # protobuf's DecodeError and onnx's own
         raise ModelError(f"{path}: not a loadable ONNX graph ({str(exc)[:300]})") from None
-    got_in = tuple(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
-    got_out = tuple(o.name for o in model.graph.output)
-    if got_in != inputs or got_out != outputs:
-        raise ModelError(f"{path}: graph has inputs {got_in} and outputs {got_out}; expected {inputs} and {outputs}")
+    weights = {t.name for t in model.graph.initializer}
+    _require_io(path, tuple(i.name for i in model.graph.input if i.name not in weights),
+                tuple(o.name for o in model.graph.output), inputs, outputs)
     try:
-        return Bf16Graph(model, lambda piece: _session(path, piece, options, providers, (), (), path.parent, "fp32",
-                                                       check_io=False), threads, split_weights)
+        return Bf16Graph(model, lambda piece: _session(path, piece, options, providers, None, None, path.parent,
+                                                       "fp32"), threads, split_weights)
     except ValueError as exc:
         raise ModelError(f"{path}: cannot run in bf16 ({exc})") from None
 
 
 def _session(path: Path, data: bytes, options: ort.SessionOptions, providers: list[str],
-             inputs: tuple[str, ...], outputs: tuple[str, ...], model_dir: Path,
-             precision: str, check_io: bool = True) -> ort.InferenceSession:
+             inputs: tuple[str, ...] | None, outputs: tuple[str, ...] | None, model_dir: Path,
+             precision: str) -> ort.InferenceSession:
+    """A session of the graph bytes ``data`` (read from ``path``) with these inputs and outputs (None: a piece of a
+    graph, whatever it has)."""
     provider_args = []
     for name in providers:
         if name == "TensorrtExecutionProvider":
@@ -578,8 +579,13 @@ def _session(path: Path, data: bytes, options: ort.SessionOptions, providers: li
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: not a loadable ONNX graph ({first[:300]})") from None
-    got_in = tuple(i.name for i in session.get_inputs())
-    got_out = tuple(o.name for o in session.get_outputs())
-    if check_io and (got_in != inputs or got_out != outputs):
-        raise ModelError(f"{path}: graph has inputs {got_in} and outputs {got_out}; expected {inputs} and {outputs}")
+    if inputs is not None:
+        _require_io(path, tuple(i.name for i in session.get_inputs()), tuple(o.name for o in session.get_outputs()),
+                    inputs, outputs)
     return session
+
+
+def _require_io(path: Path, got_in: tuple[str, ...], got_out: tuple[str, ...], inputs: tuple[str, ...],
+                outputs: tuple[str, ...]) -> None:
+    if got_in != inputs or got_out != outputs:
+        raise ModelError(f"{path}: graph has inputs {got_in} and outputs {got_out}; expected {inputs} and {outputs}")
