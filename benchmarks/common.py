@@ -15,13 +15,14 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from samreg_rt import amg
+from samreg_rt import _ext, amg
 from samreg_rt.io import load_image
 from samreg_rt.masks import iou_matrix, pack_masks
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, logical CPUs, SIMD flags of interest, Python / ONNX Runtime / numpy versions."""
+    """CPU model, logical CPUs, SIMD flags of interest, what runs ``_ext.linear_bf16`` (the bf16 precisions' products:
+    "AMX tiles", "AVX512-BF16" or "none"), Python / ONNX Runtime / numpy versions."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
     flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
@@ -30,6 +31,7 @@ def machine() -> dict[str, Any]:
         "cpu": model.group(1).strip() if model else platform.processor(),
         "logical_cpus": os.cpu_count(),
         "simd_flags": simd,
+        "bf16_products": "AMX tiles" if _ext.has_amx_bf16() else "AVX512-BF16" if _ext.has_avx512_bf16() else "none",
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,

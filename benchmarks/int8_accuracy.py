@@ -7,9 +7,9 @@ Issue 6 bounds int8's loss: mask IoU >= 0.95 against fp32 and >= 90% of the fp32
 2-D pair (all of them, or the first ``--per-application`` of each application) is registered with the
 ``default`` preset by an fp32 and an int8 engine of one fresh export (``export_model`` into a temporary
 directory, as the exporter now quantizes on this CPU; ``Engine.load(..., precision=...)``, int8's encoder
-attention as ``Engine.load`` picks it on this machine), and, on CPUs with AMX-BF16 tiles, by a bf16 engine (the
-fp32 graphs with the encoder's weight products in bfloat16, ``samreg_rt.bf16_graph``) and a bf16x2 engine (the same
-with each weight as two bfloat16 parts), and compared:
+attention as ``Engine.load`` picks it on this machine), and, on CPUs with AVX512-BF16 (or AMX tiles), by a bf16
+engine (the fp32 graphs with the encoder's weight products in bfloat16, ``samreg_rt.bf16_graph``) and a bf16x2
+engine (the same with each weight as two bfloat16 parts), and compared:
 
 * ROIs: for each fp32 ROI (after the area filter and dedup) its best mask IoU with an int8 ROI of the same
   image (0 where int8 has none); their mean (the bound's figure), the fraction at IoU >= 0.95 and the lowest;
@@ -152,8 +152,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"int8: {report['int8_note']}; encoder attention: {report['int8_encoder_attention']} "
         "(only ViT encoders have the global attention that it concerns). "
         + ("bf16: the fp32 graphs with the encoder's weight products (Gemm, MatMul with a constant weight) in "
-           "bfloat16 on AMX tiles (`samreg_rt.bf16_graph`, `_ext.linear_bf16`: inputs and weights rounded to "
-           "bfloat16, sums in float32), everything else float32. " if "bf16" in variants else "")
+           f"bfloat16 ({report['machine']['bf16_products']}; `samreg_rt.bf16_graph`, `_ext.linear_bf16`: inputs "
+           "and weights rounded to bfloat16, sums in float32), everything else float32. " if "bf16" in variants
+           else "")
         + ("bf16x2: the same with each weight as hi + lo, both bfloat16 (twice the products' work; "
            "the activations still rounded to bfloat16). " if "bf16x2" in variants else "") +
         f"ROIs count as the same at mask IoU >= {SAME_MASK_IOU}; pairs as kept when both ROIs are the same and "
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         fp32 = Engine.load(model_dir, threads=args.threads)
         int8 = Engine.load(model_dir, threads=args.threads, precision="int8")
         variants = {"int8": int8}
-        if _ext.has_amx_bf16():
+        if _ext.has_avx512_bf16():
             variants["bf16"] = Engine.load(model_dir, threads=args.threads, precision="bf16")
             variants["bf16x2"] = Engine.load(model_dir, threads=args.threads, precision="bf16x2")
         variants.update({f"noise {sigma:g}": NoisyEmbeddings(fp32, sigma) for sigma in args.noise})

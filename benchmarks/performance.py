@@ -206,13 +206,13 @@ def encoder_rows(key: str, graphs: Path, threads: int, runs: int, work: Path) ->
                              threads, runs, work) for p in ("fp32", "int8")}
     # how samreg-rt runs the encoder: a ViT's parts around the native attention on an AVX-512 CPU (int8 and bf16:
     # in bfloat16 where the CPU has AMX tiles), int8 with float32 attention, and bf16 (the fp32 graphs with the
-    # weight products in bfloat16, samreg_rt.bf16_graph) on CPUs with AMX tiles; embedding cosine to the ORT fp32
-    # graph's
+    # weight products in bfloat16, samreg_rt.bf16_graph) on CPUs with AVX512-BF16 or AMX tiles; embedding cosine to
+    # the ORT fp32 graph's
     want = session(str(graphs / "encoder.onnx"), threads).run(None, {"image": image})[0].ravel()
     native, attention, cosine = {}, {}, {}
     variants = [("fp32", "fp32", "auto"), ("int8", "int8", "auto"), ("int8_fp32_attention", "int8", "fp32")]
-    amx = [("bf16", "bf16", "auto"), ("bf16x2", "bf16x2", "auto")] if _ext.has_amx_bf16() else []
-    for label, p, choice in variants + amx:
+    bf16 = [("bf16", "bf16", "auto"), ("bf16x2", "bf16x2", "auto")] if _ext.has_avx512_bf16() else []
+    for label, p, choice in variants + bf16:
         engine = Engine.load(graphs, providers="cpu", threads=threads, precision=p, encoder_attention=choice)
         if choice == "fp32" and (not engine.encoder_parts or attention.get("int8") == "fp32"):
             continue
@@ -395,8 +395,8 @@ def markdown(r: dict[str, Any]) -> str:
             ratio, att, cos = f32 / native["int8"], e["native_attention"], e["native_cosine"]
             lines += ["", f"{key} as samreg-rt runs it (a ViT: the graphs `encoder_part<i>` around the native global "
                       "attention, `samreg_rt.split_encoder`; bf16: the fp32 graphs with their weight products in "
-                      "bfloat16 on AMX tiles, `samreg_rt.bf16_graph`; wall, median of the runs; embedding cosine to "
-                      "the ORT fp32 graph's):",
+                      f"bfloat16 ({m['bf16_products']}), `samreg_rt.bf16_graph`; wall, median of the "
+                      "runs; embedding cosine to the ORT fp32 graph's):",
                       "", "| encoder | global attention | ms | vs ORT fp32 graph | cosine |", "|---|---|---:|---:|---:|",
                       *(f"| {label} | {att[label]} | {1e3 * native[label]:.0f} | {f32 / native[label]:.2f}x | "
                         f"{cos[label]:.6f} |" for label in native),

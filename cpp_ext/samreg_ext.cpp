@@ -2470,12 +2470,20 @@ constexpr int kAmxDepth = 32;         // bfloat16 values in a tile row (64 bytes
 constexpr int kAmxTile = 16 * 32;     // bfloat16 values in a tile
 constexpr int kAmxLag = 4;            // key blocks between a logit tile's store and the vector loads of it
 
+// AVX512-BF16 (VCVTNE2PS2BF16, VDPBF16PS): Cooper Lake, Sapphire Rapids and later Xeons, AMD Zen 4 and later.
+bool has_avx512_bf16() {
+    static const bool has = [] {
+        unsigned a, b, c, d;
+        return have_avx512() && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1);
+    }();
+    return has;
+}
+
 bool has_amx_bf16() {
     static const bool has = [] {
         unsigned a, b, c, d;
-        if (!have_avx512() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-        const bool tiles = (d >> 24 & 1) && (d >> 22 & 1);  // AMX-TILE, AMX-BF16
-        if (!tiles || !__get_cpuid_count(7, 1, &a, &b, &c, &d) || !(a >> 5 & 1)) return false;  // AVX512-BF16
+        if (!has_avx512_bf16() || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+        if (!(d >> 24 & 1) || !(d >> 22 & 1)) return false;  // AMX-TILE, AMX-BF16
 #ifdef SYS_arch_prctl
         constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
         return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
@@ -2539,7 +2547,8 @@ struct alignas(64) AmxTileConfig {
     std::uint8_t rows[16] = {};
 };
 
-#define AMX_TARGET "amx-tile,amx-bf16,avx512bf16,avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
+#define BF16_TARGET "avx512bf16,avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
+#define AMX_TARGET "amx-tile,amx-bf16," BF16_TARGET
 
 // exp(x - m) for the weights: 2^t with t = x log2(e) + shift (shift = -m log2(e)), as 2^round(t) p(t - round(t)),
 // p the degree-4 minimax polynomial of 2^f on [-0.5, 0.5] (relative error 2.7e-6: the weights are rounded to
@@ -2734,15 +2743,18 @@ py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py:
 }
 
 // ------------------------------------------------------------------------------------------------
-// A weight product in bfloat16 on AMX tiles: out[M, N] = x[M, K] w[K, N] + bias, x and w rounded to bfloat16
-// (nearest even), the products accumulated in float32 by the tile unit (TDPBF16PS). w comes packed once
-// (pack_bf16_weight: panels of 32 columns, chunks of 32 rows, as two B tiles of 16 row pairs x 16 columns x 2).
+// A weight product in bfloat16: out[M, N] = x[M, K] w[K, N] + bias, x and w rounded to bfloat16 (nearest even),
+// the exact products summed in float32, on AMX tiles (TDPBF16PS) or, on CPUs without them, by AVX512-BF16's
+// VDPBF16PS. w comes packed once (pack_bf16_weight: panels of 32 columns, chunks of 32 rows, as two B tiles of
+// 16 row pairs x 16 columns x 2; a tile row is one vector of 16 column pairs for VDPBF16PS).
 // A work item is a band of rows: its x rows rounded into a bfloat16 copy (K padded to 32 with zeros), then, for
-// each group of kLbGroup panels (their weights stay in the core's L2), each 32-row block against each panel of the
-// group: 2 x 2 accumulator tiles, started from the bias and stored straight into out where the block is whole.
+// each group of kLbGroup panels (their weights stay in the core's L2), each block of rows against each panel of
+// the group: on the tiles 32 rows, 2 x 2 accumulator tiles started from the bias and stored straight into out
+// where the block is whole; with VDPBF16PS 8 rows, 8 x 2 vectors of 16 columns.
 
 constexpr int kLbBlock = 32;  // rows of a block, columns of a panel, rows of w per chunk
 constexpr int kLbGroup = 8;   // panels whose weights one pass over the row blocks of a band reuses
+constexpr int kLbDpRows = 8;  // rows of a VDPBF16PS block: 8 x 2 accumulators, 2 or 4 weight vectors, 1 of x
 
 struct LinearBf16Args {
     const float *x;            // [M, K]
@@ -2754,7 +2766,7 @@ struct LinearBf16Args {
 };
 
 // Rows [r0, r1) of x as bfloat16 into xb (row stride kp, zeros past K; r1 - r0 rounded up to 32 rows of zeros).
-__attribute__((target(AMX_TARGET))) void lb_round_rows(const LinearBf16Args &a, std::int64_t r0, std::int64_t r1,
+__attribute__((target(BF16_TARGET))) void lb_round_rows(const LinearBf16Args &a, std::int64_t r0, std::int64_t r1,
                                                        std::uint16_t *xb) {
     const std::int64_t rows = (r1 - r0 + kLbBlock - 1) / kLbBlock * kLbBlock;
     for (std::int64_t r = 0; r < rows; ++r) {
@@ -2830,23 +2842,80 @@ __attribute__((target(AMX_TARGET))) void lb_band(const LinearBf16Args &a, std::i
     }
 }
 
+// Rows [m0, m0 + rows) of the band (xa: their bfloat16 copy, row stride kp) against panel p with VDPBF16PS: each
+// weight vector (16 columns x a pair of K) against the 8 rows' pairs broadcast, Parts / 2 weight parts summed into
+// the same accumulators; the first `cols` columns of the first `rows` rows stored to o (row stride n).
+template <int Parts>
+__attribute__((target(BF16_TARGET))) void lb_block_dp(const LinearBf16Args &a, const std::uint16_t *xa,
+                                                      std::int64_t p, float *o, std::int64_t rows, std::int64_t cols) {
+    const std::int64_t chunks = a.kp / kLbBlock, pairs = a.kp / 2;
+    const auto *x = reinterpret_cast<const std::int32_t *>(xa);
+    const float *bias = a.bias_tiles + p * 2 * 256;  // each bias tile's rows: the bias of its 16 columns
+    __m512 acc[kLbDpRows][2];
+    for (int r = 0; r < kLbDpRows; ++r) acc[r][0] = _mm512_load_ps(bias), acc[r][1] = _mm512_load_ps(bias + 256);
+    const std::uint16_t *wp = a.w + p * chunks * Parts * 512;
+    for (std::int64_t c = 0; c < chunks; ++c, wp += Parts * 512) {
+        for (int i = 0; i < 16; ++i) {
+            __m512bh w[Parts];
+            for (int t = 0; t < Parts; ++t)
+                w[t] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + t * 512 + i * 32));  // (numpy: 16-byte aligned)
+#pragma GCC unroll 8
+            for (int r = 0; r < kLbDpRows; ++r) {
+                const auto xr = reinterpret_cast<__m512bh>(_mm512_set1_epi32(x[r * pairs + c * 16 + i]));
+                for (int t = 0; t < Parts; ++t) acc[r][t & 1] = _mm512_dpbf16_ps(acc[r][t & 1], xr, w[t]);
+            }
+        }
+    }
+    const __mmask16 m0 = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
+    const __mmask16 m1 = cols >= 32 ? 0xffff : cols > 16 ? static_cast<__mmask16>((1u << (cols - 16)) - 1) : 0;
+    for (std::int64_t r = 0; r < rows; ++r) {
+        _mm512_mask_storeu_ps(o + r * a.n, m0, acc[r][0]);
+        _mm512_mask_storeu_ps(o + r * a.n + 16, m1, acc[r][1]);
+    }
+}
+
+// The band of rows [r0, r1) (xb: their bfloat16 copy, zero rows past r1 up to a multiple of 32) with VDPBF16PS.
+__attribute__((target(BF16_TARGET))) void lb_band_dp(const LinearBf16Args &a, std::int64_t r0, std::int64_t r1,
+                                                     const std::uint16_t *xb) {
+    for (std::int64_t g0 = 0; g0 < a.panels; g0 += kLbGroup) {
+        const std::int64_t g1 = std::min(a.panels, g0 + kLbGroup);
+        for (std::int64_t m0 = r0; m0 < r1; m0 += kLbDpRows) {
+            const std::int64_t rows = std::min<std::int64_t>(kLbDpRows, r1 - m0);
+            for (std::int64_t p = g0; p < g1; ++p) {
+                const std::int64_t n0 = p * kLbBlock, cols = std::min<std::int64_t>(kLbBlock, a.n - n0);
+                float *o = a.out + m0 * a.n + n0;
+                if (a.parts == 4)
+                    lb_block_dp<4>(a, xb + (m0 - r0) * a.kp, p, o, rows, cols);
+                else
+                    lb_block_dp<2>(a, xb + (m0 - r0) * a.kp, p, o, rows, cols);
+            }
+        }
+    }
+}
+
+// Bands [i0, i1) of `band` rows, on the tiles (amx) or with VDPBF16PS.
 __attribute__((target(AMX_TARGET))) void lb_items(const LinearBf16Args &a, std::int64_t band, std::int64_t i0,
-                                                  std::int64_t i1) {
+                                                  std::int64_t i1, bool amx) {
     std::vector<float> storage;
     auto *xb = reinterpret_cast<std::uint16_t *>(aligned_vecs(storage, band * a.kp / 32));
-    AmxTileConfig config;
-    for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
-    _tile_loadconfig(&config);
+    if (amx) {
+        AmxTileConfig config;
+        for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
+        _tile_loadconfig(&config);
+    }
     for (std::int64_t i = i0; i < i1; ++i) {
         const std::int64_t r0 = i * band, r1 = std::min(a.m, r0 + band);
         lb_round_rows(a, r0, r1, xb);
-        lb_band(a, r0, r1, xb);
+        if (amx)
+            lb_band(a, r0, r1, xb);
+        else
+            lb_band_dp(a, r0, r1, xb);
     }
-    _tile_release();
+    if (amx) _tile_release();
 }
 
 py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bias_obj, py::handle out_obj,
-                               std::int64_t threads) {
+                               const std::string &isa, std::int64_t threads) {
     check_threads("linear_bf16", threads);
     const py::array x = require<float>(x_obj, "x", "float32", 2);
     const py::array w = require<std::uint16_t>(w_obj, "w", "uint16", 6);
@@ -2858,10 +2927,15 @@ py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bi
         throw py::value_error("w: expected the packing of a (" + std::to_string(depth) + ", " + std::to_string(cols) +
                               ") weight (pack_bf16_weight), shape (" + std::to_string(panels) + ", " +
                               std::to_string(kp / kLbBlock) + ", 2 or 4, 16, 16, 2); got " + shape_str(w));
-    if (!has_amx_bf16())
-        throw std::runtime_error("linear_bf16: this CPU or operating system gives no AMX-BF16 tiles "
-                                 "(has_amx_bf16() is False)");
     py::array_t<float> out = product_out(out_obj, rows, cols, x, w, "w", bias);
+    if (isa != "auto" && isa != "amx" && isa != "avx512")
+        throw py::value_error("linear_bf16: isa must be 'auto', 'amx' or 'avx512', got '" + isa + "'");
+    const bool amx = isa == "amx" || (isa == "auto" && has_amx_bf16());
+    if (amx && !has_amx_bf16())
+        throw std::runtime_error("linear_bf16: this CPU or operating system gives no AMX-BF16 tiles "
+                                 "(has_amx_bf16() is False); use isa 'avx512' or 'auto'");
+    if (!amx && !has_avx512_bf16())
+        throw std::runtime_error("linear_bf16: this CPU has no AVX512-BF16 (has_avx512_bf16() is False)");
     if (rows == 0 || cols == 0) return out;
     std::vector<float> tiles_buf;
     float *tiles = reinterpret_cast<float *>(aligned_vecs(tiles_buf, panels * 2 * 16));
@@ -2883,9 +2957,9 @@ py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bi
     const std::int64_t band = band_blocks * kLbBlock, items = (rows + band - 1) / band;
     {
         py::gil_scoped_release release;
-        // cost: the multiply-adds as the tiles run them (1/16 of them)
-        parallel_for(items, 2.0 * band * kp * panels * kLbBlock / 16, threads,
-                     [&](std::int64_t i0, std::int64_t i1) { lb_items(args, band, i0, i1); });
+        // cost: the multiply-adds as the tiles (1/16 of them) or VDPBF16PS (1/32 of them) run them
+        parallel_for(items, 2.0 * band * kp * panels * kLbBlock / (amx ? 16 : 32), threads,
+                     [&](std::int64_t i0, std::int64_t i1) { lb_items(args, band, i0, i1, amx); });
     }
     return out;
 }
@@ -3038,21 +3112,27 @@ PYBIND11_MODULE(_ext, m) {
           "out[r, h] = (sum_p bf16(e_p) v[p, h]) / sum_p e_p with the products'\n"
           "sums in float32 (in the tile unit's order)." THREADS_DOC);
     m.def("linear_bf16", &linear_bf16, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out") = py::none(),
-          py::arg("threads") = 0,
+          py::arg("isa") = "auto", py::arg("threads") = 0,
           "linear_bf16(x: float32[M, K], w: uint16[N32 / 32, K32 / 32, 2 or 4, 16, 16, 2], bias: float32[N], out=None,\n"
-          "    threads=0) -> float32[M, N]\n\n"
-          "x @ W + bias in bfloat16 on AMX tiles (CPUs where has_amx_bf16(); RuntimeError elsewhere): w is W [K, N]\n"
+          "    isa='auto', threads=0) -> float32[M, N]\n\n"
+          "x @ W + bias in bfloat16: w is W [K, N]\n"
           "packed by samreg_rt.bf16_graph.pack_bf16_weight (rounded to bfloat16, nearest even; K and N padded to\n"
           "multiples of 32 with zeros: the packing's shape gives K only up to that padding, so the caller keeps\n"
           "x's K and W's equal, as bf16_graph.WeightProduct checks); x rounded to bfloat16 (nearest even); out[m, n] = bias[n] +\n"
-          "sum_k bf16(x[m, k]) bf16(W[k, n]), each product exact and the sums in float32 (in the tile unit's\n"
-          "order, pairs of k at a time). A packing of W split (pack_bf16_weight(W, split=True): shape [.., 4, ..])\n"
+          "sum_k bf16(x[m, k]) bf16(W[k, n]), each product exact and the sums in float32 (pairs of k at a time, in\n"
+          "the order of the instructions that run it: the last bits differ between isas). A packing of W split\n"
+          "(pack_bf16_weight(W, split=True): shape [.., 4, ..])\n"
           "holds W as hi + lo, both bfloat16: out = bias + bf16(x) @ (hi + lo), W to about 16 significant bits.\n"
           "out: an optional float32[M, N] array (not overlapping the inputs) to\n"
-          "write and return instead of a new one." THREADS_DOC);
+          "write and return instead of a new one. isa: 'amx' (AMX tiles, where has_amx_bf16()), 'avx512'\n"
+          "(VDPBF16PS, where has_avx512_bf16()) or 'auto' (amx where the tiles are, else avx512); RuntimeError\n"
+          "where the CPU lacks them." THREADS_DOC);
     m.def("has_amx_bf16", &has_amx_bf16,
-          "has_amx_bf16() -> whether shared_attention_bf16 and linear_bf16 run here: the CPU has AMX-TILE, AMX-BF16 and\n"
-          "AVX512-BF16, and the operating system let this process use the tiles.");
+          "has_amx_bf16() -> whether shared_attention_bf16 and linear_bf16(isa='amx') run here: the CPU has AMX-TILE,\n"
+          "AMX-BF16 and AVX512-BF16, and the operating system let this process use the tiles.");
+    m.def("has_avx512_bf16", &has_avx512_bf16,
+          "has_avx512_bf16() -> whether linear_bf16 runs here: the CPU has AVX-512 (F, DQ, VL, BW) and AVX512-BF16\n"
+          "(isa 'avx512'; with has_amx_bf16() too, 'auto' takes the tiles).");
     m.def("mask_upscaling_isa", [] { return std::string(have_avx512() ? "avx512" : "generic"); },
           "mask_upscaling_isa() -> 'avx512' or 'generic': the code path mask_upscaling runs on this CPU.");
 }

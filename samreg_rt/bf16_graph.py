@@ -1,4 +1,4 @@
-"""An fp32 ONNX graph whose weight products run in bfloat16 on AMX tiles, the rest in ONNX Runtime.
+"""An fp32 ONNX graph whose weight products run in bfloat16 (AMX tiles or AVX512-BF16), the rest in ONNX Runtime.
 
 ONNX Runtime has no x86 bfloat16 GEMM, and its int8 products lose too much of LiteMedSAM's embedding for the
 accuracy bounds of issue 6 (benchmarks/results/int8_accuracy.md: 8-bit activations cost about 0.002 of

@@ -234,8 +234,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--provider", default="auto", help="auto | tensorrt | cuda | cpu")
     p.add_argument("--threads", type=_positive_int, default=None)
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "bf16", "bf16x2"],
-                   help="bf16: the fp32 graphs with the encoder's weight products in bfloat16 (CPUs with AMX tiles); "
-                        "bf16x2: the same with each weight as two bfloat16 parts (closer to fp32, slower)")
+                   help="bf16: the fp32 graphs with the encoder's weight products in bfloat16 (CPUs with AVX512-BF16 "
+                        "or AMX); bf16x2: the same with each weight as two bfloat16 parts (closer to fp32, slower)")
 
 
 def main(argv: list[str] | None = None) -> int:

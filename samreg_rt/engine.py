@@ -244,12 +244,12 @@ class Engine:
         spec = _registry_spec(model, spec, model_dir)
         chosen = select_providers(providers)
         if precision in BF16_PRECISIONS:
-            if not _ext.has_amx_bf16():
-                raise ModelError(f"precision {precision!r} needs AMX-BF16 tiles, which this CPU or operating system "
-                                 "does not give (_ext.has_amx_bf16() is False); use 'fp32' or 'int8'")
+            if not _ext.has_avx512_bf16():
+                raise ModelError(f"precision {precision!r} needs AVX512-BF16 (or AMX tiles), which this CPU does not "
+                                 "have (_ext.has_avx512_bf16() is False); use 'fp32' or 'int8'")
             if chosen[0] != "CPUExecutionProvider":
-                raise ModelError(f"precision {precision!r} runs on the CPU (AMX tiles), not on {chosen[0]}: pass "
-                                 "providers='cpu', or use 'fp16' on a GPU")
+                raise ModelError(f"precision {precision!r} runs on the CPU (AVX512-BF16 or AMX), not on {chosen[0]}: "
+                                 "pass providers='cpu', or use 'fp16' on a GPU")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or threads < 1):
             raise InputError(f"threads: expected a positive integer or None, got {threads!r}")

@@ -804,7 +804,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--provider", default="auto", help="auto | tensorrt | cuda | cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "bf16", "bf16x2"],
-                   help="bf16: the fp32 graphs with the encoder's weight products in bfloat16 (CPUs with AMX tiles); "
-                        "bf16x2: the same with each weight as two bfloat16 parts (closer to fp32, slower)")
+                   help="bf16: the fp32 graphs with the encoder's weight products in bfloat16 (CPUs with AVX512-BF16 "
+                        "or AMX); bf16x2: the same with each weight as two bfloat16 parts (closer to fp32, slower)")
     p.set_defaults(func=_cmd_eval)
     return p

@@ -1,5 +1,6 @@
-"""bfloat16 weight products: _ext.linear_bf16 against its twin, the packing, Bf16Graph on hand-made graphs, and
-engines of precision 'bf16' (the fp32 export with the encoder's weight products on AMX tiles)."""
+"""bfloat16 weight products: _ext.linear_bf16 against its twin (on AMX tiles and with AVX512-BF16, where the CPU
+has them), the packing, Bf16Graph on hand-made graphs, and engines of precision 'bf16' (the fp32 export with the
+encoder's weight products in bfloat16)."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,7 +20,10 @@ from samreg_export.export import export_model
 
 from . import twins
 
-needs_amx = pytest.mark.skipif(not _ext.has_amx_bf16(), reason="no AMX-BF16 tiles on this CPU or OS")
+needs_bf16 = pytest.mark.skipif(not _ext.has_avx512_bf16(), reason="no AVX512-BF16 on this CPU")
+# linear_bf16's two builds, each where the CPU runs it
+ISAS = [pytest.param("amx", marks=pytest.mark.skipif(not _ext.has_amx_bf16(), reason="no AMX-BF16 tiles")),
+        pytest.param("avx512", marks=needs_bf16)]
 
 
 @pytest.fixture()
@@ -60,12 +64,12 @@ def test_pack_bf16_weight_layout(rng):
         pack_bf16_weight(w[None])
 
 
-@needs_amx
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 7, 3), (33, 40, 50), (64, 64, 64), (97, 160, 640),
                                    (300, 1280, 320), (4096, 768, 96)])
-def test_linear_bf16_matches_twin(rng, m, k, n):
+def test_linear_bf16_matches_twin(rng, m, k, n, isa):
     x, w, b = _linear_inputs(rng, m, k, n)
-    got = _ext.linear_bf16(x, pack_bf16_weight(w), b)
+    got = _ext.linear_bf16(x, pack_bf16_weight(w), b, isa=isa)
     want = twins.linear_bf16(x, w, b)
     assert got.dtype == np.float32 and got.shape == (m, n)
     # float32 sums of k exact products: within k float32 roundings of the sum of magnitudes
@@ -89,35 +93,47 @@ def test_pack_bf16_weight_split(rng):
     assert np.abs(twins.bf16(w) - w).max() > 2.0 ** -10 * np.abs(w).max()
 
 
-@needs_amx
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m,k,n", [(5, 7, 3), (97, 160, 640), (300, 768, 96)])
-def test_linear_bf16_split_matches_twin(rng, m, k, n):
+def test_linear_bf16_split_matches_twin(rng, m, k, n, isa):
     x, w, b = _linear_inputs(rng, m, k, n)
-    got = _ext.linear_bf16(x, pack_bf16_weight(w, split=True), b)
+    got = _ext.linear_bf16(x, pack_bf16_weight(w, split=True), b, isa=isa)
     want = twins.linear_bf16_split(x, w, b)
     scale = np.abs(twins.bf16(x)).astype(np.float64) @ np.abs(w) + np.abs(b)
     assert (np.abs(got - want) <= 4 * k * np.finfo(np.float32).eps * scale + 1e-30).all()
     # closer to bf16(x) @ W than the plain packing
     exact = twins.linear(twins.bf16(x), w, b)
-    plain = _ext.linear_bf16(x, pack_bf16_weight(w), b)
+    plain = _ext.linear_bf16(x, pack_bf16_weight(w), b, isa=isa)
     if k >= 40:
         assert np.abs(got - exact).max() < 0.1 * np.abs(plain - exact).max()
 
 
-@needs_amx
-def test_linear_bf16_threads_and_out(rng):
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear_bf16_threads_and_out(rng, isa):
     x, w, b = _linear_inputs(rng, 1000, 96, 200)
     packed = pack_bf16_weight(w)
-    one = _ext.linear_bf16(x, packed, b, threads=1)
-    np.testing.assert_array_equal(_ext.linear_bf16(x, packed, b, threads=2), one)
+    one = _ext.linear_bf16(x, packed, b, isa=isa, threads=1)
+    np.testing.assert_array_equal(_ext.linear_bf16(x, packed, b, isa=isa, threads=2), one)
     out = np.full((1000, 200), np.nan, np.float32)
-    assert _ext.linear_bf16(x, packed, b, out=out) is out
+    assert _ext.linear_bf16(x, packed, b, out=out, isa=isa) is out
     np.testing.assert_array_equal(out, one)
-    assert _ext.linear_bf16(x[:0].copy(), packed, b).shape == (0, 200)
+    assert _ext.linear_bf16(x[:0].copy(), packed, b, isa=isa).shape == (0, 200)
+
+
+@pytest.mark.skipif(not _ext.has_amx_bf16(), reason="needs both builds: AMX-BF16 tiles")
+def test_linear_bf16_builds_agree(rng):
+    """The tiles and VDPBF16PS sum the same exact products, in other orders: float32 roundings apart."""
+    x, w, b = _linear_inputs(rng, 300, 1280, 320)
+    packed = pack_bf16_weight(w, split=True)
+    amx, dp = (_ext.linear_bf16(x, packed, b, isa=isa) for isa in ("amx", "avx512"))
+    np.testing.assert_array_equal(_ext.linear_bf16(x, packed, b), amx)      # 'auto' takes the tiles
+    assert not np.array_equal(amx, dp)
+    scale = np.abs(twins.bf16(x)).astype(np.float64) @ np.abs(w) + np.abs(b)
+    assert (np.abs(amx - dp) <= 4 * 1280 * np.finfo(np.float32).eps * scale).all()
 
 
 def test_linear_bf16_rejects_bad_arguments(rng):
-    """Argument checks run before the tiles are asked for, on any CPU."""
+    """Argument checks run before the CPU is asked for AMX tiles or AVX512-BF16, on any CPU."""
     x, w, b = _linear_inputs(rng, 10, 40, 50)
     packed = pack_bf16_weight(w)
     shared = np.zeros(1000, np.float32)
@@ -133,6 +149,7 @@ def test_linear_bf16_rejects_bad_arguments(rng):
         (dict(x=x.T), ValueError, "x: array is not C-contiguous"),
         (dict(out=np.zeros((10, 49), np.float32)), ValueError, r"out: expected shape \(10, 50\)"),
         (dict(threads=-1), ValueError, "threads"),
+        (dict(isa="sse"), ValueError, "isa must be 'auto', 'amx' or 'avx512', got 'sse'"),
     ]
     for change, error, message in cases:
         with pytest.raises(error, match=message):
@@ -140,9 +157,20 @@ def test_linear_bf16_rejects_bad_arguments(rng):
 
 
 @pytest.mark.skipif(_ext.has_amx_bf16(), reason="this CPU has AMX-BF16 tiles")
-def test_linear_bf16_refuses_without_amx(rng):
+def test_linear_bf16_refuses_amx_without_tiles(rng):
     x, w, b = _linear_inputs(rng, 10, 40, 50)
     with pytest.raises(RuntimeError, match="no AMX-BF16 tiles"):
+        _ext.linear_bf16(x, pack_bf16_weight(w), b, isa="amx")
+    if _ext.has_avx512_bf16():  # 'auto' takes VDPBF16PS
+        np.testing.assert_array_equal(_ext.linear_bf16(x, pack_bf16_weight(w), b),
+                                      _ext.linear_bf16(x, pack_bf16_weight(w), b, isa="avx512"))
+
+
+@pytest.mark.skipif(_ext.has_avx512_bf16(), reason="this CPU has AVX512-BF16")
+def test_linear_bf16_refuses_without_avx512_bf16(rng):
+    assert not _ext.has_amx_bf16()
+    x, w, b = _linear_inputs(rng, 10, 40, 50)
+    with pytest.raises(RuntimeError, match="no AVX512-BF16"):
         _ext.linear_bf16(x, pack_bf16_weight(w), b)
 
 
@@ -188,7 +216,7 @@ def test_find_products(rng):
     assert products[6][0].output == "z" and not products[6][0].bias.any()
 
 
-@needs_amx
+@needs_bf16
 def test_bf16_graph_matches_its_numpy_emulation(rng):
     model, w = _graph(rng)
     graph = Bf16Graph(model, _session, threads=2)
@@ -229,7 +257,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
-@needs_amx
+@needs_bf16
 def test_bf16_engine_litemedsam(litemedsam_dir, data_dir):
     """LiteMedSAM's real weights: the bf16 encoder's embedding is within bfloat16 rounding of fp32's (cosine
     0.99995 on this image when written) and the decoders are fp32's."""
@@ -247,26 +275,27 @@ def test_bf16_engine_litemedsam(litemedsam_dir, data_dir):
     assert 1 - _cosine(split, want) < 0.5 * (1 - _cosine(got, want))
 
 
-@needs_amx
+@needs_bf16
 def test_bf16_engine_vit_parts(tmp_path_factory):
-    """A ViT export: the encoder parts around the native attention run with bfloat16 products (and attention)."""
+    """A ViT export: the encoder parts around the native attention run with bfloat16 products (and, on CPUs with
+    AMX tiles, attention)."""
     model_dir = export_model("random:tiny", tmp_path_factory.mktemp("tiny"), precisions=("fp32",), name="tiny")
     fp32 = Engine.load(model_dir, threads=2)
     bf16 = Engine.load(model_dir, threads=2, precision="bf16")
     image = np.random.default_rng(3).integers(0, 255, (90, 130), np.uint8)
     want, got = fp32.embed(image).embedding, bf16.embed(image).embedding
     if fp32.encoder_parts:
-        assert bf16.encoder_attention == "bf16"
+        assert bf16.encoder_attention == ("bf16" if _ext.has_amx_bf16() else "fp32")
         assert all(isinstance(part, Bf16Graph) for part in bf16.encoder_parts)
     assert _cosine(got, want) >= 0.999
 
 
 def test_bf16_engine_errors(litemedsam_dir, monkeypatch):
-    """bf16 needs the fp32 graphs and AMX tiles, and runs on the CPU provider."""
-    monkeypatch.setattr(engine_module._ext, "has_amx_bf16", lambda: False)
-    with pytest.raises(ModelError, match="precision 'bf16' needs AMX-BF16 tiles"):
+    """bf16 needs the fp32 graphs and AVX512-BF16, and runs on the CPU provider."""
+    monkeypatch.setattr(engine_module._ext, "has_avx512_bf16", lambda: False)
+    with pytest.raises(ModelError, match="precision 'bf16' needs AVX512-BF16"):
         Engine.load(litemedsam_dir, precision="bf16")
-    monkeypatch.setattr(engine_module._ext, "has_amx_bf16", lambda: True)
+    monkeypatch.setattr(engine_module._ext, "has_avx512_bf16", lambda: True)
     monkeypatch.setattr(engine_module, "select_providers", lambda providers: ["CUDAExecutionProvider"])
     with pytest.raises(ModelError, match="precision 'bf16' runs on the CPU"):
         Engine.load(litemedsam_dir, precision="bf16")
