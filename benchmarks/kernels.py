@@ -4,10 +4,11 @@ Run from the repository root: ``python benchmarks/kernels.py [--out benchmarks/r
 a table of the best of a few runs in milliseconds and the speed-up, and writes it with the machine
 to ``kernels.md`` and ``kernels.json`` in ``--out``; checks that both give identical results (the
 float kernels resize_logits, mask_upscaling (both forms), linear, two_way_pass (both modes),
-two_way_factored (both layers) and shared_attention, whose twins compute in float64: within 2e-5 of
+two_way_factored (both layers), shared_attention and linear_bf16 (each build this CPU runs, plain and split
+weights; its twin rounds x and W to bfloat16 and sums in float64), whose twins compute in float64: within 2e-5 of
 the largest value; shared_attention_bf16, on CPUs with AMX tiles: 99% of the values within 2e-5 of the
-largest, all within a bfloat16 step). linear, two_way_pass, two_way_factored and shared_attention also
-get their achieved GFLOP/s. The kernels run on every CPU
+largest, all within a bfloat16 step). linear, linear_bf16, two_way_pass, two_way_factored and shared_attention
+also get their achieved GFLOP/s. The kernels run on every CPU
 this process may use (``threads=0``). Takes about two minutes on 2 cores.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from samreg_rt import _ext  # noqa: E402
 from samreg_rt.amg import upscale_matrices  # noqa: E402
+from samreg_rt.bf16_graph import pack_bf16_weight  # noqa: E402
 from samreg_rt.preprocess import Frame  # noqa: E402
 from samreg_rt.two_way import ImageTokenFactors  # noqa: E402
 from tests import twins  # noqa: E402
@@ -103,6 +105,12 @@ def main() -> None:
     vit_k, vit_v = (rng.normal(0, 1, (4096, 12, 64)).astype(np.float32) for _ in range(2))
     vit_rel_h, vit_rel_w = (rng.normal(0, 1, (512, 12, 64)).astype(np.float32) for _ in range(2))
     vit_flop = 2 * 512 * 12 * 4096 * 2 * 64
+    # a ViT-B MLP's first product (4096 tokens, 768 -> 3072), weights packed as the bf16 precisions pack them
+    mlp_x = rng.normal(0, 1, (4096, 768)).astype(np.float32)
+    mlp_w = (rng.normal(0, 1, (768, 3072)) / np.sqrt(768)).astype(np.float32)
+    mlp_b, mlp_out = rng.normal(0, 1, 3072).astype(np.float32), np.empty((4096, 3072), np.float32)
+    mlp_packed = {split: pack_bf16_weight(mlp_w, split) for split in (False, True)}
+    mlp_flop = 2 * 4096 * 768 * 3072
     frame = Frame((200, 200), (1024, 1024), 1024)              # the reference preset's working grid
     ry, rx = upscale_matrices(frame, (256, 256), (200, 200))
 
@@ -154,6 +162,14 @@ def main() -> None:
          lambda: _ext.shared_attention(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
          lambda: twins.shared_attention(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w), 3),
     ]
+    isas = [isa for isa, has in (("amx", _ext.has_amx_bf16()), ("avx512", _ext.has_avx512_bf16())) if has]
+    for isa in isas:    # each build of linear_bf16 that this CPU runs (precisions bf16 and bf16x2)
+        cases += [(f"linear_bf16 {isa}", "4096x768 -> 3072",
+                   lambda isa=isa: _ext.linear_bf16(mlp_x, mlp_packed[False], mlp_b, out=mlp_out, isa=isa),
+                   lambda: twins.linear_bf16(mlp_x, mlp_w, mlp_b), 5),
+                  (f"linear_bf16 split {isa}", "4096x768 -> 3072",
+                   lambda isa=isa: _ext.linear_bf16(mlp_x, mlp_packed[True], mlp_b, out=mlp_out, isa=isa),
+                   lambda: twins.linear_bf16_split(mlp_x, mlp_w, mlp_b), 5)]
     if _ext.has_amx_bf16():
         cases.append(("shared_attention_bf16 ViT", "512 rows, 12 heads, d 64",
                       lambda: _ext.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
@@ -165,10 +181,14 @@ def main() -> None:
                                           "B P 2 (4 J d + J J + K(K+1)/2 + 2 J2 d + K J2 + J2 (d + K)), K = 2J + 1"),
               "shared_attention": (sa_flop, "R H P 2 2 d; and R H P exps"),
               "shared_attention ViT": (vit_flop, "R H P 2 2 d; and R H P exps"),
-              "shared_attention_bf16 ViT": (vit_flop, "R H P 2 2 d; and R H P exps")}
+              "shared_attention_bf16 ViT": (vit_flop, "R H P 2 2 d; and R H P exps"),
+              **{f"linear_bf16 {isa}": (mlp_flop, "2 M K N") for isa in isas},
+              **{f"linear_bf16 split {isa}": (mlp_flop, "2 M K N (the product's: twice that run, W's two parts)")
+                 for isa in isas}}
     float_kernels = ("resize_logits", "mask_upscaling", "mask_upscaling_factored", "two_way_pass",
                      "two_way_pass qproj", "two_way_factored first", "two_way_factored second", "linear",
-                     "shared_attention", "shared_attention ViT")
+                     "shared_attention", "shared_attention ViT",
+                     *(f"linear_bf16{split} {isa}" for isa in isas for split in ("", " split")))
     bf16_kernels = ("shared_attention_bf16 ViT",)
 
     info = machine()
