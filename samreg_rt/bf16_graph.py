@@ -13,6 +13,7 @@ tensors made before it; each tensor is dropped after its last use.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -201,8 +202,10 @@ class Bf16Graph:
         self.reused = {step.output for step in self.steps
                        if isinstance(step, WeightProduct) and step.output not in self.outputs}
 
-    def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """The graph's outputs (``output_names``, None: all) for the input arrays ``feeds``."""
+    def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray],
+            timings: dict[str, float] | None = None) -> list[np.ndarray]:
+        """The graph's outputs (``output_names``, None: all) for the input arrays ``feeds``. ``timings``: a dict
+        to which the wall seconds of the steps are added, under "products" and "onnxruntime"."""
         missing = [name for name in self.inputs if name not in feeds]
         if missing:
             raise ValueError(f"Bf16Graph.run: missing inputs {missing} (the graph takes {list(self.inputs)})")
@@ -211,6 +214,7 @@ class Bf16Graph:
         spare = self._spare.__dict__.setdefault("arrays", {})
         values = dict(feeds)
         for step, drops in zip(self.steps, self.drops):
+            start = time.perf_counter()
             if isinstance(step, WeightProduct):
                 x = values[step.input]
                 size = x.size // step.depth * step.bias.shape[0]
@@ -219,6 +223,9 @@ class Bf16Graph:
             else:
                 results = step.session.run(list(step.outputs), {name: values[name] for name in step.inputs})
                 values.update(zip(step.outputs, results))
+            if timings is not None:
+                kind = "products" if isinstance(step, WeightProduct) else "onnxruntime"
+                timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - start
             for name in drops:
                 array = values.pop(name)
                 if name in self.reused:

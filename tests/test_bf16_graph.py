@@ -239,6 +239,9 @@ def test_bf16_graph_matches_its_numpy_emulation(rng):
     again = graph.run(["z", "y"], {"x": x})
     np.testing.assert_array_equal(again[0], z)
     np.testing.assert_array_equal(again[1], y)
+    timings = {"products": 1.0}     # adds to what is there
+    graph.run(None, {"x": x}, timings)
+    assert set(timings) == {"products", "onnxruntime"} and timings["products"] > 1.0 and timings["onnxruntime"] > 0
     with pytest.raises(ValueError, match=r"missing inputs \['x'\]"):
         graph.run(None, {})
 
