@@ -23,8 +23,9 @@ import numpy as np
 
 from samreg_export.export import export_model
 from samreg_rt import _ext
+from samreg_rt.bf16_graph import Bf16Graph
 from samreg_rt.engine import Engine
-from samreg_rt.split_encoder import ATTENTION_KERNELS
+from samreg_rt.split_encoder import run_encoder_parts
 
 from common import machine, write_report  # benchmarks/common.py (the script's folder is on sys.path)
 
@@ -32,17 +33,23 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = {"litemedsam": "litemedsam", "vit_b": "random:vit_b"}
 
 
+class _Timed:
+    """A Bf16Graph whose runs add their steps' seconds to ``timings`` (``run`` as an InferenceSession's)."""
+
+    def __init__(self, graph: Bf16Graph, timings: dict[str, float]):
+        self.graph, self.timings = graph, timings
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.graph.run(output_names, feeds, self.timings)
+
+
 def encode(engine: Engine, image: np.ndarray, timings: dict[str, float]) -> None:
     """One encoding of ``image`` (1, 3, S, S), the Bf16Graphs' step times added to ``timings``."""
-    if not engine.encoder_parts:
-        engine.sessions["encoder"].run(None, {"image": image}, timings)
-        return
-    core = ATTENTION_KERNELS[engine.encoder_attention]
-    out = engine.encoder_parts[0].run(None, {"image": image}, timings)
-    for part in engine.encoder_parts[1:]:
-        tokens, q, k, v, rel_h, rel_w = out
-        attention = core(q, k, v, rel_h, rel_w, threads=engine.threads)
-        out = part.run(None, {"tokens": tokens, "attention": attention}, timings)
+    if engine.encoder_parts:
+        run_encoder_parts([_Timed(part, timings) for part in engine.encoder_parts], image, engine.threads,
+                          engine.encoder_attention)
+    else:
+        _Timed(engine.sessions["encoder"], timings).run(None, {"image": image})
 
 
 def split(engine: Engine, size: int, runs: int) -> dict[str, float]:
