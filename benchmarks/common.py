@@ -22,7 +22,7 @@ from samreg_rt.masks import iou_matrix, pack_masks
 
 def machine() -> dict[str, Any]:
     """CPU model, logical CPUs, SIMD flags of interest, what runs ``_ext.linear_bf16`` (the bf16 precisions' products:
-    "AMX tiles", "AVX512-BF16" or "none"), Python / ONNX Runtime / numpy versions."""
+    "AMX tiles", "AVX512-BF16" or "none"), the build of the fp32 kernels (``_ext.mask_upscaling_isa``), Python / ONNX Runtime / numpy versions."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
     flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
@@ -32,6 +32,7 @@ def machine() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "simd_flags": simd,
         "bf16_products": "AMX tiles" if _ext.has_amx_bf16() else "AVX512-BF16" if _ext.has_avx512_bf16() else "none",
+        "fp32_kernels": _ext.mask_upscaling_isa(),  # the build of the fused fp32 kernels: "avx512" (Engine runs them) or "generic"
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,

@@ -359,12 +359,13 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{100 * g['gemm_share']:.0f}% | {top} |")
     skipped = sorted({op for g in r["graphs"].values() for op in g["uncounted"]})
     d = r["decoder"]
+    fused_note = ": the fused kernels doing all of the graphs' work" if "fused" in r["decoder_path"].values() else ""
     lines += ["", f"Decoder ({DECODER_BATCH} box prompts, tokens + masks with dense image tokens: "
               f"tokens {'fused (samreg_rt.two_way)' if r['decoder_path']['tokens'] == 'fused' else 'decoder_tokens'}, "
               f"masks {'fused (_ext.mask_upscaling)' if r['decoder_path']['masks'] == 'fused' else 'decoder_masks'})"
               f": {d['achieved_gops']:.1f} GFLOP/s = "
-              f"{d['pct_peak']:.0f}% of the fp32 peak ({d['pct_peak_gemm']:.0f}% in its GEMM kernels): the fused "
-              f"kernels doing all of the graph's work. Uncounted GEMM-class ops: {', '.join(skipped) or 'none'}.", "",
+              f"{d['pct_peak']:.0f}% of the fp32 peak ({d['pct_peak_gemm']:.0f}% in its GEMM kernels){fused_note}. "
+              f"Uncounted GEMM-class ops: {', '.join(skipped) or 'none'}.", "",
               *([f"Mask generation runs both steps on factors (the factored rows: the image side and the first "
                  f"convolution of the upscaling in products of inner width J or 2J + 1, less work than the graph's): "
                  f"{1e3 * r['decoder_factored']['latency_s']:.0f} ms for the batch, "
