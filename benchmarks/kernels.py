@@ -223,7 +223,8 @@ def write_results(out: Path, info: dict, rows: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = ["# samreg_rt._ext kernels against their numpy twins (tests/twins.py)", "",
              f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, SIMD {' '.join(info['simd_flags'])}; "
-             f"Python {info['python']}, numpy {info['numpy']}. Command: `python benchmarks/kernels.py`. "
+             f"fp32 kernels' build {info['fp32_kernels']}; Python {info['python']}, numpy {info['numpy']}. "
+             "Command: `python benchmarks/kernels.py`. "
              "Best of a few runs each; the kernels on every CPU of the process, the twins in numpy (float64 for "
              "the float kernels, whose results agree within 2e-5 of the largest value; the others identical).", "",
              "| kernel | size | C++ ms | numpy ms | speed-up | GFLOP/s | FLOPs |", "|---|---|---:|---:|---:|---:|---|"]
