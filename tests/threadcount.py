@@ -24,8 +24,10 @@ def most_threads_during(call: Callable[[], object]) -> int:
     The helper names itself (prctl PR_SET_NAME) and Linux gives a new thread its creator's name, so the
     threads of the call (and of thread pools it creates) carry that name, while threads that other parts of
     the process start meanwhile (a server's, a cluster client's, a progress bar's monitor) do not and are left
-    out. Threads are told apart by their ids, so threads that end meanwhile do not offset new ones."""
+    out, and so are threads alive before the call (a pool an earlier probe's call left running carries the name
+    too). Threads are told apart by their ids, so threads that end meanwhile do not offset new ones."""
     tag = f"probe{os.getpid() % 10**9}"[:15]
+    before = set(os.listdir("/proc/self/task"))
     done, watched = threading.Event(), threading.Event()
     failure: list[BaseException] = []
 
@@ -45,7 +47,7 @@ def most_threads_during(call: Callable[[], object]) -> int:
     helper.start()
     most = 0
     while not done.is_set():
-        most = max(most, sum(_named(tid) == tag for tid in os.listdir("/proc/self/task")))
+        most = max(most, sum(_named(tid) == tag for tid in set(os.listdir("/proc/self/task")) - before))
         if most:
             watched.set()
     helper.join()
