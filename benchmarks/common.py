@@ -32,7 +32,9 @@ def machine() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "simd_flags": simd,
         "bf16_products": "AMX tiles" if _ext.has_amx_bf16() else "AVX512-BF16" if _ext.has_avx512_bf16() else "none",
-        "fp32_kernels": _ext.mask_upscaling_isa(),  # the build of the fused fp32 kernels: "avx512" (Engine runs them) or "generic"
+        # the build of the fused fp32 kernels: "avx512" (Engine runs them all), "avx2" (the mask upscaling only)
+        # or "generic" (none)
+        "fp32_kernels": _ext.mask_upscaling_isa(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         "numpy": np.__version__,

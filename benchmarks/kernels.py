@@ -3,12 +3,13 @@
 Run from the repository root: ``python benchmarks/kernels.py [--out benchmarks/results]``. Prints
 a table of the best of a few runs in milliseconds and the speed-up, and writes it with the machine
 to ``kernels.md`` and ``kernels.json`` in ``--out``; checks that both give identical results (the
-float kernels resize_logits, mask_upscaling (both forms), linear, two_way_pass (both modes),
+float kernels resize_logits, mask_upscaling (both forms, and their AVX2 build where AVX-512 is the default), linear,
+two_way_pass (both modes),
 two_way_factored (both layers), shared_attention and linear_bf16 (each build this CPU runs, plain and split
 weights; its twin rounds x and W to bfloat16 and sums in float64), whose twins compute in float64: within 2e-5 of
 the largest value; shared_attention_bf16, on CPUs with AMX tiles: 99% of the values within 2e-5 of the
-largest, all within a bfloat16 step). linear, linear_bf16, two_way_pass, two_way_factored and shared_attention
-also get their achieved GFLOP/s. The kernels run on every CPU
+largest, all within a bfloat16 step). mask_upscaling, linear, linear_bf16, two_way_pass, two_way_factored and
+shared_attention also get their achieved GFLOP/s. The kernels run on every CPU
 this process may use (``threads=0``). Takes about two minutes on 2 cores.
 """
 from __future__ import annotations
@@ -69,6 +70,9 @@ def main() -> None:
     sim = rng.uniform(-1, 1, size=(60, 60)).astype(np.float32)
     upscaling = twins.upscaling_inputs(rng, [3] * 8, 64, 64)  # 8 prompts of a 64x64 embedding, 3 masks each
     factored = twins.upscaling_factored_inputs(rng, [3] * 8, 64, 64)  # the same from factors (J 56)
+    # products per prompt (not LayerNorm and GELU): the two convolutions on 4096 and 4 x 4096 pixels, the logits
+    upscaling_flop = 8 * (4096 * 2 * 256 * 256 + 4 * 4096 * 2 * 64 * 128 + 16 * 4096 * 2 * 32 * 3)
+    factored_up_flop = 8 * (4096 * 2 * 114 * 256 + 4 * 4096 * 2 * 64 * 128 + 16 * 4096 * 2 * 32 * 3)
     two_way = twins.two_way_inputs(rng, 8, True, 4096, 56, 56, 8)  # 8 prompts, shared 64x64 keys, 8 heads x 7
     two_way_out = np.empty((8, 4096, 256), np.float32)
     two_way_flop = 8 * 4096 * 4 * 2 * 256 * 56  # four products of 2 C J FLOPs per pixel and prompt
@@ -162,6 +166,12 @@ def main() -> None:
          lambda: _ext.shared_attention(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
          lambda: twins.shared_attention(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w), 3),
     ]
+    if _ext.mask_upscaling_isa() != "generic":    # the AVX2 build too (on AVX-512 CPUs "auto" runs the other)
+        cases += [("mask_upscaling avx2", "8 prompts x 3 masks",
+                   lambda: _ext.mask_upscaling(**upscaling, isa="avx2"), lambda: twins.mask_upscaling(**upscaling), 3),
+                  ("mask_upscaling_factored avx2", "8 prompts x 3 masks",
+                   lambda: _ext.mask_upscaling_factored(**factored, isa="avx2"),
+                   lambda: twins.mask_upscaling_factored(**factored), 3)]
     isas = [isa for isa, has in (("amx", _ext.has_amx_bf16()), ("avx512", _ext.has_avx512_bf16())) if has]
     for isa in isas:    # each build of linear_bf16 that this CPU runs (precisions bf16 and bf16x2)
         cases += [(f"linear_bf16 {isa}", "4096x768 -> 3072",
@@ -174,7 +184,11 @@ def main() -> None:
         cases.append(("shared_attention_bf16 ViT", "512 rows, 12 heads, d 64",
                       lambda: _ext.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
                       lambda: twins.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w), 3))
-    gflops = {"linear": (lin_flop, "2 M K N"), "two_way_pass": (two_way_flop, "B P 4 2 C J"),
+    upscaling_formula = "R (P 2 C 4C1 + 4P 2 C1 4C2 + 16P 2 C2 M), C 256, C1 64, C2 32"
+    factored_formula = "R (P 2 (2J + 2) 4C1 + 4P 2 C1 4C2 + 16P 2 C2 M)"
+    gflops = {**{f"mask_upscaling{build}": (upscaling_flop, upscaling_formula) for build in ("", " avx2")},
+              **{f"mask_upscaling_factored{build}": (factored_up_flop, factored_formula) for build in ("", " avx2")},
+              "linear": (lin_flop, "2 M K N"), "two_way_pass": (two_way_flop, "B P 4 2 C J"),
               "two_way_pass qproj": (two_way_q_flop, "B P 2 (J d + 3 C J)"),
               "two_way_factored first": (factored_flop(True), "B P 2 (2 J d + K(K+1)/2 + 2 J2 d + K J2 + J2 (d + K)), K = J"),
               "two_way_factored second": (factored_flop(False),
@@ -185,7 +199,8 @@ def main() -> None:
               **{f"linear_bf16 {isa}": (mlp_flop, "2 M K N") for isa in isas},
               **{f"linear_bf16 split {isa}": (mlp_flop, "2 M K N (the product's: twice that run, W's two parts)")
                  for isa in isas}}
-    float_kernels = ("resize_logits", "mask_upscaling", "mask_upscaling_factored", "two_way_pass",
+    float_kernels = ("resize_logits", "mask_upscaling", "mask_upscaling_factored", "mask_upscaling avx2",
+                     "mask_upscaling_factored avx2", "two_way_pass",
                      "two_way_pass qproj", "two_way_factored first", "two_way_factored second", "linear",
                      "shared_attention", "shared_attention ViT",
                      *(f"linear_bf16{split} {isa}" for isa in isas for split in ("", " split")))

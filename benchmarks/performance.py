@@ -359,7 +359,9 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{100 * g['gemm_share']:.0f}% | {top} |")
     skipped = sorted({op for g in r["graphs"].values() for op in g["uncounted"]})
     d = r["decoder"]
-    fused_note = ": the fused kernels doing all of the graphs' work" if "fused" in r["decoder_path"].values() else ""
+    fused = [step for step, path in r["decoder_path"].items() if path == "fused"]
+    fused_note = (": the fused kernels doing all of the graphs' work" if len(fused) == len(r["decoder_path"])
+                  else ": the fused kernel doing the mask upscaling's work" if fused == ["masks"] else "")
     lines += ["", f"Decoder ({DECODER_BATCH} box prompts, tokens + masks with dense image tokens: "
               f"tokens {'fused (samreg_rt.two_way)' if r['decoder_path']['tokens'] == 'fused' else 'decoder_tokens'}, "
               f"masks {'fused (_ext.mask_upscaling)' if r['decoder_path']['masks'] == 'fused' else 'decoder_masks'})"

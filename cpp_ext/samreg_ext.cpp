@@ -600,11 +600,14 @@ py::array_t<float> resize_logits(py::handle low_obj, py::handle ry_obj, py::hand
 // Mask upscaling of SAM's decoder, fused (decoder_masks.onnx without ONNX Runtime): per input pixel,
 // the first stride-2 transposed convolution (C -> 2x2 x C1), LayerNorm over C1 and GELU on each of
 // its 2x2 output pixels, the second transposed convolution (C1 -> 2x2 x C2) and GELU, and the dot
-// products with each kept mask's hypernetwork row, written into the mask logits. 16 consecutive
-// input pixels share the vector lanes; no intermediate tensor leaves the core's caches.
+// products with each kept mask's hypernetwork row, written into the mask logits. Consecutive input
+// pixels share the vector lanes (16 with AVX-512, 8 with AVX2); no intermediate tensor leaves the core's
+// caches. Layouts of several pixels (the factored inputs) come in blocks of kLanes = 16 pixels.
 
 typedef float v16f __attribute__((vector_size(64)));
 typedef int v16i __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
 
 constexpr int kChannels = 256;  // image-token channels (SAM's transformer width)
 constexpr int kC1 = 64;         // channels after the first transposed convolution
@@ -618,22 +621,33 @@ __attribute__((always_inline)) inline v16f load16(const float *p) {
     return v;
 }
 
+template <typename V>
+constexpr int lanes_of = sizeof(V) / sizeof(float);
+
+template <typename V>
+__attribute__((always_inline)) inline V load_vec(const float *p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
 // GELU 0.5 x (1 + erf(x / sqrt 2)) with erf as Eigen's rational approximation on [-4, 4]
 // (float32 absolute error below 5e-7 against the exact erf).
-__attribute__((always_inline)) inline v16f gelu16(v16f x) {
-    const v16f four = v16f{} + 4.f, minus_four = v16f{} - 4.f;
-    v16f t = x * 0.70710678118654752f;
+template <typename V>
+__attribute__((always_inline)) inline V gelu(V x) {
+    const V four = V{} + 4.f, minus_four = V{} - 4.f;
+    V t = x * 0.70710678118654752f;
     t = t > four ? four : t;
     t = t < minus_four ? minus_four : t;
-    const v16f t2 = t * t;
-    v16f p = t2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
+    const V t2 = t * t;
+    V p = t2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
     p = p * t2 + -2.10102402082508e-06f;
     p = p * t2 + -5.69250639462346e-05f;
     p = p * t2 + -7.34990630326855e-04f;
     p = p * t2 + -2.95459980854025e-03f;
     p = p * t2 + -1.60960333262415e-02f;
     p = p * t;
-    v16f q = t2 * -1.45660718464996e-05f + -2.13374055278905e-04f;
+    V q = t2 * -1.45660718464996e-05f + -2.13374055278905e-04f;
     q = q * t2 + -1.68282697438203e-03f;
     q = q * t2 + -7.37332916720468e-03f;
     q = q * t2 + -1.42647390514189e-02f;
@@ -663,21 +677,39 @@ __attribute__((always_inline)) inline void transpose16(v16f *r) {
     }
 }
 
+// The same for 8 vectors of 8 lanes (AVX2).
+__attribute__((always_inline)) inline void transpose8(v8f *r) {
+    const v8i lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+    const v8i lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const v8i lo1 = {0, 8, 2, 10, 4, 12, 6, 14}, hi1 = {1, 9, 3, 11, 5, 13, 7, 15};
+    const v8i *los[3] = {&lo4, &lo2, &lo1}, *his[3] = {&hi4, &hi2, &hi1};
+    for (int round = 0, s = 4; round < 3; ++round, s /= 2) {
+        for (int i = 0; i < 8; ++i) {
+            if (i & s) continue;
+            const v8f a = r[i], b = r[i + s];
+            r[i] = __builtin_shuffle(a, b, *los[round]);
+            r[i + s] = __builtin_shuffle(a, b, *his[round]);
+        }
+    }
+}
+__attribute__((always_inline)) inline void transpose_lanes(v16f *r) { transpose16(r); }
+__attribute__((always_inline)) inline void transpose_lanes(v8f *r) { transpose8(r); }
+
 // out[g][t] = bias[col0 + t] + sum_k x[g][k] * w[k, col0 + t] for kCols output channels t of G products with
-// the pixels in the lanes (x[g]: G groups of 16 pixels; w row-major with kStride columns). Each broadcast
+// the pixels in the lanes (x[g]: G groups of a vector's pixels; w row-major with kStride columns). Each broadcast
 // weight serves the G groups: with one group, a weight load per FMA kept the load ports as busy as the FMA
 // units. Prefetches the weight row kPrefetchRows ahead (w is larger than L1).
 constexpr int kPrefetchRows = 8;
-template <int kStride, int G, int kCols>
-__attribute__((always_inline)) inline void product_tile(v16f *const (&out)[G], const v16f *const (&x)[G], int count,
+template <int kStride, int G, int kCols, typename V>
+__attribute__((always_inline)) inline void product_tile(V *const (&out)[G], const V *const (&x)[G], int count,
                                                         const float *w, const float *bias, int col0) {
-    v16f acc[G][kCols];
+    V acc[G][kCols];
     for (int g = 0; g < G; ++g)
-        for (int t = 0; t < kCols; ++t) acc[g][t] = v16f{} + bias[col0 + t];
+        for (int t = 0; t < kCols; ++t) acc[g][t] = V{} + bias[col0 + t];
     const float *wr = w + col0;
     for (int k = 0; k < count; ++k, wr += kStride) {
         __builtin_prefetch(wr + kPrefetchRows * kStride);
-        v16f xk[G];
+        V xk[G];
         for (int g = 0; g < G; ++g) xk[g] = x[g][k];
         for (int t = 0; t < kCols; ++t) {
             const float wt = wr[t];
@@ -710,125 +742,134 @@ struct UpscaleArgs {
     int factor_tokens;               // J
 };
 
-constexpr int kUpGroups = 3;  // pixel groups per register tile of upscale_groups
-constexpr int kUpCols = 8;    // output channels per register tile
-
-// Groups g..g+G-1 of kLanes consecutive input pixels of the r-th prompt (each in the same order of
-// operations as alone). kFactored: the first convolution's output from the factors (mask_upscaling_factored).
-template <int G, bool kFactored>
+// Groups g..g+G-1 of a vector's consecutive input pixels (L of them) of the r-th prompt, kCols output channels
+// per register tile (each pixel in the same order of operations as alone, whatever the vector width).
+// kFactored: the first convolution's output from the factors (mask_upscaling_factored).
+template <typename V, int G, int kCols, bool kFactored>
 __attribute__((always_inline)) inline void upscale_groups(const UpscaleArgs &a, std::int64_t r, std::int64_t g) {
+    constexpr int L = lanes_of<V>;
     const std::int64_t hw = a.height * a.width, out_w = 4 * a.width, out_plane = 16 * hw;
     const std::int64_t m0 = a.mask_start[r], masks = a.mask_start[r + 1] - m0;
-    v16f x[G][kChannels];  // each group's image tokens (or factors), channel k in x[.][k] (pixels in lanes)
-    v16f act[G][kC1];
-    v16f logits[G][kMaxMasks];
-    const v16f *xs[G];
-    v16f *acts[G];
-    v16f scale[G];         // factored: rstd1 * rstd2 of the group's pixels, the weight of e_t
-    const float *et[G];    // factored: the group's e_t rows (e_t may not be 64-byte aligned: load16)
+    V x[G][kChannels];  // each group's image tokens (or factors), channel k in x[.][k] (pixels in lanes)
+    V act[G][kC1];
+    V logits[G][kMaxMasks];
+    const V *xs[G];
+    V *acts[G];
+    V scale[G];            // factored: rstd1 * rstd2 of the group's pixels, the weight of e_t
+    const float *et[G];    // factored: the group's e_t rows (e_t may not be 64-byte aligned: load_vec)
     const int depth = kFactored ? 2 * a.factor_tokens + 2 : kChannels;
     const float *w1 = a.w1, *b1 = a.b1;
     static constexpr float kZeros[4 * kC1] = {};
     for (int u = 0; u < G; ++u) {
         if constexpr (kFactored) {
-            const std::int64_t b = a.rows[r], group = g + u, J = a.factor_tokens;
-            const v16f r2 = load16(a.rstd2 + b * hw + group * kLanes);
-            scale[u] = load16(a.rstd1 + b * hw + group * kLanes) * r2;
-            const float *p1 = a.probs1 + (b * hw / kLanes + group) * J * kLanes;
-            const float *p2 = a.probs2 + (b * hw / kLanes + group) * J * kLanes;
+            // pixel p0 of block p0 / kLanes of the [.., kLanes] layouts, at lane p0 % kLanes
+            const std::int64_t b = a.rows[r], p0 = (g + u) * L, J = a.factor_tokens;
+            const std::int64_t block = b * hw / kLanes + p0 / kLanes, lane = p0 % kLanes;
+            const V r2 = load_vec<V>(a.rstd2 + b * hw + p0);
+            scale[u] = load_vec<V>(a.rstd1 + b * hw + p0) * r2;
+            const float *p1 = a.probs1 + block * J * kLanes + lane;
+            const float *p2 = a.probs2 + block * J * kLanes + lane;
             for (std::int64_t j = 0; j < J; ++j) {
-                x[u][j] = load16(p1 + j * kLanes) * scale[u];
-                x[u][J + j] = load16(p2 + j * kLanes) * r2;
+                x[u][j] = load_vec<V>(p1 + j * kLanes) * scale[u];
+                x[u][J + j] = load_vec<V>(p2 + j * kLanes) * r2;
             }
             x[u][2 * J] = r2;
-            x[u][2 * J + 1] = v16f{} + 1.f;
-            et[u] = a.e_t + group * 4 * kC1 * kLanes;
+            x[u][2 * J + 1] = V{} + 1.f;
+            et[u] = a.e_t + (p0 / kLanes) * 4 * kC1 * kLanes + lane;
             w1 = a.first + b * depth * 4 * kC1;
             b1 = kZeros;
         } else {
-            const float *tok = a.tokens + (a.rows[r] * hw + (g + u) * kLanes) * kChannels;
-            for (int k0 = 0; k0 < kChannels; k0 += kLanes) {
-                for (int l = 0; l < kLanes; ++l) x[u][k0 + l] = load16(tok + l * kChannels + k0);
-                transpose16(x[u] + k0);
+            const float *tok = a.tokens + (a.rows[r] * hw + (g + u) * L) * kChannels;
+            for (int k0 = 0; k0 < kChannels; k0 += L) {
+                for (int l = 0; l < L; ++l) x[u][k0 + l] = load_vec<V>(tok + l * kChannels + k0);
+                transpose_lanes(x[u] + k0);
             }
         }
         xs[u] = x[u];
     }
     for (int s1 = 0; s1 < 4; ++s1) {  // output pixel (di, dj) of the first convolution
-        for (int c0 = 0; c0 < kC1; c0 += kUpCols) {
+        for (int c0 = 0; c0 < kC1; c0 += kCols) {
             for (int u = 0; u < G; ++u) acts[u] = act[u] + c0;
-            product_tile<4 * kC1, G, kUpCols>(acts, xs, depth, w1, b1, s1 * kC1 + c0);
+            product_tile<4 * kC1, G, kCols>(acts, xs, depth, w1, b1, s1 * kC1 + c0);
         }
         if constexpr (kFactored)
             for (int u = 0; u < G; ++u)
-                for (int c = 0; c < kC1; ++c) act[u][c] += scale[u] * load16(et[u] + (s1 * kC1 + c) * kLanes);
+                for (int c = 0; c < kC1; ++c) act[u][c] += scale[u] * load_vec<V>(et[u] + (s1 * kC1 + c) * kLanes);
         for (int u = 0; u < G; ++u) {
-            v16f mean = v16f{};
+            V mean = V{};
             for (int c = 0; c < kC1; ++c) mean += act[u][c];
             mean *= 1.f / kC1;
-            v16f var = v16f{};
+            V var = V{};
             for (int c = 0; c < kC1; ++c) {
                 act[u][c] -= mean;
                 var += act[u][c] * act[u][c];
             }
-            v16f inv;
-            for (int l = 0; l < kLanes; ++l) inv[l] = 1.f / std::sqrt(var[l] * (1.f / kC1) + a.eps);
-            for (int c = 0; c < kC1; ++c) act[u][c] = gelu16(act[u][c] * inv * a.ln_weight[c] + a.ln_bias[c]);
+            V inv;
+            for (int l = 0; l < L; ++l) inv[l] = 1.f / std::sqrt(var[l] * (1.f / kC1) + a.eps);
+            for (int c = 0; c < kC1; ++c) act[u][c] = gelu(act[u][c] * inv * a.ln_weight[c] + a.ln_bias[c]);
         }
-        const v16f *as[G];
+        const V *as[G];
         for (int u = 0; u < G; ++u) as[u] = act[u];
         const int di = s1 / 2, dj = s1 % 2;
         for (int s2 = 0; s2 < 4; ++s2) {  // output pixel (di2, dj2) of the second convolution
             for (int u = 0; u < G; ++u)
-                for (std::int64_t m = 0; m < masks; ++m) logits[u][m] = v16f{};
-            for (int c0 = 0; c0 < kC2; c0 += kUpCols) {  // kUpCols of its C2 channels at a time
-                v16f acc[G][kUpCols];
-                v16f *accs[G];
+                for (std::int64_t m = 0; m < masks; ++m) logits[u][m] = V{};
+            for (int c0 = 0; c0 < kC2; c0 += kCols) {  // kCols of its C2 channels at a time
+                V acc[G][kCols];
+                V *accs[G];
                 for (int u = 0; u < G; ++u) accs[u] = acc[u];
-                product_tile<4 * kC2, G, kUpCols>(accs, as, kC1, a.w2, a.b2, s2 * kC2 + c0);
+                product_tile<4 * kC2, G, kCols>(accs, as, kC1, a.w2, a.b2, s2 * kC2 + c0);
                 for (int u = 0; u < G; ++u) {
-                    for (int t = 0; t < kUpCols; ++t) acc[u][t] = gelu16(acc[u][t]);
+                    for (int t = 0; t < kCols; ++t) acc[u][t] = gelu(acc[u][t]);
                     for (std::int64_t m = 0; m < masks; ++m) {
                         const float *hm = a.hyper + (m0 + m) * kC2 + c0;
-                        v16f s = logits[u][m];
-                        for (int t = 0; t < kUpCols; ++t) s += hm[t] * acc[u][t];
+                        V s = logits[u][m];
+                        for (int t = 0; t < kCols; ++t) s += hm[t] * acc[u][t];
                         logits[u][m] = s;
                     }
                 }
             }
             for (int u = 0; u < G; ++u) {
-                const std::int64_t p0 = (g + u) * kLanes, i = p0 / a.width, j0 = p0 % a.width;
+                const std::int64_t p0 = (g + u) * L, i = p0 / a.width, j0 = p0 % a.width;
                 const std::int64_t row = 4 * i + 2 * di + s2 / 2, col = 4 * j0 + 2 * dj + s2 % 2;
                 for (std::int64_t m = 0; m < masks; ++m) {
                     float *o = a.out + (m0 + m) * out_plane + row * out_w + col;
-                    for (int l = 0; l < kLanes; ++l) o[4 * l] = logits[u][m][l];
+                    for (int l = 0; l < L; ++l) o[4 * l] = logits[u][m][l];
                 }
             }
         }
     }
 }
 
-// Groups [g0, g1) of kLanes consecutive input pixels of the r-th prompt, kUpGroups at a time.
+// Groups [g0, g1) of a vector's consecutive input pixels of the r-th prompt, G at a time.
+template <typename V, int G, int kCols>
 __attribute__((always_inline)) inline void upscale_body(const UpscaleArgs &a, std::int64_t r,
                                                         std::int64_t g0, std::int64_t g1) {
     std::int64_t g = g0;
     if (a.first) {
-        for (; g + kUpGroups <= g1; g += kUpGroups) upscale_groups<kUpGroups, true>(a, r, g);
-        for (; g < g1; ++g) upscale_groups<1, true>(a, r, g);
+        for (; g + G <= g1; g += G) upscale_groups<V, G, kCols, true>(a, r, g);
+        for (; g < g1; ++g) upscale_groups<V, 1, kCols, true>(a, r, g);
     } else {
-        for (; g + kUpGroups <= g1; g += kUpGroups) upscale_groups<kUpGroups, false>(a, r, g);
-        for (; g < g1; ++g) upscale_groups<1, false>(a, r, g);
+        for (; g + G <= g1; g += G) upscale_groups<V, G, kCols, false>(a, r, g);
+        for (; g < g1; ++g) upscale_groups<V, 1, kCols, false>(a, r, g);
     }
 }
 
 using UpscaleFn = void (*)(const UpscaleArgs &, std::int64_t, std::int64_t, std::int64_t);
 
+// Register tiles (groups x channels): 3 x 8 accumulators of the 32 zmm registers; 3 x 4 of AVX2's 16 ymm
+// registers (of 1x4, 1x8, 2x4, 2x8, 3x4 and 4x2 the fastest on an Ice Lake Xeon, by a margin within its noise
+// over 2x4 and 2x8; benchmarks/results/kernels.md has the builds' GFLOP/s).
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void upscale_avx512(
     const UpscaleArgs &a, std::int64_t r, std::int64_t g0, std::int64_t g1) {
-    upscale_body(a, r, g0, g1);
+    upscale_body<v16f, 3, 8>(a, r, g0, g1);
+}
+__attribute__((target("avx2,fma"))) void upscale_avx2(const UpscaleArgs &a, std::int64_t r, std::int64_t g0,
+                                                      std::int64_t g1) {
+    upscale_body<v8f, 3, 4>(a, r, g0, g1);
 }
 void upscale_generic(const UpscaleArgs &a, std::int64_t r, std::int64_t g0, std::int64_t g1) {
-    upscale_body(a, r, g0, g1);
+    upscale_body<v16f, 3, 8>(a, r, g0, g1);
 }
 
 bool have_avx512() {
@@ -847,6 +888,32 @@ bool use_avx512(const std::string &isa, const char *kernel) {
     if (isa == "auto") return have_avx512();
     if (isa == "generic") return false;
     throw py::value_error(std::string(kernel) + ": isa must be 'auto' or 'generic', got '" + isa + "'");
+}
+
+bool have_avx2() {
+    static const bool has = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }();
+    return has;
+}
+
+// The mask upscaling's builds: AVX-512, AVX2 (with FMA) and portable.
+enum class UpscaleIsa { avx512, avx2, generic };
+
+UpscaleIsa best_upscale_isa() {
+    return have_avx512() ? UpscaleIsa::avx512 : have_avx2() ? UpscaleIsa::avx2 : UpscaleIsa::generic;
+}
+
+// isa "auto": the CPU's best build; "avx2" (so that tests can run it on AVX-512 CPUs too) or "generic".
+UpscaleIsa upscale_isa(const std::string &isa, const char *kernel) {
+    if (isa == "auto") return best_upscale_isa();
+    if (isa == "generic") return UpscaleIsa::generic;
+    if (isa == "avx2") {
+        if (!have_avx2()) throw py::value_error(std::string(kernel) + ": isa 'avx2': this CPU has no AVX2 and FMA");
+        return UpscaleIsa::avx2;
+    }
+    throw py::value_error(std::string(kernel) + ": isa must be 'auto', 'avx2' or 'generic', got '" + isa + "'");
 }
 
 void require_shape(const py::array &a, const char *name, std::initializer_list<py::ssize_t> shape) {
@@ -929,10 +996,11 @@ py::array_t<float> upscale_common(UpscaleArgs &args, const char *kernel, std::in
 }
 
 // Runs the upscaling of args' `prompts` rows, kChunks work items per prompt (so that one prompt fills the threads).
-void upscale_run(const UpscaleArgs &args, std::int64_t prompts, bool avx512, std::int64_t threads) {
-    const UpscaleFn fn = avx512 ? upscale_avx512 : upscale_generic;
+void upscale_run(const UpscaleArgs &args, std::int64_t prompts, UpscaleIsa isa, std::int64_t threads) {
+    const UpscaleFn fn = isa == UpscaleIsa::avx512 ? upscale_avx512 : isa == UpscaleIsa::avx2 ? upscale_avx2
+                                                                                              : upscale_generic;
     constexpr std::int64_t kChunks = 4;
-    const std::int64_t groups = args.height * args.width / kLanes;
+    const std::int64_t groups = args.height * args.width / (isa == UpscaleIsa::avx2 ? 8 : kLanes);
     py::gil_scoped_release release;
     parallel_for(prompts * kChunks, static_cast<double>(groups) * 1e5 / kChunks, threads,
                  [&](std::int64_t t0, std::int64_t t1) {
@@ -949,7 +1017,7 @@ py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py
                                   double eps, py::handle w2_obj, py::handle b2_obj, py::handle hyper_obj,
                                   py::handle mask_start_obj, std::int64_t width, py::handle out_obj,
                                   const std::string &isa, std::int64_t threads) {
-    const bool avx512 = use_avx512(isa, "mask_upscaling");
+    const UpscaleIsa build = upscale_isa(isa, "mask_upscaling");
     check_threads("mask_upscaling", threads);
     const py::array tokens = require<float>(tokens_obj, "tokens", "float32", 3);
     const py::array w1 = require<float>(w1_obj, "w1", "float32", 2);
@@ -964,7 +1032,7 @@ py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py
     args.b1 = static_cast<const float *>(b1.data());
     py::array_t<float> out = upscale_common(args, "mask_upscaling", batch, hw, rows_obj, ln_weight_obj, ln_bias_obj,
                                             eps, w2_obj, b2_obj, hyper_obj, mask_start_obj, width, out_obj);
-    upscale_run(args, py::len(rows_obj), avx512, threads);
+    upscale_run(args, py::len(rows_obj), build, threads);
     return out;
 }
 
@@ -974,7 +1042,7 @@ py::array_t<float> mask_upscaling_factored(py::handle e_t_obj, py::handle probs1
                                            double eps, py::handle w2_obj, py::handle b2_obj, py::handle hyper_obj,
                                            py::handle mask_start_obj, std::int64_t width, py::handle out_obj,
                                            const std::string &isa, std::int64_t threads) {
-    const bool avx512 = use_avx512(isa, "mask_upscaling_factored");
+    const UpscaleIsa build = upscale_isa(isa, "mask_upscaling_factored");
     check_threads("mask_upscaling_factored", threads);
     const py::array e_t = require<float>(e_t_obj, "e_t", "float32", 3);
     const py::array probs1 = require<float>(probs1_obj, "probs1", "float32", 4);
@@ -1001,7 +1069,7 @@ py::array_t<float> mask_upscaling_factored(py::handle e_t_obj, py::handle probs1
     args.factor_tokens = static_cast<int>(tokens);
     py::array_t<float> out = upscale_common(args, "mask_upscaling_factored", batch, hw, rows_obj, ln_weight_obj,
                                             ln_bias_obj, eps, w2_obj, b2_obj, hyper_obj, mask_start_obj, width, out_obj);
-    upscale_run(args, py::len(rows_obj), avx512, threads);
+    upscale_run(args, py::len(rows_obj), build, threads);
     return out;
 }
 
@@ -3024,7 +3092,9 @@ PYBIND11_MODULE(_ext, m) {
           "(w2 as [c1, (di2, dj2, c2)], b2), GELU, then the logits of masks mask_start[r]..\n"
           "mask_start[r+1]-1 of rows[r] (at most 4) with their hyper rows, on the 4h x 4w grid\n"
           "(h = hw / width; width a multiple of 16), written into out when given. isa 'auto' runs\n"
-          "the AVX-512 build on CPUs that have it, 'generic' the portable build." THREADS_DOC);
+          "the AVX-512 build on CPUs that have it, else the AVX2 build on CPUs with AVX2 and FMA; 'avx2'\n"
+          "that build (equal to the AVX-512 one: the same operations per pixel), 'generic' the portable build."
+          THREADS_DOC);
     m.def("mask_upscaling_factored", &mask_upscaling_factored, py::arg("e_t"), py::arg("probs1"), py::arg("rstd1"),
           py::arg("probs2"), py::arg("rstd2"), py::arg("first"), py::arg("rows"), py::arg("ln_weight"),
           py::arg("ln_bias"), py::arg("eps"), py::arg("w2"), py::arg("b2"), py::arg("hyper"), py::arg("mask_start"),
@@ -3133,6 +3203,9 @@ PYBIND11_MODULE(_ext, m) {
     m.def("has_avx512_bf16", &has_avx512_bf16,
           "has_avx512_bf16() -> whether linear_bf16 runs here: the CPU has AVX-512 (F, DQ, VL, BW) and AVX512-BF16\n"
           "(isa 'avx512'; with has_amx_bf16() too, 'auto' takes the tiles).");
-    m.def("mask_upscaling_isa", [] { return std::string(have_avx512() ? "avx512" : "generic"); },
-          "mask_upscaling_isa() -> 'avx512' or 'generic': the code path mask_upscaling runs on this CPU.");
+    m.def("mask_upscaling_isa", [] {
+              const UpscaleIsa isa = best_upscale_isa();
+              return std::string(isa == UpscaleIsa::avx512 ? "avx512" : isa == UpscaleIsa::avx2 ? "avx2" : "generic");
+          },
+          "mask_upscaling_isa() -> 'avx512', 'avx2' or 'generic': the build mask_upscaling runs on this CPU.");
 }

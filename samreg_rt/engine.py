@@ -209,10 +209,10 @@ class Engine:
         ``threads``: ONNX Runtime's intra-op threads and the fused CPU kernels' thread limit (None: the CPUs
         this process may use, ``cpus.usable_cpus``: its affinity mask, at most its cgroup's CPU quota).
         ``fused_upscaling``: upscale kept masks with the fused kernel (``samreg_rt.upscaling``) when the
-        decoders run fp32 on the CPU provider of a CPU with AVX-512 (``_ext.mask_upscaling_isa``;
-        elsewhere ``decoder_masks`` is faster); False always runs the graph.
+        decoders run on the CPU provider (not fp16) of a CPU with AVX-512 or AVX2 and FMA
+        (``_ext.mask_upscaling_isa``; elsewhere ``decoder_masks`` is faster); False always runs the graph.
         ``fused_tokens``: the same for ``decode_tokens`` (``samreg_rt.two_way`` instead of
-        ``decoder_tokens``).
+        ``decoder_tokens``), on CPUs with AVX-512 only (the two-way kernels have no AVX2 build).
         ``fused_encoder``: the same for a ViT encoder's global attention: the encoder runs as the graphs
         ``encoder_part<i>`` around ``_ext.shared_attention`` (``samreg_rt.split_encoder``) when the export
         has them for the precision (fp32 and int8 ViT exports since they exist: re-export older ones).
@@ -300,10 +300,12 @@ class Engine:
             sessions = {role: load_graph(role, *io) for role, io in GRAPH_IO.items() if role != "encoder"}
             upscaling = two_way = None
             encoder_parts: list[ort.InferenceSession] = []
-            if (precision != "fp16" and _ext.mask_upscaling_isa() == "avx512"
-                    and sessions["decoder_masks"].get_providers()[0] == "CPUExecutionProvider"):
-                if fused_upscaling:
-                    upscaling = UpscalingWeights.from_bytes(*_read_weights(model_dir, manifest, "mask_upscaling"))
+            # the fused kernels' build on this CPU, where the decoders run on it
+            isa = (_ext.mask_upscaling_isa() if precision != "fp16"
+                   and sessions["decoder_masks"].get_providers()[0] == "CPUExecutionProvider" else "generic")
+            if fused_upscaling and isa != "generic":
+                upscaling = UpscalingWeights.from_bytes(*_read_weights(model_dir, manifest, "mask_upscaling"))
+            if isa == "avx512":
                 if fused_tokens:
                     two_way = TwoWayWeights.from_bytes(*_read_weights(model_dir, manifest, "two_way"))
                 roles = encoder_part_names(graphs[files]) if fused_encoder else []

@@ -5,8 +5,9 @@ LayerNorm and two GELUs) from the 64x64 image tokens to 32 channels at 256x256, 
 product with its hypernetwork row. ONNX Runtime writes every intermediate tensor to memory (8 MB
 per prompt after the second convolution) and runs the second convolution as a product of inner
 width 64, which is memory-bound. ``samreg_rt._ext.mask_upscaling`` does all of it for 16 input
-pixels at a time in registers, for the kept masks only (its time against the graph's:
-benchmarks/results/performance.md, section 2). Results equal the graph's up to float rounding
+pixels at a time in registers (8 in its AVX2 build, for CPUs without AVX-512), for the kept masks only
+(its time against the graph's: benchmarks/results/performance.md, section 2, and for each build
+benchmarks/results/upscaling_builds.md). Results equal the graph's up to float rounding
 (the kernel's erf is a rational approximation, absolute error below 5e-7).
 """
 from __future__ import annotations

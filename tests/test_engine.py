@@ -83,7 +83,7 @@ def _kept_masks_both_ways(model_dir, embed_image, coords, labels, outputs, keep_
     fused_engine = Engine.load(model_dir, threads=2)
     graph_engine = Engine.load(model_dir, threads=2, fused_upscaling=False)
     assert graph_engine.mask_upscaling is None
-    assert (fused_engine.mask_upscaling is not None) == (_ext.mask_upscaling_isa() == "avx512")
+    assert (fused_engine.mask_upscaling is not None) == (_ext.mask_upscaling_isa() != "generic")
     emb = fused_engine.embed(embed_image).embedding
     iou, hyper_in, image_tokens = fused_engine.decode_tokens(emb, coords, labels)
     keep = keep_of(iou[:, outputs])
@@ -124,6 +124,25 @@ def test_decode_kept_masks_litemedsam(litemedsam_dir, data_dir):
     np.testing.assert_allclose(graph, want, rtol=0, atol=1e-4 * float(np.abs(want).max()))
     flips = (fused > 0) != (want > 0)
     assert flips.mean() < 1e-4        # binary masks: at most a few boundary pixels differ
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_fused_kernels_by_cpu_build(tiny_dir, monkeypatch, isa):
+    """Where the kernels' best build is AVX2 only the mask upscaling is fused (the two-way transformer and the
+    encoder run their graphs); with the portable build nothing is."""
+    monkeypatch.setattr(engine_module._ext, "mask_upscaling_isa", lambda: isa)
+    engine = Engine.load(tiny_dir, threads=2)
+    assert (engine.mask_upscaling is not None) == (isa == "avx2")
+    assert engine.two_way is None and not engine.encoder_parts and "encoder" in engine.sessions
+    rng = np.random.default_rng(5)
+    coords = rng.uniform(0, 255, (3, 1, 2)).astype(np.float32)
+    labels = np.ones((3, 1), np.float32)
+    _, hyper_in, image_tokens = engine.decode_tokens(engine.embed(np.zeros((64, 64), np.uint8)).embedding, coords,
+                                                     labels)
+    keep = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [0, 1, 1, 0]], bool)
+    want = engine.decode_masks(image_tokens, hyper_in)[keep]
+    np.testing.assert_allclose(engine.decode_kept_masks(image_tokens, hyper_in, keep), want, rtol=0,
+                               atol=1e-5 * float(np.abs(want).max()))
 
 
 def _tokens_both_ways(model_dir, image, coords, labels):

@@ -501,9 +501,12 @@ def test_resize_logits_rejects_mismatched_matrices(rng):
 # ------------------------------------------------------------------------------------------------
 # Fused mask upscaling
 
+# the builds this CPU can run (every CPU with AVX-512 has AVX2 and FMA)
+UPSCALING_ISAS = ["auto", "generic"] + (["avx2"] if _ext.mask_upscaling_isa() != "generic" else [])
+
 @pytest.mark.parametrize("counts,height,width", [([3, 0, 1, 4], 16, 32), ([1], 64, 64), ([0, 0], 16, 16),
                                                  ([2, 3], 8, 48)])
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", UPSCALING_ISAS)
 def test_mask_upscaling_matches_twin(rng, counts, height, width, isa):
     args = twins.upscaling_inputs(rng, counts, height, width)
     got = _ext.mask_upscaling(**args, isa=isa)
@@ -511,7 +514,21 @@ def test_mask_upscaling_matches_twin(rng, counts, height, width, isa):
     assert got.shape == want.shape == (sum(counts), 4 * height, 4 * width) and got.dtype == np.float32
     # float32 accumulation and a rational erf (5e-7) against float64 with the exact erf
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * max(1.0, float(np.abs(want).max(initial=0))))
-    assert _ext.mask_upscaling_isa() in ("avx512", "generic")
+    assert _ext.mask_upscaling_isa() in ("avx512", "avx2", "generic")
+
+
+@pytest.mark.skipif(_ext.mask_upscaling_isa() != "avx512", reason="compares the AVX2 build with the AVX-512 one")
+@pytest.mark.parametrize("factored", [False, True])
+def test_mask_upscaling_avx2_equals_avx512(rng, factored):
+    """The AVX2 build (8 pixels per vector) does each pixel's operations in the AVX-512 build's order (16 per
+    vector): the same logits to the bit, factored inputs (in blocks of 16 pixels) included."""
+    if factored:
+        args = twins.upscaling_factored_inputs(rng, [3, 0, 2], 8, 48, 56, 8)
+        run = _ext.mask_upscaling_factored
+    else:
+        args = twins.upscaling_inputs(rng, [3, 0, 2], 8, 48)
+        run = _ext.mask_upscaling
+    np.testing.assert_array_equal(run(**args, isa="avx2"), run(**args, isa="auto"))
 
 
 def test_mask_upscaling_layout(rng):
@@ -538,8 +555,8 @@ def test_mask_upscaling_rejects_bad_arguments(rng):
         (dict(rows=np.array([1, 3], np.int64)), "rows: 3 is not a prompt of the batch"),
         (dict(out=np.zeros((3, 64, 64), np.float32)[:, ::2]), "C-contiguous"),
         (dict(hyper=good["hyper"].astype(np.float64)), "dtype"),
-        (dict(isa="avx2"), "isa must be 'auto' or 'generic'"),
-        (dict(isa="AUTO"), "isa must be 'auto' or 'generic'"),
+        (dict(isa="avx512"), "isa must be 'auto', 'avx2' or 'generic'"),
+        (dict(isa="AUTO"), "isa must be 'auto', 'avx2' or 'generic'"),
     ]
     for change, message in cases:
         error = TypeError if message == "dtype" else ValueError
@@ -553,7 +570,7 @@ def test_mask_upscaling_rejects_bad_arguments(rng):
     ([1, 0, 3], 4, 32, 16, 4),       # a prompt without masks; 2J + 2 not a multiple of the tile
     ([4], 1, 16, 127, 1),            # the most tokens: 2J + 2 = 256
 ])
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", UPSCALING_ISAS)
 def test_mask_upscaling_factored_matches_twin(rng, counts, height, width, tokens, heads, isa):
     args = twins.upscaling_factored_inputs(rng, counts, height, width, tokens, heads)
     got = _ext.mask_upscaling_factored(**args, isa=isa)
@@ -592,7 +609,7 @@ def test_mask_upscaling_factored_rejects_bad_arguments(rng):
         (dict(rows=np.array([1, 3], np.int64)), "rows: 3 is not a prompt of the batch"),
         (dict(width=24), "mask_upscaling_factored: width 24 must be a positive multiple of 16"),
         (dict(rstd2=good["rstd2"].astype(np.float64)), "rstd2: expected dtype float32"),
-        (dict(isa="avx2"), "isa must be 'auto' or 'generic'"),
+        (dict(isa="avx512"), "isa must be 'auto', 'avx2' or 'generic'"),
     ]
     _ext.mask_upscaling_factored(**good)
     for change, message in cases:
