@@ -898,20 +898,20 @@ bool have_avx2() {
     return has;
 }
 
-// The mask upscaling's builds: AVX-512, AVX2 (with FMA) and portable.
-enum class UpscaleIsa { avx512, avx2, generic };
+// The builds of a kernel with an AVX2 one: AVX-512, AVX2 (with FMA) and portable.
+enum class Isa { avx512, avx2, generic };
 
-UpscaleIsa best_upscale_isa() {
-    return have_avx512() ? UpscaleIsa::avx512 : have_avx2() ? UpscaleIsa::avx2 : UpscaleIsa::generic;
+Isa best_isa() {
+    return have_avx512() ? Isa::avx512 : have_avx2() ? Isa::avx2 : Isa::generic;
 }
 
 // isa "auto": the CPU's best build; "avx2" (so that tests can run it on AVX-512 CPUs too) or "generic".
-UpscaleIsa upscale_isa(const std::string &isa, const char *kernel) {
-    if (isa == "auto") return best_upscale_isa();
-    if (isa == "generic") return UpscaleIsa::generic;
+Isa kernel_isa(const std::string &isa, const char *kernel) {
+    if (isa == "auto") return best_isa();
+    if (isa == "generic") return Isa::generic;
     if (isa == "avx2") {
         if (!have_avx2()) throw py::value_error(std::string(kernel) + ": isa 'avx2': this CPU has no AVX2 and FMA");
-        return UpscaleIsa::avx2;
+        return Isa::avx2;
     }
     throw py::value_error(std::string(kernel) + ": isa must be 'auto', 'avx2' or 'generic', got '" + isa + "'");
 }
@@ -996,11 +996,11 @@ py::array_t<float> upscale_common(UpscaleArgs &args, const char *kernel, std::in
 }
 
 // Runs the upscaling of args' `prompts` rows, kChunks work items per prompt (so that one prompt fills the threads).
-void upscale_run(const UpscaleArgs &args, std::int64_t prompts, UpscaleIsa isa, std::int64_t threads) {
-    const UpscaleFn fn = isa == UpscaleIsa::avx512 ? upscale_avx512 : isa == UpscaleIsa::avx2 ? upscale_avx2
+void upscale_run(const UpscaleArgs &args, std::int64_t prompts, Isa isa, std::int64_t threads) {
+    const UpscaleFn fn = isa == Isa::avx512 ? upscale_avx512 : isa == Isa::avx2 ? upscale_avx2
                                                                                               : upscale_generic;
     constexpr std::int64_t kChunks = 4;
-    const std::int64_t groups = args.height * args.width / (isa == UpscaleIsa::avx2 ? 8 : kLanes);
+    const std::int64_t groups = args.height * args.width / (isa == Isa::avx2 ? 8 : kLanes);
     py::gil_scoped_release release;
     parallel_for(prompts * kChunks, static_cast<double>(groups) * 1e5 / kChunks, threads,
                  [&](std::int64_t t0, std::int64_t t1) {
@@ -1017,7 +1017,7 @@ py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py
                                   double eps, py::handle w2_obj, py::handle b2_obj, py::handle hyper_obj,
                                   py::handle mask_start_obj, std::int64_t width, py::handle out_obj,
                                   const std::string &isa, std::int64_t threads) {
-    const UpscaleIsa build = upscale_isa(isa, "mask_upscaling");
+    const Isa build = kernel_isa(isa, "mask_upscaling");
     check_threads("mask_upscaling", threads);
     const py::array tokens = require<float>(tokens_obj, "tokens", "float32", 3);
     const py::array w1 = require<float>(w1_obj, "w1", "float32", 2);
@@ -1042,7 +1042,7 @@ py::array_t<float> mask_upscaling_factored(py::handle e_t_obj, py::handle probs1
                                            double eps, py::handle w2_obj, py::handle b2_obj, py::handle hyper_obj,
                                            py::handle mask_start_obj, std::int64_t width, py::handle out_obj,
                                            const std::string &isa, std::int64_t threads) {
-    const UpscaleIsa build = upscale_isa(isa, "mask_upscaling_factored");
+    const Isa build = kernel_isa(isa, "mask_upscaling_factored");
     check_threads("mask_upscaling_factored", threads);
     const py::array e_t = require<float>(e_t_obj, "e_t", "float32", 3);
     const py::array probs1 = require<float>(probs1_obj, "probs1", "float32", 4);
@@ -1090,28 +1090,33 @@ constexpr int kTwTokenBlock = 8;             // tokens per register tile; J, J2 
 constexpr int kTwChannelBlock = kTwTokenBlock;  // channels per register tile of the value product (tw_tile)
 
 // exp of each lane: Cephes' expf (range reduction by ln 2 in two parts, degree-5 polynomial, about
-// 1 ulp); 0 below -87.3 (and for -inf), clamped at 88.7.
-__attribute__((always_inline)) inline v16f exp16(v16f x) {
-    const v16f lo = v16f{} - 87.3365447f, hi = v16f{} + 88.7228391f;
-    const v16i under = x < lo;
+// 1 ulp); 0 below -87.3 (and for -inf), clamped at 88.7. V: v16f or v8f (the same per lane).
+template <typename V>
+using int_vec = std::conditional_t<std::is_same_v<V, v16f>, v16i, v8i>;
+
+template <typename V>
+__attribute__((always_inline)) inline V exp_vec(V x) {
+    using I = int_vec<V>;
+    const V lo = V{} - 87.3365447f, hi = V{} + 88.7228391f;
+    const I under = x < lo;
     x = x > hi ? hi : x;
     x = x < lo ? lo : x;
-    const v16f magic = v16f{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-    v16f n = x * 1.44269504088896341f + magic;
+    const V magic = V{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+    V n = x * 1.44269504088896341f + magic;
     n = n - magic;
-    v16f r = x - n * 0.693359375f;
+    V r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
-    v16f p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.f;
-    const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
-    v16f scale;
+    const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+    V scale;
     std::memcpy(&scale, &bits, sizeof scale);
-    const v16f y = p * scale;
-    return under ? v16f{} : y;
+    const V y = p * scale;
+    return under ? V{} : y;
 }
 
 struct TwoWayArgs {
@@ -1319,7 +1324,7 @@ __attribute__((always_inline)) inline void tw_head_softmax(v16f *lt, int heads, 
             for (int t = 1; t < T; ++t) m = l[t * kTwVecs + v] > m ? l[t * kTwVecs + v] : m;
             v16f sum = v16f{};
             for (int t = 0; t < T; ++t) {
-                const v16f e = exp16(l[t * kTwVecs + v] - m);
+                const v16f e = exp_vec(l[t * kTwVecs + v] - m);
                 l[t * kTwVecs + v] = e;
                 sum += e;
             }
@@ -1370,7 +1375,7 @@ __attribute__((always_inline)) inline void tw_online_softmax(v16f *st, int J2p, 
         for (int t = 0; t < kLanes; ++t) {
             r[t] = v16f{};
             for (int v = 0; t < count && v < kTwVecs; ++v) {
-                const v16f e = exp16(st[(j0 + t) * kTwVecs + v] - new_max[t]);
+                const v16f e = exp_vec(st[(j0 + t) * kTwVecs + v] - new_max[t]);
                 st[(j0 + t) * kTwVecs + v] = e;
                 r[t] += e;
             }
@@ -2358,7 +2363,7 @@ __attribute__((always_inline)) inline void sa_rows(const SharedAttentionArgs &a,
         v16f s = v16f{};
         v16f *row = logits + r * a.vecs;
         for (std::int64_t j = 0; j < a.vecs; ++j) {
-            const v16f e = exp16(row[j] - m);
+            const v16f e = exp_vec(row[j] - m);
             row[j] = e;
             s += e;
         }
@@ -3204,8 +3209,8 @@ PYBIND11_MODULE(_ext, m) {
           "has_avx512_bf16() -> whether linear_bf16 runs here: the CPU has AVX-512 (F, DQ, VL, BW) and AVX512-BF16\n"
           "(isa 'avx512'; with has_amx_bf16() too, 'auto' takes the tiles).");
     m.def("mask_upscaling_isa", [] {
-              const UpscaleIsa isa = best_upscale_isa();
-              return std::string(isa == UpscaleIsa::avx512 ? "avx512" : isa == UpscaleIsa::avx2 ? "avx2" : "generic");
+              const Isa isa = best_isa();
+              return std::string(isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "generic");
           },
           "mask_upscaling_isa() -> 'avx512', 'avx2' or 'generic': the build mask_upscaling runs on this CPU.");
 }
