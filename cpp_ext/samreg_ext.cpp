@@ -2092,19 +2092,23 @@ py::array_t<float> two_way_factored(py::handle image_obj, py::handle probs1_obj,
 
 // ------------------------------------------------------------------------------------------------
 // Linear layer out = x @ weight_t + bias (then ReLU when asked): the token side of SAM's decoder.
-// A register tile of kLinRows rows x up to kLinVecs vectors (64 columns) of out lives in 24
-// accumulators while k runs over a block of at most kLinDepth rows of weight_t: each step loads the
-// tile's columns of one weight_t row and broadcasts x[m, k] of each of the tile's rows. The columns of
-// weight_t go through a packed panel ([k][64 columns], zero past N) that stays in L2 for all the rows
-// of a work item and reads contiguously (weight_t's own rows are often 8 or 16 KiB apart: the same
-// cache sets). Work items are (chunk of rows, panel of 64 columns); each packs its own panel, one
-// block of k at a time, and a ragged last panel runs with as few vectors as it needs.
+// A register tile of kLinRows rows x up to lin_vecs<V> vectors of out (64 columns in 24 zmm accumulators
+// with AVX-512, 16 columns in 12 ymm ones with AVX2) lives in registers while k runs over a block of at most
+// kLinDepth rows of weight_t: each step loads the tile's columns of one weight_t row and broadcasts x[m, k]
+// of each of the tile's rows. The columns of weight_t go through a packed panel ([k][panel columns], zero
+// past N) that stays in L2 for all the rows of a work item and reads contiguously (weight_t's own rows are
+// often 8 or 16 KiB apart: the same cache sets). Work items are (chunk of rows, panel of columns); each packs
+// its own panel, one block of k at a time, and a ragged last panel runs with as few vectors as it needs.
 
 constexpr int kLinRows = 6;                       // rows per register tile
-constexpr int kLinVecs = 4;                       // vectors per panel
-constexpr int kLinPanel = kLinVecs * kLanes;      // columns per panel
+constexpr int kLinMaxPanel = 64;                  // columns per panel at most (floats per packed row)
 constexpr std::int64_t kLinDepth = 256;           // k per block: a packed panel of at most 64 KiB
 constexpr std::int64_t kLinMinItems = 8;          // work items at least (rows are split to get them)
+
+template <typename V>
+constexpr int lin_vecs = std::is_same_v<V, v16f> ? 4 : 2;              // vectors per panel
+template <typename V>
+constexpr int lin_panel_cols = lin_vecs<V> * lanes_of<V>;               // columns per panel
 
 struct LinearArgs {
     const float *x;       // [M, K]
@@ -2115,39 +2119,39 @@ struct LinearArgs {
     bool relu;
 };
 
-// out[r, t] for R rows r and the `cols` <= 16 V columns t of a tile: starting from init (the bias,
-// V vectors) when `first`, else from out; plus sum_k x[r * ldx + k] * panel[k][t] over `depth` k;
+// out[r, t] for R rows r and the `cols` <= NV L columns t of a tile (L lanes per vector V): starting from init
+// (the bias, NV vectors) when `first`, else from out; plus sum_k x[r * ldx + k] * panel[k][t] over `depth` k;
 // ReLU when `relu` (the last block of k).
-template <int R, int V>
-__attribute__((always_inline)) inline void lin_tile(const float *x, std::int64_t ldx, const v16f *panel,
-                                                   std::int64_t depth, const v16f *init, bool first, bool relu,
+template <typename V, int R, int NV>
+__attribute__((always_inline)) inline void lin_tile(const float *x, std::int64_t ldx, const V *panel,
+                                                   std::int64_t depth, const V *init, bool first, bool relu,
                                                    float *out, std::int64_t ldo, int cols) {
-    constexpr int kCols = V * kLanes;
-    v16f acc[R][V];
+    constexpr int L = lanes_of<V>, kCols = NV * L;
+    V acc[R][NV];
     for (int r = 0; r < R; ++r) {
         if (first) {
-            for (int v = 0; v < V; ++v) acc[r][v] = init[v];
+            for (int v = 0; v < NV; ++v) acc[r][v] = init[v];
         } else if (cols == kCols) {
-            for (int v = 0; v < V; ++v) acc[r][v] = load16(out + r * ldo + v * kLanes);
+            for (int v = 0; v < NV; ++v) acc[r][v] = load_vec<V>(out + r * ldo + v * L);
         } else {
             float row[kCols] = {};
             std::memcpy(row, out + r * ldo, cols * sizeof(float));
-            for (int v = 0; v < V; ++v) acc[r][v] = load16(row + v * kLanes);
+            for (int v = 0; v < NV; ++v) acc[r][v] = load_vec<V>(row + v * L);
         }
     }
     for (std::int64_t k = 0; k < depth; ++k) {
-        v16f w[V];
-        for (int v = 0; v < V; ++v) w[v] = panel[k * V + v];
+        V w[NV];
+        for (int v = 0; v < NV; ++v) w[v] = panel[k * NV + v];
         for (int r = 0; r < R; ++r) {
             const float xr = x[r * ldx + k];
-            for (int v = 0; v < V; ++v) acc[r][v] += xr * w[v];
+            for (int v = 0; v < NV; ++v) acc[r][v] += xr * w[v];
         }
     }
     for (int r = 0; r < R; ++r) {
         if (relu)
-            for (int v = 0; v < V; ++v) acc[r][v] = acc[r][v] > 0.f ? acc[r][v] : v16f{};
+            for (int v = 0; v < NV; ++v) acc[r][v] = acc[r][v] > 0.f ? acc[r][v] : V{};
         if (cols == kCols) {
-            for (int v = 0; v < V; ++v) std::memcpy(out + r * ldo + v * kLanes, &acc[r][v], sizeof(v16f));
+            for (int v = 0; v < NV; ++v) std::memcpy(out + r * ldo + v * L, &acc[r][v], sizeof(V));
         } else {
             float row[kCols];
             std::memcpy(row, acc[r], sizeof row);
@@ -2156,14 +2160,14 @@ __attribute__((always_inline)) inline void lin_tile(const float *x, std::int64_t
     }
 }
 
-// Rows [r0, r1) of the panel of columns n0..n0 + 16 V - 1 (fewer at the right edge). buffer: V + kLinDepth V
+// Rows [r0, r1) of the panel of columns n0..n0 + NV L - 1 (fewer at the right edge). buffer: NV + kLinDepth NV
 // vectors (the padded bias, then the packed block of weight_t).
-template <int V>
+template <typename V, int NV>
 __attribute__((always_inline)) inline void lin_panel(const LinearArgs &a, std::int64_t n0, std::int64_t r0,
-                                                    std::int64_t r1, v16f *buffer) {
-    constexpr int kCols = V * kLanes;
+                                                    std::int64_t r1, V *buffer) {
+    constexpr int L = lanes_of<V>, kCols = NV * L;
     const int cols = static_cast<int>(std::min<std::int64_t>(kCols, a.n - n0));
-    v16f *init = buffer, *panel = buffer + V;
+    V *init = buffer, *panel = buffer + NV;
     float *bias = reinterpret_cast<float *>(init);
     for (int t = 0; t < kCols; ++t) bias[t] = t < cols ? a.bias[n0 + t] : 0.f;
     const std::int64_t blocks = std::max<std::int64_t>(1, (a.k + kLinDepth - 1) / kLinDepth);
@@ -2174,7 +2178,7 @@ __attribute__((always_inline)) inline void lin_panel(const LinearArgs &a, std::i
             const float *src = a.w + (k0 + k) * a.n + n0;
             float *dst = packed + k * kCols;
             if (cols == kCols) {
-                for (int v = 0; v < V; ++v) std::memcpy(dst + v * kLanes, src + v * kLanes, sizeof(v16f));
+                std::memcpy(dst, src, kCols * sizeof(float));
             } else {
                 std::memcpy(dst, src, cols * sizeof(float));
                 std::fill(dst + cols, dst + kCols, 0.f);
@@ -2185,29 +2189,26 @@ __attribute__((always_inline)) inline void lin_panel(const LinearArgs &a, std::i
         float *out = a.out + n0;
         std::int64_t m = r0;
         for (; m + kLinRows <= r1; m += kLinRows)
-            lin_tile<kLinRows, V>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols);
+            lin_tile<V, kLinRows, NV>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols);
         switch (r1 - m) {
-            case 1: lin_tile<1, V>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
-            case 2: lin_tile<2, V>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
-            case 3: lin_tile<3, V>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
-            case 4: lin_tile<4, V>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
-            case 5: lin_tile<5, V>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
+            case 1: lin_tile<V, 1, NV>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
+            case 2: lin_tile<V, 2, NV>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
+            case 3: lin_tile<V, 3, NV>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
+            case 4: lin_tile<V, 4, NV>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
+            case 5: lin_tile<V, 5, NV>(x + m * a.k, a.k, panel, depth, init, first, relu, out + m * a.n, a.n, cols); break;
             default: break;
         }
     }
 }
 
+// The panel from column n0 with as few of its NV vectors as the columns left need.
+template <typename V, int NV = lin_vecs<V>>
 __attribute__((always_inline)) inline void linear_body(const LinearArgs &a, std::int64_t n0, std::int64_t r0,
-                                                      std::int64_t r1, v16f *buffer) {
-    const std::int64_t rest = a.n - n0;
-    if (rest > 3 * kLanes)
-        lin_panel<4>(a, n0, r0, r1, buffer);
-    else if (rest > 2 * kLanes)
-        lin_panel<3>(a, n0, r0, r1, buffer);
-    else if (rest > kLanes)
-        lin_panel<2>(a, n0, r0, r1, buffer);
-    else
-        lin_panel<1>(a, n0, r0, r1, buffer);
+                                                      std::int64_t r1, V *buffer) {
+    if constexpr (NV > 1) {
+        if (a.n - n0 <= (NV - 1) * lanes_of<V>) return linear_body<V, NV - 1>(a, n0, r0, r1, buffer);
+    }
+    lin_panel<V, NV>(a, n0, r0, r1, buffer);
 }
 
 using LinearFn = void (*)(const LinearArgs &, std::int64_t, std::int64_t, std::int64_t, v16f *);
@@ -2215,6 +2216,10 @@ using LinearFn = void (*)(const LinearArgs &, std::int64_t, std::int64_t, std::i
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void linear_avx512(
     const LinearArgs &a, std::int64_t n0, std::int64_t r0, std::int64_t r1, v16f *buffer) {
     linear_body(a, n0, r0, r1, buffer);
+}
+__attribute__((target("avx2,fma"))) void linear_avx2(const LinearArgs &a, std::int64_t n0, std::int64_t r0,
+                                                     std::int64_t r1, v16f *buffer) {
+    linear_body(a, n0, r0, r1, reinterpret_cast<v8f *>(buffer));
 }
 void linear_generic(const LinearArgs &a, std::int64_t n0, std::int64_t r0, std::int64_t r1, v16f *buffer) {
     linear_body(a, n0, r0, r1, buffer);
@@ -2246,28 +2251,29 @@ py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle 
                               "Linear weight), got " + shape_str(weight_t));
     }
     require_shape(bias, "bias", {cols});
-    const bool avx512 = use_avx512(isa, "linear");
+    const Isa build = kernel_isa(isa, "linear");
     py::array_t<float> out = product_out(out_obj, rows, cols, x, weight_t, "weight_t", bias);
     if (rows == 0 || cols == 0) return out;
     const LinearArgs args{static_cast<const float *>(x.data()), static_cast<const float *>(weight_t.data()),
                           static_cast<const float *>(bias.data()), out.mutable_data(), rows, depth, cols, relu};
-    const LinearFn fn = avx512 ? linear_avx512 : linear_generic;
-    const std::int64_t panels = (cols + kLinPanel - 1) / kLinPanel, tiles = (rows + kLinRows - 1) / kLinRows;
+    const LinearFn fn = build == Isa::avx512 ? linear_avx512 : build == Isa::avx2 ? linear_avx2 : linear_generic;
+    const std::int64_t panel_cols = build == Isa::avx2 ? lin_panel_cols<v8f> : lin_panel_cols<v16f>;
+    const std::int64_t panels = (cols + panel_cols - 1) / panel_cols, tiles = (rows + kLinRows - 1) / kLinRows;
     const std::int64_t chunks = std::min(tiles, (kLinMinItems + panels - 1) / panels);
     const std::int64_t panel_depth = std::min(depth, kLinDepth);
     // cost in parallel_for's units: a tenth of a FLOP (threads for products of about 4 MFLOP and more:
     // starting and joining one costs tens of microseconds); writing an element of out counts 16 FLOPs
-    const double item_flops = (2.0 * depth + 16.0) * static_cast<double>(rows) / chunks * kLinPanel;
+    const double item_flops = (2.0 * depth + 16.0) * static_cast<double>(rows) / chunks * panel_cols;
     {
         py::gil_scoped_release release;
         parallel_for(panels * chunks, item_flops / 10.0, threads, [&](std::int64_t i0, std::int64_t i1) {
             std::vector<float> storage;
-            v16f *buffer = aligned_vecs(storage, kLinVecs * (1 + panel_depth));
+            v16f *buffer = aligned_vecs(storage, kLinMaxPanel / kLanes * (1 + panel_depth));
             for (std::int64_t i = i0; i < i1; ++i) {
                 const std::int64_t p = i / chunks, c = i % chunks;
                 const std::int64_t r0 = tiles * c / chunks * kLinRows;
                 const std::int64_t r1 = std::min(rows, tiles * (c + 1) / chunks * kLinRows);
-                fn(args, p * kLinPanel, r0, r1, buffer);
+                fn(args, p * panel_cols, r0, r1, buffer);
             }
         });
     }
@@ -2306,16 +2312,24 @@ struct SharedAttentionArgs {
     int kw;               // keys per row of the key grid (a multiple of 16)
 };
 
-// Query rows r0..r0 + kSaRows - 1 (those below R) of head h, kSaRows = sa_item_rows(NV). logits: kSaRows * vecs
-// vectors of scratch.
-template <int NV>
+// Query rows r0..r0 + kSaRows - 1 (those below R) of head h, kSaRows = sa_item_rows(NV), with vectors V of L
+// lanes (v16f: AVX-512 or portable; v8f: AVX2, reading each 16-lane vector of the layouts as two halves).
+// logits: kSaRows * vecs 16-lane vectors of scratch. The logits run kGroup rows at a time (all of them with
+// 32 registers, 4 with AVX2's 16), the weighted values kPool rows at a time.
+template <typename V, int NV>
 __attribute__((always_inline)) inline void sa_rows(const SharedAttentionArgs &a, int h, std::int64_t r0,
-                                                  v16f *logits) {
-    constexpr int kSaRows = sa_item_rows(NV);
+                                                  v16f *logits16) {
+    constexpr int L = lanes_of<V>, kSplit = kLanes / L, kSaRows = sa_item_rows(NV), NVV = NV * kSplit;
+    constexpr bool kWide = std::is_same_v<V, v16f>;
+    constexpr int kGroup = kWide ? kSaRows : 4;
+    constexpr int kPool = kWide ? (NV > 2 ? kSaRows / 2 : kSaRows) : (NVV <= 2 ? 4 : NVV <= 6 ? 2 : 1);
+    static_assert(kSaRows % kGroup == 0 && kSaRows % kPool == 0, "row groups must tile the item's rows");
     const int d = a.dim, n = static_cast<int>(std::min<std::int64_t>(kSaRows, a.rows - r0));
+    const std::int64_t vecs = a.vecs * kSplit;  // key vectors of L lanes
+    V *logits = reinterpret_cast<V *>(logits16);
     float q[kSaRows][kSaMaxVecs * kLanes] = {};  // rows past R stay zero (their results are not written)
     for (int r = 0; r < n; ++r) std::memcpy(q[r], a.q + ((r0 + r) * a.heads + h) * d, d * sizeof(float));
-    const v16f *kt = a.kt + static_cast<std::int64_t>(h) * d * a.vecs;
+    const float *kt = reinterpret_cast<const float *>(a.kt + static_cast<std::int64_t>(h) * d * a.vecs);
     const float *rel_h[kSaRows] = {}, *rel_w[kSaRows] = {};  // each row's terms (rows past R: the last row's)
     if (a.rel_h)
         for (int r = 0; r < kSaRows; ++r) {
@@ -2323,63 +2337,66 @@ __attribute__((always_inline)) inline void sa_rows(const SharedAttentionArgs &a,
             rel_h[r] = a.rel_h + row * (a.pixels / a.kw);
             rel_w[r] = a.rel_w + row * a.kw;
         }
-    const std::int64_t tail = a.pixels - (a.vecs - 1) * kLanes;  // keys in the last vector
-    const v16f minus_inf = v16f{} - std::numeric_limits<float>::infinity();
-    v16f mx[kSaRows];
-    for (int r = 0; r < kSaRows; ++r) mx[r] = minus_inf;
-    // the logits, two key vectors at a time (each broadcast query value serves both)
+    constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+    V mx[kSaRows];
+    for (int r = 0; r < kSaRows; ++r) mx[r] = V{} + kMinusInf;
+    // the logits, two key vectors at a time (each broadcast query value serves both); key vector j (keys
+    // L j..) is half j % kSplit of the 16-key vector j / kSplit, its channel c 16 floats after channel c - 1
     auto logit_vectors = [&](std::int64_t j, auto kv) {
         constexpr int KV = decltype(kv)::value;
-        v16f acc[kSaRows][KV] = {};
-        const v16f *kj = kt + j * d;
-        for (int c = 0; c < d; ++c, ++kj) {
-            v16f k[KV];
-            for (int u = 0; u < KV; ++u) k[u] = kj[u * d];
-            for (int r = 0; r < kSaRows; ++r)
-                for (int u = 0; u < KV; ++u) acc[r][u] += q[r][c] * k[u];
-        }
-        for (int u = 0; u < KV; ++u) {
-            const std::int64_t ju = j + u;
-            if (a.rel_h) {  // keys 16 ju.. lie in one row of the key grid
-                const std::int64_t kh = ju * kLanes / a.kw, kw = ju * kLanes % a.kw;
-                for (int r = 0; r < kSaRows; ++r) acc[r][u] += rel_h[r][kh] + load16(rel_w[r] + kw);
+        const float *kj[KV];
+        for (int u = 0; u < KV; ++u) kj[u] = kt + (j + u) / kSplit * d * kLanes + (j + u) % kSplit * L;
+        for (int g = 0; g < kSaRows; g += kGroup) {
+            V acc[kGroup][KV] = {};
+            for (int c = 0; c < d; ++c) {
+                V k[KV];
+                for (int u = 0; u < KV; ++u) k[u] = load_vec<V>(kj[u] + c * kLanes);
+                for (int r = 0; r < kGroup; ++r)
+                    for (int u = 0; u < KV; ++u) acc[r][u] += q[g + r][c] * k[u];
             }
-            if (ju == a.vecs - 1)
-                for (int r = 0; r < kSaRows; ++r)
-                    for (std::int64_t l = tail; l < kLanes; ++l) acc[r][u][l] = minus_inf[l];
-            for (int r = 0; r < kSaRows; ++r) {
-                logits[r * a.vecs + ju] = acc[r][u];
-                mx[r] = acc[r][u] > mx[r] ? acc[r][u] : mx[r];
+            for (int u = 0; u < KV; ++u) {
+                const std::int64_t ju = j + u;
+                if (a.rel_h) {  // keys L ju.. lie in one row of the key grid
+                    const std::int64_t kh = ju * L / a.kw, kw = ju * L % a.kw;
+                    for (int r = 0; r < kGroup; ++r) acc[r][u] += rel_h[g + r][kh] + load_vec<V>(rel_w[g + r] + kw);
+                }
+                if ((ju + 1) * L > a.pixels)  // keys past P (the last vectors)
+                    for (int r = 0; r < kGroup; ++r)
+                        for (int l = 0; l < L; ++l)
+                            if (ju * L + l >= a.pixels) acc[r][u][l] = kMinusInf;
+                for (int r = 0; r < kGroup; ++r) {
+                    logits[(g + r) * vecs + ju] = acc[r][u];
+                    mx[g + r] = acc[r][u] > mx[g + r] ? acc[r][u] : mx[g + r];
+                }
             }
         }
     };
     std::int64_t j = 0;
-    for (; j + 2 <= a.vecs; j += 2) logit_vectors(j, std::integral_constant<int, 2>{});
-    if (j < a.vecs) logit_vectors(j, std::integral_constant<int, 1>{});
+    for (; j + 2 <= vecs; j += 2) logit_vectors(j, std::integral_constant<int, 2>{});
+    if (j < vecs) logit_vectors(j, std::integral_constant<int, 1>{});
     float sum[kSaRows];
     for (int r = 0; r < kSaRows; ++r) {
         float m = mx[r][0];
-        for (int l = 1; l < kLanes; ++l) m = std::max(m, mx[r][l]);
-        v16f s = v16f{};
-        v16f *row = logits + r * a.vecs;
-        for (std::int64_t j = 0; j < a.vecs; ++j) {
-            const v16f e = exp_vec(row[j] - m);
+        for (int l = 1; l < L; ++l) m = std::max(m, mx[r][l]);
+        V s = V{};
+        V *row = logits + r * vecs;
+        for (std::int64_t j = 0; j < vecs; ++j) {
+            const V e = exp_vec(row[j] - m);
             row[j] = e;
             s += e;
         }
         sum[r] = 0.f;
-        for (int l = 0; l < kLanes; ++l) sum[r] += s[l];
+        for (int l = 0; l < L; ++l) sum[r] += s[l];
     }
     // the weighted values, kPool rows at a time (their accumulators fit in the registers)
-    constexpr int kPool = NV > 2 ? kSaRows / 2 : kSaRows;
     const float *w = reinterpret_cast<const float *>(logits);
     const std::int64_t ld = a.vecs * kLanes;
     for (int g = 0; g < kSaRows && g < n; g += kPool) {
-        v16f acc[kPool][NV] = {};
-        const v16f *v = a.v + static_cast<std::int64_t>(h) * ld * NV;
-        for (std::int64_t p = 0; p < ld; ++p, v += NV)
+        V acc[kPool][NVV] = {};
+        const V *v = reinterpret_cast<const V *>(a.v) + static_cast<std::int64_t>(h) * ld * NVV;
+        for (std::int64_t p = 0; p < ld; ++p, v += NVV)
             for (int r = 0; r < kPool; ++r)
-                for (int t = 0; t < NV; ++t) acc[r][t] += w[(g + r) * ld + p] * v[t];
+                for (int t = 0; t < NVV; ++t) acc[r][t] += w[(g + r) * ld + p] * v[t];
         for (int r = 0; r < kPool && g + r < n; ++r) {
             float row[NV * kLanes];
             std::memcpy(row, acc[r], sizeof row);
@@ -2389,6 +2406,7 @@ __attribute__((always_inline)) inline void sa_rows(const SharedAttentionArgs &a,
     }
 }
 
+template <typename V>
 __attribute__((always_inline)) inline void shared_attention_body(const SharedAttentionArgs &a, std::int64_t i0,
                                                                 std::int64_t i1, v16f *logits) {
     const int nv = (a.dim + kLanes - 1) / kLanes, item_rows = sa_item_rows(nv);
@@ -2397,10 +2415,10 @@ __attribute__((always_inline)) inline void shared_attention_body(const SharedAtt
         const int h = static_cast<int>(i / blocks);
         const std::int64_t r0 = i % blocks * item_rows;
         switch (nv) {
-            case 1: sa_rows<1>(a, h, r0, logits); break;
-            case 2: sa_rows<2>(a, h, r0, logits); break;
-            case 3: sa_rows<3>(a, h, r0, logits); break;
-            default: sa_rows<4>(a, h, r0, logits); break;
+            case 1: sa_rows<V, 1>(a, h, r0, logits); break;
+            case 2: sa_rows<V, 2>(a, h, r0, logits); break;
+            case 3: sa_rows<V, 3>(a, h, r0, logits); break;
+            default: sa_rows<V, 4>(a, h, r0, logits); break;
         }
     }
 }
@@ -2440,10 +2458,14 @@ using SharedLayoutFn = void (*)(const SharedAttentionArgs &, const float *, cons
 
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void shared_attention_avx512(
     const SharedAttentionArgs &a, std::int64_t i0, std::int64_t i1, v16f *logits) {
-    shared_attention_body(a, i0, i1, logits);
+    shared_attention_body<v16f>(a, i0, i1, logits);
+}
+__attribute__((target("avx2,fma"))) void shared_attention_avx2(const SharedAttentionArgs &a, std::int64_t i0,
+                                                               std::int64_t i1, v16f *logits) {
+    shared_attention_body<v8f>(a, i0, i1, logits);
 }
 void shared_attention_generic(const SharedAttentionArgs &a, std::int64_t i0, std::int64_t i1, v16f *logits) {
-    shared_attention_body(a, i0, i1, logits);
+    shared_attention_body<v16f>(a, i0, i1, logits);
 }
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void shared_layout_avx512(
     const SharedAttentionArgs &a, const float *k, const float *v, std::int64_t j0, std::int64_t j1) {
@@ -2497,7 +2519,7 @@ py::array_t<float> shared_attention(py::handle q_obj, py::handle k_obj, py::hand
     const AttentionInputs in = attention_inputs("shared_attention", q_obj, k_obj, v_obj, rel_h_obj, rel_w_obj);
     const py::array &q = in.q, &k = in.k, &v = in.v, &rel_h = in.rel_h, &rel_w = in.rel_w;
     const std::int64_t rows = in.rows, heads = in.heads, dim = in.dim, pixels = in.pixels, kw = in.kw;
-    const bool avx512 = use_avx512(isa, "shared_attention");
+    const Isa build = kernel_isa(isa, "shared_attention");
     py::array_t<float> out({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(heads),
                             static_cast<py::ssize_t>(dim)});
     if (rows == 0) return out;
@@ -2509,14 +2531,15 @@ py::array_t<float> shared_attention(py::handle q_obj, py::handle k_obj, py::hand
                                    vecs, static_cast<int>(heads), static_cast<int>(dim),
                                    kw ? static_cast<const float *>(rel_h.data()) : nullptr,
                                    kw ? static_cast<const float *>(rel_w.data()) : nullptr, static_cast<int>(kw)};
-    const SharedAttentionFn fn = avx512 ? shared_attention_avx512 : shared_attention_generic;
+    const SharedAttentionFn fn = build == Isa::avx512 ? shared_attention_avx512
+                                 : build == Isa::avx2 ? shared_attention_avx2 : shared_attention_generic;
     const int item_rows = sa_item_rows(nv);
     const std::int64_t items = heads * ((rows + item_rows - 1) / item_rows);
     // cost in parallel_for's units: the multiply-adds of an item's two products, its exps counting 16
     const double item_cost = static_cast<double>(item_rows) * vecs * kLanes * (dim + nv * kLanes + 16);
     {
         py::gil_scoped_release release;
-        const SharedLayoutFn layout = avx512 ? shared_layout_avx512 : shared_layout_generic;
+        const SharedLayoutFn layout = build == Isa::avx512 ? shared_layout_avx512 : shared_layout_generic;
         parallel_for(vecs, kLanes * heads * (dim + nv * kLanes), threads,
                      [&](std::int64_t j0, std::int64_t j1) { layout(args, ks, vs, j0, j1); });
         parallel_for(items, item_cost, threads, [&](std::int64_t i0, std::int64_t i1) {
@@ -3164,8 +3187,8 @@ PYBIND11_MODULE(_ext, m) {
           "    isa='auto', threads=0) -> float32[M, N]\n\n"
           "out = x @ weight_t + bias, then max(out, 0) when relu: a Linear layer whose [N, K] weight the\n"
           "caller transposed once; each sum in float32, from the bias over k in ascending order. out, when\n"
-          "given, must not overlap the inputs. isa 'auto' runs the AVX-512 build on CPUs that have it,\n"
-          "'generic' the portable build." THREADS_DOC);
+          "given, must not overlap the inputs. isa 'auto' runs the best build of this CPU (AVX-512, else\n"
+          "AVX2 with FMA, else portable), 'avx2' the AVX2 build, 'generic' the portable one." THREADS_DOC);
     m.def("shared_attention", &shared_attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("rel_h") = py::none(),
           py::arg("rel_w") = py::none(), py::arg("isa") = "auto", py::arg("threads") = 0,
           "shared_attention(q: float32[R, H, d], k: float32[P, H, d], v: float32[P, H, d], rel_h=None, rel_w=None,\n"
@@ -3176,7 +3199,8 @@ PYBIND11_MODULE(_ext, m) {
           "multiple of 16), rel_h[r, h, p // kw] + rel_w[r, h, p % kw] (the decomposed relative positions of\n"
           "SAM ViT's global attention). The logits' maximum is\n"
           "subtracted before exp (a polynomial exp, about 1 ulp); each sum runs in float32. isa 'auto' runs\n"
-          "the AVX-512 build on CPUs that have it, 'generic' the portable build." THREADS_DOC);
+          "the best build of this CPU (AVX-512, else AVX2 with FMA, else portable), 'avx2' the AVX2 build,\n"
+          "'generic' the portable one." THREADS_DOC);
     m.def("shared_attention_bf16", &shared_attention_bf16, py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("rel_h") = py::none(), py::arg("rel_w") = py::none(), py::arg("threads") = 0,
           "shared_attention_bf16(q: float32[R, H, d], k: float32[P, H, d], v: float32[P, H, d], rel_h=None,\n"

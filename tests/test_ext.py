@@ -501,12 +501,12 @@ def test_resize_logits_rejects_mismatched_matrices(rng):
 # ------------------------------------------------------------------------------------------------
 # Fused mask upscaling
 
-# the builds this CPU can run (every CPU with AVX-512 has AVX2 and FMA)
-UPSCALING_ISAS = ["auto", "generic"] + (["avx2"] if _ext.mask_upscaling_isa() != "generic" else [])
+# the builds this CPU can run of a kernel with an AVX2 build (every CPU with AVX-512 has AVX2 and FMA)
+KERNEL_ISAS = ["auto", "generic"] + (["avx2"] if _ext.mask_upscaling_isa() != "generic" else [])
 
 @pytest.mark.parametrize("counts,height,width", [([3, 0, 1, 4], 16, 32), ([1], 64, 64), ([0, 0], 16, 16),
                                                  ([2, 3], 8, 48)])
-@pytest.mark.parametrize("isa", UPSCALING_ISAS)
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 def test_mask_upscaling_matches_twin(rng, counts, height, width, isa):
     args = twins.upscaling_inputs(rng, counts, height, width)
     got = _ext.mask_upscaling(**args, isa=isa)
@@ -570,7 +570,7 @@ def test_mask_upscaling_rejects_bad_arguments(rng):
     ([1, 0, 3], 4, 32, 16, 4),       # a prompt without masks; 2J + 2 not a multiple of the tile
     ([4], 1, 16, 127, 1),            # the most tokens: 2J + 2 = 256
 ])
-@pytest.mark.parametrize("isa", UPSCALING_ISAS)
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 def test_mask_upscaling_factored_matches_twin(rng, counts, height, width, tokens, heads, isa):
     args = twins.upscaling_factored_inputs(rng, counts, height, width, tokens, heads)
     got = _ext.mask_upscaling_factored(**args, isa=isa)
@@ -886,7 +886,7 @@ def _assert_linear_close(got, want, k):
 
 @pytest.mark.parametrize("m,k,n", LINEAR_SHAPES)
 @pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 def test_linear_matches_twin(rng, m, k, n, relu, isa):
     x, weight_t, bias = _linear_inputs(rng, m, k, n)
     got = _ext.linear(x, weight_t, bias, relu=relu, isa=isa)
@@ -922,6 +922,16 @@ def test_linear_isa_builds_agree(rng):
     np.testing.assert_allclose(auto, generic, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(_ext.mask_upscaling_isa() != "avx512", reason="compares the AVX2 build with the AVX-512 one")
+@pytest.mark.parametrize("m,k,n,relu", [(50, 700, 100, False), (7, 256, 2048, True), (13, 3, 17, True)])
+def test_linear_avx2_equals_avx512(rng, m, k, n, relu):
+    """Both builds sum each element with fused multiply-adds from the bias over k in ascending order (the AVX2
+    build in panels of 16 columns instead of 64, ragged ones included): the same result to the bit."""
+    x, weight_t, bias = _linear_inputs(rng, m, k, n)
+    np.testing.assert_array_equal(_ext.linear(x, weight_t, bias, relu=relu, isa="avx2"),
+                                  _ext.linear(x, weight_t, bias, relu=relu, isa="auto"))
+
+
 def test_linear_rejects_bad_arguments(rng):
     x, weight_t, bias = _linear_inputs(rng, 6, 20, 24)
     good = dict(x=x, weight_t=weight_t, bias=bias)
@@ -942,7 +952,7 @@ def test_linear_rejects_bad_arguments(rng):
         (dict(out=np.zeros((6, 24), np.float64)), "out: expected dtype float32"),
         (dict(out=np.zeros(24, np.float32)), "out: expected 2 dimensions"),
         (dict(out=np.zeros((6, 48), np.float32)[:, ::2]), "out: array is not C-contiguous"),
-        (dict(isa="avx512"), "isa must be 'auto' or 'generic'"),
+        (dict(isa="avx512"), "linear: isa must be 'auto', 'avx2' or 'generic'"),
     ]
     _assert_rejects(_ext.linear, good, cases)
     buffer = np.zeros(6 * 24 + 6 * 20, np.float32)
@@ -981,7 +991,7 @@ def _shared_attention_inputs(rng, rows, heads, d, pixels, logit_std):
 
 
 @pytest.mark.parametrize("rows,heads,d,pixels,logit_std", SHARED_ATTENTION_CASES)
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 def test_shared_attention_matches_twin(rng, rows, heads, d, pixels, logit_std, isa):
     q, k, v = _shared_attention_inputs(rng, rows, heads, d, pixels, logit_std)
     got = _ext.shared_attention(q, k, v, isa=isa)
@@ -1005,7 +1015,7 @@ def test_shared_attention_with_relative_positions_matches_twin(rng, rows, heads,
     q, k, v = _shared_attention_inputs(rng, rows, heads, d, kh * kw, 3.0)
     rel_h, rel_w = (rng.normal(0, 1, (rows, heads, n)).astype(np.float32) for n in (kh, kw))
     want = twins.shared_attention(q, k, v, rel_h, rel_w)
-    for isa in ("auto", "generic") if rows < 4096 else ("auto",):
+    for isa in KERNEL_ISAS if rows < 4096 else ("auto",):
         got = _ext.shared_attention(q, k, v, rel_h, rel_w, isa=isa)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
     assert np.abs(want - twins.shared_attention(q, k, v)).max() > 0.05    # the terms matter
@@ -1029,21 +1039,24 @@ def test_shared_attention_rejects_bad_relative_positions(rng):
 
 
 @pytest.mark.parametrize("d", [16, 64])      # work items of 8 and of 12 rows
-def test_shared_attention_rows_are_independent(rng, d):
+@pytest.mark.parametrize("isa", KERNEL_ISAS[:1] + KERNEL_ISAS[2:])   # AVX2: logits of 4 rows at a time
+def test_shared_attention_rows_are_independent(rng, d, isa):
     """A row's output depends only on its own query: the same row alone (a padded one-row block) and inside
     a full batch are bit-identical, and so are heads computed in another order of work items."""
     q, k, v = _shared_attention_inputs(rng, 448, 8, d, 4096, 3.0)
-    full = _ext.shared_attention(q, k, v)
-    for r in (0, 7, 8, 11, 12, 447):
-        np.testing.assert_array_equal(_ext.shared_attention(q[r:r + 1].copy(), k, v)[0], full[r])
-    np.testing.assert_array_equal(_ext.shared_attention(q[:, 3:5].copy(), k[:, 3:5].copy(), v[:, 3:5].copy()),
-                                  full[:, 3:5])
+    full = _ext.shared_attention(q, k, v, isa=isa)
+    for r in (0, 3, 4, 7, 8, 11, 12, 447):
+        np.testing.assert_array_equal(_ext.shared_attention(q[r:r + 1].copy(), k, v, isa=isa)[0], full[r])
+    np.testing.assert_array_equal(
+        _ext.shared_attention(q[:, 3:5].copy(), k[:, 3:5].copy(), v[:, 3:5].copy(), isa=isa), full[:, 3:5])
 
 
-def test_shared_attention_isa_builds_agree(rng):
-    q, k, v = _shared_attention_inputs(rng, 40, 8, 16, 1000, 3.0)
+@pytest.mark.parametrize("isa", KERNEL_ISAS[1:])
+@pytest.mark.parametrize("pixels", [1000, 4100])       # 4100: a last 16-key vector of 4 keys (a masked AVX2 half)
+def test_shared_attention_isa_builds_agree(rng, isa, pixels):
+    q, k, v = _shared_attention_inputs(rng, 40, 8, 16, pixels, 3.0)
     np.testing.assert_allclose(_ext.shared_attention(q, k, v, isa="auto"),
-                               _ext.shared_attention(q, k, v, isa="generic"), rtol=1e-5, atol=1e-6)
+                               _ext.shared_attention(q, k, v, isa=isa), rtol=1e-5, atol=1e-6)
 
 
 def test_shared_attention_rejects_bad_arguments(rng):
@@ -1061,7 +1074,7 @@ def test_shared_attention_rejects_bad_arguments(rng):
         (dict(q=np.zeros((6, 2, 65), np.float32)), r"q: expected \[R, heads >= 1, d\] with 1 <= d <= 64"),
         (dict(q=np.zeros((6, 0, 8), np.float32)), "q: expected"),
         (dict(k=k[:0].copy(), v=v[:0].copy()), "k: expected at least one key"),
-        (dict(isa="avx512"), "isa must be 'auto' or 'generic'"),
+        (dict(isa="avx512"), "shared_attention: isa must be 'auto', 'avx2' or 'generic'"),
     ]
     _assert_rejects(_ext.shared_attention, good, cases)
     assert _ext.shared_attention(q[:0].copy(), k, v).shape == (0, 2, 8)
