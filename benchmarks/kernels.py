@@ -5,8 +5,9 @@ a table of the best of a few runs in milliseconds and the speed-up, and writes i
 to ``kernels.md`` and ``kernels.json`` in ``--out``; checks that both give identical results (the
 float kernels resize_logits, mask_upscaling (both forms), linear, two_way_pass (both modes), two_way_factored
 (both layers), shared_attention and linear_bf16, each in every build this CPU runs (the AVX2 builds of
-mask_upscaling, linear and shared_attention where AVX-512 is the default; linear_bf16 with plain and split
-weights, its twin rounding x and W to bfloat16 and summing in float64), whose twins compute in float64: within 2e-5 of
+mask_upscaling, linear, shared_attention and two_way_factored where AVX-512 is the default; linear_bf16 with
+plain and split weights, its twin rounding x and W to bfloat16 and summing in float64), whose twins compute in
+float64: within 2e-5 of
 the largest value; shared_attention_bf16, on CPUs with AMX tiles: 99% of the values within 2e-5 of the
 largest, all within a bfloat16 step). mask_upscaling, linear, linear_bf16, two_way_pass, two_way_factored and
 shared_attention also get their achieved GFLOP/s. The kernels run on every CPU
@@ -178,6 +179,11 @@ def main() -> None:
                   ("shared_attention avx2", "448 rows, 8 heads, d 16",
                    lambda: _ext.shared_attention(sa_q, sa_k, sa_v, isa="avx2"),
                    lambda: twins.shared_attention(sa_q, sa_k, sa_v), 10)]
+        cases += [(f"two_way_factored {layer} avx2", f"8 prompts, J 56, J2 {56 if first else 32}",
+                   lambda first=first: _ext.two_way_factored(**factored_in[first], probs2=factored_out[0],
+                                                             rstd2=factored_out[1], isa="avx2"),
+                   lambda first=first: twins.two_way_factored(**factored_in[first], pixels=4096)[0], 3)
+                  for layer, first in (("first", True), ("second", False))]
     isas = [isa for isa, has in (("amx", _ext.has_amx_bf16()), ("avx512", _ext.has_avx512_bf16())) if has]
     for isa in isas:    # each build of linear_bf16 that this CPU runs (precisions bf16 and bf16x2)
         cases += [(f"linear_bf16 {isa}", "4096x768 -> 3072",
@@ -196,9 +202,12 @@ def main() -> None:
               **{f"mask_upscaling_factored{build}": (factored_up_flop, factored_formula) for build in ("", " avx2")},
               **{f"linear{build}": (lin_flop, "2 M K N") for build in ("", " avx2")}, "two_way_pass": (two_way_flop, "B P 4 2 C J"),
               "two_way_pass qproj": (two_way_q_flop, "B P 2 (J d + 3 C J)"),
-              "two_way_factored first": (factored_flop(True), "B P 2 (2 J d + K(K+1)/2 + 2 J2 d + K J2 + J2 (d + K)), K = J"),
-              "two_way_factored second": (factored_flop(False),
-                                          "B P 2 (4 J d + J J + K(K+1)/2 + 2 J2 d + K J2 + J2 (d + K)), K = 2J + 1"),
+              **{f"two_way_factored first{build}": (factored_flop(True),
+                                                    "B P 2 (2 J d + K(K+1)/2 + 2 J2 d + K J2 + J2 (d + K)), K = J")
+                 for build in ("", " avx2")},
+              **{f"two_way_factored second{build}": (factored_flop(False),
+                                                     "B P 2 (4 J d + J J + K(K+1)/2 + 2 J2 d + K J2 + J2 (d + K)), K = 2J + 1")
+                 for build in ("", " avx2")},
               **{f"shared_attention{build}": (sa_flop, "R H P 2 2 d; and R H P exps") for build in ("", " avx2")},
               "shared_attention ViT": (vit_flop, "R H P 2 2 d; and R H P exps"),
               "shared_attention_bf16 ViT": (vit_flop, "R H P 2 2 d; and R H P exps"),
@@ -207,7 +216,8 @@ def main() -> None:
                  for isa in isas}}
     float_kernels = ("resize_logits", "mask_upscaling", "mask_upscaling_factored", "mask_upscaling avx2",
                      "mask_upscaling_factored avx2", "two_way_pass",
-                     "two_way_pass qproj", "two_way_factored first", "two_way_factored second", "linear",
+                     "two_way_pass qproj", "two_way_factored first", "two_way_factored second",
+                     "two_way_factored first avx2", "two_way_factored second avx2", "linear",
                      "linear avx2", "shared_attention", "shared_attention avx2", "shared_attention ViT",
                      *(f"linear_bf16{split} {isa}" for isa in isas for split in ("", " split")))
     bf16_kernels = ("shared_attention_bf16 ViT",)

@@ -1088,6 +1088,15 @@ constexpr int kTwBlock = kTwVecs * kLanes;   // pixels per block
 constexpr int kTwMaxTokens = 64;             // J and J2 limit
 constexpr int kTwTokenBlock = 8;             // tokens per register tile; J, J2 padded to a multiple
 constexpr int kTwChannelBlock = kTwTokenBlock;  // channels per register tile of the value product (tw_tile)
+// Pixel vectors per block (channel-major tiles [rows][vecs_of<V>]: vector v holds pixels v L .. v L + L - 1 of
+// the block, L = lanes_of<V>; the same bytes with either width)
+template <typename V>
+constexpr int vecs_of = kTwBlock / lanes_of<V>;
+// Register tiles of the products (tw_tile, tw_pool), columns x pixel vectors of accumulators: 8 x 3 of AVX-512's
+// 32 zmm registers; 4 x 3 of AVX2's 16 ymm registers (with the 3 vectors of a row and a broadcast: all 16)
+template <typename V>
+constexpr int tile_cols = std::is_same_v<V, v16f> ? kTwTokenBlock : 4;
+constexpr int kTileVecs = 3;
 
 // exp of each lane: Cephes' expf (range reduction by ln 2 in two parts, degree-5 polynomial, about
 // 1 ulp); 0 below -87.3 (and for -inf), clamped at 88.7. V: v16f or v8f (the same per lane).
@@ -1177,26 +1186,35 @@ __attribute__((always_inline)) inline void tw_load_t(v16f *dst, const float *src
     }
 }
 
-// acc[t][v] += sum_{k < count} x[k * kTwVecs + v] * w[k * ld + t] for the kCols columns t of a register
-// tile (x: rows of kTwVecs pixel vectors, w: row-major with ld floats per row). With kPrefetch,
-// also prefetches count cache lines from `prefetch`, one per row. x and w advance as pointers, row by row:
-// the broadcasts of w then take constant offsets from one register (with indices, the compiler kept one
-// address per column, spilled them and recomputed them every row, and the integer work slowed the FMAs).
-template <bool kPrefetch = false, int kCols>
-__attribute__((always_inline)) inline void tw_tile(v16f (&acc)[kCols][kTwVecs], const v16f *x, const float *w,
+// acc[t][v] += sum_{k < count} x[k * kVecs + v] * w[k * ld + t] for the kCols columns t of acc (x: rows of
+// kVecs = vecs_of<V> pixel vectors, w: row-major with ld floats per row), one register tile of at most
+// tile_cols<V> columns x kTileVecs vectors at a time, each over all k: the part from column kT0 and vector
+// kV0, then the rest (AVX-512: the whole of acc in one part). With kPrefetch, also prefetches count cache
+// lines from `prefetch`, one per row, during the first part. x and w advance as pointers, row by row: the
+// broadcasts of w then take constant offsets from one register (with indices, the compiler kept one address
+// per column, spilled them and recomputed them every row, and the integer work slowed the FMAs).
+template <bool kPrefetch = false, int kCols, typename V, int kT0 = 0, int kV0 = 0>
+__attribute__((always_inline)) inline void tw_tile(V (&acc)[kCols][vecs_of<V>], const V *x, const float *w,
                                                    std::ptrdiff_t ld, int count, const char *prefetch = nullptr) {
-    for (int k = 0; k < count; ++k, x += kTwVecs, w += ld) {
+    constexpr int kVecs = vecs_of<V>, kC = std::min(kCols - kT0, tile_cols<V>), kN = std::min(kVecs - kV0, kTileVecs);
+    const V *xp = x + kV0;
+    const float *wp = w + kT0;
+    for (int k = 0; k < count; ++k, xp += kVecs, wp += ld) {
         if (kPrefetch) {
             __builtin_prefetch(prefetch);
             prefetch += 64;
         }
-        v16f xk[kTwVecs];
-        for (int v = 0; v < kTwVecs; ++v) xk[v] = x[v];
-        for (int t = 0; t < kCols; ++t) {
-            const float wt = w[t];
-            for (int v = 0; v < kTwVecs; ++v) acc[t][v] += xk[v] * wt;
+        V xk[kN];
+        for (int v = 0; v < kN; ++v) xk[v] = xp[v];
+        for (int t = 0; t < kC; ++t) {
+            const float wt = wp[t];
+            for (int v = 0; v < kN; ++v) acc[kT0 + t][kV0 + v] += xk[v] * wt;
         }
     }
+    if constexpr (kV0 + kN < kVecs)
+        tw_tile<false, kCols, V, kT0, kV0 + kN>(acc, x, w, ld, count);
+    else if constexpr (kT0 + kC < kCols)
+        tw_tile<false, kCols, V, kT0 + kC, 0>(acc, x, w, ld, count);
 }
 
 // out[(j0 + t) * kTwVecs + v] (+)= sum_{c0 <= c < c1} xt[c * kTwVecs + v] * wt[c * ld + j0 + t] for
@@ -1233,24 +1251,26 @@ __attribute__((always_inline)) inline void tw_logits(v16f *out, const v16f *xt, 
     }
 }
 
-// Projected logits mode: out[(j0 + t) * kTwVecs + v] = koff[j0 + t] + sum_{c < d} qt[c * kTwVecs + v] * kqh[c * ld + t]
-// for the kCols tokens t from j0, all of one head (qt: that head's d channels of qproj, kqh: its tokens' kq rows
-// transposed, ld floats apart).
-template <int kCols>
-__attribute__((always_inline)) inline void tw_head_logits(v16f *out, const v16f *qt, const float *kqh, int ld, int d,
-                                                          int j0, const float *koff) {
-    v16f acc[kCols][kTwVecs];
+// Projected logits mode: out[(j0 + t) * kVecs + v] = koff[j0 + t] + sum_{c < d} qt[c * kVecs + v] * kqh[c * ld + t]
+// for the kCols tokens t from j0, all of one head (qt: that head's d channels of qproj as kVecs = vecs_of<V>
+// pixel vectors per row, kqh: its tokens' kq rows transposed, ld floats apart).
+template <int kCols, typename V>
+__attribute__((always_inline)) inline void tw_head_logits(V *out, const V *qt, const float *kqh, int ld, int d, int j0,
+                                                          const float *koff) {
+    constexpr int kVecs = vecs_of<V>;
+    V acc[kCols][kVecs];
     for (int t = 0; t < kCols; ++t)
-        for (int v = 0; v < kTwVecs; ++v) acc[t][v] = v16f{} + koff[j0 + t];
+        for (int v = 0; v < kVecs; ++v) acc[t][v] = V{} + koff[j0 + t];
     tw_tile(acc, qt, kqh, ld, d);
     for (int t = 0; t < kCols; ++t)
-        for (int v = 0; v < kTwVecs; ++v) out[(j0 + t) * kTwVecs + v] = acc[t][v];
+        for (int v = 0; v < kVecs; ++v) out[(j0 + t) * kVecs + v] = acc[t][v];
 }
 
 // The same for the `count` <= kTwTokenBlock tokens from j0: a register tile of exactly that many columns (a head's
 // T tokens are often fewer than kTwTokenBlock: 6 image-to-token, 4 in SAM's final attention of multimask outputs).
-__attribute__((always_inline)) inline void tw_head_logits(v16f *out, const v16f *qt, const float *kqh, int ld, int d,
-                                                          int j0, int count, const float *koff) {
+template <typename V>
+__attribute__((always_inline)) inline void tw_head_logits(V *out, const V *qt, const float *kqh, int ld, int d, int j0,
+                                                          int count, const float *koff) {
     static_assert(kTwTokenBlock == 8, "one case per count below kTwTokenBlock");
     switch (count) {
         case 1: return tw_head_logits<1>(out, qt, kqh, ld, d, j0, koff);
@@ -1275,38 +1295,41 @@ __attribute__((always_inline)) inline void tw_update(v16f *yt, const v16f *kt, c
         for (int v = 0; v < kTwVecs; ++v) yt[(c0 + t) * kTwVecs + v] = acc[t][v];
 }
 
-// acc[(j0 + t) * acc_ld + 16 (cv0 + s) + lane] += sum_{p < n} w[(j0 + t) * kTwBlock + p] * z[p * z_ld + 16 (cv0 + s) + lane]
-// for kTwTokenBlock tokens t and kVecs channel vectors s: one tile of the [J2 x pixels] x
-// [pixels x C] pooling product.
-template <int kVecs>
+// acc[(j0 + t) * acc_ld + L (cv0 + s) + lane] += sum_{p < n} w[(j0 + t) * kTwBlock + p] * z[p * z_ld + L (cv0 + s) + lane]
+// for tile_cols<V> tokens t and kVecs channel vectors s of L = lanes_of<V> floats: one tile of the
+// [J2 x pixels] x [pixels x C] pooling product.
+template <int kVecs, typename V>
 __attribute__((always_inline)) inline void tw_pool(float *acc, int acc_ld, const float *w, const float *z, int z_ld,
                                                    int n, int j0, int cv0) {
-    v16f sum[kTwTokenBlock][kVecs];
-    for (int t = 0; t < kTwTokenBlock; ++t)
-        for (int s = 0; s < kVecs; ++s) sum[t][s] = load16(acc + (j0 + t) * acc_ld + (cv0 + s) * kLanes);
-    const float *wj = w + j0 * kTwBlock, *zp = z + cv0 * kLanes;   // pointers, as in tw_tile
+    constexpr int L = lanes_of<V>, kCols = tile_cols<V>;
+    V sum[kCols][kVecs];
+    for (int t = 0; t < kCols; ++t)
+        for (int s = 0; s < kVecs; ++s) sum[t][s] = load_vec<V>(acc + (j0 + t) * acc_ld + (cv0 + s) * L);
+    const float *wj = w + j0 * kTwBlock, *zp = z + cv0 * L;   // pointers, as in tw_tile
     for (std::ptrdiff_t p = 0; p < n; ++p, zp += z_ld) {
-        v16f zv[kVecs];
-        for (int s = 0; s < kVecs; ++s) zv[s] = load16(zp + s * kLanes);
-        for (int t = 0; t < kTwTokenBlock; ++t) {
+        V zv[kVecs];
+        for (int s = 0; s < kVecs; ++s) zv[s] = load_vec<V>(zp + s * L);
+        for (int t = 0; t < kCols; ++t) {
             const float wt = wj[t * kTwBlock + p];
             for (int s = 0; s < kVecs; ++s) sum[t][s] += zv[s] * wt;
         }
     }
-    for (int t = 0; t < kTwTokenBlock; ++t)
-        for (int s = 0; s < kVecs; ++s)
-            std::memcpy(acc + (j0 + t) * acc_ld + (cv0 + s) * kLanes, &sum[t][s], sizeof(v16f));
+    for (int t = 0; t < kCols; ++t)
+        for (int s = 0; s < kVecs; ++s) std::memcpy(acc + (j0 + t) * acc_ld + (cv0 + s) * L, &sum[t][s], sizeof(V));
 }
 
-// acc[:, cols] (+)= the pooling product of the n pixel rows z (z_ld floats apart) for the J2p tokens, over the
-// `vecs` channel vectors of z from its first (three at a time).
+// acc[:, :cols] (+)= the pooling product of the n pixel rows z (z_ld floats apart) for the J2p tokens, over
+// the first cols floats of z (a multiple of 16), kTileVecs vectors of V at a time.
+template <typename V>
 __attribute__((always_inline)) inline void tw_pool_rows(float *acc, int acc_ld, const float *w, const float *z, int z_ld,
-                                                        int n, int J2p, int vecs) {
+                                                        int n, int J2p, int cols) {
+    constexpr int kCols = tile_cols<V>;
+    const int vecs = cols / lanes_of<V>;
     int cv0 = 0;
-    for (; cv0 + 3 <= vecs; cv0 += 3)
-        for (int j0 = 0; j0 < J2p; j0 += kTwTokenBlock) tw_pool<3>(acc, acc_ld, w, z, z_ld, n, j0, cv0);
+    for (; cv0 + kTileVecs <= vecs; cv0 += kTileVecs)
+        for (int j0 = 0; j0 < J2p; j0 += kCols) tw_pool<kTileVecs, V>(acc, acc_ld, w, z, z_ld, n, j0, cv0);
     for (; cv0 < vecs; ++cv0)
-        for (int j0 = 0; j0 < J2p; j0 += kTwTokenBlock) tw_pool<1>(acc, acc_ld, w, z, z_ld, n, j0, cv0);
+        for (int j0 = 0; j0 < J2p; j0 += kCols) tw_pool<1, V>(acc, acc_ld, w, z, z_ld, n, j0, cv0);
 }
 
 // A pooling state (kTwState floats) before its first block: running max -inf, running sum 0, acc rows 0.
@@ -1315,74 +1338,78 @@ __attribute__((always_inline)) inline void tw_init_state(float *state) {
     std::fill(state + kTwMaxTokens, state + kTwState, 0.f);
 }
 
-// Softmax within each head of the logits tile l [heads * T][kTwVecs] (head h: rows h T .. h T + T - 1), in place.
-__attribute__((always_inline)) inline void tw_head_softmax(v16f *lt, int heads, int T) {
+// Softmax within each head of the logits tile l [heads * T][vecs_of<V>] (head h: rows h T .. h T + T - 1), in place.
+template <typename V>
+__attribute__((always_inline)) inline void tw_head_softmax(V *lt, int heads, int T) {
+    constexpr int kVecs = vecs_of<V>;
     for (int h = 0; h < heads; ++h) {
-        v16f *l = lt + h * T * kTwVecs;
-        for (int v = 0; v < kTwVecs; ++v) {
-            v16f m = l[v];
-            for (int t = 1; t < T; ++t) m = l[t * kTwVecs + v] > m ? l[t * kTwVecs + v] : m;
-            v16f sum = v16f{};
+        V *l = lt + h * T * kVecs;
+        for (int v = 0; v < kVecs; ++v) {
+            V m = l[v];
+            for (int t = 1; t < T; ++t) m = l[t * kVecs + v] > m ? l[t * kVecs + v] : m;
+            V sum = V{};
             for (int t = 0; t < T; ++t) {
-                const v16f e = exp_vec(l[t * kTwVecs + v] - m);
-                l[t * kTwVecs + v] = e;
+                const V e = exp_vec(l[t * kVecs + v] - m);
+                l[t * kVecs + v] = e;
                 sum += e;
             }
-            const v16f inv = 1.f / sum;
-            for (int t = 0; t < T; ++t) l[t * kTwVecs + v] *= inv;
+            const V inv = 1.f / sum;
+            for (int t = 0; t < T; ++t) l[t * kVecs + v] *= inv;
         }
     }
 }
 
-// One block of the online softmax over the pixels, per token j < J2p: st [J2p][kTwVecs] holds the logits of
+// One block of the online softmax over the pixels, per token j < J2p: st [J2p][vecs_of<V>] holds the logits of
 // the block's n pixels; in place, it becomes the weights exp(s - running max) as floats w[j][kTwBlock]
 // (zero past n). When a token's running max grows, its running sum and its acc row (acc_ld floats, a
-// multiple of 16) are rescaled first. Sixteen tokens at a time: their block maxima and sums across the lanes
-// come from one transpose each instead of a chain of scalar operations per token (run_max and run_sum hold
+// multiple of 16) are rescaled first. L = lanes_of<V> tokens at a time: their block maxima and sums across the
+// lanes come from one transpose each instead of a chain of scalar operations per token (run_max and run_sum hold
 // kTwMaxTokens floats, so their vectors from any j0 < J2p are in bounds).
-__attribute__((always_inline)) inline void tw_online_softmax(v16f *st, int J2p, int n, float *run_max, float *run_sum,
+template <typename V>
+__attribute__((always_inline)) inline void tw_online_softmax(V *st, int J2p, int n, float *run_max, float *run_sum,
                                                              float *acc, int acc_ld) {
+    constexpr int L = lanes_of<V>, kVecs = vecs_of<V>;
     constexpr float kInf = std::numeric_limits<float>::infinity();
     float *w = reinterpret_cast<float *>(st);
-    for (int j0 = 0; j0 < J2p; j0 += kLanes) {
-        const int count = std::min(kLanes, J2p - j0);
-        v16f r[kLanes];
-        for (int t = 0; t < kLanes; ++t) {
-            r[t] = v16f{} - kInf;
+    for (int j0 = 0; j0 < J2p; j0 += L) {
+        const int count = std::min(L, J2p - j0);
+        V r[L];
+        for (int t = 0; t < L; ++t) {
+            r[t] = V{} - kInf;
             if (t >= count) continue;
             float *s = w + (j0 + t) * kTwBlock;
             for (int p = n; p < kTwBlock; ++p) s[p] = -kInf;
-            for (int v = 0; v < kTwVecs; ++v) {
-                const v16f x = st[(j0 + t) * kTwVecs + v];
+            for (int v = 0; v < kVecs; ++v) {
+                const V x = st[(j0 + t) * kVecs + v];
                 r[t] = x > r[t] ? x : r[t];
             }
         }
-        transpose16(r);
-        v16f block_max = r[0];
-        for (int t = 1; t < kLanes; ++t) block_max = r[t] > block_max ? r[t] : block_max;
-        const v16f old_max = load16(run_max + j0);
-        const v16f new_max = block_max > old_max ? block_max : old_max;   // max is exact in any order
+        transpose_lanes(r);
+        V block_max = r[0];
+        for (int t = 1; t < L; ++t) block_max = r[t] > block_max ? r[t] : block_max;
+        const V old_max = load_vec<V>(run_max + j0);
+        const V new_max = block_max > old_max ? block_max : old_max;   // max is exact in any order
         for (int t = 0; t < count; ++t) {
             if (!(new_max[t] > old_max[t])) continue;
             const float scale = std::exp(old_max[t] - new_max[t]);  // 0 for the first block
             run_sum[j0 + t] *= scale;
-            for (int c = 0; c < acc_ld; c += kLanes) {  // (vectors: the compiler left it scalar)
-                const v16f x = load16(acc + (j0 + t) * acc_ld + c) * scale;
+            for (int c = 0; c < acc_ld; c += L) {  // (vectors: the compiler left it scalar)
+                const V x = load_vec<V>(acc + (j0 + t) * acc_ld + c) * scale;
                 std::memcpy(acc + (j0 + t) * acc_ld + c, &x, sizeof x);
             }
         }
         std::memcpy(run_max + j0, &new_max, sizeof new_max);
-        for (int t = 0; t < kLanes; ++t) {
-            r[t] = v16f{};
-            for (int v = 0; t < count && v < kTwVecs; ++v) {
-                const v16f e = exp_vec(st[(j0 + t) * kTwVecs + v] - new_max[t]);
-                st[(j0 + t) * kTwVecs + v] = e;
+        for (int t = 0; t < L; ++t) {
+            r[t] = V{};
+            for (int v = 0; t < count && v < kVecs; ++v) {
+                const V e = exp_vec(st[(j0 + t) * kVecs + v] - new_max[t]);
+                st[(j0 + t) * kVecs + v] = e;
                 r[t] += e;
             }
         }
-        transpose16(r);
-        v16f block_sum = load16(run_sum + j0);
-        for (int t = 0; t < kLanes; ++t) block_sum += r[t];
+        transpose_lanes(r);
+        V block_sum = load_vec<V>(run_sum + j0);
+        for (int t = 0; t < L; ++t) block_sum += r[t];
         std::memcpy(run_sum + j0, &block_sum, sizeof block_sum);
     }
 }
@@ -1525,8 +1552,7 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
             tw_logits(st, xt, qkt, J2p, zeros, nullptr, nullptr);
             // online softmax over the pixels: new running max, rescaled sums, this block's weights
             tw_online_softmax(st, J2p, n, run_max, run_sum, acc, kChannels);
-            tw_pool_rows(acc, kChannels, reinterpret_cast<const float *>(st), zrows, kChannels, n, J2p,
-                         kChannels / kLanes);
+            tw_pool_rows<v16f>(acc, kChannels, reinterpret_cast<const float *>(st), zrows, kChannels, n, J2p, kChannels);
             if (store) store(a.out + (b * a.pixels + p0) * kChannels, zbuf, n * kChannels);
         }
     }
@@ -1795,43 +1821,48 @@ struct FactoredSizes {
 
 // out[j] = sum_{c < d} img[h(j) d + c] * u[j, c] for the J = heads * T tokens (h(j) = j / T; img: D rows of a
 // channel-major tile, ut: per head the tokens' rows transposed [heads][d][Tp]).
-__attribute__((always_inline)) inline void tw_head_dots(v16f *out, const v16f *img, const float *ut, int heads, int T,
-                                                        int Tp, int d) {
+template <typename V>
+__attribute__((always_inline)) inline void tw_head_dots(V *out, const V *img, const float *ut, int heads, int T, int Tp,
+                                                        int d) {
     static constexpr float kZeros[kTwMaxTokens] = {};
     for (int h = 0; h < heads; ++h)
         for (int t0 = 0; t0 < T; t0 += kTwTokenBlock)
-            tw_head_logits(out, img + h * d * kTwVecs, ut + h * d * Tp + t0, Tp, d, h * T + t0,
+            tw_head_logits(out, img + h * d * vecs_of<V>, ut + h * d * Tp + t0, Tp, d, h * T + t0,
                            std::min(kTwTokenBlock, T - t0), kZeros);
 }
 
 // acc[j * ld + c] += sum_{p < n} w[j * kTwBlock + p] * z[p * D + h(j) d + c] for c < d and tokens j < count
-// (h(j) = j / T): each token pools its own head's d columns of the pixel rows z.
+// (h(j) = j / T): each token pools its own head's d columns of the pixel rows z, a vector V at a time.
+template <typename V>
 __attribute__((always_inline)) inline void tw_pool_heads(float *acc, int ld, const float *w, const float *z, int D,
                                                          int n, int count, int T, int d) {
     for (int j = 0; j < count; ++j) {
         const float *zj = z + (j / T) * d, *wj = w + j * kTwBlock;
-        for (int c = 0; c < d; c += kLanes) {
-            v16f s[4] = {load16(acc + j * ld + c), v16f{}, v16f{}, v16f{}};  // four chains (n is a multiple of 16)
+        for (int c = 0; c < d; c += lanes_of<V>) {
+            V s[4] = {load_vec<V>(acc + j * ld + c), V{}, V{}, V{}};  // four chains (n is a multiple of 16)
             for (int p = 0; p < n; p += 4)
-                for (int u = 0; u < 4; ++u) s[u] += load16(zj + (p + u) * D + c) * wj[p + u];
-            const v16f r = (s[0] + s[1]) + (s[2] + s[3]);
+                for (int u = 0; u < 4; ++u) s[u] += load_vec<V>(zj + (p + u) * D + c) * wj[p + u];
+            const V r = (s[0] + s[1]) + (s[2] + s[3]);
             std::memcpy(acc + j * ld + c, &r, sizeof r);
         }
     }
 }
 
-// dst[p * ld + c] = scale[p] * src[c][p] for the n pixels p of a channel-major tile src [rows][kTwVecs] and
+// dst[p * ld + c] = scale[p] * src[c][p] for the n pixels p of a channel-major tile src [rows][vecs_of<V>] and
 // rows c < rows (a multiple of 16): the tile's rows as pixel-major rows, each pixel scaled.
-__attribute__((always_inline)) inline void tw_rows_scaled(float *dst, int ld, const v16f *src, int rows,
-                                                          const v16f (&scale)[kTwVecs], int n) {
-    for (int v = 0; v * kLanes < n; ++v)
-        for (int c0 = 0; c0 < rows; c0 += kLanes) {
-            v16f z[kLanes];
-            for (int l = 0; l < kLanes; ++l) z[l] = src[(c0 + l) * kTwVecs + v] * scale[v];
-            transpose16(z);
-            for (int l = 0; l < kLanes; ++l) std::memcpy(dst + (v * kLanes + l) * ld + c0, &z[l], sizeof(v16f));
+template <typename V>
+__attribute__((always_inline)) inline void tw_rows_scaled(float *dst, int ld, const V *src, int rows,
+                                                          const V (&scale)[vecs_of<V>], int n) {
+    constexpr int L = lanes_of<V>, kVecs = vecs_of<V>;
+    for (int v = 0; v * L < n; ++v)
+        for (int c0 = 0; c0 < rows; c0 += L) {
+            V z[L];
+            for (int l = 0; l < L; ++l) z[l] = src[(c0 + l) * kVecs + v] * scale[v];
+            transpose_lanes(z);
+            for (int l = 0; l < L; ++l) std::memcpy(dst + (v * L + l) * ld + c0, &z[l], sizeof(V));
         }
 }
+
 
 // Prompt b's scratch (see FactoredSizes::prompt_floats) and initial pooling state.
 __attribute__((always_inline)) inline void tf_setup(const FactoredArgs &a, const FactoredSizes &z, std::int64_t b,
@@ -1862,120 +1893,136 @@ __attribute__((always_inline)) inline void tf_setup(const FactoredArgs &a, const
     tw_init_state(state);
 }
 
-// Pixel blocks [blk0, blk1) of prompts [b0, b1), block by block; pools into the prompts' states. kStream: probs2
-// (64-byte aligned) is written with non-temporal stores: written once here and read by the next pass, it would
-// otherwise be read from memory before each write and evict the block's working set.
-template <bool kStream>
+// Non-temporal store of x to dst (aligned to sizeof x), in the AVX-512 and AVX2 builds.
+__attribute__((always_inline)) inline void stream_vec(float *dst, v16f x) {
+    __builtin_ia32_movntps512(dst, x);
+}
+__attribute__((always_inline)) inline void stream_vec(float *dst, v8f x) {
+    __builtin_ia32_movntps256(dst, x);
+}
+
+// Pixel blocks [blk0, blk1) of prompts [b0, b1), block by block; pools into the prompts' states. V: v16f (AVX-512,
+// portable) or v8f (AVX2), kVecs = vecs_of<V> pixel vectors of L = lanes_of<V> pixels per block (tiles in the
+// same bytes either way). kStream: probs2 (aligned to sizeof(V)) is written with non-temporal stores: written once
+// here and read by the next pass, it would otherwise be read from memory before each write and evict the block's
+// working set.
+template <typename V, bool kStream>
 __attribute__((always_inline)) inline void two_way_factored_body(const FactoredArgs &a, std::int64_t b0, std::int64_t b1,
-                                                                 std::int64_t blk0, std::int64_t blk1, v16f *tiles,
+                                                                 std::int64_t blk0, std::int64_t blk1, V *tiles,
                                                                  float *prompts, float *state, std::int64_t state_step) {
+    constexpr int L = lanes_of<V>, kVecs = vecs_of<V>, kTokenTile = kTwMaxTokens * kVecs;
     const FactoredSizes z(a);
     const int J = z.J, J2 = z.J2, K = z.K, D = z.D, d = z.d, F = 7 * D + 4, ld = z.acc_ld();
     const int J1 = a.prev() ? J : 0;  // rows of r1 a1 in the coefficients c (then a2's J, then the constant 1)
-    v16f *a1 = tiles, *t1 = a1 + kTwTokenTile, *t2 = t1 + kTwTokenTile, *x1 = t2 + kTwTokenTile;
-    v16f *x2 = x1 + kTwTokenTile, *st = x2 + kTwTokenTile, *c = st + kTwTokenTile;
-    v16f *ra = c, *a2 = c + J1 * kTwVecs;  // the coefficients c = [r1 a1, a2, 1] (the first layer: c = a2)
-    float *zv = reinterpret_cast<float *>(c + z.Kc * kTwVecs), *zc = zv + kTwBlock * D;
+    V *a1 = tiles, *t1 = a1 + kTokenTile, *t2 = t1 + kTokenTile, *x1 = t2 + kTokenTile;
+    V *x2 = x1 + kTokenTile, *st = x2 + kTokenTile, *c = st + kTokenTile;
+    V *ra = c, *a2 = c + J1 * kVecs;  // the coefficients c = [r1 a1, a2, 1] (the first layer: c = a2)
+    float *zv = reinterpret_cast<float *>(c + z.Kc * kVecs), *zc = zv + kTwBlock * D;
     const std::int64_t pf = z.prompt_floats();
     for (std::int64_t b = b0; b < b1; ++b) tf_setup(a, z, b, prompts + (b - b0) * pf, state + (b - b0) * state_step);
     for (std::int64_t blk = blk0; blk < blk1; ++blk) {
         const std::int64_t p0 = blk * kTwBlock;
         const int n = static_cast<int>(std::min<std::int64_t>(kTwBlock, a.pixels - p0));
-        const v16f *img = a.image + blk * F * kTwVecs;
-        const v16f *e2 = img + 7 * D * kTwVecs, *sigma = e2 + kTwVecs, *s1 = sigma + kTwVecs, *s0 = s1 + kTwVecs;
+        const V *img = reinterpret_cast<const V *>(a.image) + blk * F * kVecs;
+        const V *e2 = img + 7 * D * kVecs, *sigma = e2 + kVecs, *s1 = sigma + kVecs, *s0 = s1 + kVecs;
         for (std::int64_t b = b0; b < b1; ++b) {
             const float *kt = prompts + (b - b0) * pf, *vh1t = kt + D * z.Tp, *vh2t = vh1t + D * z.Tp;
             const float *qft = vh2t + D * z.Tp, *nw = qft + D * z.T2p, *gw = nw + J * z.Jp, *mfw = gw + K * z.Kp;
             const float *m1 = mfw + K * z.J2p;
             float *run_max = state + (b - b0) * state_step, *run_sum = run_max + kTwMaxTokens;
             float *acc = run_sum + kTwMaxTokens;
-            v16f r1[kTwVecs], r2[kTwVecs], r12[kTwVecs];
-            for (int v = 0; v < kTwVecs; ++v) {
-                const bool valid = v * kLanes < n;
+            // probs[b, p / 16, j, p % 16] of the first pixel p of vector v is at probs + offset(v) + 16 j
+            auto offset = [&](int v) {
+                const std::int64_t p = b * a.pixels + p0 + v * L;
+                return p / kLanes * J * kLanes + p % kLanes;
+            };
+            V r1[kVecs], r2[kVecs], r12[kVecs];
+            for (int v = 0; v < kVecs; ++v) {
+                const bool valid = v * L < n;
                 if (!a.prev()) {  // the first layer: r1 = 1, no previous weights
-                    r1[v] = v16f{} + 1.f;
+                    r1[v] = V{} + 1.f;
                     continue;
                 }
-                r1[v] = valid ? load16(a.rstd1 + b * a.pixels + p0 + v * kLanes) : v16f{};
-                const float *src = a.probs1 + ((b * a.pixels + p0) / kLanes + v) * J * kLanes;
+                r1[v] = valid ? load_vec<V>(a.rstd1 + b * a.pixels + p0 + v * L) : V{};
+                const float *src = a.probs1 + offset(v);
                 for (int j = 0; j < J; ++j) {
-                    a1[j * kTwVecs + v] = valid ? load16(src + j * kLanes) : v16f{};
-                    ra[j * kTwVecs + v] = a1[j * kTwVecs + v] * r1[v];
+                    a1[j * kVecs + v] = valid ? load_vec<V>(src + j * kLanes) : V{};
+                    ra[j * kVecs + v] = a1[j * kVecs + v] * r1[v];
                 }
             }
             // image->token attention: l = r1 (Q . k) + QP . k + (r1 a1) N, softmax within each head
             // (the first layer: l = Q . k, QP not read)
             tw_head_dots(J1 ? t1 : a2, img, kt, a.heads, z.T, z.Tp, d);
-            if (J1) tw_head_dots(t2, img + D * kTwVecs, kt, a.heads, z.T, z.Tp, d);
+            if (J1) tw_head_dots(t2, img + D * kVecs, kt, a.heads, z.T, z.Tp, d);
             for (int j0 = 0; j0 < J1; j0 += kTwTokenBlock) {
-                v16f acc8[kTwTokenBlock][kTwVecs];
+                V acc8[kTwTokenBlock][kVecs];
                 for (int t = 0; t < kTwTokenBlock; ++t)
-                    for (int v = 0; v < kTwVecs; ++v)
-                        acc8[t][v] = j0 + t < J ? t1[(j0 + t) * kTwVecs + v] * r1[v] + t2[(j0 + t) * kTwVecs + v] : v16f{};
+                    for (int v = 0; v < kVecs; ++v)
+                        acc8[t][v] = j0 + t < J ? t1[(j0 + t) * kVecs + v] * r1[v] + t2[(j0 + t) * kVecs + v] : V{};
                 tw_tile(acc8, ra, nw + j0, z.Jp, J);
                 for (int t = 0; t < kTwTokenBlock && j0 + t < J; ++t)
-                    for (int v = 0; v < kTwVecs; ++v) a2[(j0 + t) * kTwVecs + v] = acc8[t][v];
+                    for (int v = 0; v < kVecs; ++v) a2[(j0 + t) * kVecs + v] = acc8[t][v];
             }
             tw_head_softmax(a2, a.heads, z.T);
-            for (int v = 0; v * kLanes < n; ++v) {
-                float *dst = a.probs2 + ((b * a.pixels + p0) / kLanes + v) * J * kLanes;
+            for (int v = 0; v * L < n; ++v) {
+                float *dst = a.probs2 + offset(v);
                 for (int j = 0; j < J; ++j) {
                     if constexpr (kStream)
-                        __builtin_ia32_movntps512(dst + j * kLanes, a2[j * kTwVecs + v]);
+                        stream_vec(dst + j * kLanes, a2[j * kVecs + v]);
                     else
-                        std::memcpy(dst + j * kLanes, &a2[j * kTwVecs + v], sizeof(v16f));
+                        std::memcpy(dst + j * kLanes, &a2[j * kVecs + v], sizeof(V));
                 }
             }
             // the rows of c past r1 a1 and a2: the constant 1 of the row b1 - mean, then zero padding
             for (int k = J1 + J; k < z.Kc; ++k)
-                for (int v = 0; v < kTwVecs; ++v) c[k * kTwVecs + v] = v16f{} + (k < K ? 1.f : 0.f);
+                for (int v = 0; v < kVecs; ++v) c[k * kVecs + v] = V{} + (k < K ? 1.f : 0.f);
             // |y - mean|^2 = r1^2 E2 + 2 r1 (c . X) + c G c
-            if (J1) tw_head_dots(x1, img + 2 * D * kTwVecs, vh1t, a.heads, z.T, z.Tp, d);
-            tw_head_dots(x2, img + 3 * D * kTwVecs, vh2t, a.heads, z.T, z.Tp, d);
-            v16f cx[kTwVecs], cgc[kTwVecs];
-            for (int v = 0; v < kTwVecs; ++v) {
-                v16f s = J1 ? r1[v] * s1[v] + s0[v] : s0[v];
-                for (int j = 0; j < J1; ++j) s += ra[j * kTwVecs + v] * (x1[j * kTwVecs + v] - sigma[v] * m1[j]);
-                for (int j = 0; j < J; ++j) s += a2[j * kTwVecs + v] * x2[j * kTwVecs + v];
+            if (J1) tw_head_dots(x1, img + 2 * D * kVecs, vh1t, a.heads, z.T, z.Tp, d);
+            tw_head_dots(x2, img + 3 * D * kVecs, vh2t, a.heads, z.T, z.Tp, d);
+            V cx[kVecs], cgc[kVecs];
+            for (int v = 0; v < kVecs; ++v) {
+                V s = J1 ? r1[v] * s1[v] + s0[v] : s0[v];
+                for (int j = 0; j < J1; ++j) s += ra[j * kVecs + v] * (x1[j * kVecs + v] - sigma[v] * m1[j]);
+                for (int j = 0; j < J; ++j) s += a2[j * kVecs + v] * x2[j * kVecs + v];
                 cx[v] = s;
-                cgc[v] = v16f{};
+                cgc[v] = V{};
             }
             // (G symmetric: per block of 8 columns, its diagonal block once and the rows below it twice)
             for (int k0 = 0; k0 < K; k0 += kTwTokenBlock) {
                 const int k1 = std::min(K, k0 + kTwTokenBlock);
-                v16f diag[kTwTokenBlock][kTwVecs] = {}, below[kTwTokenBlock][kTwVecs] = {};
-                tw_tile(diag, c + k0 * kTwVecs, gw + k0 * z.Kp + k0, z.Kp, k1 - k0);
-                tw_tile(below, c + k1 * kTwVecs, gw + k1 * z.Kp + k0, z.Kp, K - k1);
+                V diag[kTwTokenBlock][kVecs] = {}, below[kTwTokenBlock][kVecs] = {};
+                tw_tile(diag, c + k0 * kVecs, gw + k0 * z.Kp + k0, z.Kp, k1 - k0);
+                tw_tile(below, c + k1 * kVecs, gw + k1 * z.Kp + k0, z.Kp, K - k1);
                 for (int t = 0; t < k1 - k0; ++t)
-                    for (int v = 0; v < kTwVecs; ++v)
-                        cgc[v] += (diag[t][v] + 2.f * below[t][v]) * c[(k0 + t) * kTwVecs + v];
+                    for (int v = 0; v < kVecs; ++v)
+                        cgc[v] += (diag[t][v] + 2.f * below[t][v]) * c[(k0 + t) * kVecs + v];
             }
-            for (int v = 0; v < kTwVecs; ++v) {
-                const v16f sq = r1[v] * r1[v] * e2[v] + 2.f * r1[v] * cx[v] + cgc[v];
-                for (int l = 0; l < kLanes; ++l)
+            for (int v = 0; v < kVecs; ++v) {
+                const V sq = r1[v] * r1[v] * e2[v] + 2.f * r1[v] * cx[v] + cgc[v];
+                for (int l = 0; l < L; ++l)
                     r2[v][l] = 1.f / std::sqrt(std::max(sq[l], 0.f) * (1.f / kChannels) + a.eps);
                 r12[v] = r1[v] * r2[v];
-                if (v * kLanes < n) std::memcpy(a.rstd2 + b * a.pixels + p0 + v * kLanes, &r2[v], sizeof(v16f));
+                if (v * L < n) std::memcpy(a.rstd2 + b * a.pixels + p0 + v * L, &r2[v], sizeof(V));
             }
             // final token->image logits s = r1 r2 (Kf . q) + KPf . q + r2 (c Mf); online softmax over the pixels
-            tw_head_dots(t1, img + 4 * D * kTwVecs, qft, a.heads, z.T2, z.T2p, d);
-            tw_head_dots(t2, img + 5 * D * kTwVecs, qft, a.heads, z.T2, z.T2p, d);
+            tw_head_dots(t1, img + 4 * D * kVecs, qft, a.heads, z.T2, z.T2p, d);
+            tw_head_dots(t2, img + 5 * D * kVecs, qft, a.heads, z.T2, z.T2p, d);
             for (int j0 = 0; j0 < z.J2p; j0 += kTwTokenBlock) {
-                v16f acc8[kTwTokenBlock][kTwVecs] = {};
+                V acc8[kTwTokenBlock][kVecs] = {};
                 tw_tile(acc8, c, mfw + j0, z.J2p, K);
                 for (int t = 0; t < kTwTokenBlock; ++t)
-                    for (int v = 0; v < kTwVecs; ++v)
-                        st[(j0 + t) * kTwVecs + v] = j0 + t < J2 ? r2[v] * acc8[t][v] + r12[v] * t1[(j0 + t) * kTwVecs + v] +
-                                                                      t2[(j0 + t) * kTwVecs + v]
-                                                                : v16f{};
+                    for (int v = 0; v < kVecs; ++v)
+                        st[(j0 + t) * kVecs + v] = j0 + t < J2 ? r2[v] * acc8[t][v] + r12[v] * t1[(j0 + t) * kVecs + v] +
+                                                                   t2[(j0 + t) * kVecs + v]
+                                                             : V{};
             }
             tw_online_softmax(st, z.J2p, n, run_max, run_sum, acc, ld);
             // pool [r1 r2 V (the token's head), r2 c] over the block's pixels
-            tw_rows_scaled(zv, D, img + 6 * D * kTwVecs, D, r12, n);
+            tw_rows_scaled(zv, D, img + 6 * D * kVecs, D, r12, n);
             tw_rows_scaled(zc, z.Kc, c, z.Kc, r2, n);
             const float *w = reinterpret_cast<const float *>(st);
-            tw_pool_heads(acc, ld, w, zv, D, n, J2, z.T2, d);
-            tw_pool_rows(acc + d, ld, w, zc, z.Kc, n, z.J2p, z.Kc / kLanes);
+            tw_pool_heads<V>(acc, ld, w, zv, D, n, J2, z.T2, d);
+            tw_pool_rows<V>(acc + d, ld, w, zc, z.Kc, n, z.J2p, z.Kc);
         }
     }
     if constexpr (kStream) __builtin_ia32_sfence();  // the streamed probs2 before the stores that follow
@@ -1984,18 +2031,33 @@ __attribute__((always_inline)) inline void two_way_factored_body(const FactoredA
 using FactoredFn = void (*)(const FactoredArgs &, std::int64_t, std::int64_t, std::int64_t, std::int64_t, v16f *, float *,
                             float *, std::int64_t);
 
+// The SIMD builds: the scratch tiles (64-byte aligned v16f) as vectors V; non-temporal stores of probs2 where
+// it is aligned to a vector.
+template <typename V>
+__attribute__((always_inline)) inline void two_way_factored_simd(const FactoredArgs &a, std::int64_t b0, std::int64_t b1,
+                                                                 std::int64_t blk0, std::int64_t blk1, v16f *tiles,
+                                                                 float *prompts, float *state, std::int64_t state_step) {
+    V *t = reinterpret_cast<V *>(tiles);
+    if (reinterpret_cast<std::uintptr_t>(a.probs2) % sizeof(V) == 0)
+        two_way_factored_body<V, true>(a, b0, b1, blk0, blk1, t, prompts, state, state_step);
+    else
+        two_way_factored_body<V, false>(a, b0, b1, blk0, blk1, t, prompts, state, state_step);
+}
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void two_way_factored_avx512(
     const FactoredArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0, std::int64_t blk1, v16f *tiles,
     float *prompts, float *state, std::int64_t state_step) {
-    if (reinterpret_cast<std::uintptr_t>(a.probs2) % 64 == 0)
-        two_way_factored_body<true>(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
-    else
-        two_way_factored_body<false>(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
+    two_way_factored_simd<v16f>(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
+}
+__attribute__((target("avx2,fma"))) void two_way_factored_avx2(const FactoredArgs &a, std::int64_t b0, std::int64_t b1,
+                                                               std::int64_t blk0, std::int64_t blk1, v16f *tiles,
+                                                               float *prompts, float *state, std::int64_t state_step) {
+    two_way_factored_simd<v8f>(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
 }
 void two_way_factored_generic(const FactoredArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0,
                               std::int64_t blk1, v16f *tiles, float *prompts, float *state, std::int64_t state_step) {
-    two_way_factored_body<false>(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
+    two_way_factored_body<v16f, false>(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
 }
+
 
 py::array_t<float> two_way_factored(py::handle image_obj, py::handle probs1_obj, py::handle rstd1_obj, py::handle k_obj,
                                     py::handle vh1_obj, py::handle vh2_obj, py::handle qf_obj, py::handle n_obj,
@@ -2048,7 +2110,7 @@ py::array_t<float> two_way_factored(py::handle image_obj, py::handle probs1_obj,
     if (!(eps > 0) || !std::isfinite(eps)) throw py::value_error("two_way_factored: eps must be positive and finite");
     if (reinterpret_cast<std::uintptr_t>(image.data()) % sizeof(v16f) != 0)
         throw py::value_error("image: must be 64-byte aligned (samreg_rt.two_way.factored_image allocates it so)");
-    const bool avx512 = use_avx512(isa, "two_way_factored");
+    const Isa build = kernel_isa(isa, "two_way_factored");
     std::vector<std::pair<const py::array *, const char *>> inputs{
         {&image, "image"}, {&k, "k"}, {&vh2, "vh2"}, {&qf, "qf"}, {&gram, "gram"}, {&mf, "mf"}};
     if (prev) inputs.insert(inputs.end(), {{&probs1, "probs1"}, {&rstd1, "rstd1"}, {&vh1, "vh1"}, {&n, "n"}, {&m1, "m1"}});
@@ -2073,7 +2135,9 @@ py::array_t<float> two_way_factored(py::handle image_obj, py::handle probs1_obj,
     const int width = static_cast<int>(head_dim + K);
     py::array_t<float> pooled({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(tokens2),
                                static_cast<py::ssize_t>(width)});
-    const FactoredFn fn = avx512 ? two_way_factored_avx512 : two_way_factored_generic;
+    const FactoredFn fn = build == Isa::avx512 ? two_way_factored_avx512
+                          : build == Isa::avx2 ? two_way_factored_avx2
+                                               : two_way_factored_generic;
     const double flops_per_block = 2.0 * kTwBlock * (4 * tokens * head_dim + 2 * tokens2 * head_dim + tokens * tokens +
                                                      K * (K / 2 + tokens2) + tokens2 * (head_dim + K));
     // work items as two_way_pass's with shared keys; each thread's scratch: the tiles, then its prompts' part
@@ -3158,8 +3222,9 @@ PYBIND11_MODULE(_ext, m) {
           "+ r1 s1 + s0; r2 = 1 / sqrt((r1^2 E2 + 2 r1 cx + c gram[b] c) / 256 + eps) -> rstd2;\n"
           "s_j = r1 r2 hd(Kf, qf)_j + hd(KPf, qf)_j + r2 (c @ mf[b])_j; w = softmax over the pixels of s_j;\n"
           "pooled[b, j] = [sum_p w r1 r2 V[h(j) d:(h(j) + 1) d], sum_p w r2 c] (heads of J2 by J2 / heads).\n"
-          "image must be 64-byte aligned; probs2, where 64-byte aligned, is written with non-temporal stores\n"
-          "(past the caches) by the AVX-512 kernel. isa as two_way_pass.");
+          "image must be 64-byte aligned; probs2, where 64-byte aligned (AVX2: 32-byte), is written with\n"
+          "non-temporal stores (past the caches) by the AVX-512 and AVX2 kernels. isa: 'auto' (the CPU's best\n"
+          "build: AVX-512, else AVX2 with FMA, else portable), 'avx2' (error without AVX2 and FMA) or 'generic'.");
     m.def("two_way_pass", &two_way_pass, py::arg("keys"), py::arg("pe"), py::arg("kq"), py::arg("koff"),
           py::arg("vwo"), py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("qk"), py::arg("heads"),
           py::arg("out") = py::none(), py::arg("isa") = "auto", py::arg("qproj") = py::none(),

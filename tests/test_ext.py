@@ -706,10 +706,11 @@ def _at_offset(shape: tuple[int, ...], offset: int) -> np.ndarray:
     (1, 16, 64, 64, 1, 64),       # the largest J (K = 129) and d
 ])
 @pytest.mark.parametrize("first", [False, True], ids=["second layer", "first layer"])
-@pytest.mark.parametrize("isa", ["auto", "generic"])
-@pytest.mark.parametrize("offset", [0, 16], ids=["probs2 aligned", "probs2 unaligned"])
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+@pytest.mark.parametrize("offset", [0, 32, 16], ids=["probs2 aligned", "probs2 32-byte aligned", "probs2 unaligned"])
 def test_two_way_factored_matches_twin(rng, batch, pixels, tokens, tokens2, heads, head_dim, first, isa, offset):
-    # (probs2 64-byte aligned: the AVX-512 kernel writes it with non-temporal stores, else with plain ones)
+    # (probs2 aligned to a vector, 64 bytes for AVX-512 and 32 for AVX2: the kernel writes it with non-temporal
+    # stores, else with plain ones)
     args = twins.two_way_factored_inputs(rng, batch, pixels, tokens, tokens2, heads, head_dim, first)
     probs2 = _at_offset((batch, pixels // 16, tokens, 16), offset)
     probs2[...] = np.nan
@@ -727,6 +728,22 @@ def test_two_way_factored_matches_twin(rng, batch, pixels, tokens, tokens2, head
     last = pooled[..., head_dim:head_dim + tokens // heads].sum(axis=-1) if first else pooled[..., head_dim + 2 * tokens]
     assert np.all(last >= rstd2.min(axis=1, keepdims=True) * (1 - 1e-5))
     assert np.all(last <= rstd2.max(axis=1, keepdims=True) * (1 + 1e-5))
+
+
+@pytest.mark.skipif(_ext.mask_upscaling_isa() == "generic", reason="the AVX2 build needs AVX2 and FMA")
+@pytest.mark.parametrize("first", [False, True], ids=["second layer", "first layer"])
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_two_way_factored_avx2_matches_auto(rng, first, threads):
+    """The AVX2 build (8 pixels per vector, smaller register tiles) gives the best build's results within float32
+    rounding, for any split of the work (400 pixels: 8 full blocks of 48 and a partial one of 16; T = 5 tokens
+    per head, not a whole register tile)."""
+    args = twins.two_way_factored_inputs(rng, 6, 400, 20, 12, 4, 32, first)
+    runs = {}
+    for isa, n in (("auto", 0), ("avx2", threads)):
+        probs2, rstd2 = np.empty((6, 25, 20, 16), np.float32), np.empty((6, 400), np.float32)
+        runs[isa] = _ext.two_way_factored(**args, probs2=probs2, rstd2=rstd2, isa=isa, threads=n), probs2, rstd2
+    for got, want in zip(runs["avx2"], runs["auto"]):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(np.abs(want).max()))
 
 
 def test_two_way_factored_rejects_bad_arguments(rng):
@@ -749,7 +766,8 @@ def test_two_way_factored_rejects_bad_arguments(rng):
         (dict(rstd2=read_only), "rstd2: array is read-only", ValueError),
         (dict(probs2=good["probs1"]), "probs2: must not overlap probs1", ValueError),
         (dict(rstd2=outs["probs2"].reshape(-1)[:192].reshape(3, 64)), "rstd2: must not overlap probs2", ValueError),
-        (dict(isa="avx2"), "isa must be 'auto' or 'generic'", ValueError),
+        (dict(isa="avx512"), "two_way_factored: isa must be 'auto', 'avx2' or 'generic', got 'avx512'", ValueError),
+        (dict(isa="AUTO"), "two_way_factored: isa must be 'auto', 'avx2' or 'generic'", ValueError),
     ]
     for change, message, error in cases:
         with pytest.raises(error, match=message):
