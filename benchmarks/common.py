@@ -32,8 +32,8 @@ def machine() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "simd_flags": simd,
         "bf16_products": "AMX tiles" if _ext.has_amx_bf16() else "AVX512-BF16" if _ext.has_avx512_bf16() else "none",
-        # the build of the fused fp32 kernels: "avx512" (Engine runs them all), "avx2" (the mask upscaling only)
-        # or "generic" (none)
+        # the build of the fused fp32 kernels: "avx512" (Engine runs them all), "avx2" (the mask upscaling and
+        # the two-way transformer on factored image tokens) or "generic" (none)
         "fp32_kernels": _ext.mask_upscaling_isa(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <initializer_list>
 #include <limits>
@@ -882,14 +883,6 @@ bool have_avx512() {
     return has;
 }
 
-// Whether a kernel with an AVX-512 build runs it: isa "auto" picks it when the CPU has AVX-512, "generic"
-// forces the portable build (so that tests can run it on any CPU).
-bool use_avx512(const std::string &isa, const char *kernel) {
-    if (isa == "auto") return have_avx512();
-    if (isa == "generic") return false;
-    throw py::value_error(std::string(kernel) + ": isa must be 'auto' or 'generic', got '" + isa + "'");
-}
-
 bool have_avx2() {
     static const bool has = [] {
         __builtin_cpu_init();
@@ -898,11 +891,36 @@ bool have_avx2() {
     return has;
 }
 
-// The builds of a kernel with an AVX2 one: AVX-512, AVX2 (with FMA) and portable.
+// The builds of a kernel with an AVX2 one: AVX-512, AVX2 (with FMA) and portable (widest first).
 enum class Isa { avx512, avx2, generic };
 
+// The widest build the environment variable SAMREG_RT_CPU_BUILD allows: unset, empty or "avx512": any; "avx2" or
+// "generic" cap the kernels (and the engine's choices) at that build, so that an AVX-512 CPU can run and measure
+// what an AVX2 or older one runs, as ONEDNN_MAX_CPU_ISA caps oneDNN. Checked when the module loads.
+Isa cpu_build_cap() {
+    const char *value = std::getenv("SAMREG_RT_CPU_BUILD");
+    const std::string cap = value ? value : "";
+    if (cap.empty() || cap == "avx512") return Isa::avx512;
+    if (cap == "avx2") return Isa::avx2;
+    if (cap == "generic") return Isa::generic;
+    throw py::value_error("SAMREG_RT_CPU_BUILD: expected 'avx512', 'avx2' or 'generic' (or unset), got '" + cap + "'");
+}
+
+// The best build of this CPU within SAMREG_RT_CPU_BUILD's cap.
 Isa best_isa() {
-    return have_avx512() ? Isa::avx512 : have_avx2() ? Isa::avx2 : Isa::generic;
+    static const Isa best = [] {
+        const Isa cpu = have_avx512() ? Isa::avx512 : have_avx2() ? Isa::avx2 : Isa::generic;
+        return std::max(cpu, cpu_build_cap());
+    }();
+    return best;
+}
+
+// Whether a kernel with an AVX-512 build (and no AVX2 one) runs it: isa "auto" picks it when best_isa is
+// AVX-512, "generic" forces the portable build (so that tests can run it on any CPU).
+bool use_avx512(const std::string &isa, const char *kernel) {
+    if (isa == "auto") return best_isa() == Isa::avx512;
+    if (isa == "generic") return false;
+    throw py::value_error(std::string(kernel) + ": isa must be 'auto' or 'generic', got '" + isa + "'");
 }
 
 // isa "auto": the CPU's best build; "avx2" (so that tests can run it on AVX-512 CPUs too) or "generic".
@@ -2634,7 +2652,7 @@ constexpr int kAmxLag = 4;            // key blocks between a logit tile's store
 bool has_avx512_bf16() {
     static const bool has = [] {
         unsigned a, b, c, d;
-        return have_avx512() && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1);
+        return best_isa() == Isa::avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1);
     }();
     return has;
 }
@@ -3135,6 +3153,7 @@ PYBIND11_MODULE(_ext, m) {
     m.doc() = "samreg-rt native kernels: bit-packed masks, overlap matrices, NMS, stability "
               "scores, greedy matching, resizing logits, SAM's fused mask upscaling, two-way "
               "attention pass and shared-key attention. Numpy twins of each live in tests/twins.py.";
+    best_isa();  // an invalid SAMREG_RT_CPU_BUILD fails the import, naming the variable
 
     m.def("pack_masks", &pack_masks, py::arg("masks"),
           "pack_masks(masks: bool[N, H, W]) -> uint64[N, ceil(H*W/64)]\n\n"
@@ -3301,5 +3320,8 @@ PYBIND11_MODULE(_ext, m) {
               const Isa isa = best_isa();
               return std::string(isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "generic");
           },
-          "mask_upscaling_isa() -> 'avx512', 'avx2' or 'generic': the build mask_upscaling runs on this CPU.");
+          "mask_upscaling_isa() -> 'avx512', 'avx2' or 'generic': the build that mask_upscaling, linear,\n"
+          "shared_attention and two_way_factored run with isa 'auto' on this CPU (capped by the environment\n"
+          "variable SAMREG_RT_CPU_BUILD: 'avx2' or 'generic'); the kernels without an AVX2 build run their\n"
+          "AVX-512 one only where this is 'avx512'.");
 }

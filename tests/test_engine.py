@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -128,21 +131,67 @@ def test_decode_kept_masks_litemedsam(litemedsam_dir, data_dir):
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_fused_kernels_by_cpu_build(tiny_dir, monkeypatch, isa):
-    """Where the kernels' best build is AVX2 only the mask upscaling is fused (the two-way transformer and the
-    encoder run their graphs); with the portable build nothing is."""
+    """Where the kernels' best build is AVX2 the mask upscaling is fused and so is the two-way transformer on
+    factored image tokens (mask generation: a factors buffer), while dense image tokens come from
+    decoder_tokens (two_way_pass has no AVX2 build) and the encoder runs its graph; with the portable build
+    nothing is fused."""
     monkeypatch.setattr(engine_module._ext, "mask_upscaling_isa", lambda: isa)
     engine = Engine.load(tiny_dir, threads=2)
-    assert (engine.mask_upscaling is not None) == (isa == "avx2")
-    assert engine.two_way is None and not engine.encoder_parts and "encoder" in engine.sessions
+    graph = Engine.load(tiny_dir, threads=2, fused_tokens=False, fused_upscaling=False)
+    assert (engine.mask_upscaling is not None) == (engine.two_way is not None) == (isa == "avx2")
+    assert not engine.dense_tokens and not engine.encoder_parts and "encoder" in engine.sessions
+    assert Engine.load(tiny_dir, fused_upscaling=False).two_way is None      # factors need both kernels
     rng = np.random.default_rng(5)
     coords = rng.uniform(0, 255, (3, 1, 2)).astype(np.float32)
     labels = np.ones((3, 1), np.float32)
-    _, hyper_in, image_tokens = engine.decode_tokens(engine.embed(np.zeros((64, 64), np.uint8)).embedding, coords,
-                                                     labels)
+    emb = engine.embed(np.zeros((64, 64), np.uint8)).embedding
+    iou, hyper_in, image_tokens = engine.decode_tokens(engine.prepare(emb), coords, labels)
+    for got, want in zip((iou, hyper_in, image_tokens), graph.decode_tokens(emb, coords, labels)):
+        np.testing.assert_array_equal(got, want)                       # the graph ran
     keep = np.array([[1, 0, 0, 1], [0, 0, 0, 0], [0, 1, 1, 0]], bool)
-    want = engine.decode_masks(image_tokens, hyper_in)[keep]
+    want = graph.decode_masks(image_tokens, hyper_in)[keep]
     np.testing.assert_allclose(engine.decode_kept_masks(image_tokens, hyper_in, keep), want, rtol=0,
                                atol=1e-5 * float(np.abs(want).max()))
+    factors = engine.factors_buffer(3, 1)
+    assert (factors is not None) == (isa == "avx2")
+    if factors is not None:
+        iou2, hyper2, factored = engine.decode_tokens(emb, coords, labels, factors=factors)
+        assert isinstance(factored, two_way.ImageTokenFactors)
+        np.testing.assert_allclose(iou2, iou, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(hyper2, hyper_in, rtol=0, atol=1e-5 * float(np.abs(hyper_in).max()))
+        np.testing.assert_allclose(engine.decode_kept_masks(factored, hyper2, keep), want, rtol=0,
+                                   atol=1e-4 * float(np.abs(want).max()))
+    assert engine.with_spec(engine.spec).dense_tokens is False
+
+
+def test_mask_generation_on_the_avx2_builds(litemedsam_dir, data_dir):
+    """With the kernels capped at their AVX2 builds (SAMREG_RT_CPU_BUILD=avx2, what a CPU without AVX-512 runs),
+    LiteMedSAM's mask generation runs the fused two-way transformer on factored image tokens and the fused
+    upscaling, and gives the graphs' masks: the same prompts kept, in the same order, each mask IoU >= 0.99."""
+    if _ext.mask_upscaling_isa() == "generic":
+        pytest.skip("the AVX2 builds need AVX2 and FMA")
+    image = data_dir / "cardiac_mr" / "acdc2d_example" / "fixed.png"
+    code = f"""
+import numpy as np
+from samreg_rt import _ext, amg
+from samreg_rt.engine import Engine
+from samreg_rt.io import load_image
+from samreg_rt.masks import iou_matrix, pack_masks
+fused = Engine.load({str(litemedsam_dir)!r}, threads=2)
+graph = Engine.load({str(litemedsam_dir)!r}, threads=2, fused_tokens=False, fused_upscaling=False)
+emb = fused.embed(load_image({str(image)!r}).array)
+params = amg.AmgParams.from_spec(fused.spec, points_per_side=12)
+a, b = amg.generate(fused, emb, params), amg.generate(graph, emb, params)
+ious = np.diag(iou_matrix(pack_masks(a.masks), pack_masks(b.masks))) if len(a) == len(b) else [0.0]
+print(_ext.mask_upscaling_isa(), fused.two_way is not None, fused.mask_upscaling is not None, fused.dense_tokens,
+      len(a), np.array_equal(a.prompt_ids, b.prompt_ids), float(np.min(ious)) >= 0.99)
+"""
+    env = {**os.environ, "SAMREG_RT_CPU_BUILD": "avx2"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    isa, two_way_set, upscaling_set, dense, count, same_prompts, close = done.stdout.split()
+    assert (isa, two_way_set, upscaling_set, dense) == ("avx2", "True", "True", "False")
+    assert int(count) > 5 and same_prompts == "True" and close == "True"
 
 
 def _tokens_both_ways(model_dir, image, coords, labels):
@@ -150,7 +199,8 @@ def _tokens_both_ways(model_dir, image, coords, labels):
     fused_engine = Engine.load(model_dir, threads=2)
     graph_engine = Engine.load(model_dir, threads=2, fused_tokens=False)
     assert graph_engine.two_way is None
-    assert (fused_engine.two_way is not None) == (_ext.mask_upscaling_isa() == "avx512")
+    assert (fused_engine.two_way is not None) == (_ext.mask_upscaling_isa() != "generic")
+    assert fused_engine.dense_tokens == (_ext.mask_upscaling_isa() == "avx512")
     emb = fused_engine.embed(image).embedding
     return fused_engine.decode_tokens(emb, coords, labels), graph_engine.decode_tokens(emb, coords, labels)
 
@@ -218,8 +268,8 @@ def test_fused_tokens_into_a_buffer(engine):
         got = engine.decode_tokens(emb, coords[rows], labels[rows], out=buffer)
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
-        assert np.shares_memory(got[2], buffer) == (engine.two_way is not None)
-    if engine.two_way is not None:
+        assert np.shares_memory(got[2], buffer) == (engine.two_way is not None and engine.dense_tokens)
+    if engine.two_way is not None and engine.dense_tokens:
         for bad in (np.empty((2, 64 * 64, 256), np.float32), np.empty((8, 64 * 64, 256), np.float64)):
             with pytest.raises(InputError, match="out"):
                 engine.decode_tokens(emb, coords, labels, out=bad)
@@ -280,7 +330,7 @@ def test_bad_two_way_weights_are_model_errors(tiny_dir, tmp_path):
         manifest = json.loads((model / "manifest.json").read_text())
         manifest["weights"]["two_way"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
         (model / "manifest.json").write_text(json.dumps(manifest))
-        if _ext.mask_upscaling_isa() != "avx512":
+        if _ext.mask_upscaling_isa() == "generic":
             continue                                    # the weights are read only where they are used
         with pytest.raises(ModelError, match="two_way.npz"):
             Engine.load(model)
@@ -471,8 +521,8 @@ def test_threads_reach_the_cpu_kernels(tiny_dir):
     one, two = Engine.load(tiny_dir, threads=1), Engine.load(tiny_dir, threads=2)
     assert (one.threads, two.threads, Engine.load(tiny_dir).threads) == (1, 2, cpus.usable_cpus())
     assert one.with_spec(one.spec).threads == 1
-    if one.two_way is None or one.mask_upscaling is None:
-        pytest.skip("the fused CPU decoder needs AVX-512")
+    if one.two_way is None or one.mask_upscaling is None or not one.dense_tokens:
+        pytest.skip("the fused CPU decoder of dense image tokens needs AVX-512")
     rng = np.random.default_rng(7)
     emb = one.embed(rng.integers(0, 255, (64, 64), np.uint8)).embedding
     coords = rng.uniform(0, 255, (16, 1, 2)).astype(np.float32)
@@ -510,7 +560,7 @@ def _factored_both_ways(engine, emb, coords, labels, keep_rule):
     return tokens, got, engine.decode_kept_masks(tokens, hyper, keep), engine.decode_kept_masks(got, hyper, keep)
 
 
-@pytest.mark.skipif(_ext.mask_upscaling_isa() != "avx512", reason="the fused kernels run on AVX-512 CPUs")
+@pytest.mark.skipif(_ext.mask_upscaling_isa() == "generic", reason="the fused kernels run on AVX-512 or AVX2 CPUs")
 def test_factored_image_tokens_give_the_same_masks(litemedsam_dir, data_dir):
     """Real weights (LiteMedSAM, point prompts): the image tokens in factored form reproduce the dense ones,
     and the kept masks' logits upscaled from the factors equal those upscaled from the dense tokens up to
@@ -527,7 +577,7 @@ def test_factored_image_tokens_give_the_same_masks(litemedsam_dir, data_dir):
     assert ((factored > 0) != (dense > 0)).mean() < 1e-5
 
 
-@pytest.mark.skipif(_ext.mask_upscaling_isa() != "avx512", reason="the fused kernels run on AVX-512 CPUs")
+@pytest.mark.skipif(_ext.mask_upscaling_isa() == "generic", reason="the fused kernels run on AVX-512 or AVX2 CPUs")
 def test_factors_buffer_is_kept_per_thread(tiny_dir):
     """The calling thread gets its last buffer back for the same sizes (no fresh memory per image), a new one
     for other sizes; another thread gets its own; probs is 64-byte aligned (the kernel streams into it)."""
@@ -545,7 +595,7 @@ def test_factors_buffer_is_kept_per_thread(tiny_dir):
     assert elsewhere[0] is not first and len(elsewhere[0]) == 4
 
 
-@pytest.mark.skipif(_ext.mask_upscaling_isa() != "avx512", reason="the fused kernels run on AVX-512 CPUs")
+@pytest.mark.skipif(_ext.mask_upscaling_isa() == "generic", reason="the fused kernels run on AVX-512 or AVX2 CPUs")
 def test_factors_buffer_only_where_both_kernels_take_it(tiny_dir):
     """A factors buffer exists only when the fused decoder and the fused upscaling both run; factored image
     tokens also go through the upscaling graph (densified); a buffer too small is an InputError."""

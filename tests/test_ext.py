@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -529,6 +531,36 @@ def test_mask_upscaling_avx2_equals_avx512(rng, factored):
         args = twins.upscaling_inputs(rng, [3, 0, 2], 8, 48)
         run = _ext.mask_upscaling
     np.testing.assert_array_equal(run(**args, isa="avx2"), run(**args, isa="auto"))
+
+
+def _with_cpu_build(cap: str, code: str) -> str:
+    """The output of ``code`` run by a fresh interpreter with SAMREG_RT_CPU_BUILD=cap (read when _ext loads)."""
+    env = {**os.environ, "SAMREG_RT_CPU_BUILD": cap}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 or "Error" in done.stderr, done.stderr
+    return done.stdout.strip() if done.returncode == 0 else done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(_ext.mask_upscaling_isa() == "generic", reason="caps a CPU with AVX2 or AVX-512")
+def test_cpu_build_cap():
+    """SAMREG_RT_CPU_BUILD caps the builds that isa 'auto' runs (and that mask_upscaling_isa reports): 'avx2' runs
+    the AVX2 builds (bit-equal results where they are tested so), no AVX-512 kernel and no bfloat16 one; 'generic'
+    the portable builds; 'avx512' changes nothing; any other value fails the import, naming the variable."""
+    probe = ("import numpy as np; from samreg_rt import _ext; from tests import twins; "
+             "rng = np.random.default_rng(0); x = rng.normal(size=(9, 40)).astype(np.float32); "
+             "w = rng.normal(size=(40, 70)).astype(np.float32); b = rng.normal(size=70).astype(np.float32); "
+             "args = twins.two_way_inputs(rng, 2, True, 100, 8, 8, 2); "
+             "pass_same = all(np.array_equal(p, q) for p, q in zip(_ext.two_way_pass(**args), "
+             "_ext.two_way_pass(**args, isa='generic'))); "
+             "print(_ext.mask_upscaling_isa(), _ext.has_avx512_bf16(), pass_same, "
+             "np.array_equal(_ext.linear(x, w, b), _ext.linear(x, w, b, isa='avx2')), "
+             "np.array_equal(_ext.linear(x, w, b), _ext.linear(x, w, b, isa='generic')))")
+    assert _with_cpu_build("avx2", probe) == "avx2 False True True False"
+    assert _with_cpu_build("generic", probe) == "generic False True False True"
+    assert _with_cpu_build("avx512", probe).split()[:2] == [_ext.mask_upscaling_isa(), str(_ext.has_avx512_bf16())]
+    message = _with_cpu_build("sse2", probe)
+    assert message.startswith("ImportError") and "SAMREG_RT_CPU_BUILD: expected 'avx512', 'avx2' or 'generic'" in message
 
 
 def test_mask_upscaling_layout(rng):
