@@ -7,7 +7,8 @@ examples/cardiac_2d/fixed.png) through the engine and through Meta's PyTorch dec
 (``performance.amg_vs_torch``: median of ``--repeats`` runs each, masks compared). For "avx2" the baselines are
 capped too, so that the run stands for a CPU without AVX-512: PyTorch (``ATEN_CPU_CAPABILITY=avx2``,
 ``ONEDNN_MAX_CPU_ISA=AVX2``, ``MKL_ENABLE_INSTRUCTIONS=AVX2``) and numpy's OpenBLAS (``OPENBLAS_CORETYPE=Haswell``);
-the report gives the capability PyTorch says it runs. Mask generation on the fused path runs no ONNX Runtime
+the report gives the capability PyTorch says it runs. Every run keeps glibc from returning freed memory to the
+kernel (``ALLOCATOR``), as a long-running process effectively does. Mask generation on the fused path runs no ONNX Runtime
 graph (the encoder runs once per process, outside the timing). A last row runs the AVX2 builds with the two-way
 transformer as the ``decoder_tokens`` graph (``fused_tokens=False``: what AVX2 CPUs ran before its AVX2 build);
 ONNX Runtime has no such cap, so that graph still runs its AVX-512 kernels here (a stronger baseline than on an
@@ -29,6 +30,11 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]     # this checkout's samre
 
 from common import machine, write_report  # noqa: E402
 IMAGE = REPO / "examples" / "cardiac_2d" / "fixed.png"
+# glibc's allocator keeps freed memory instead of handing large blocks back to the kernel: otherwise each of the
+# PyTorch decoder's large temporaries is mapped and faulted in afresh, and in a fresh process eager mask generation
+# took 22-25 s here against 13.4 s in performance.py's long-running one (14 s with these settings)
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+             "MALLOC_TOP_PAD_": "1073741824"}
 CAPS = {"avx512": {},
         "avx2": {"SAMREG_RT_CPU_BUILD": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
                  "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}}
@@ -94,7 +100,7 @@ def main() -> None:
         raise SystemExit("this CPU has no AVX2 and FMA: the fused kernels do not run here")
     rows = []
     for build, graph_tokens in runs:
-        env = {k: v for k, v in os.environ.items() if k not in CAPS["avx2"]} | CAPS[build]
+        env = {k: v for k, v in os.environ.items() if k not in CAPS["avx2"]} | ALLOCATOR | CAPS[build]
         done = subprocess.run([sys.executable, __file__, "--child", "--threads", str(args.threads),
                                "--repeats", str(args.repeats), *(["--graph-tokens"] if graph_tokens else [])],
                               capture_output=True, text=True, env=env)
