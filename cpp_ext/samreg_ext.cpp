@@ -1881,7 +1881,6 @@ __attribute__((always_inline)) inline void tw_rows_scaled(float *dst, int ld, co
         }
 }
 
-
 // Prompt b's scratch (see FactoredSizes::prompt_floats) and initial pooling state.
 __attribute__((always_inline)) inline void tf_setup(const FactoredArgs &a, const FactoredSizes &z, std::int64_t b,
                                                     float *w, float *state) {
@@ -2075,7 +2074,6 @@ void two_way_factored_generic(const FactoredArgs &a, std::int64_t b0, std::int64
                               std::int64_t blk1, v16f *tiles, float *prompts, float *state, std::int64_t state_step) {
     two_way_factored_body<v16f, false>(a, b0, b1, blk0, blk1, tiles, prompts, state, state_step);
 }
-
 
 py::array_t<float> two_way_factored(py::handle image_obj, py::handle probs1_obj, py::handle rstd1_obj, py::handle k_obj,
                                     py::handle vh1_obj, py::handle vh2_obj, py::handle qf_obj, py::handle n_obj,
