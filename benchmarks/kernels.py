@@ -144,46 +144,37 @@ def main() -> None:
          lambda: _ext.greedy_match(sim, 0.0, 0), lambda: twins.greedy_match(sim, 0.0, 0), 20),
         ("resize_logits", "1024x256x256 -> 200x200",
          lambda: _ext.resize_logits(logits, ry, rx), lambda: twins.resize_logits(logits, ry, rx), 3),
-        ("mask_upscaling", "8 prompts x 3 masks",
-         lambda: _ext.mask_upscaling(**upscaling), lambda: twins.mask_upscaling(**upscaling), 3),
-        ("mask_upscaling_factored", "8 prompts x 3 masks",
-         lambda: _ext.mask_upscaling_factored(**factored), lambda: twins.mask_upscaling_factored(**factored), 3),
-        ("linear", "448x256 -> 2048, ReLU",
-         lambda: _ext.linear(lin_x, lin_w, lin_b, relu=True, out=lin_out),
-         lambda: twins.linear(lin_x, lin_w, lin_b, relu=True), 30),
         ("two_way_pass", "8 prompts, 4096 px, J 56",
          lambda: _ext.two_way_pass(**two_way, out=two_way_out), lambda: twins.two_way_pass(**two_way), 5),
         ("two_way_pass qproj", "64 prompts, d 16",
          lambda: _ext.two_way_pass(**two_way_q, out=two_way_q_out), lambda: twins.two_way_pass(**two_way_q), 3),
-        ("two_way_factored first", "8 prompts, J 56, J2 56",
-         lambda: _ext.two_way_factored(**factored_in[True], probs2=factored_out[0], rstd2=factored_out[1]),
-         lambda: twins.two_way_factored(**factored_in[True], pixels=4096)[0], 3),
-        ("two_way_factored second", "8 prompts, J 56, J2 32",
-         lambda: _ext.two_way_factored(**factored_in[False], probs2=factored_out[0], rstd2=factored_out[1]),
-         lambda: twins.two_way_factored(**factored_in[False], pixels=4096)[0], 3),
-        ("shared_attention", "448 rows, 8 heads, d 16",
-         lambda: _ext.shared_attention(sa_q, sa_k, sa_v), lambda: twins.shared_attention(sa_q, sa_k, sa_v), 10),
         ("shared_attention ViT", "512 rows, 12 heads, d 64",
          lambda: _ext.shared_attention(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
          lambda: twins.shared_attention(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w), 3),
     ]
-    if _ext.mask_upscaling_isa() != "generic":    # the AVX2 build too (on AVX-512 CPUs "auto" runs the other)
-        cases += [("mask_upscaling avx2", "8 prompts x 3 masks",
-                   lambda: _ext.mask_upscaling(**upscaling, isa="avx2"), lambda: twins.mask_upscaling(**upscaling), 3),
-                  ("mask_upscaling_factored avx2", "8 prompts x 3 masks",
-                   lambda: _ext.mask_upscaling_factored(**factored, isa="avx2"),
-                   lambda: twins.mask_upscaling_factored(**factored), 3),
-                  ("linear avx2", "448x256 -> 2048, ReLU",
-                   lambda: _ext.linear(lin_x, lin_w, lin_b, relu=True, out=lin_out, isa="avx2"),
-                   lambda: twins.linear(lin_x, lin_w, lin_b, relu=True), 30),
-                  ("shared_attention avx2", "448 rows, 8 heads, d 16",
-                   lambda: _ext.shared_attention(sa_q, sa_k, sa_v, isa="avx2"),
-                   lambda: twins.shared_attention(sa_q, sa_k, sa_v), 10)]
-        cases += [(f"two_way_factored {layer} avx2", f"8 prompts, J 56, J2 {56 if first else 32}",
-                   lambda first=first: _ext.two_way_factored(**factored_in[first], probs2=factored_out[0],
-                                                             rstd2=factored_out[1], isa="avx2"),
-                   lambda first=first: twins.two_way_factored(**factored_in[first], pixels=4096)[0], 3)
-                  for layer, first in (("first", True), ("second", False))]
+    # the kernels with an AVX2 build, native(isa): each in the CPU's best build ("auto") and, where it differs
+    # (on AVX-512 CPUs), in its AVX2 build, the rows named "<kernel> avx2"
+    with_avx2 = [
+        ("mask_upscaling", "8 prompts x 3 masks",
+         lambda isa: _ext.mask_upscaling(**upscaling, isa=isa), lambda: twins.mask_upscaling(**upscaling), 3),
+        ("mask_upscaling_factored", "8 prompts x 3 masks",
+         lambda isa: _ext.mask_upscaling_factored(**factored, isa=isa),
+         lambda: twins.mask_upscaling_factored(**factored), 3),
+        ("linear", "448x256 -> 2048, ReLU",
+         lambda isa: _ext.linear(lin_x, lin_w, lin_b, relu=True, out=lin_out, isa=isa),
+         lambda: twins.linear(lin_x, lin_w, lin_b, relu=True), 30),
+        *((f"two_way_factored {layer}", f"8 prompts, J 56, J2 {56 if first else 32}",
+           lambda isa, first=first: _ext.two_way_factored(**factored_in[first], probs2=factored_out[0],
+                                                          rstd2=factored_out[1], isa=isa),
+           lambda first=first: twins.two_way_factored(**factored_in[first], pixels=4096)[0], 3)
+          for layer, first in (("first", True), ("second", False))),
+        ("shared_attention", "448 rows, 8 heads, d 16",
+         lambda isa: _ext.shared_attention(sa_q, sa_k, sa_v, isa=isa), lambda: twins.shared_attention(sa_q, sa_k, sa_v),
+         10),
+    ]
+    builds = {"auto": ""} | ({"avx2": " avx2"} if _ext.mask_upscaling_isa() == "avx512" else {})
+    cases += [(name + suffix, size, lambda native=native, isa=isa: native(isa), twin, repeats)
+              for name, size, native, twin, repeats in with_avx2 for isa, suffix in builds.items()]
     isas = [isa for isa, has in (("amx", _ext.has_amx_bf16()), ("avx512", _ext.has_avx512_bf16())) if has]
     for isa in isas:    # each build of linear_bf16 that this CPU runs (precisions bf16 and bf16x2)
         cases += [(f"linear_bf16 {isa}", "4096x768 -> 3072",
@@ -198,27 +189,23 @@ def main() -> None:
                       lambda: twins.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w), 3))
     upscaling_formula = "R (P 2 C 4C1 + 4P 2 C1 4C2 + 16P 2 C2 M), C 256, C1 64, C2 32"
     factored_formula = "R (P 2 (2J + 2) 4C1 + 4P 2 C1 4C2 + 16P 2 C2 M)"
-    gflops = {**{f"mask_upscaling{build}": (upscaling_flop, upscaling_formula) for build in ("", " avx2")},
-              **{f"mask_upscaling_factored{build}": (factored_up_flop, factored_formula) for build in ("", " avx2")},
-              **{f"linear{build}": (lin_flop, "2 M K N") for build in ("", " avx2")}, "two_way_pass": (two_way_flop, "B P 4 2 C J"),
+    gflops = {"mask_upscaling": (upscaling_flop, upscaling_formula),
+              "mask_upscaling_factored": (factored_up_flop, factored_formula),
+              "linear": (lin_flop, "2 M K N"), "two_way_pass": (two_way_flop, "B P 4 2 C J"),
               "two_way_pass qproj": (two_way_q_flop, "B P 2 (J d + 3 C J)"),
-              **{f"two_way_factored first{build}": (factored_flop(True),
-                                                    "B P 2 (2 J d + K(K+1)/2 + 2 J2 d + K J2 + J2 (d + K)), K = J")
-                 for build in ("", " avx2")},
-              **{f"two_way_factored second{build}": (factored_flop(False),
-                                                     "B P 2 (4 J d + J J + K(K+1)/2 + 2 J2 d + K J2 + J2 (d + K)), K = 2J + 1")
-                 for build in ("", " avx2")},
-              **{f"shared_attention{build}": (sa_flop, "R H P 2 2 d; and R H P exps") for build in ("", " avx2")},
+              "two_way_factored first": (factored_flop(True),
+                                         "B P 2 (2 J d + K(K+1)/2 + 2 J2 d + K J2 + J2 (d + K)), K = J"),
+              "two_way_factored second": (factored_flop(False),
+                                          "B P 2 (4 J d + J J + K(K+1)/2 + 2 J2 d + K J2 + J2 (d + K)), K = 2J + 1"),
+              "shared_attention": (sa_flop, "R H P 2 2 d; and R H P exps"),
               "shared_attention ViT": (vit_flop, "R H P 2 2 d; and R H P exps"),
               "shared_attention_bf16 ViT": (vit_flop, "R H P 2 2 d; and R H P exps"),
               **{f"linear_bf16 {isa}": (mlp_flop, "2 M K N") for isa in isas},
               **{f"linear_bf16 split {isa}": (mlp_flop, "2 M K N (the product's: twice that run, W's two parts)")
                  for isa in isas}}
-    float_kernels = ("resize_logits", "mask_upscaling", "mask_upscaling_factored", "mask_upscaling avx2",
-                     "mask_upscaling_factored avx2", "two_way_pass",
-                     "two_way_pass qproj", "two_way_factored first", "two_way_factored second",
-                     "two_way_factored first avx2", "two_way_factored second avx2", "linear",
-                     "linear avx2", "shared_attention", "shared_attention avx2", "shared_attention ViT",
+    gflops |= {name + suffix: gflops[name] for name, *_ in with_avx2 for suffix in builds.values()}
+    float_kernels = ("resize_logits", "two_way_pass", "two_way_pass qproj", "shared_attention ViT",
+                     *(name + suffix for name, *_ in with_avx2 for suffix in builds.values()),
                      *(f"linear_bf16{split} {isa}" for isa in isas for split in ("", " split")))
     bf16_kernels = ("shared_attention_bf16 ViT",)
 

@@ -934,6 +934,12 @@ Isa kernel_isa(const std::string &isa, const char *kernel) {
     throw py::value_error(std::string(kernel) + ": isa must be 'auto', 'avx2' or 'generic', got '" + isa + "'");
 }
 
+// Which of three things, one per build (a kernel's functions, names), `build` picks.
+template <typename Fn>
+Fn for_build(Isa build, Fn avx512, Fn avx2, Fn generic) {
+    return build == Isa::avx512 ? avx512 : build == Isa::avx2 ? avx2 : generic;
+}
+
 void require_shape(const py::array &a, const char *name, std::initializer_list<py::ssize_t> shape) {
     py::ssize_t d = 0;
     for (const py::ssize_t size : shape) {
@@ -1015,8 +1021,7 @@ py::array_t<float> upscale_common(UpscaleArgs &args, const char *kernel, std::in
 
 // Runs the upscaling of args' `prompts` rows, kChunks work items per prompt (so that one prompt fills the threads).
 void upscale_run(const UpscaleArgs &args, std::int64_t prompts, Isa isa, std::int64_t threads) {
-    const UpscaleFn fn = isa == Isa::avx512 ? upscale_avx512 : isa == Isa::avx2 ? upscale_avx2
-                                                                                              : upscale_generic;
+    const UpscaleFn fn = for_build<UpscaleFn>(isa, upscale_avx512, upscale_avx2, upscale_generic);
     constexpr std::int64_t kChunks = 4;
     const std::int64_t groups = args.height * args.width / (isa == Isa::avx2 ? 8 : kLanes);
     py::gil_scoped_release release;
@@ -2151,9 +2156,8 @@ py::array_t<float> two_way_factored(py::handle image_obj, py::handle probs1_obj,
     const int width = static_cast<int>(head_dim + K);
     py::array_t<float> pooled({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(tokens2),
                                static_cast<py::ssize_t>(width)});
-    const FactoredFn fn = build == Isa::avx512 ? two_way_factored_avx512
-                          : build == Isa::avx2 ? two_way_factored_avx2
-                                               : two_way_factored_generic;
+    const FactoredFn fn = for_build<FactoredFn>(build, two_way_factored_avx512, two_way_factored_avx2,
+                                                two_way_factored_generic);
     const double flops_per_block = 2.0 * kTwBlock * (4 * tokens * head_dim + 2 * tokens2 * head_dim + tokens * tokens +
                                                      K * (K / 2 + tokens2) + tokens2 * (head_dim + K));
     // work items as two_way_pass's with shared keys; each thread's scratch: the tiles, then its prompts' part
@@ -2336,7 +2340,7 @@ py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle 
     if (rows == 0 || cols == 0) return out;
     const LinearArgs args{static_cast<const float *>(x.data()), static_cast<const float *>(weight_t.data()),
                           static_cast<const float *>(bias.data()), out.mutable_data(), rows, depth, cols, relu};
-    const LinearFn fn = build == Isa::avx512 ? linear_avx512 : build == Isa::avx2 ? linear_avx2 : linear_generic;
+    const LinearFn fn = for_build<LinearFn>(build, linear_avx512, linear_avx2, linear_generic);
     const std::int64_t panel_cols = build == Isa::avx2 ? lin_panel_cols<v8f> : lin_panel_cols<v16f>;
     const std::int64_t panels = (cols + panel_cols - 1) / panel_cols, tiles = (rows + kLinRows - 1) / kLinRows;
     const std::int64_t chunks = std::min(tiles, (kLinMinItems + panels - 1) / panels);
@@ -2611,8 +2615,8 @@ py::array_t<float> shared_attention(py::handle q_obj, py::handle k_obj, py::hand
                                    vecs, static_cast<int>(heads), static_cast<int>(dim),
                                    kw ? static_cast<const float *>(rel_h.data()) : nullptr,
                                    kw ? static_cast<const float *>(rel_w.data()) : nullptr, static_cast<int>(kw)};
-    const SharedAttentionFn fn = build == Isa::avx512 ? shared_attention_avx512
-                                 : build == Isa::avx2 ? shared_attention_avx2 : shared_attention_generic;
+    const SharedAttentionFn fn = for_build<SharedAttentionFn>(build, shared_attention_avx512, shared_attention_avx2,
+                                                              shared_attention_generic);
     const int item_rows = sa_item_rows(nv);
     const std::int64_t items = heads * ((rows + item_rows - 1) / item_rows);
     // cost in parallel_for's units: the multiply-adds of an item's two products, its exps counting 16
@@ -3315,8 +3319,7 @@ PYBIND11_MODULE(_ext, m) {
           "has_avx512_bf16() -> whether linear_bf16 runs here: the CPU has AVX-512 (F, DQ, VL, BW) and AVX512-BF16\n"
           "(isa 'avx512'; with has_amx_bf16() too, 'auto' takes the tiles).");
     m.def("mask_upscaling_isa", [] {
-              const Isa isa = best_isa();
-              return std::string(isa == Isa::avx512 ? "avx512" : isa == Isa::avx2 ? "avx2" : "generic");
+              return std::string(for_build<const char *>(best_isa(), "avx512", "avx2", "generic"));
           },
           "mask_upscaling_isa() -> 'avx512', 'avx2' or 'generic': the build that mask_upscaling, linear,\n"
           "shared_attention and two_way_factored run with isa 'auto' on this CPU (capped by the environment\n"

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -20,6 +17,7 @@ from samreg_rt import engine as engine_module
 from samreg_rt.engine import Engine, resolve_model_dir, select_providers
 from samreg_rt.io import load_image
 from samreg_rt.errors import InputError, ManifestError, ModelError, ModelNotAvailableError
+from tests.cpu_build import run_capped
 from tests.threadcount import most_threads_during
 
 
@@ -186,8 +184,7 @@ ious = np.diag(iou_matrix(pack_masks(a.masks), pack_masks(b.masks))) if len(a) =
 print(_ext.mask_upscaling_isa(), fused.two_way is not None, fused.mask_upscaling is not None, fused.dense_tokens,
       len(a), np.array_equal(a.prompt_ids, b.prompt_ids), float(np.min(ious)) >= 0.99)
 """
-    env = {**os.environ, "SAMREG_RT_CPU_BUILD": "avx2"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    done = run_capped("avx2", code, timeout=600)
     assert done.returncode == 0, done.stderr
     isa, two_way_set, upscaling_set, dense, count, same_prompts, close = done.stdout.split()
     assert (isa, two_way_set, upscaling_set, dense) == ("avx2", "True", "True", "False")
