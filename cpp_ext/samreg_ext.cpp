@@ -915,14 +915,6 @@ Isa best_isa() {
     return best;
 }
 
-// Whether a kernel with an AVX-512 build (and no AVX2 one) runs it: isa "auto" picks it when best_isa is
-// AVX-512, "generic" forces the portable build (so that tests can run it on any CPU).
-bool use_avx512(const std::string &isa, const char *kernel) {
-    if (isa == "auto") return best_isa() == Isa::avx512;
-    if (isa == "generic") return false;
-    throw py::value_error(std::string(kernel) + ": isa must be 'auto' or 'generic', got '" + isa + "'");
-}
-
 // isa "auto": the CPU's best build; "avx2" (so that tests can run it on AVX-512 CPUs too) or "generic".
 Isa kernel_isa(const std::string &isa, const char *kernel) {
     if (isa == "auto") return best_isa();
@@ -1184,27 +1176,29 @@ constexpr std::int64_t kTwScratch = 4 * kTwTile + 2 * kTwTokenTile + kTwGroup * 
 // Running pooling state of one work item, in floats: max[64], sum[64], weighted sum[64][C].
 constexpr std::int64_t kTwState = 2 * kTwMaxTokens + kTwMaxTokens * kChannels;
 
-// dst[c * kTwVecs + g] = channel c of pixels 16g..16g+15 of the pixel-major rows src[n][width] (zero
-// past row n).
-__attribute__((always_inline)) inline void tw_load_t(v16f *dst, const float *src, int n, int width = kChannels) {
-    if (width % kLanes != 0) {  // one float at a time
+// dst[c * vecs_of<V> + g] = channel c of pixels L g .. L g + L - 1 (L = lanes_of<V>) of the pixel-major rows
+// src[n][width] (zero past row n): a block's channel-major tile, the same bytes with either V.
+template <typename V>
+__attribute__((always_inline)) inline void tw_load_t(V *dst, const float *src, int n, int width = kChannels) {
+    constexpr int L = lanes_of<V>, kVecs = vecs_of<V>;
+    if (width % L != 0) {  // one float at a time
         for (int c = 0; c < width; ++c)
-            for (int g = 0; g < kTwVecs; ++g)
-                for (int l = 0; l < kLanes; ++l) {
-                    const int p = g * kLanes + l;
-                    dst[c * kTwVecs + g][l] = p < n ? src[static_cast<std::int64_t>(p) * width + c] : 0.f;
+            for (int g = 0; g < kVecs; ++g)
+                for (int l = 0; l < L; ++l) {
+                    const int p = g * L + l;
+                    dst[c * kVecs + g][l] = p < n ? src[static_cast<std::int64_t>(p) * width + c] : 0.f;
                 }
         return;
     }
-    v16f x[kLanes];
-    for (int g = 0; g < kTwVecs; ++g) {
-        for (int c0 = 0; c0 < width; c0 += kLanes) {
-            for (int l = 0; l < kLanes; ++l) {
-                const int p = g * kLanes + l;
-                x[l] = p < n ? load16(src + static_cast<std::int64_t>(p) * width + c0) : v16f{};
+    V x[L];
+    for (int g = 0; g < kVecs; ++g) {
+        for (int c0 = 0; c0 < width; c0 += L) {
+            for (int l = 0; l < L; ++l) {
+                const int p = g * L + l;
+                x[l] = p < n ? load_vec<V>(src + static_cast<std::int64_t>(p) * width + c0) : V{};
             }
-            transpose16(x);
-            for (int l = 0; l < kLanes; ++l) dst[(c0 + l) * kTwVecs + g] = x[l];
+            transpose_lanes(x);
+            for (int l = 0; l < L; ++l) dst[(c0 + l) * kVecs + g] = x[l];
         }
     }
 }
@@ -1240,27 +1234,29 @@ __attribute__((always_inline)) inline void tw_tile(V (&acc)[kCols][vecs_of<V>], 
         tw_tile<false, kCols, V, kT0 + kC, 0>(acc, x, w, ld, count);
 }
 
-// out[(j0 + t) * kTwVecs + v] (+)= sum_{c0 <= c < c1} xt[c * kTwVecs + v] * wt[c * ld + j0 + t] for
-// kTwTokenBlock tokens t, starting from bias[j0 + t] when `first`, else from out. With kPrefetch, also
-// prefetches the c1 - c0 cache lines from `prefetch`.
-template <bool kPrefetch>
-__attribute__((always_inline)) inline void tw_logits_tile(v16f *out, const v16f *xt, const float *wt, int ld, int j0,
+// out[(j0 + t) * kVecs + v] (+)= sum_{c0 <= c < c1} xt[c * kVecs + v] * wt[c * ld + j0 + t] for
+// kTwTokenBlock tokens t (kVecs = vecs_of<V>), starting from bias[j0 + t] when `first`, else from out. With
+// kPrefetch, also prefetches the c1 - c0 cache lines from `prefetch`.
+template <bool kPrefetch, typename V>
+__attribute__((always_inline)) inline void tw_logits_tile(V *out, const V *xt, const float *wt, int ld, int j0,
                                                           int c0, int c1, bool first, const float *bias,
                                                           const char *prefetch) {
-    v16f acc[kTwTokenBlock][kTwVecs];
+    constexpr int kVecs = vecs_of<V>;
+    V acc[kTwTokenBlock][kVecs];
     for (int t = 0; t < kTwTokenBlock; ++t)
-        for (int v = 0; v < kTwVecs; ++v) acc[t][v] = first ? v16f{} + bias[j0 + t] : out[(j0 + t) * kTwVecs + v];
-    tw_tile<kPrefetch>(acc, xt + c0 * kTwVecs, wt + c0 * ld + j0, ld, c1 - c0, prefetch);
+        for (int v = 0; v < kVecs; ++v) acc[t][v] = first ? V{} + bias[j0 + t] : out[(j0 + t) * kVecs + v];
+    tw_tile<kPrefetch>(acc, xt + c0 * kVecs, wt + c0 * ld + j0, ld, c1 - c0, prefetch);
     for (int t = 0; t < kTwTokenBlock; ++t)
-        for (int v = 0; v < kTwVecs; ++v) out[(j0 + t) * kTwVecs + v] = acc[t][v];
+        for (int v = 0; v < kVecs; ++v) out[(j0 + t) * kVecs + v] = acc[t][v];
 }
 
-// out[j * kTwVecs + v] = bias[j] + sum_c xt[c * kTwVecs + v] * wt[c * ld + j] for the ld tokens j (a
-// [pixels x C] x [C x ld] product), over half the channels at a time so that that half of xt stays
-// in L1 for all token blocks. Prefetches the two 48 KiB tiles at pf0 and pf1 (when not null), a
+// out[j * kVecs + v] = bias[j] + sum_c xt[c * kVecs + v] * wt[c * ld + j] for the ld tokens j (a
+// [pixels x C] x [C x ld] product; kVecs = vecs_of<V>), over half the channels at a time so that that half of
+// xt stays in L1 for all token blocks. Prefetches the two 48 KiB tiles at pf0 and pf1 (when not null), a
 // cache line per channel step.
-__attribute__((always_inline)) inline void tw_logits(v16f *out, const v16f *xt, const float *wt, int ld,
-                                                     const float *bias, const char *pf0, const char *pf1) {
+template <typename V>
+__attribute__((always_inline)) inline void tw_logits(V *out, const V *xt, const float *wt, int ld, const float *bias,
+                                                     const char *pf0, const char *pf1) {
     constexpr int kHalf = kChannels / 2, kLines = kTwTile * sizeof(v16f) / 64;
     int line = 0;
     for (int c0 = 0; c0 < kChannels; c0 += kHalf) {
@@ -1307,15 +1303,18 @@ __attribute__((always_inline)) inline void tw_head_logits(V *out, const V *qt, c
     }
 }
 
-// yt[c] = kt[c] + sum_{j < tokens} at[j] * vwo[j, c] for the kTwChannelBlock channels c from c0.
-__attribute__((always_inline)) inline void tw_update(v16f *yt, const v16f *kt, const v16f *at, const float *vwo,
-                                                     int tokens, int c0) {
-    v16f acc[kTwChannelBlock][kTwVecs];
+// yt[c] = kt[c] + sum_{j < tokens} at[j] * vwo[j, c] for the kTwChannelBlock channels c from c0 (rows of
+// vecs_of<V> pixel vectors).
+template <typename V>
+__attribute__((always_inline)) inline void tw_update(V *yt, const V *kt, const V *at, const float *vwo, int tokens,
+                                                     int c0) {
+    constexpr int kVecs = vecs_of<V>;
+    V acc[kTwChannelBlock][kVecs];
     for (int t = 0; t < kTwChannelBlock; ++t)
-        for (int v = 0; v < kTwVecs; ++v) acc[t][v] = kt[(c0 + t) * kTwVecs + v];
+        for (int v = 0; v < kVecs; ++v) acc[t][v] = kt[(c0 + t) * kVecs + v];
     tw_tile(acc, at, vwo + c0, kChannels, tokens);
     for (int t = 0; t < kTwChannelBlock; ++t)
-        for (int v = 0; v < kTwVecs; ++v) yt[(c0 + t) * kTwVecs + v] = acc[t][v];
+        for (int v = 0; v < kVecs; ++v) yt[(c0 + t) * kVecs + v] = acc[t][v];
 }
 
 // acc[(j0 + t) * acc_ld + L (cv0 + s) + lane] += sum_{p < n} w[(j0 + t) * kTwBlock + p] * z[p * z_ld + L (cv0 + s) + lane]
@@ -1437,19 +1436,35 @@ __attribute__((always_inline)) inline void tw_online_softmax(V *st, int J2p, int
     }
 }
 
-// dst[i] = src[i] for i < count with non-temporal stores where dst is 64-byte aligned (keys_out is
+// Non-temporal store of x to dst (aligned to sizeof x), in the AVX-512 and AVX2 builds.
+__attribute__((always_inline)) inline void stream_vec(float *dst, v16f x) {
+    __builtin_ia32_movntps512(dst, x);
+}
+__attribute__((always_inline)) inline void stream_vec(float *dst, v8f x) {
+    __builtin_ia32_movntps256(dst, x);
+}
+
+// dst[i] = src[i] for i < count with non-temporal stores where dst is aligned to a vector V (keys_out is
 // written once and read only by the next pass: the stores neither read its lines from memory first nor
 // evict the block's working set). The fence orders them before the stores that follow (these are weakly
 // ordered: another thread could otherwise see the pass finish before them).
-__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void tw_stream_avx512(float *dst, const float *src,
-                                                                                    int count) {
-    int head = static_cast<int>((64 - reinterpret_cast<std::uintptr_t>(dst) % 64) % 64 / sizeof(float));
+template <typename V>
+__attribute__((always_inline)) inline void tw_stream(float *dst, const float *src, int count) {
+    constexpr int L = lanes_of<V>;
+    int head = static_cast<int>((sizeof(V) - reinterpret_cast<std::uintptr_t>(dst) % sizeof(V)) % sizeof(V) / sizeof(float));
     head = std::min(head, count);
     std::memcpy(dst, src, head * sizeof(float));
     int i = head;
-    for (; i + kLanes <= count; i += kLanes) __builtin_ia32_movntps512(dst + i, load16(src + i));
+    for (; i + L <= count; i += L) stream_vec(dst + i, load_vec<V>(src + i));
     std::memcpy(dst + i, src + i, (count - i) * sizeof(float));
     __builtin_ia32_sfence();
+}
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void tw_stream_avx512(float *dst, const float *src,
+                                                                                    int count) {
+    tw_stream<v16f>(dst, src, count);
+}
+__attribute__((target("avx2,fma"))) void tw_stream_avx2(float *dst, const float *src, int count) {
+    tw_stream<v8f>(dst, src, count);
 }
 
 using TwStoreFn = void (*)(float *, const float *, int);
@@ -1480,24 +1495,27 @@ __attribute__((always_inline)) inline void tw_setup(const TwoWayArgs &a, std::in
 // Pixel blocks [blk0, blk1) of prompts [b0, b1), block by block (each block's keys, pe and qproj tiles
 // serve all the prompts while they are in the caches); pools into the prompts' states (see kTwState),
 // state_step floats apart, which it initialises. store, when not null, writes each block's keys_out rows
-// from a scratch copy.
+// from a scratch copy. V: v16f (AVX-512, portable) or v8f (AVX2), kVecs = vecs_of<V> pixel vectors of
+// L = lanes_of<V> pixels per block (tiles and scratch in the same bytes either way).
+template <typename V>
 __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std::int64_t b0, std::int64_t b1,
                                                         std::int64_t blk0, std::int64_t blk1, v16f *scratch,
                                                         float *state, std::int64_t state_step, TwStoreFn store) {
+    constexpr int L = lanes_of<V>, kVecs = vecs_of<V>, kTile = kChannels * kVecs, kTokenTile = kTwMaxTokens * kVecs;
     const int J = a.tokens, J2 = a.tokens2, T = J / a.heads;
     const int Jp = (J + kTwTokenBlock - 1) / kTwTokenBlock * kTwTokenBlock;
     const int J2p = (J2 + kTwTokenBlock - 1) / kTwTokenBlock * kTwTokenBlock;
-    v16f *kload = scratch, *xt = kload + kTwTile, *yt = xt + kTwTile;
-    v16f *lt = yt + kTwTile, *st = lt + kTwTokenTile;
-    float *zbuf = reinterpret_cast<float *>(st + kTwTokenTile);                    // [kTwBlock][C]
-    float *prompts = zbuf + kTwTile * kLanes;                                      // kTwPromptFloats per prompt
+    V *kload = reinterpret_cast<V *>(scratch), *xt = kload + kTile, *yt = xt + kTile;
+    V *lt = yt + kTile, *st = lt + kTokenTile;
+    float *zbuf = reinterpret_cast<float *>(st + kTokenTile);                      // [kTwBlock][C]
+    float *prompts = zbuf + kTwBlock * kChannels;                                  // kTwPromptFloats per prompt
     const int d = a.head_dim, Tp = (T + kTwTokenBlock - 1) / kTwTokenBlock * kTwTokenBlock;
     for (std::int64_t b = b0; b < b1; ++b) tw_setup(a, b, prompts + (b - b0) * kTwPromptFloats, state + (b - b0) * state_step);
     const float zeros[kTwMaxTokens] = {};
     for (std::int64_t blk = blk0; blk < blk1; ++blk) {
         const std::int64_t p0 = blk * kTwBlock;
         const int n = static_cast<int>(std::min<std::int64_t>(kTwBlock, a.pixels - p0));
-        const v16f *pt = a.pe_t + blk * kTwTile;
+        const V *pt = reinterpret_cast<const V *>(a.pe_t) + blk * kTile;
         for (std::int64_t b = b0; b < b1; ++b) {
             const bool first = b == b0;  // prefetches the next block's tiles for all
             const float *kqt = prompts + (b - b0) * kTwPromptFloats, *qkt = kqt + kChannels * kTwMaxTokens;
@@ -1505,19 +1523,19 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
             float *run_max = state + (b - b0) * state_step, *run_sum = run_max + kTwMaxTokens;
             float *acc = run_sum + kTwMaxTokens;
             const float *keys = a.keys + b * a.keys_step;
-            const v16f *kt = kload;
+            const V *kt = kload;
             if (a.keys_t)
-                kt = a.keys_t + blk * kTwTile;
+                kt = reinterpret_cast<const V *>(a.keys_t) + blk * kTile;
             else
                 tw_load_t(kload, keys + p0 * kChannels, n);
             // image -> token attention: logits, softmax within each head, value rows; residual
             if (a.qproj_t) {  // per head, d-channel dot products with the projected queries
-                const v16f *qt = a.qproj_t + blk * a.heads * d * kTwVecs;
+                const V *qt = reinterpret_cast<const V *>(a.qproj_t) + blk * a.heads * d * kVecs;
                 if (first && blk + 1 < blk1) {  // the next block's keys, pe and qproj tiles into L2 (the product is too short to spread them)
                     const char *nk = a.keys_t ? reinterpret_cast<const char *>(a.keys_t + (blk + 1) * kTwTile)
                                               : reinterpret_cast<const char *>(keys + (p0 + kTwBlock) * kChannels);
                     const char *np_ = reinterpret_cast<const char *>(a.pe_t + (blk + 1) * kTwTile);
-                    const char *nq = reinterpret_cast<const char *>(qt + a.heads * d * kTwVecs);
+                    const char *nq = reinterpret_cast<const char *>(a.qproj_t + (blk + 1) * a.heads * d * kTwVecs);
                     for (int i = 0; i < kTwTile; ++i) {
                         __builtin_prefetch(nk + 64 * i, 0, 2);
                         __builtin_prefetch(np_ + 64 * i, 0, 2);
@@ -1526,10 +1544,10 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
                 }
                 for (int h = 0; h < a.heads; ++h)
                     for (int t0 = 0; t0 < T; t0 += kTwTokenBlock)
-                        tw_head_logits(lt, qt + h * d * kTwVecs, kqt + h * d * Tp + t0, Tp, d, h * T + t0,
+                        tw_head_logits(lt, qt + h * d * kVecs, kqt + h * d * Tp + t0, Tp, d, h * T + t0,
                                        std::min(kTwTokenBlock, T - t0), koff);
             } else {
-                for (std::int64_t i = 0; i < kTwTile; ++i) xt[i] = kt[i] + pt[i];
+                for (std::int64_t i = 0; i < kTile; ++i) xt[i] = kt[i] + pt[i];
                 // the next block's keys and pe tiles (48 KiB each) come into the caches during the first product
                 const char *next_keys = nullptr, *next_pe = nullptr;
                 if (first && blk + 1 < blk1) {
@@ -1541,53 +1559,54 @@ __attribute__((always_inline)) inline void two_way_body(const TwoWayArgs &a, std
             }
             tw_head_softmax(lt, a.heads, T);
             for (int c0 = 0; c0 < kChannels; c0 += kTwChannelBlock) tw_update(yt, kt, lt, vwo, J, c0);
-            // LayerNorm over the channels (two passes); z into zrows (pixel-major, 16 channels of 16 pixels
+            // LayerNorm over the channels (two passes); z into zrows (pixel-major, L channels of L pixels
             // at a time: keys_out, or zbuf when `store` copies them there), which the pooling then sums, and
             // z + pe for the next logits
-            // (the sums over the channels run for the kTwVecs pixel vectors side by side: three
+            // (the sums over the channels run for the kVecs pixel vectors side by side: several
             // dependency chains instead of one at a time, each in the same order)
             float *zrows = store ? zbuf : a.out + (b * a.pixels + p0) * kChannels;
-            v16f mean[kTwVecs] = {}, var[kTwVecs] = {};
+            V mean[kVecs] = {}, var[kVecs] = {};
             for (int c = 0; c < kChannels; ++c)
-                for (int v = 0; v < kTwVecs; ++v) mean[v] += yt[c * kTwVecs + v];
-            for (int v = 0; v < kTwVecs; ++v) mean[v] *= 1.f / kChannels;
+                for (int v = 0; v < kVecs; ++v) mean[v] += yt[c * kVecs + v];
+            for (int v = 0; v < kVecs; ++v) mean[v] *= 1.f / kChannels;
             for (int c = 0; c < kChannels; ++c)
-                for (int v = 0; v < kTwVecs; ++v) {
-                    const v16f d = yt[c * kTwVecs + v] - mean[v];
+                for (int v = 0; v < kVecs; ++v) {
+                    const V d = yt[c * kVecs + v] - mean[v];
                     var[v] += d * d;
                 }
-            for (int v = 0; v < kTwVecs; ++v) {
-                v16f inv;
-                for (int l = 0; l < kLanes; ++l) inv[l] = 1.f / std::sqrt(var[v][l] * (1.f / kChannels) + a.eps);
-                for (int c0 = 0; c0 < kChannels; c0 += kLanes) {
-                    v16f z[kLanes];
-                    for (int l = 0; l < kLanes; ++l) {
+            for (int v = 0; v < kVecs; ++v) {
+                V inv;
+                for (int l = 0; l < L; ++l) inv[l] = 1.f / std::sqrt(var[v][l] * (1.f / kChannels) + a.eps);
+                for (int c0 = 0; c0 < kChannels; c0 += L) {
+                    V z[L];
+                    for (int l = 0; l < L; ++l) {
                         const int c = c0 + l;
-                        z[l] = (yt[c * kTwVecs + v] - mean[v]) * inv * a.ln_weight[c] + a.ln_bias[c];
-                        xt[c * kTwVecs + v] = z[l] + pt[c * kTwVecs + v];
+                        z[l] = (yt[c * kVecs + v] - mean[v]) * inv * a.ln_weight[c] + a.ln_bias[c];
+                        xt[c * kVecs + v] = z[l] + pt[c * kVecs + v];
                     }
-                    transpose16(z);
-                    for (int l = 0; l < kLanes && v * kLanes + l < n; ++l)
-                        std::memcpy(zrows + (v * kLanes + l) * kChannels + c0, &z[l], sizeof(v16f));
+                    transpose_lanes(z);
+                    for (int l = 0; l < L && v * L + l < n; ++l)
+                        std::memcpy(zrows + (v * L + l) * kChannels + c0, &z[l], sizeof(V));
                 }
             }
             // token -> image logits of the new image tokens
             tw_logits(st, xt, qkt, J2p, zeros, nullptr, nullptr);
             // online softmax over the pixels: new running max, rescaled sums, this block's weights
             tw_online_softmax(st, J2p, n, run_max, run_sum, acc, kChannels);
-            tw_pool_rows<v16f>(acc, kChannels, reinterpret_cast<const float *>(st), zrows, kChannels, n, J2p, kChannels);
+            tw_pool_rows<V>(acc, kChannels, reinterpret_cast<const float *>(st), zrows, kChannels, n, J2p, kChannels);
             if (store) store(a.out + (b * a.pixels + p0) * kChannels, zbuf, n * kChannels);
         }
     }
 }
 
 // dst[blk] = the channel-major tile of pixel block blk of src [pixels][width] (zero past the end) for
-// blocks [blk0, blk1).
+// blocks [blk0, blk1), written as vectors V (the same bytes with either width).
+template <typename V>
 __attribute__((always_inline)) inline void tw_transpose_body(v16f *dst, const float *src, std::int64_t pixels,
                                                              int width, std::int64_t blk0, std::int64_t blk1) {
     for (std::int64_t blk = blk0; blk < blk1; ++blk) {
         const std::int64_t p0 = blk * kTwBlock;
-        tw_load_t(dst + blk * width * kTwVecs, src + p0 * width,
+        tw_load_t(reinterpret_cast<V *>(dst + blk * width * kTwVecs), src + p0 * width,
                   static_cast<int>(std::min<std::int64_t>(kTwBlock, pixels - p0)), width);
     }
 }
@@ -1596,11 +1615,15 @@ using TwTransposeFn = void (*)(v16f *, const float *, std::int64_t, int, std::in
 
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void tw_transpose_avx512(
     v16f *dst, const float *src, std::int64_t pixels, int width, std::int64_t blk0, std::int64_t blk1) {
-    tw_transpose_body(dst, src, pixels, width, blk0, blk1);
+    tw_transpose_body<v16f>(dst, src, pixels, width, blk0, blk1);
+}
+__attribute__((target("avx2,fma"))) void tw_transpose_avx2(v16f *dst, const float *src, std::int64_t pixels, int width,
+                                                           std::int64_t blk0, std::int64_t blk1) {
+    tw_transpose_body<v8f>(dst, src, pixels, width, blk0, blk1);
 }
 void tw_transpose_generic(v16f *dst, const float *src, std::int64_t pixels, int width, std::int64_t blk0,
                           std::int64_t blk1) {
-    tw_transpose_body(dst, src, pixels, width, blk0, blk1);
+    tw_transpose_body<v16f>(dst, src, pixels, width, blk0, blk1);
 }
 
 // `vecs` vectors in buf, 64-byte aligned (v16f loads and stores assume it; operator new does not
@@ -1619,12 +1642,17 @@ __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void two_
     const TwoWayArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0, std::int64_t blk1, v16f *scratch,
     float *state, std::int64_t state_step) {
     // in place, keys_out's lines are already in the caches (the block's keys): plain stores there
-    two_way_body(a, b0, b1, blk0, blk1, scratch, state, state_step,
-                 a.out == a.keys ? nullptr : tw_stream_avx512);
+    two_way_body<v16f>(a, b0, b1, blk0, blk1, scratch, state, state_step,
+                       a.out == a.keys ? nullptr : tw_stream_avx512);
+}
+__attribute__((target("avx2,fma"))) void two_way_avx2(const TwoWayArgs &a, std::int64_t b0, std::int64_t b1,
+                                                      std::int64_t blk0, std::int64_t blk1, v16f *scratch, float *state,
+                                                      std::int64_t state_step) {
+    two_way_body<v8f>(a, b0, b1, blk0, blk1, scratch, state, state_step, a.out == a.keys ? nullptr : tw_stream_avx2);
 }
 void two_way_generic(const TwoWayArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0, std::int64_t blk1,
                      v16f *scratch, float *state, std::int64_t state_step) {
-    two_way_body(a, b0, b1, blk0, blk1, scratch, state, state_step, nullptr);
+    two_way_body<v16f>(a, b0, b1, blk0, blk1, scratch, state, state_step, nullptr);
 }
 
 // Raises when the memory of the output `out` (named `out_name`) overlaps that of the array `arr` (named `name`).
@@ -1735,7 +1763,7 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
         require_shape(kq, "kq", {batch, tokens, head_dim});
     }
     if (!(eps > 0) || !std::isfinite(eps)) throw py::value_error("two_way_pass: eps must be positive and finite");
-    const bool avx512 = use_avx512(isa, "two_way_pass");
+    const Isa build = kernel_isa(isa, "two_way_pass");
     // the inputs no output may overlap
     const std::vector<std::pair<const py::array *, const char *>> inputs{
         {&keys, "keys"}, {&pe, "pe"}, {&kq, "kq"}, {&koff, "koff"}, {&vwo, "vwo"}, {&ln_weight, "ln_weight"},
@@ -1757,8 +1785,9 @@ py::tuple two_way_pass(py::handle keys_obj, py::handle pe_obj, py::handle kq_obj
     }
     py::array_t<float> pooled({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(tokens2),
                                static_cast<py::ssize_t>(kChannels)});
-    const TwoWayFn fn = avx512 ? two_way_avx512 : two_way_generic;
-    const TwTransposeFn transpose = avx512 ? tw_transpose_avx512 : tw_transpose_generic;
+    const TwoWayFn fn = for_build<TwoWayFn>(build, two_way_avx512, two_way_avx2, two_way_generic);
+    const TwTransposeFn transpose = for_build<TwTransposeFn>(build, tw_transpose_avx512, tw_transpose_avx2,
+                                                             tw_transpose_generic);
     const std::int64_t blocks = (pixels + kTwBlock - 1) / kTwBlock;
     // pe (and shared keys) in the channel-major block layout once, for all prompts
     std::vector<float> pe_buffer, keys_buffer, qproj_buffer;
@@ -1913,14 +1942,6 @@ __attribute__((always_inline)) inline void tf_setup(const FactoredArgs &a, const
         for (int j = 0; j < kTwMaxTokens; ++j) m1[j] = j < z.J ? a.m1[b * J + j] : 0.f;
     }
     tw_init_state(state);
-}
-
-// Non-temporal store of x to dst (aligned to sizeof x), in the AVX-512 and AVX2 builds.
-__attribute__((always_inline)) inline void stream_vec(float *dst, v16f x) {
-    __builtin_ia32_movntps512(dst, x);
-}
-__attribute__((always_inline)) inline void stream_vec(float *dst, v8f x) {
-    __builtin_ia32_movntps256(dst, x);
 }
 
 // Pixel blocks [blk0, blk1) of prompts [b0, b1), block by block; pools into the prompts' states. V: v16f (AVX-512,
@@ -3261,8 +3282,9 @@ PYBIND11_MODULE(_ext, m) {
           "LayerNorm(y) over the channels (biased variance, eps, ln_weight, ln_bias); then\n"
           "s[p, j] = qk[b, j] . (z_p + pe[p]) and pooled[b, j] = sum_p softmax_p(s[:, j]) z_p.\n"
           "keys_out is written into out when given (it must not overlap the inputs, except that it may be\n"
-          "keys itself when Bk == B: the update is then in place). isa 'auto' runs\n"
-          "the AVX-512 build on CPUs that have it, 'generic' the portable build.\n\n"
+          "keys itself when Bk == B: the update is then in place; otherwise keys_out is written with non-temporal\n"
+          "stores by the AVX-512 and AVX2 kernels). isa: 'auto' (the CPU's best build: AVX-512, else AVX2 with\n"
+          "FMA, else portable), 'avx2' (error without AVX2 and FMA) or 'generic'.\n\n"
           "Projected logits mode, qproj: float32[P, D] given (D a multiple of heads, at most 256; d = D / heads):\n"
           "kq is float32[B, J, d] and l[j] = qproj[p, h*d:(h+1)*d] . kq[b, j] + koff[b, j] for the head h of\n"
           "token j (qproj = (keys + pe) @ Wq.T + bq, computed once for keys shared by all prompts); the rest\n"

@@ -173,9 +173,8 @@ class Engine:
     whole decoder on batches of prompts against one embedding; ``decode_tokens`` and
     ``decode_masks`` run it in two steps, so that masks are upscaled only for the prompts kept;
     ``decode_kept_masks`` upscales only the kept masks. On CPUs with AVX-512 or AVX2 two steps run fused
-    CPU kernels instead of graphs: ``decode_tokens`` when ``two_way`` (its weights) is set (with AVX2 only
-    where it returns factored image tokens: ``dense_tokens`` False), the mask upscaling when
-    ``mask_upscaling`` is. ``threads``: the thread limit of those kernels and of the ones mask generation
+    CPU kernels instead of graphs: ``decode_tokens`` when ``two_way`` (its weights) is set, the mask
+    upscaling when ``mask_upscaling`` is. ``threads``: the thread limit of those kernels and of the ones mask generation
     runs after them (``Engine.load`` sets it; 0: as many as the CPUs this process may run on).
     """
 
@@ -183,7 +182,7 @@ class Engine:
                  sessions: dict[str, ort.InferenceSession], providers: list[str],
                  mask_upscaling: UpscalingWeights | None = None, two_way: TwoWayWeights | None = None,
                  threads: int = 0, encoder_parts: list[ort.InferenceSession] | None = None,
-                 encoder_attention: str = "fp32", dense_tokens: bool = True):
+                 encoder_attention: str = "fp32"):
         self.model_dir = model_dir
         self.manifest = manifest
         self.manifest_sha256 = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()
@@ -196,7 +195,6 @@ class Engine:
         self.threads = threads
         self.encoder_parts = encoder_parts or []
         self.encoder_attention = encoder_attention
-        self.dense_tokens = dense_tokens
         self._buffers = threading.local()     # each thread's last factors_buffer
 
     @classmethod
@@ -214,9 +212,7 @@ class Engine:
         decoders run on the CPU provider (not fp16) of a CPU with AVX-512 or AVX2 and FMA
         (``_ext.mask_upscaling_isa``; elsewhere ``decoder_masks`` is faster); False always runs the graph.
         ``fused_tokens``: the same for ``decode_tokens`` (``samreg_rt.two_way`` instead of
-        ``decoder_tokens``), on CPUs with AVX-512; on those with AVX2 and FMA only for factored image tokens
-        (mask generation: ``factors_buffer``, with ``fused_upscaling``), since ``_ext.two_way_pass``, which
-        forms dense ones, has no AVX2 build (``dense_tokens`` is then False).
+        ``decoder_tokens``).
         ``fused_encoder``: the same for a ViT encoder's global attention: the encoder runs as the graphs
         ``encoder_part<i>`` around ``_ext.shared_attention`` (``samreg_rt.split_encoder``) when the export
         has them for the precision (fp32 and int8 ViT exports since they exist: re-export older ones).
@@ -309,7 +305,7 @@ class Engine:
                    and sessions["decoder_masks"].get_providers()[0] == "CPUExecutionProvider" else "generic")
             if fused_upscaling and isa != "generic":
                 upscaling = UpscalingWeights.from_bytes(*_read_weights(model_dir, manifest, "mask_upscaling"))
-            if fused_tokens and (isa == "avx512" or isa == "avx2" and upscaling is not None):
+            if fused_tokens and isa != "generic":
                 two_way = TwoWayWeights.from_bytes(*_read_weights(model_dir, manifest, "two_way"))
             if isa == "avx512":
                 roles = encoder_part_names(graphs[files]) if fused_encoder else []
@@ -328,15 +324,14 @@ class Engine:
                  ", fused two-way transformer" if two_way else "", ", fused mask upscaling" if upscaling else "",
                  f", encoder around the native global attention ({encoder_attention})" if encoder_parts else "")
         return cls(model_dir, manifest, spec, precision, sessions, providers_used, upscaling, two_way,
-                   threads, encoder_parts, encoder_attention, dense_tokens=isa == "avx512")
+                   threads, encoder_parts, encoder_attention)
 
     def with_spec(self, spec: ModelSpec) -> "Engine":
         """The same sessions with another preprocessing/prompting spec (same input size)."""
         if spec.input_size != self.spec.input_size:
             raise ModelError(f"spec input_size {spec.input_size} differs from the graphs' {self.spec.input_size}")
         return Engine(self.model_dir, self.manifest, spec, self.precision, self.sessions, self.providers,
-                      self.mask_upscaling, self.two_way, self.threads, self.encoder_parts, self.encoder_attention,
-                      self.dense_tokens)
+                      self.mask_upscaling, self.two_way, self.threads, self.encoder_parts, self.encoder_attention)
 
     @property
     def provider(self) -> str:
@@ -414,8 +409,7 @@ class Engine:
         distinct, in the order given) and image_tokens (B, 4096, C) (the two-way transformer's image
         side), float32; ``decode_masks`` turns the last two into mask logits. Runs the fused CPU
         decoder when ``two_way`` is set and prompts have at most 3 points (it skips the final
-        attention of the mask tokens not asked for), else ``decoder_tokens``; where ``dense_tokens`` is
-        False (AVX2 CPUs), the fused decoder only with ``factors``.
+        attention of the mask tokens not asked for), else ``decoder_tokens``.
         ``out``: an optional float32 (B', 4096, C) buffer, B' >= B, that the fused decoder computes
         image_tokens in (they are then a view of it, overwritten by the next call with the same
         buffer); the graph ignores it.
@@ -431,8 +425,7 @@ class Engine:
         if not outputs or len(set(outputs)) != len(outputs) or \
                 not all(isinstance(k, (int, np.integer)) and 0 <= k < 4 for k in outputs):
             raise InputError(f"mask_outputs: expected distinct mask output indices in 0..3, got {mask_outputs}")
-        if self.two_way is not None and coords.shape[1] + 5 <= MAX_TOKENS and \
-                (self.dense_tokens or factors is not None):
+        if self.two_way is not None and coords.shape[1] + 5 <= MAX_TOKENS:
             return fused_decode_tokens(self.two_way, embedding if prepared else emb, coords, labels, out, outputs,
                                        self.threads, factors)
         iou, hyper_in, image_tokens = self.sessions["decoder_tokens"].run(

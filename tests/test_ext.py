@@ -547,14 +547,14 @@ def test_cpu_build_cap():
     probe = ("import numpy as np; from samreg_rt import _ext; from tests import twins; "
              "rng = np.random.default_rng(0); x = rng.normal(size=(9, 40)).astype(np.float32); "
              "w = rng.normal(size=(40, 70)).astype(np.float32); b = rng.normal(size=70).astype(np.float32); "
-             "args = twins.two_way_inputs(rng, 2, True, 100, 8, 8, 2); "
-             "pass_same = all(np.array_equal(p, q) for p, q in zip(_ext.two_way_pass(**args), "
-             "_ext.two_way_pass(**args, isa='generic'))); "
-             "print(_ext.mask_upscaling_isa(), _ext.has_avx512_bf16(), pass_same, "
+             "args = twins.two_way_inputs(rng, 2, True, 100, 8, 8, 2); keys = _ext.two_way_pass(**args)[0]; "
+             "print(_ext.mask_upscaling_isa(), _ext.has_avx512_bf16(), "
              "np.array_equal(_ext.linear(x, w, b), _ext.linear(x, w, b, isa='avx2')), "
-             "np.array_equal(_ext.linear(x, w, b), _ext.linear(x, w, b, isa='generic')))")
-    assert _with_cpu_build("avx2", probe) == "avx2 False True True False"
-    assert _with_cpu_build("generic", probe) == "generic False True False True"
+             "np.array_equal(_ext.linear(x, w, b), _ext.linear(x, w, b, isa='generic')), "
+             "np.array_equal(keys, _ext.two_way_pass(**args, isa='avx2')[0]), "
+             "np.array_equal(keys, _ext.two_way_pass(**args, isa='generic')[0]))")
+    assert _with_cpu_build("avx2", probe) == "avx2 False True False True False"
+    assert _with_cpu_build("generic", probe) == "generic False False True False True"
     assert _with_cpu_build("avx512", probe).split()[:2] == [_ext.mask_upscaling_isa(), str(_ext.has_avx512_bf16())]
     message = _with_cpu_build("sse2", probe)
     assert message.startswith("ImportError") and "SAMREG_RT_CPU_BUILD: expected 'avx512', 'avx2' or 'generic'" in message
@@ -673,7 +673,7 @@ def _assert_two_way_close(got, want):
 
 
 @pytest.mark.parametrize("batch,shared,pixels,tokens,tokens2,heads,logit_std", TWO_WAY_CASES)
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 def test_two_way_pass_matches_twin(rng, batch, shared, pixels, tokens, tokens2, heads, logit_std, isa):
     args = twins.two_way_inputs(rng, batch, shared, pixels, tokens, tokens2, heads, logit_std)
     got = _ext.two_way_pass(**args, isa=isa)
@@ -829,6 +829,32 @@ def test_two_way_pass_isa_builds_agree(rng):
         np.testing.assert_allclose(a, g, rtol=1e-5, atol=1e-5 * float(np.abs(g).max()))
 
 
+@pytest.mark.skipif(_ext.mask_upscaling_isa() == "generic", reason="the AVX2 build needs AVX2 and FMA")
+@pytest.mark.parametrize("shared,qproj", [(True, False), (False, False), (True, True)],
+                         ids=["shared keys", "keys per prompt", "projected logits"])
+@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize("offset", [0, 32, 4], ids=["out aligned", "out 32-byte aligned", "out unaligned"])
+def test_two_way_pass_avx2_matches_auto(rng, shared, qproj, threads, offset):
+    """The AVX2 build (8 pixels per vector, smaller register tiles) gives the best build's image tokens to the bit
+    (each pixel's sums in the same order) and its pooled rows within float32 rounding (the sums over the pixels
+    in another order), for any split of the work (400 pixels: 8 full blocks of 48 and a partial one of 16) and
+    wherever out lies (non-temporal stores from its first vector-aligned float)."""
+    args = (twins.two_way_qproj_inputs(rng, 6, shared, 400, 56, 48, 8, 16) if qproj
+            else twins.two_way_inputs(rng, 6, shared, 400, 56, 48, 8))
+    runs = {}
+    for isa, n in (("auto", 0), ("avx2", threads)):
+        out = _at_offset((6, 400, 256), offset)
+        runs[isa] = _ext.two_way_pass(**args, out=out, isa=isa, threads=n)
+        assert np.shares_memory(runs[isa][0], out)
+    np.testing.assert_array_equal(runs["avx2"][0], runs["auto"][0])
+    pooled = runs["auto"][1]
+    np.testing.assert_allclose(runs["avx2"][1], pooled, rtol=0, atol=2e-6 * float(np.abs(pooled).max()))
+    if not shared:   # in place: out is keys itself
+        keys = args["keys"].copy()
+        got = _ext.two_way_pass(**{**args, "keys": keys}, out=keys, isa="avx2", threads=threads)
+        np.testing.assert_array_equal(got[0], runs["auto"][0])
+
+
 def test_two_way_pass_extreme_logits_stay_finite(rng):
     """Logits of std 1000 (exp overflows float32 without the max subtraction): the pooling
     picks each token's best pixel, as the float64 twin does."""
@@ -887,8 +913,8 @@ def test_two_way_pass_rejects_bad_arguments(rng):
         (dict(out=np.zeros((3, 20, 512), np.float32)[:, :, ::2]), "out: array is not C-contiguous"),
         (dict(out=np.zeros((3, 20, 256), np.float32).reshape(-1)[:256 * 20].reshape(1, 20, 256)),
          r"out: expected shape \(3, 20, 256\)"),
-        (dict(isa="avx512"), "isa must be 'auto' or 'generic'"),
-        (dict(isa=""), "isa must be 'auto' or 'generic'"),
+        (dict(isa="avx512"), "two_way_pass: isa must be 'auto', 'avx2' or 'generic', got 'avx512'"),
+        (dict(isa=""), "two_way_pass: isa must be 'auto', 'avx2' or 'generic'"),
     ]
     _assert_rejects(_ext.two_way_pass, good, cases)
     assert good["keys"].shape[0] == 3                    # per-prompt keys: out may be keys itself (in place)
@@ -1236,7 +1262,7 @@ TWO_WAY_QPROJ_CASES = [  # batch, shared keys, pixels, J, J2, heads, d, logit st
 
 
 @pytest.mark.parametrize("batch,shared,pixels,tokens,tokens2,heads,d,logit_std", TWO_WAY_QPROJ_CASES)
-@pytest.mark.parametrize("isa", ["auto", "generic"])
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
 def test_two_way_pass_qproj_matches_twin(rng, batch, shared, pixels, tokens, tokens2, heads, d, logit_std, isa):
     args = twins.two_way_qproj_inputs(rng, batch, shared, pixels, tokens, tokens2, heads, d, logit_std)
     got = _ext.two_way_pass(**args, isa=isa)
