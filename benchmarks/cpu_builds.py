@@ -12,7 +12,9 @@ kernel (``ALLOCATOR``), as a long-running process effectively does. Mask generat
 graph (the encoder runs once per process, outside the timing). A last row runs the AVX2 builds with the two-way
 transformer as the ``decoder_tokens`` graph (``fused_tokens=False``: what AVX2 CPUs ran before its AVX2 build);
 ONNX Runtime has no such cap, so that graph still runs its AVX-512 kernels here (a stronger baseline than on an
-AVX2 CPU). Prints and writes ``cpu_builds.md`` / ``.json``.
+AVX2 CPU). Each run also times ``decode_tokens`` with dense image tokens (one batch of ``DENSE_BATCH`` grid
+prompts, what a caller of the decoder outside mask generation gets): the fused two-way transformer where the run
+loads it and the ``decoder_tokens`` graph. Prints and writes ``cpu_builds.md`` / ``.json``.
 What the cap cannot give is another core: an AVX2 CPU's clock, caches and FMA ports differ from this one's.
 """
 from __future__ import annotations
@@ -20,16 +22,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]     # this checkout's samreg_rt; benchmarks/common.py
 
 from common import machine, write_report  # noqa: E402
 IMAGE = REPO / "examples" / "cardiac_2d" / "fixed.png"
+DENSE_BATCH = 64     # prompts of the dense decode_tokens timing (mask generation's batch)
 # glibc's allocator keeps freed memory instead of handing large blocks back to the kernel: otherwise each of the
 # PyTorch decoder's large temporaries is mapped and faulted in afresh, and in a fresh process eager mask generation
 # took 22-25 s here against 13.4 s in performance.py's long-running one (14 s with these settings)
@@ -40,8 +45,21 @@ CAPS = {"avx512": {},
                  "MKL_ENABLE_INSTRUCTIONS": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}}
 
 
+def median_s(run: Callable[[], object], repeats: int) -> float:
+    """Median wall time in seconds of ``repeats`` calls of ``run`` after a warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def child(threads: int, repeats: int, fused_tokens: bool) -> dict[str, Any]:
-    """This process's build: mask generation against PyTorch eager (run with the caps in the environment)."""
+    """This process's build: mask generation against PyTorch eager, and dense decode_tokens on the fused two-way
+    transformer (where loaded) and the decoder_tokens graph (run with the caps in the environment)."""
+    import numpy as np
     import torch
 
     from performance import amg_vs_torch  # benchmarks/performance.py
@@ -52,10 +70,18 @@ def child(threads: int, repeats: int, fused_tokens: bool) -> dict[str, Any]:
     torch.set_num_threads(threads)
     engine = Engine.load("litemedsam", "cpu", threads, fused_tokens=fused_tokens)
     emb = engine.embed(load_image(IMAGE).array)
-    result = amg_vs_torch(engine, emb, amg.AmgParams.from_spec(engine.spec), repeats)
+    params = amg.AmgParams.from_spec(engine.spec)
+    result = amg_vs_torch(engine, emb, params, repeats)
+    coords, labels = (a[:DENSE_BATCH] for a in amg.build_prompts(params, emb.frame))
+    feed = {"image_embeddings": emb.embedding[None], "point_coords": coords, "point_labels": labels}
+    dense = {"prompts": len(coords),
+             "graph_s": median_s(lambda: engine.sessions["decoder_tokens"].run(None, feed), repeats), "fused_s": None}
+    if engine.two_way is not None:
+        prepared, buffer = engine.prepare(emb.embedding), np.empty((len(coords), 64 * 64, 256), np.float32)
+        dense["fused_s"] = median_s(lambda: engine.decode_tokens(prepared, coords, labels, out=buffer), repeats)
     return {"build": _ext.mask_upscaling_isa(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
             "fused": {"two_way (factored)": engine.two_way is not None, "mask_upscaling": engine.mask_upscaling is not None},
-            **result}
+            **result, "dense_tokens": dense}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -66,15 +92,20 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report['repeats']} runs. Command: `{report['command']}`.", "",
              "LiteMedSAM, the spec's full prompt grid on examples/cardiac_2d/fixed.png; each row a fresh process with "
              "the environment caps of `benchmarks/cpu_builds.py` (avx2: the kernels' AVX2 builds, PyTorch and "
-             "OpenBLAS capped at AVX2; ONNX Runtime, which the last row's decoder_tokens graph runs on, is not).", "",
+             "OpenBLAS capped at AVX2; ONNX Runtime, which the last row's decoder_tokens graph runs on, is not). "
+             f"Dense tokens: `decode_tokens` on the first {DENSE_BATCH} prompts with dense image tokens, the fused "
+             "two-way transformer (its dense passes, `_ext.two_way_pass`) and the `decoder_tokens` graph.", "",
              "| build | PyTorch capability | fused steps | prompts | samreg-rt s | PyTorch eager s | speed-up | "
-             "same masks (min IoU) |", "|---|---|---|---:|---:|---:|---:|---|"]
+             "same masks (min IoU) | dense tokens: fused ms | graph ms |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for r in report["rows"]:
         fused = ", ".join(k for k, v in r["fused"].items() if v) or "none"
         fused += "" if r["fused"]["two_way (factored)"] else " (tokens: the decoder_tokens graph)"
-        same = r["masks"]
+        same, dense = r["masks"], r["dense_tokens"]
+        fused_ms = "-" if dense["fused_s"] is None else f"{1e3 * dense['fused_s']:.0f}"
         lines.append(f"| {r['build']} | {r['torch_capability']} | {fused} | {r['prompts']} | {r['ort_s']:.2f} | "
-                     f"{r['torch_s']:.2f} | {r['speedup']:.2f}x | {same['identical']} ({same['min_iou']}) |")
+                     f"{r['torch_s']:.2f} | {r['speedup']:.2f}x | {same['identical']} ({same['min_iou']}) | "
+                     f"{fused_ms} | {1e3 * dense['graph_s']:.0f} |")
     lines += ["", "Target (issue 6): mask generation >= 3x PyTorch eager of the same decoder on the same prompts, "
               "identical masks.", ""]
     return "\n".join(lines)

@@ -5,7 +5,7 @@ a table of the best of a few runs in milliseconds and the speed-up, and writes i
 to ``kernels.md`` and ``kernels.json`` in ``--out``; checks that both give identical results (the
 float kernels resize_logits, mask_upscaling (both forms), linear, two_way_pass (both modes), two_way_factored
 (both layers), shared_attention and linear_bf16, each in every build this CPU runs (the AVX2 builds of
-mask_upscaling, linear, shared_attention and two_way_factored where AVX-512 is the default; linear_bf16 with
+mask_upscaling, linear, shared_attention, two_way_pass and two_way_factored where AVX-512 is the default; linear_bf16 with
 plain and split weights, its twin rounding x and W to bfloat16 and summing in float64), whose twins compute in
 float64: within 2e-5 of
 the largest value; shared_attention_bf16, on CPUs with AMX tiles: 99% of the values within 2e-5 of the
@@ -144,10 +144,6 @@ def main() -> None:
          lambda: _ext.greedy_match(sim, 0.0, 0), lambda: twins.greedy_match(sim, 0.0, 0), 20),
         ("resize_logits", "1024x256x256 -> 200x200",
          lambda: _ext.resize_logits(logits, ry, rx), lambda: twins.resize_logits(logits, ry, rx), 3),
-        ("two_way_pass", "8 prompts, 4096 px, J 56",
-         lambda: _ext.two_way_pass(**two_way, out=two_way_out), lambda: twins.two_way_pass(**two_way), 5),
-        ("two_way_pass qproj", "64 prompts, d 16",
-         lambda: _ext.two_way_pass(**two_way_q, out=two_way_q_out), lambda: twins.two_way_pass(**two_way_q), 3),
         ("shared_attention ViT", "512 rows, 12 heads, d 64",
          lambda: _ext.shared_attention(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
          lambda: twins.shared_attention(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w), 3),
@@ -160,6 +156,11 @@ def main() -> None:
         ("mask_upscaling_factored", "8 prompts x 3 masks",
          lambda isa: _ext.mask_upscaling_factored(**factored, isa=isa),
          lambda: twins.mask_upscaling_factored(**factored), 3),
+        ("two_way_pass", "8 prompts, 4096 px, J 56",
+         lambda isa: _ext.two_way_pass(**two_way, out=two_way_out, isa=isa), lambda: twins.two_way_pass(**two_way), 5),
+        ("two_way_pass qproj", "64 prompts, d 16",
+         lambda isa: _ext.two_way_pass(**two_way_q, out=two_way_q_out, isa=isa), lambda: twins.two_way_pass(**two_way_q),
+         3),
         ("linear", "448x256 -> 2048, ReLU",
          lambda isa: _ext.linear(lin_x, lin_w, lin_b, relu=True, out=lin_out, isa=isa),
          lambda: twins.linear(lin_x, lin_w, lin_b, relu=True), 30),
@@ -204,7 +205,7 @@ def main() -> None:
               **{f"linear_bf16 split {isa}": (mlp_flop, "2 M K N (the product's: twice that run, W's two parts)")
                  for isa in isas}}
     gflops |= {name + suffix: gflops[name] for name, *_ in with_avx2 for suffix in builds.values()}
-    float_kernels = ("resize_logits", "two_way_pass", "two_way_pass qproj", "shared_attention ViT",
+    float_kernels = ("resize_logits", "shared_attention ViT",
                      *(name + suffix for name, *_ in with_avx2 for suffix in builds.values()),
                      *(f"linear_bf16{split} {isa}" for isa in isas for split in ("", " split")))
     bf16_kernels = ("shared_attention_bf16 ViT",)

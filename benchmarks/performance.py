@@ -489,7 +489,7 @@ def decoder_profiles(model_dir: Path, engine: Engine, emb: ImageEmbedding, param
     tokens = profile_graph(model_dir / "decoder_tokens.onnx", feed, threads, runs, work)
     rows = {f"litemedsam decoder_tokens (B={DECODER_BATCH})": tokens,
             f"litemedsam decoder_masks (B={DECODER_BATCH}, K=1)": masks}
-    if engine.two_way is not None and engine.dense_tokens:      # (AVX2 CPUs: fused for factored tokens only)
+    if engine.two_way is not None:
         buffer = np.empty_like(image_tokens)          # as mask generation runs it: one buffer for every batch
         rows[FUSED_TOKENS] = fused_profile(lambda: engine.decode_tokens(emb.embedding, coords, labels, out=buffer),
                                            "two_way", tokens["gflop_fp32"], runs)
