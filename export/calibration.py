@@ -67,9 +67,9 @@ def weight_key(w: np.ndarray) -> str:
 
 
 def weight_products(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
-    """The MatMul/Gemm nodes whose second input is an initializer (the products int8 quantizes), each with the
+    """The MatMul/Gemm nodes whose second input is a 2-D initializer (the products int8 quantizes), each with the
     name of that initializer. Gemm with transA is not one of them."""
-    weights = {init.name for init in model.graph.initializer}
+    weights = {init.name for init in model.graph.initializer if len(init.dims) == 2}
     out = []
     for node in model.graph.node:
         attrs = {a.name: a.i for a in node.attribute}

@@ -9,7 +9,7 @@ execution providers this project targets run natively:
 - TensorRT 10: onnx/onnx-tensorrt ``docs/operators.md`` (commit 96e7811, "TensorRT 10.0 supports
   operators in the inclusive range of opset 9 to opset 20"), rows marked ``Y``;
 - ONNX Runtime CPU and CUDA: microsoft/onnxruntime ``docs/OperatorKernels.md``: every operator
-  below has a kernel for float and float16 on both (Einsum, LayerNormalization and Erf included).
+  below has a kernel for float and float16 on both (LayerNormalization and Erf included).
 
 It is not every op those lists support: it is the ops SAM ViT, TinyViT and the decoder wrapper
 actually produce at opset 17, so a new op (for example after an exporter upgrade) fails the check
@@ -71,7 +71,7 @@ PROTOBUF_LIMIT = 2**31 - 1
 
 PORTABLE_OPS = frozenset({
     "Add", "Cast", "Concat", "Constant", "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "Div",
-    "Einsum", "Equal", "Erf", "Expand", "Flatten", "Gather", "Gemm", "Identity", "LayerNormalization",
+    "Equal", "Erf", "Expand", "Flatten", "Gather", "Gemm", "Identity", "LayerNormalization",
     "MatMul", "Mul", "Neg", "Pad", "Pow", "Range", "ReduceMean", "Relu", "Reshape", "Resize", "Shape",
     "Sigmoid", "Sin", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile",
     "Transpose", "Unsqueeze", "Where",

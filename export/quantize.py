@@ -124,17 +124,18 @@ def to_int8(src: str | Path, dst: str | Path, reduce_range: bool | None = None,
         qmax = int(get_qmin_qmax_for_qType(onnx.TensorProto.INT8, reduce_range=reduce_range, symmetric=True)[1])
         replaced = gptq_weights(model, calib, qmax)
         log.info("%s: %d of %d weights rounded by GPTQ", src, replaced, len(calibration.weight_products(model)))
-    weights = {init.name for init in model.graph.initializer}
+    weights = {init.name for init in model.graph.initializer if len(init.dims) == 2}
     for i, node in enumerate(model.graph.node):
         node.name = node.name or f"{node.op_type}_{i}"
-    activation_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
+    # products of two activations (attention) and with a batched constant (a ViT's relative position terms)
+    float_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
     root = logging.getLogger()
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "int8.onnx"
         was_disabled, root.disabled = root.disabled, True  # the quantizer warns on the root logger
         try:
             quantize_dynamic(
-                model, staged, op_types_to_quantize=list(INT8_OP_TYPES), nodes_to_exclude=activation_matmuls,
+                model, staged, op_types_to_quantize=list(INT8_OP_TYPES), nodes_to_exclude=float_matmuls,
                 per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8,
                 use_external_data_format=model.ByteSize() >= PROTOBUF_LIMIT,
             )

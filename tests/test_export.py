@@ -383,6 +383,27 @@ def test_int8_weights_take_the_full_range_where_the_cpu_has_vnni(tiny_dir, tmp_p
     assert quantize.precision_note("fp32") == quantize.PRECISION_NOTES["fp32"]
 
 
+def _batched_constant_products(model: onnx.ModelProto) -> int:
+    """How many float MatMuls take a 3-D constant (a ViT's relative position terms)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+               and len(inits[n.input[1]].dims) == 3 and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT)
+
+
+def test_relative_position_terms_are_float_products(tiny_dir):
+    """The relative position terms are exported as MatMuls with the gathered tables as 3-D constants (no Einsum,
+    which ONNX Runtime runs about twice as slowly), and int8 quantizes only the 2-D weights, leaving them float."""
+    for graph in ("encoder", "encoder_part0", "encoder_part1"):
+        fp32 = onnx.load(str(tiny_dir / f"{graph}.onnx"))
+        int8 = onnx.load(str(tiny_dir / f"{graph}.int8.onnx"))
+        assert not any(n.op_type == "Einsum" for n in fp32.graph.node), graph
+        # random:tiny's part 1 finishes the last (global) block: no attention logits of its own
+        assert _batched_constant_products(fp32) >= (0 if graph == "encoder_part1" else 2), graph
+        assert _batched_constant_products(int8) == _batched_constant_products(fp32), graph
+        weights = len(calibration.weight_products(fp32))
+        assert weights >= 2 and sum(n.op_type == "MatMulInteger" for n in int8.graph.node) == weights, graph
+
+
 def _int8_weights(path: Path) -> set[bytes]:
     model = onnx.load(str(path))
     return {onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8

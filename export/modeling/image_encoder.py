@@ -254,7 +254,12 @@ def rel_pos_terms(
     rw = get_rel_pos(q_w, k_w, rel_pos_w)
     b, _, dim = q.shape
     r_q = q.reshape(b, q_h, q_w, dim)
-    return torch.einsum("bhwc,hkc->bhwk", r_q, rh), torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+    # Batched products rather than einsum("bhwc,hkc->bhwk") / einsum("bhwc,wkc->bhwk"): the same sums, which
+    # ONNX Runtime's MatMul takes in about half the time of its Einsum (ViT-B blocks, 2 threads).
+    rel_h = torch.matmul(r_q, rh.transpose(1, 2))
+    by_column = r_q.permute(2, 0, 1, 3).reshape(q_w, b * q_h, dim)
+    rel_w = torch.matmul(by_column, rw.transpose(1, 2)).reshape(q_w, b, q_h, k_w).permute(1, 2, 0, 3)
+    return rel_h, rel_w
 
 
 def add_rel_pos_terms(attn: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, k_size: tuple[int, int]) -> torch.Tensor:
