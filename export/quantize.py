@@ -124,11 +124,12 @@ def to_int8(src: str | Path, dst: str | Path, reduce_range: bool | None = None,
         qmax = int(get_qmin_qmax_for_qType(onnx.TensorProto.INT8, reduce_range=reduce_range, symmetric=True)[1])
         replaced = gptq_weights(model, calib, qmax)
         log.info("%s: %d of %d weights rounded by GPTQ", src, replaced, len(calibration.weight_products(model)))
-    weights = {init.name for init in model.graph.initializer if len(init.dims) == 2}
     for i, node in enumerate(model.graph.node):
         node.name = node.name or f"{node.op_type}_{i}"
-    # products of two activations (attention) and with a batched constant (a ViT's relative position terms)
-    float_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
+    # the other MatMuls stay float: products of two activations (attention) and with a batched constant (a ViT's
+    # relative position terms)
+    products = {node.name for node, _ in calibration.weight_products(model)}
+    float_matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in products]
     root = logging.getLogger()
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "int8.onnx"
