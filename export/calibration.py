@@ -21,7 +21,7 @@ What is left is the activations' per-tensor quantization at run time. SmoothQuan
 help it (TinyViT's activation channels have no outliers: largest / median channel range 2-4): alpha 0.5 on every
 product gave 0.99630 round to nearest, 0.99803 with GPTQ.
 Most of that error comes from the MLPs' second products (fc2), whose input is the GELU output: quantizing one
-product at a time (the rest float, round to nearest, 12 images of the labelled pairs; mean 1 - cosine), the ten
+product at a time (scratch: the rest float, round to nearest, 12 images of the labelled pairs; mean 1 - cosine), the ten
 fc2 give 2.0e-3 of the whole encoder's 3.1e-3, each fc1 about 5e-5, qkv and proj 1e-5 to 5e-5. The GELU outputs
 span [-0.17, 1.2..3.4] with 99% of them below 0.07..0.45, so one uint8 scale per tensor leaves them few levels.
 Leaving every fc2 float (scratch; ``benchmarks/int8_accuracy.py`` with a patched quantizer) raised the embedding

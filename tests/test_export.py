@@ -392,7 +392,7 @@ def _batched_constant_products(model: onnx.ModelProto) -> int:
 
 def test_relative_position_terms_are_float_products(tiny_dir):
     """The relative position terms are exported as MatMuls with the gathered tables as 3-D constants (no Einsum,
-    which ONNX Runtime runs about twice as slowly), and int8 quantizes only the 2-D weights, leaving them float."""
+    which ONNX Runtime runs more slowly), and int8 quantizes only the 2-D weights, leaving them float."""
     for graph in ("encoder", "encoder_part0", "encoder_part1"):
         fp32 = onnx.load(str(tiny_dir / f"{graph}.onnx"))
         int8 = onnx.load(str(tiny_dir / f"{graph}.int8.onnx"))
