@@ -2966,36 +2966,39 @@ struct LinearBf16Args {
     int parts;                         // B tiles per chunk: 2 (W in bfloat16), 4 (W as hi + lo, both bfloat16)
 };
 
-// Rows [r0, r1) of x as bfloat16 into xb (row stride kp, zeros past K; r1 - r0 rounded up to 32 rows of zeros).
+// Rows [r0, r1) of x as bfloat16 into xb, zeros past K and past r1 up to a multiple of 32 rows. tiled: as AMX A
+// tiles, each 32-row block's chunks of 32 columns in turn, each chunk two 16 x 32 tiles of 1 KB ([block][chunk][2][16][32]:
+// the tile loads read contiguous memory); else rows of kp values.
 __attribute__((target(BF16_TARGET))) void lb_round_rows(const LinearBf16Args &a, std::int64_t r0, std::int64_t r1,
-                                                       std::uint16_t *xb) {
-    const std::int64_t rows = (r1 - r0 + kLbBlock - 1) / kLbBlock * kLbBlock;
+                                                       std::uint16_t *xb, bool tiled) {
+    const std::int64_t rows = (r1 - r0 + kLbBlock - 1) / kLbBlock * kLbBlock, chunks = a.kp / kLbBlock;
     for (std::int64_t r = 0; r < rows; ++r) {
-        auto *dst = reinterpret_cast<__m512i *>(xb + r * a.kp);
         const float *src = a.x + (r0 + r) * a.k;
-        for (std::int64_t c = 0; c < a.kp; c += kLbBlock) {
+        for (std::int64_t c = 0; c < chunks; ++c) {
             __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
             if (r0 + r < r1) {
-                const std::int64_t left = a.k - c;
+                const std::int64_t left = a.k - c * kLbBlock;
                 const __mmask16 m0 = left >= 16 ? 0xffff : left > 0 ? static_cast<__mmask16>((1u << left) - 1) : 0;
                 const __mmask16 m1 = left >= 32 ? 0xffff : left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0;
-                lo = _mm512_maskz_loadu_ps(m0, src + c);
-                hi = _mm512_maskz_loadu_ps(m1, src + c + 16);
+                lo = _mm512_maskz_loadu_ps(m0, src + c * kLbBlock);
+                hi = _mm512_maskz_loadu_ps(m1, src + c * kLbBlock + 16);
             }
-            _mm512_store_si512(dst + c / kLbBlock, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+            std::uint16_t *dst = tiled ? xb + ((r / kLbBlock * chunks + c) * kLbBlock + r % kLbBlock) * kLbBlock
+                                       : xb + r * a.kp + c * kLbBlock;
+            _mm512_store_si512(dst, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
         }
     }
 }
 
-// The band of rows [r0, r1) (xb: their bfloat16 copy), tiles configured.
+// The band of rows [r0, r1) (xb: their bfloat16 copy as A tiles, lb_round_rows), tiles configured.
 __attribute__((target(AMX_TARGET))) void lb_band(const LinearBf16Args &a, std::int64_t r0, std::int64_t r1,
                                                  const std::uint16_t *xb) {
-    const std::int64_t chunks = a.kp / kLbBlock, stride = a.kp * sizeof(std::uint16_t);
+    const std::int64_t chunks = a.kp / kLbBlock;
     alignas(64) float edge[kLbBlock][kLbBlock];
     for (std::int64_t g0 = 0; g0 < a.panels; g0 += kLbGroup) {
         const std::int64_t g1 = std::min(a.panels, g0 + kLbGroup);
         for (std::int64_t m0 = r0; m0 < r1; m0 += kLbBlock) {
-            const std::uint16_t *xa = xb + (m0 - r0) * a.kp;
+            const std::uint16_t *xa = xb + (m0 - r0) * a.kp;  // the block's tiles: 1024 values per chunk
             for (std::int64_t p = g0; p < g1; ++p) {
                 const float *bias = a.bias_tiles + p * 2 * 256;
                 _tile_loadd(0, bias, 64);
@@ -3003,21 +3006,22 @@ __attribute__((target(AMX_TARGET))) void lb_band(const LinearBf16Args &a, std::i
                 _tile_loadd(2, bias, 64);
                 _tile_loadd(3, bias + 256, 64);
                 const std::uint16_t *wp = a.w + p * chunks * a.parts * 512;
+                // each product issued right after the loads it needs (each accumulator's order is the same)
                 for (std::int64_t c = 0; c < chunks; ++c, wp += a.parts * 512) {
-                    _tile_loadd(4, xa + c * kLbBlock, stride);
-                    _tile_loadd(5, xa + 16 * a.kp + c * kLbBlock, stride);
+                    _tile_loadd(4, xa + c * 1024, 64);
                     _tile_loadd(6, wp, 64);
-                    _tile_loadd(7, wp + 512, 64);
                     _tile_dpbf16ps(0, 4, 6);
+                    _tile_loadd(7, wp + 512, 64);
                     _tile_dpbf16ps(1, 4, 7);
+                    _tile_loadd(5, xa + c * 1024 + 512, 64);
                     _tile_dpbf16ps(2, 5, 6);
                     _tile_dpbf16ps(3, 5, 7);
                     if (a.parts == 4) {  // the weights' low parts against the same x tiles
                         _tile_loadd(6, wp + 1024, 64);
-                        _tile_loadd(7, wp + 1536, 64);
                         _tile_dpbf16ps(0, 4, 6);
-                        _tile_dpbf16ps(1, 4, 7);
                         _tile_dpbf16ps(2, 5, 6);
+                        _tile_loadd(7, wp + 1536, 64);
+                        _tile_dpbf16ps(1, 4, 7);
                         _tile_dpbf16ps(3, 5, 7);
                     }
                 }
@@ -3106,7 +3110,7 @@ __attribute__((target(AMX_TARGET))) void lb_items(const LinearBf16Args &a, std::
     }
     for (std::int64_t i = i0; i < i1; ++i) {
         const std::int64_t r0 = i * band, r1 = std::min(a.m, r0 + band);
-        lb_round_rows(a, r0, r1, xb);
+        lb_round_rows(a, r0, r1, xb, amx);
         if (amx)
             lb_band(a, r0, r1, xb);
         else
