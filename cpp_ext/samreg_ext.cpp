@@ -2714,30 +2714,62 @@ struct AmxAttentionArgs {
     int kw;
 };
 
+#define BF16_TARGET "avx512bf16,avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
+#define AMX_TARGET "amx-tile,amx-bf16," BF16_TARGET
+
+// float32 lanes -> their bfloat16 bits (to_bf16's rounding: nearest even) in the low 16 bits of each 32-bit lane.
+__attribute__((always_inline, target(BF16_TARGET))) inline __m512i bf16_lanes(__m512 x) {
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd), 16);
+}
+
+// The lanes of `count` floats from x (zeros past count; count may be <= 0).
+__attribute__((always_inline, target(BF16_TARGET))) inline __m512 load_first(const float *x, std::int64_t count) {
+    const __mmask16 m = count >= 16 ? 0xffff : count > 0 ? static_cast<__mmask16>((1u << count) - 1) : 0;
+    return _mm512_maskz_loadu_ps(m, x);
+}
+
 // Keys and values of pixel chunks [t0, t1) (32 pixels each) into the tile layouts of AmxAttentionArgs (zero past
-// P and past d).
-void amx_layout(const AmxAttentionArgs &a, const float *k, const float *v, std::int64_t t0, std::int64_t t1) {
+// P and past d), rounded as to_bf16: a key's 32 channels of a chunk as 16 channel pairs scattered down a tile
+// column, a pair of keys' 16 channels as one tile row of pairs.
+__attribute__((target(BF16_TARGET))) void amx_layout(const AmxAttentionArgs &a, const float *k, const float *v,
+                                                    std::int64_t t0, std::int64_t t1) {
     auto *kb = const_cast<std::uint16_t *>(a.kb), *vb = const_cast<std::uint16_t *>(a.vb);
     const std::int64_t blocks = a.padded / 16, chunks = a.padded / kAmxDepth;
-    auto value = [&](const float *x, std::int64_t p, std::int64_t h, int c) {
-        return p < a.pixels && c < a.dim ? to_bf16(x[(p * a.heads + h) * a.dim + c]) : std::uint16_t{0};
-    };
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(16));
     for (std::int64_t t = t0; t < t1; ++t)
         for (std::int64_t h = 0; h < a.heads; ++h) {
             for (std::int64_t j = 2 * t; j < 2 * t + 2; ++j)
                 for (int c = 0; c < a.kc; ++c) {
-                    std::uint16_t *tile = kb + ((h * blocks + j) * a.kc + c) * kAmxTile;
-                    for (int i = 0; i < 16; ++i)
-                        for (int n = 0; n < 16; ++n)
-                            for (int e = 0; e < 2; ++e)
-                                tile[(i * 16 + n) * 2 + e] = value(k, j * 16 + n, h, c * kAmxDepth + 2 * i + e);
+                    auto *tile = reinterpret_cast<int *>(kb + ((h * blocks + j) * a.kc + c) * kAmxTile);
+                    const std::int64_t left = a.dim - c * kAmxDepth;
+                    for (int n = 0; n < 16; ++n) {
+                        const std::int64_t p = j * 16 + n;
+                        __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+                        if (p < a.pixels) {
+                            const float *src = k + (p * a.heads + h) * a.dim + c * kAmxDepth;
+                            lo = bf16_lanes(load_first(src, left));
+                            hi = bf16_lanes(load_first(src + 16, left - 16));
+                        }
+                        const __m512i pairs = _mm512_or_si512(_mm512_permutex2var_epi32(lo, even, hi),
+                                                              _mm512_slli_epi32(_mm512_permutex2var_epi32(lo, odd, hi), 16));
+                        _mm512_i32scatter_epi32(tile + n, column, pairs, 4);  // element (pair i, key n): i * 16 + n
+                    }
                 }
             for (int c = 0; c < a.vc; ++c) {
-                std::uint16_t *tile = vb + ((h * chunks + t) * a.vc + c) * kAmxTile;
-                for (int i = 0; i < 16; ++i)
-                    for (int n = 0; n < 16; ++n)
-                        for (int e = 0; e < 2; ++e)
-                            tile[(i * 16 + n) * 2 + e] = value(v, t * kAmxDepth + 2 * i + e, h, c * 16 + n);
+                auto *tile = reinterpret_cast<__m512i *>(vb + ((h * chunks + t) * a.vc + c) * kAmxTile);
+                for (int i = 0; i < 16; ++i) {
+                    const std::int64_t p = t * kAmxDepth + 2 * i;
+                    __m512i first = _mm512_setzero_si512(), second = _mm512_setzero_si512();
+                    if (p < a.pixels) first = bf16_lanes(load_first(v + (p * a.heads + h) * a.dim + c * 16, a.dim - c * 16));
+                    if (p + 1 < a.pixels)
+                        second = bf16_lanes(load_first(v + ((p + 1) * a.heads + h) * a.dim + c * 16, a.dim - c * 16));
+                    _mm512_store_si512(tile + i, _mm512_or_si512(first, _mm512_slli_epi32(second, 16)));
+                }
             }
         }
 }
@@ -2748,8 +2780,6 @@ struct alignas(64) AmxTileConfig {
     std::uint8_t rows[16] = {};
 };
 
-#define BF16_TARGET "avx512bf16,avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
-#define AMX_TARGET "amx-tile,amx-bf16," BF16_TARGET
 
 // exp(x - m) for the weights: 2^t with t = x log2(e) + shift (shift = -m log2(e)), as 2^round(t) p(t - round(t)),
 // p the degree-4 minimax polynomial of 2^f on [-0.5, 0.5] (relative error 2.7e-6: the weights are rounded to
@@ -2779,7 +2809,9 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
     const std::int64_t blocks = a.padded / kLanes, chunks = a.padded / kAmxDepth;
     alignas(64) std::uint16_t q[kAmxRows][KC * kAmxDepth] = {};
     for (int r = 0; r < n; ++r)
-        for (int c = 0; c < d; ++c) q[r][c] = to_bf16(a.q[((r0 + r) * a.heads + h) * d + c]);
+        for (int c = 0; c < KC * kAmxDepth; c += 16)
+            _mm256_store_si256(reinterpret_cast<__m256i *>(&q[r][c]), _mm512_cvtepi32_epi16(bf16_lanes(
+                                   load_first(a.q + ((r0 + r) * a.heads + h) * d + c, d - c))));
     _tile_loadd(0, &q[0][0], sizeof q[0]);
     if constexpr (KC == 2) _tile_loadd(1, &q[0][kAmxDepth], sizeof q[0]);
     // the logits of each pair of key blocks, with the terms added and the row maxima taken while they are in L1
@@ -2880,7 +2912,11 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
     if constexpr (VC > 3) _tile_stored(3, &o[0][48], sizeof o[0]);
     for (int r = 0; r < n; ++r) {
         float *dst = a.out + ((r0 + r) * a.heads + h) * d;
-        for (int c = 0; c < d; ++c) dst[c] = o[r][c] / sum[r];
+        const __m512 total = _mm512_set1_ps(sum[r]);
+        for (int c = 0; c < d; c += 16) {
+            const __mmask16 m = d - c >= 16 ? 0xffff : static_cast<__mmask16>((1u << (d - c)) - 1);
+            _mm512_mask_storeu_ps(dst + c, m, _mm512_div_ps(_mm512_load_ps(&o[r][c]), total));
+        }
     }
 }
 
