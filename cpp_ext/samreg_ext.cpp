@@ -2724,10 +2724,14 @@ __attribute__((always_inline, target(BF16_TARGET))) inline __m512i bf16_lanes(__
     return _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd), 16);
 }
 
+// The mask of the first `count` of 16 lanes (none for count <= 0, all for count >= 16).
+inline __mmask16 first_lanes(std::int64_t count) {
+    return count >= 16 ? 0xffff : count > 0 ? static_cast<__mmask16>((1u << count) - 1) : 0;
+}
+
 // The lanes of `count` floats from x (zeros past count; count may be <= 0).
 __attribute__((always_inline, target(BF16_TARGET))) inline __m512 load_first(const float *x, std::int64_t count) {
-    const __mmask16 m = count >= 16 ? 0xffff : count > 0 ? static_cast<__mmask16>((1u << count) - 1) : 0;
-    return _mm512_maskz_loadu_ps(m, x);
+    return _mm512_maskz_loadu_ps(first_lanes(count), x);
 }
 
 // Keys and values of pixel chunks [t0, t1) (32 pixels each) into the tile layouts of AmxAttentionArgs (zero past
@@ -2739,8 +2743,7 @@ __attribute__((target(BF16_TARGET))) void amx_layout(const AmxAttentionArgs &a, 
     const std::int64_t blocks = a.padded / 16, chunks = a.padded / kAmxDepth;
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32(16));
+    const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
     for (std::int64_t t = t0; t < t1; ++t)
         for (std::int64_t h = 0; h < a.heads; ++h) {
             for (std::int64_t j = 2 * t; j < 2 * t + 2; ++j)
@@ -2762,12 +2765,12 @@ __attribute__((target(BF16_TARGET))) void amx_layout(const AmxAttentionArgs &a, 
                 }
             for (int c = 0; c < a.vc; ++c) {
                 auto *tile = reinterpret_cast<__m512i *>(vb + ((h * chunks + t) * a.vc + c) * kAmxTile);
+                const std::int64_t left = a.dim - c * 16;
                 for (int i = 0; i < 16; ++i) {
                     const std::int64_t p = t * kAmxDepth + 2 * i;
                     __m512i first = _mm512_setzero_si512(), second = _mm512_setzero_si512();
-                    if (p < a.pixels) first = bf16_lanes(load_first(v + (p * a.heads + h) * a.dim + c * 16, a.dim - c * 16));
-                    if (p + 1 < a.pixels)
-                        second = bf16_lanes(load_first(v + ((p + 1) * a.heads + h) * a.dim + c * 16, a.dim - c * 16));
+                    if (p < a.pixels) first = bf16_lanes(load_first(v + (p * a.heads + h) * a.dim + c * 16, left));
+                    if (p + 1 < a.pixels) second = bf16_lanes(load_first(v + ((p + 1) * a.heads + h) * a.dim + c * 16, left));
                     _mm512_store_si512(tile + i, _mm512_or_si512(first, _mm512_slli_epi32(second, 16)));
                 }
             }
@@ -2779,7 +2782,6 @@ struct alignas(64) AmxTileConfig {
     std::uint16_t bytes_per_row[16] = {};
     std::uint8_t rows[16] = {};
 };
-
 
 // exp(x - m) for the weights: 2^t with t = x log2(e) + shift (shift = -m log2(e)), as 2^round(t) p(t - round(t)),
 // p the degree-4 minimax polynomial of 2^f on [-0.5, 0.5] (relative error 2.7e-6: the weights are rounded to
@@ -2914,8 +2916,7 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
         float *dst = a.out + ((r0 + r) * a.heads + h) * d;
         const __m512 total = _mm512_set1_ps(sum[r]);
         for (int c = 0; c < d; c += 16) {
-            const __mmask16 m = d - c >= 16 ? 0xffff : static_cast<__mmask16>((1u << (d - c)) - 1);
-            _mm512_mask_storeu_ps(dst + c, m, _mm512_div_ps(_mm512_load_ps(&o[r][c]), total));
+            _mm512_mask_storeu_ps(dst + c, first_lanes(d - c), _mm512_div_ps(_mm512_load_ps(&o[r][c]), total));
         }
     }
 }
@@ -3014,10 +3015,8 @@ __attribute__((target(BF16_TARGET))) void lb_round_rows(const LinearBf16Args &a,
             __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
             if (r0 + r < r1) {
                 const std::int64_t left = a.k - c * kLbBlock;
-                const __mmask16 m0 = left >= 16 ? 0xffff : left > 0 ? static_cast<__mmask16>((1u << left) - 1) : 0;
-                const __mmask16 m1 = left >= 32 ? 0xffff : left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0;
-                lo = _mm512_maskz_loadu_ps(m0, src + c * kLbBlock);
-                hi = _mm512_maskz_loadu_ps(m1, src + c * kLbBlock + 16);
+                lo = load_first(src + c * kLbBlock, left);
+                hi = load_first(src + c * kLbBlock + 16, left - 16);
             }
             std::uint16_t *dst = tiled ? xb + ((r / kLbBlock * chunks + c) * kLbBlock + r % kLbBlock) * kLbBlock
                                        : xb + r * a.kp + c * kLbBlock;
@@ -3107,8 +3106,7 @@ __attribute__((target(BF16_TARGET))) void lb_block_dp(const LinearBf16Args &a, c
             }
         }
     }
-    const __mmask16 m0 = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
-    const __mmask16 m1 = cols >= 32 ? 0xffff : cols > 16 ? static_cast<__mmask16>((1u << (cols - 16)) - 1) : 0;
+    const __mmask16 m0 = first_lanes(cols), m1 = first_lanes(cols - 16);
     for (std::int64_t r = 0; r < rows; ++r) {
         _mm512_mask_storeu_ps(o + r * a.n, m0, acc[r][0]);
         _mm512_mask_storeu_ps(o + r * a.n + 16, m1, acc[r][1]);
