@@ -3001,7 +3001,43 @@ struct LinearBf16Args {
     float *out;                // [M, N]
     std::int64_t m, k, n, kp, panels;  // kp = K32, panels = N32 / 32
     int parts;                         // B tiles per chunk: 2 (W in bfloat16), 4 (W as hi + lo, both bfloat16)
+    bool gelu;                         // out = GELU(x w + bias) (lb_gelu)
 };
+
+// GELU(y) = y (1 + erf(y / sqrt 2)) / 2 on 16 lanes. With z = |y| / sqrt 2, q = 1 - erf(z) = poly(t) exp(-z^2),
+// t = 1 / (1 + 0.3275911 z) (Abramowitz & Stegun 7.1.26: erf's absolute error below 1.5e-7), and 1 + erf(y / sqrt 2)
+// = 2 - q for y >= 0, q for y < 0 (no cancellation in the negative tail); exp(-z^2) = 2^n p(f), n = round(s),
+// f = s - n, s = -z^2 log2(e), p the degree-6 Taylor polynomial of 2^f (relative error below 2e-7 on |f| <= 1/2).
+__attribute__((always_inline, target(BF16_TARGET))) inline __m512 lb_gelu(__m512 y) {
+    const __m512 z = _mm512_mul_ps(_mm512_abs_ps(y), _mm512_set1_ps(0.70710678118654752f));
+    const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f),
+                                                                        _mm512_set1_ps(1.f)));
+    __m512 poly = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+    poly = _mm512_mul_ps(poly, t);
+    // (s held above -200, where 2^s is 0 in float32 anyway: y = +inf gives inf, not inf - inf = NaN)
+    const __m512 s = _mm512_max_ps(_mm512_mul_ps(_mm512_mul_ps(z, z), _mm512_set1_ps(-kLog2e)), _mm512_set1_ps(-200.f));
+    const __m512 n = _mm512_roundscale_ps(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(s, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.5403530393381606e-4f), f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.2402265069591007f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931471805599453f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    const __m512 q = _mm512_mul_ps(poly, _mm512_scalef_ps(p, n));
+    const __mmask16 negative = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 one_plus_erf = _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(2.f), q), q);
+    return _mm512_mul_ps(_mm512_mul_ps(y, _mm512_set1_ps(0.5f)), one_plus_erf);
+}
+
+// GELU in place on a block of `rows` rows of 32 floats, row stride ld.
+__attribute__((target(BF16_TARGET))) void lb_gelu_block(float *o, std::int64_t ld, std::int64_t rows) {
+    for (std::int64_t r = 0; r < rows; ++r)
+        for (int c = 0; c < kLbBlock; c += 16) _mm512_storeu_ps(o + r * ld + c, lb_gelu(_mm512_loadu_ps(o + r * ld + c)));
+}
 
 // Rows [r0, r1) of x as bfloat16 into xb, zeros past K and past r1 up to a multiple of 32 rows. tiled: as AMX A
 // tiles, each 32-row block's chunks of 32 columns in turn, each chunk two 16 x 32 tiles of 1 KB ([block][chunk][2][16][32]:
@@ -3068,11 +3104,13 @@ __attribute__((target(AMX_TARGET))) void lb_band(const LinearBf16Args &a, std::i
                     _tile_stored(1, o + 16, ldo);
                     _tile_stored(2, o + 16 * a.n, ldo);
                     _tile_stored(3, o + 16 * a.n + 16, ldo);
+                    if (a.gelu) lb_gelu_block(o, a.n, kLbBlock);  // while the block is in L1
                 } else {
                     _tile_stored(0, &edge[0][0], sizeof edge[0]);
                     _tile_stored(1, &edge[0][16], sizeof edge[0]);
                     _tile_stored(2, &edge[16][0], sizeof edge[0]);
                     _tile_stored(3, &edge[16][16], sizeof edge[0]);
+                    if (a.gelu) lb_gelu_block(&edge[0][0], kLbBlock, kLbBlock);
                     const std::int64_t rows = std::min<std::int64_t>(kLbBlock, a.m - m0);
                     const std::int64_t cols = std::min<std::int64_t>(kLbBlock, a.n - n0);
                     for (std::int64_t r = 0; r < rows; ++r) std::memcpy(o + r * a.n, edge[r], cols * sizeof(float));
@@ -3106,6 +3144,8 @@ __attribute__((target(BF16_TARGET))) void lb_block_dp(const LinearBf16Args &a, c
             }
         }
     }
+    if (a.gelu)
+        for (int r = 0; r < kLbDpRows; ++r) acc[r][0] = lb_gelu(acc[r][0]), acc[r][1] = lb_gelu(acc[r][1]);
     const __mmask16 m0 = first_lanes(cols), m1 = first_lanes(cols - 16);
     for (std::int64_t r = 0; r < rows; ++r) {
         _mm512_mask_storeu_ps(o + r * a.n, m0, acc[r][0]);
@@ -3154,8 +3194,10 @@ __attribute__((target(AMX_TARGET))) void lb_items(const LinearBf16Args &a, std::
 }
 
 py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bias_obj, py::handle out_obj,
-                               const std::string &isa, std::int64_t threads) {
+                               const std::string &isa, std::int64_t threads, const std::string &activation) {
     check_threads("linear_bf16", threads);
+    if (activation != "none" && activation != "gelu")
+        throw py::value_error("linear_bf16: activation must be 'none' or 'gelu', got '" + activation + "'");
     const py::array x = require<float>(x_obj, "x", "float32", 2);
     const py::array w = require<std::uint16_t>(w_obj, "w", "uint16", 6);
     const py::array bias = require<float>(bias_obj, "bias", "float32", 1);
@@ -3188,7 +3230,7 @@ py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bi
                 }
     const LinearBf16Args args{static_cast<const float *>(x.data()), static_cast<const std::uint16_t *>(w.data()),
                               tiles, out.mutable_data(), rows, depth, cols, kp, panels,
-                              static_cast<int>(w.shape(2))};
+                              static_cast<int>(w.shape(2)), activation == "gelu"};
     // bands of whole 32-row blocks, at least one per thread where there are enough rows
     const std::int64_t blocks = (rows + kLbBlock - 1) / kLbBlock;
     const std::int64_t limit = threads > 0 ? threads : usable_cpus();
@@ -3357,9 +3399,9 @@ PYBIND11_MODULE(_ext, m) {
           "out[r, h] = (sum_p bf16(e_p) v[p, h]) / sum_p e_p with the products'\n"
           "sums in float32 (in the tile unit's order)." THREADS_DOC);
     m.def("linear_bf16", &linear_bf16, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out") = py::none(),
-          py::arg("isa") = "auto", py::arg("threads") = 0,
+          py::arg("isa") = "auto", py::arg("threads") = 0, py::arg("activation") = "none",
           "linear_bf16(x: float32[M, K], w: uint16[N32 / 32, K32 / 32, 2 or 4, 16, 16, 2], bias: float32[N], out=None,\n"
-          "    isa='auto', threads=0) -> float32[M, N]\n\n"
+          "    isa='auto', threads=0, activation='none') -> float32[M, N]\n\n"
           "x @ W + bias in bfloat16: w is W [K, N]\n"
           "packed by samreg_rt.bf16_graph.pack_bf16_weight (rounded to bfloat16, nearest even; K and N padded to\n"
           "multiples of 32 with zeros: the packing's shape gives K only up to that padding, so the caller keeps\n"
@@ -3371,7 +3413,8 @@ PYBIND11_MODULE(_ext, m) {
           "out: an optional float32[M, N] array (not overlapping the inputs) to\n"
           "write and return instead of a new one. isa: 'amx' (AMX tiles, where has_amx_bf16()), 'avx512'\n"
           "(VDPBF16PS, where has_avx512_bf16()) or 'auto' (amx where the tiles are, else avx512); RuntimeError\n"
-          "where the CPU lacks them." THREADS_DOC);
+          "where the CPU lacks them. activation 'gelu': GELU(out) = out (1 + erf(out / sqrt 2)) / 2 applied to each\n"
+          "result in float32 before it is stored (erf within 2e-7 absolute: Abramowitz & Stegun 7.1.26)." THREADS_DOC);
     m.def("has_amx_bf16", &has_amx_bf16,
           "has_amx_bf16() -> whether shared_attention_bf16 and linear_bf16(isa='amx') run here: the CPU has AMX-TILE,\n"
           "AMX-BF16 and AVX512-BF16, and the operating system let this process use the tiles.");

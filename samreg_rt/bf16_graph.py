@@ -5,17 +5,20 @@ accuracy bounds of issue 6 (benchmarks/results/int8_accuracy.md: 8-bit activatio
 embedding cosine; bfloat16 products keep it near 0.9999). ``Bf16Graph`` cuts a float32 graph at each product
 of an activation with a constant weight (``Gemm``, or ``MatMul`` with its bias ``Add``), runs the pieces between
 the cuts as ONNX Runtime sessions and each product with ``_ext.linear_bf16`` (weights rounded and packed once,
-``pack_bf16_weight``). Everything else (convolutions, normalisation, attention) stays float32.
+``pack_bf16_weight``). A GELU that follows a product (the erf form torch exports, directly or after a Reshape) runs
+in the product's kernel, on each block of results while it is in the L1 cache, instead of as a pass of ONNX
+Runtime over the MLP's widest tensor. Everything else (convolutions, normalisation, attention) stays float32.
 
 The pieces are the graph's nodes in their (topological) order between two products, so each piece needs only
 tensors made before it; each tensor is dropped after its last use.
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import onnx
@@ -60,12 +63,14 @@ def pack_bf16_weight(w: np.ndarray, split: bool = False) -> np.ndarray:
 
 @dataclass(frozen=True)
 class WeightProduct:
-    """output = input @ weight + bias over the last axis of input; weight packed by ``pack_bf16_weight``."""
+    """output = input @ weight + bias over the last axis of input (then GELU where ``activation`` is "gelu");
+    weight packed by ``pack_bf16_weight``."""
     input: str
     output: str
     weight: np.ndarray   # uint16, packed
     bias: np.ndarray     # float32 [N]
     depth: int           # K
+    activation: str = "none"
 
     def run(self, x: np.ndarray, threads: int, out: np.ndarray | None = None) -> np.ndarray:
         """x (..., K) float32 -> (..., N); into ``out`` (M x N values, M the product of x's other axes) if given."""
@@ -74,8 +79,8 @@ class WeightProduct:
         rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.depth)
         if out is not None:
             out = out.reshape(rows.shape[0], self.bias.shape[0])
-        return _ext.linear_bf16(rows, self.weight, self.bias, out=out, threads=threads).reshape(
-            *x.shape[:-1], self.bias.shape[0])
+        return _ext.linear_bf16(rows, self.weight, self.bias, out=out, threads=threads,
+                                activation=self.activation).reshape(*x.shape[:-1], self.bias.shape[0])
 
 
 @dataclass(frozen=True)
@@ -86,12 +91,22 @@ class Piece:
     outputs: tuple[str, ...]
 
 
-def find_products(graph: onnx.GraphProto, split: bool = False) -> dict[int, tuple[WeightProduct, set[int]]]:
-    """The weight products of a graph: {index of the first node: (product, indices of the nodes it replaces)}.
-    ``split``: weights packed as hi + lo (``pack_bf16_weight``).
+class Found(NamedTuple):
+    """A weight product of a graph, the indices of the nodes it replaces, and nodes to run in edited form
+    (index: node)."""
+    product: WeightProduct
+    replaced: set[int]
+    edits: dict[int, onnx.NodeProto]
+
+
+def find_products(graph: onnx.GraphProto, split: bool = False) -> dict[int, Found]:
+    """The weight products of a graph, by the index of their first node. ``split``: weights packed as hi + lo
+    (``pack_bf16_weight``).
 
     Gemm(A, B, C?) with B (and C) initializers, transA 0, alpha and beta 1; MatMul(A, B) with B a 2-D initializer,
-    with the bias of the one Add that takes its output when the other term is a 1-D initializer of N values.
+    with the bias of the one Add that takes its output when the other term is a 1-D initializer of N values; then
+    the GELU (``_gelu_nodes``) of that output, or of a Reshape that is its only use: the product applies it (the
+    Reshape, edited, then gives the GELU's output).
     """
     inits = {t.name: t for t in graph.initializer}
     consumers: dict[str, list[int]] = {}
@@ -132,8 +147,62 @@ def find_products(graph: onnx.GraphProto, split: bool = False) -> dict[int, tupl
                     if c.dtype == np.float32 and c.shape == (w.shape[1],):
                         bias, output = c.copy(), add.output[0]
                         replaced.add(users[0])
-        products[i] = (WeightProduct(node.input[0], output, pack_bf16_weight(w, split), bias, w.shape[0]), replaced)
+        activation, edits = "none", {}
+        users = consumers.get(output, [])
+        reshape = graph.node[users[0]] if len(users) == 1 else None
+        if (gelu := _gelu_nodes(graph, output, consumers, inits, graph_outputs)) is not None:
+            activation, output = "gelu", gelu[1]
+            replaced |= gelu[0]
+        elif (reshape is not None and reshape.op_type == "Reshape" and reshape.input[0] == output
+              and output not in graph_outputs
+              and (gelu := _gelu_nodes(graph, reshape.output[0], consumers, inits, graph_outputs)) is not None):
+            activation = "gelu"
+            replaced |= gelu[0]
+            edited = onnx.NodeProto()
+            edited.CopyFrom(reshape)
+            edited.output[0] = gelu[1]
+            edits[users[0]] = edited
+        product = WeightProduct(node.input[0], output, pack_bf16_weight(w, split), bias, w.shape[0], activation)
+        products[i] = Found(product, replaced, edits)
     return products
+
+
+def _gelu_nodes(graph: onnx.GraphProto, x: str, consumers: dict[str, list[int]], inits: dict[str, onnx.TensorProto],
+                graph_outputs: set[str]) -> tuple[set[int], str] | None:
+    """GELU(x) = x (1 + erf(x / sqrt 2)) / 2 as torch exports it: Div(x, sqrt 2), Erf, Add 1, Mul by x, Mul by
+    0.5 (either operand order), where x and the steps between feed nothing else: (their indices, the output's
+    name), else None."""
+    def only_use(name: str, op: str) -> tuple[int, onnx.NodeProto] | None:
+        users = consumers.get(name, [])
+        ok = len(users) == 1 and name not in graph_outputs and graph.node[users[0]].op_type == op
+        return (users[0], graph.node[users[0]]) if ok else None
+
+    def other_is(node: onnx.NodeProto, name: str, value: float) -> bool:
+        if len(node.input) != 2 or name not in node.input:
+            return False
+        other = node.input[1] if node.input[0] == name else node.input[0]
+        if other not in inits:
+            return False
+        c = numpy_helper.to_array(inits[other])
+        return c.size == 1 and c.dtype == np.float32 and abs(float(c.reshape(())) - value) <= 1e-6 * value
+
+    users = consumers.get(x, [])
+    if len(users) != 2 or x in graph_outputs:
+        return None
+    div = next((i for i in users if graph.node[i].op_type == "Div" and graph.node[i].input[0] == x), None)
+    if div is None or not other_is(graph.node[div], x, math.sqrt(2)):
+        return None
+    if (erf := only_use(graph.node[div].output[0], "Erf")) is None:
+        return None
+    if (add := only_use(erf[1].output[0], "Add")) is None or not other_is(add[1], erf[1].output[0], 1.0):
+        return None
+    if (mul := only_use(add[1].output[0], "Mul")) is None or sorted(mul[1].input) != sorted([x, add[1].output[0]]):
+        return None
+    if mul[0] not in users or (half := only_use(mul[1].output[0], "Mul")) is None:
+        return None
+    if not other_is(half[1], mul[1].output[0], 0.5):
+        return None
+    return {div, erf[0], add[0], mul[0], half[0]}, half[1].output[0]
 
 
 class Bf16Graph:
@@ -156,14 +225,15 @@ class Bf16Graph:
         self._spare = threading.local()  # each thread's arrays for the products' results, by size
         self.inputs = tuple(i.name for i in graph.input if i.name not in {t.name for t in graph.initializer})
         self.outputs = tuple(o.name for o in graph.output)
-        replaced = set().union(*(r for _, r in products.values()))
+        replaced = set().union(*(found.replaced for found in products.values()))
+        edits = {i: node for found in products.values() for i, node in found.edits.items()}
         # the steps: runs of plain nodes, and the products at the place of their first node
         groups: list[list[onnx.NodeProto] | WeightProduct] = [[]]
         for i, node in enumerate(graph.node):
             if i in products:
-                groups += [products[i][0], []]
+                groups += [products[i].product, []]
             elif i not in replaced:
-                groups[-1].append(node)
+                groups[-1].append(edits.get(i, node))
         groups = [g for g in groups if not (isinstance(g, list) and not g)]
         needs = [{g.input} if isinstance(g, WeightProduct) else _node_inputs(g) for g in groups]
         makes = [{g.output} if isinstance(g, WeightProduct) else _node_outputs(g) for g in groups]

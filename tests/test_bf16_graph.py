@@ -80,6 +80,30 @@ def test_linear_bf16_matches_twin(rng, m, k, n, isa):
         assert np.abs(want - twins.linear(x, w, b)).max() > 1e-4
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k,n", [(5, 7, 3), (97, 160, 640), (300, 768, 96)])
+def test_linear_bf16_gelu(rng, m, k, n, isa):
+    """activation 'gelu': the exact GELU of each float32 result (the plain product's) within 4e-7 |y| (measured
+    when written: 2.7e-7), with either packing."""
+    x, w, b = _linear_inputs(rng, m, k, n)
+    x *= 8
+    for packed in (pack_bf16_weight(w), pack_bf16_weight(w, split=True)):
+        y = _ext.linear_bf16(x, packed, b, isa=isa)
+        got = _ext.linear_bf16(x, packed, b, isa=isa, activation="gelu")
+        assert (np.abs(got - twins.gelu(y)) <= 4e-7 * np.abs(y) + 1e-37).all()
+        assert (y < -1).any() and not np.allclose(got, y)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear_bf16_gelu_range(isa):
+    """GELU over [-12, 12] and its limits, through a 1 x 1 identity product (exact in bfloat16 for these y)."""
+    y = twins.bf16(np.concatenate([np.linspace(-12, 12, 20001), [-100, 100, 0, 1e-30, -1e-30, -3e38, np.inf]]))
+    got = _ext.linear_bf16(y[:, None].copy(), pack_bf16_weight(np.ones((1, 1), np.float32)),
+                           np.zeros(1, np.float32), isa=isa, activation="gelu")[:, 0]
+    assert (np.abs(got[:-1] - twins.gelu(y[:-1])) <= 4e-7 * np.abs(y[:-1]) + 1e-37).all()
+    assert got[-7] == 0 and got[-6] == 100 and got[-5] == 0 and got[-2] == 0 and got[-1] == np.inf
+
+
 def test_pack_bf16_weight_split(rng):
     """split: the hi tiles as the plain packing, then the tiles of lo = bf16(W - hi); hi + lo is W to ~16 bits."""
     w = rng.standard_normal((45, 70)).astype(np.float32)
@@ -150,6 +174,7 @@ def test_linear_bf16_rejects_bad_arguments(rng):
         (dict(out=np.zeros((10, 49), np.float32)), ValueError, r"out: expected shape \(10, 50\)"),
         (dict(threads=-1), ValueError, "threads"),
         (dict(isa="sse"), ValueError, "isa must be 'auto', 'amx' or 'avx512', got 'sse'"),
+        (dict(activation="relu"), ValueError, "activation must be 'none' or 'gelu', got 'relu'"),
     ]
     for change, error, message in cases:
         with pytest.raises(error, match=message):
@@ -207,8 +232,9 @@ def test_find_products(rng):
     model, w = _graph(rng)
     products = find_products(model.graph)
     assert sorted(products) == [1, 5, 6]     # the Gemm with alpha 2 stays in ONNX Runtime
-    first, replaced = products[1]
-    assert (first.input, first.output, first.depth, replaced) == ("n", "hb", 24, {1, 2})
+    first, replaced, edits = products[1]
+    assert (first.input, first.output, first.depth, replaced, edits) == ("n", "hb", 24, {1, 2}, {})
+    assert {found.product.activation for found in products.values()} == {"none"}
     np.testing.assert_array_equal(first.bias, w["b1"])
     gemm = products[5][0]
     np.testing.assert_array_equal(gemm.weight, pack_bf16_weight(w["w2"].T))
@@ -244,6 +270,63 @@ def test_bf16_graph_matches_its_numpy_emulation(rng):
     assert set(timings) == {"products", "onnxruntime"} and timings["products"] > 1.0 and timings["onnxruntime"] > 0
     with pytest.raises(ValueError, match=r"missing inputs \['x'\]"):
         graph.run(None, {})
+
+
+def _gelu(x: str, out: str, swap: bool = False) -> list[onnx.NodeProto]:
+    """GELU as torch exports it (constants "sqrt2", "one", "half"); swap: the Muls' operands the other way."""
+    first = [x, f"{out}_a"] if not swap else [f"{out}_a", x]
+    return [helper.make_node("Div", [x, "sqrt2"], [f"{out}_d"]), helper.make_node("Erf", [f"{out}_d"], [f"{out}_e"]),
+            helper.make_node("Add", [f"{out}_e", "one"], [f"{out}_a"]), helper.make_node("Mul", first, [f"{out}_m"]),
+            helper.make_node("Mul", [f"{out}_m", "half"] if not swap else ["half", f"{out}_m"], [out])]
+
+
+def _gelu_graph(rng) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x [2, 5, 24] -> MatMul(w1) + b1 -> GELU -> Reshape [10, 40] -> Gemm(w2, c2) -> Reshape [2, 5, 16] -> GELU
+    -> y; z = MatMul(x, w3), a graph output, and its GELU zg (not fused: z is wanted as it is)."""
+    w = {"w1": rng.standard_normal((24, 40)), "b1": rng.standard_normal(40), "w2": rng.standard_normal((40, 16)),
+         "c2": rng.standard_normal(16), "w3": rng.standard_normal((24, 8))}
+    w = {name: (a / 4).astype(np.float32) for name, a in w.items()}
+    w.update(sqrt2=np.float32(np.sqrt(2)), one=np.float32(1), half=np.float32(0.5),
+             s1=np.array([10, 40], np.int64), s2=np.array([2, 5, 16], np.int64))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             *_gelu("hb", "g"), helper.make_node("Reshape", ["g", "s1"], ["g2"]),
+             helper.make_node("Gemm", ["g2", "w2", "c2"], ["y2"]), helper.make_node("Reshape", ["y2", "s2"], ["y3"]),
+             *_gelu("y3", "y", swap=True), helper.make_node("MatMul", ["x", "w3"], ["z"]), *_gelu("z", "zg")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 24])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "z", "zg")],
+        [numpy_helper.from_array(np.asarray(a), name) for name, a in w.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), w
+
+
+def test_find_products_takes_gelu(rng):
+    """A GELU after a product (directly or after a Reshape that is the product's only use) runs in the product;
+    not where the product's result is wanted by something else."""
+    model, _ = _gelu_graph(rng)
+    products = find_products(model.graph)
+    assert sorted(products) == [0, 8, 15]
+    first, gemm, plain = (products[i] for i in (0, 8, 15))
+    assert (first.product.output, first.product.activation, first.replaced, first.edits) == \
+        ("g", "gelu", {0, 1, 2, 3, 4, 5, 6}, {})
+    assert (gemm.product.output, gemm.product.activation, gemm.replaced) == ("y2", "gelu", {8, 10, 11, 12, 13, 14})
+    assert list(gemm.edits) == [9] and list(gemm.edits[9].input) == ["y2", "s2"] and gemm.edits[9].output == ["y"]
+    assert model.graph.node[9].output == ["y3"]                       # the graph itself is left as it was
+    assert (plain.product.output, plain.product.activation, plain.replaced) == ("z", "none", {15})
+
+
+@needs_bf16
+def test_bf16_graph_with_gelu_matches_its_numpy_emulation(rng):
+    model, w = _gelu_graph(rng)
+    graph = Bf16Graph(model, _session, threads=2)
+    x = rng.standard_normal((2, 5, 24)).astype(np.float32)
+    y, z, zg = graph.run(None, {"x": x})
+    g = twins.gelu(twins.linear_bf16(x.reshape(10, 24), w["w1"], w["b1"])).astype(np.float32)
+    want = twins.gelu(twins.linear_bf16(g, w["w2"], w["c2"])).reshape(2, 5, 16)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(zg, twins.gelu(z), rtol=1e-5, atol=1e-6)     # ONNX Runtime's float32 GELU
+    full = _session(model.SerializeToString()).run(None, {"x": x})
+    np.testing.assert_allclose(y, full[0], atol=0.05)
+    assert np.abs(y - full[0]).max() > 1e-5                                 # bfloat16's products, not float32's
 
 
 def test_bf16_graph_refuses_graphs_without_products():

@@ -8,6 +8,7 @@ shared by tests/test_ext.py and benchmarks/kernels.py.
 from __future__ import annotations
 
 import numpy as np
+from scipy import special
 
 
 def pack_masks(masks: np.ndarray) -> np.ndarray:
@@ -440,3 +441,10 @@ def two_way_factored_inputs(rng: np.random.Generator, batch: int, pixels: int, t
                 gram=(rows @ rows.transpose(0, 2, 1)).astype(np.float32),
                 mf=rng.normal(0, 0.3, (batch, k_rows, tokens2)).astype(np.float32), eps=1e-5, heads=heads)
     return {**args, **dict(probs1=None, rstd1=None, vh1=None, n=None, m1=None)} if first else args
+
+
+def gelu(y: np.ndarray) -> np.ndarray:
+    """GELU(y) = y (1 + erf(y / sqrt 2)) / 2 = y erfc(-y / sqrt 2) / 2 in float64 (scipy's erfc: no cancellation
+    in the negative tail): what linear_bf16(activation='gelu') applies to its float32 results."""
+    y = np.asarray(y, dtype=np.float64)
+    return 0.5 * y * special.erfc(-y / np.sqrt(2))
