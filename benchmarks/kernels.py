@@ -6,7 +6,8 @@ to ``kernels.md`` and ``kernels.json`` in ``--out``; checks that both give ident
 float kernels resize_logits, mask_upscaling (both forms), linear, two_way_pass (both modes), two_way_factored
 (both layers), shared_attention and linear_bf16, each in every build this CPU runs (the AVX2 builds of
 mask_upscaling, linear, shared_attention, two_way_pass and two_way_factored where AVX-512 is the default; linear_bf16 with
-plain and split weights, its twin rounding x and W to bfloat16 and summing in float64), whose twins compute in
+plain and split weights, without and with its GELU epilogue, its twin rounding x and W to bfloat16 and summing in
+float64, then GELU by scipy's erfc), whose twins compute in
 float64: within 2e-5 of
 the largest value; shared_attention_bf16, on CPUs with AMX tiles: 99% of the values within 2e-5 of the
 largest, all within a bfloat16 step). mask_upscaling, linear, linear_bf16, two_way_pass, two_way_factored and
@@ -184,6 +185,11 @@ def main() -> None:
                   (f"linear_bf16 split {isa}", "4096x768 -> 3072",
                    lambda isa=isa: _ext.linear_bf16(mlp_x, mlp_packed[True], mlp_b, out=mlp_out, isa=isa),
                    lambda: twins.linear_bf16_split(mlp_x, mlp_w, mlp_b), 5)]
+        cases += [(f"linear_bf16{split} gelu {isa}", "4096x768 -> 3072",
+                   lambda isa=isa, packed=mlp_packed[bool(split)]: _ext.linear_bf16(
+                       mlp_x, packed, mlp_b, out=mlp_out, isa=isa, activation="gelu"),
+                   lambda twin=twin: twins.gelu(twin(mlp_x, mlp_w, mlp_b)), 5)
+                  for split, twin in (("", twins.linear_bf16), (" split", twins.linear_bf16_split))]
     if _ext.has_amx_bf16():
         cases.append(("shared_attention_bf16 ViT", "512 rows, 12 heads, d 64",
                       lambda: _ext.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
@@ -203,11 +209,14 @@ def main() -> None:
               "shared_attention_bf16 ViT": (vit_flop, "R H P 2 2 d; and R H P exps"),
               **{f"linear_bf16 {isa}": (mlp_flop, "2 M K N") for isa in isas},
               **{f"linear_bf16 split {isa}": (mlp_flop, "2 M K N (the product's: twice that run, W's two parts)")
-                 for isa in isas}}
+                 for isa in isas},
+              **{f"linear_bf16{split} gelu {isa}": (mlp_flop, "2 M K N (the product's; the GELU uncounted)")
+                 for isa in isas for split in ("", " split")}}
     gflops |= {name + suffix: gflops[name] for name, *_ in with_avx2 for suffix in builds.values()}
     float_kernels = ("resize_logits", "shared_attention ViT",
                      *(name + suffix for name, *_ in with_avx2 for suffix in builds.values()),
-                     *(f"linear_bf16{split} {isa}" for isa in isas for split in ("", " split")))
+                     *(f"linear_bf16{split}{gelu} {isa}" for isa in isas for split in ("", " split")
+                       for gelu in ("", " gelu")))
     bf16_kernels = ("shared_attention_bf16 ViT",)
 
     info = machine()
