@@ -21,7 +21,15 @@ engine (the same with each weight as two bfloat16 parts), and compared:
 The same for the fp32 engine with Gaussian noise added to its embeddings (``--noise``, relative sizes):
 how sensitive mask generation and matching are to a perturbation of the embedding as such.
 
-Writes ``int8_accuracy.md`` and ``int8_accuracy.json``.
+``--variants int8_per_token int8_weights_only int8_activations_only`` (not run by default; a study, not engines):
+int8 products with one activation scale per token, simulated (``SimulatedInt8Product``: each row of a product's
+input as uint8 with its own scale and zero point, the weights int8 per output channel rounded to nearest, the
+integer sums exact in float64): what a native int8 kernel with per-token scales would give in place of ONNX
+Runtime's one scale per tensor; each half of that rounding alone (which of weights and activations costs the
+accuracy); and ``int8x2_per_token``, the same activations with each weight as two int8 parts (W / s = hi + lo / 256:
+an int8 kernel with two passes over the weights).
+
+Writes ``<name>.md`` and ``<name>.json`` (``--name``, default ``int8_accuracy``).
 """
 from __future__ import annotations
 
@@ -35,9 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import special
 
 from samreg_export.export import export_model
 from samreg_rt import _ext
+from samreg_rt.bf16_graph import Bf16Graph, WeightProduct
 from samreg_rt.engine import Engine, ImageEmbedding
 from samreg_rt.io import load_image
 from samreg_rt.manifest import read_manifest
@@ -49,6 +59,8 @@ from fast_modes import compare, labelled_pairs, run  # benchmarks/fast_modes.py
 REPO = Path(__file__).resolve().parents[1]
 SAME_MASK_IOU = 0.95     # issue 6: int8 mask IoU >= 0.95 against fp32
 PAIRS_KEPT = 0.90        # and >= 90% of the fp32 pairs kept
+VARIANTS = ("int8", "bf16", "bf16x2", "int8_per_token", "int8_weights_only", "int8_activations_only",
+            "int8x2_per_token")
 
 
 def best_ious(fp32: np.ndarray, int8: np.ndarray) -> list[float]:
@@ -81,6 +93,78 @@ class NoisyEmbeddings:
         x = clean.embedding
         noise = self.rng.standard_normal(x.shape, dtype=np.float32) * np.float32(self.sigma * x.std())
         return dataclasses.replace(clean, embedding=x + noise)
+
+
+def unpack_split_weight(packed: np.ndarray, depth: int, width: int) -> np.ndarray:
+    """The inverse of ``pack_bf16_weight(w, split=True)``: W [depth, width] as hi + lo in float64 (W to about 16
+    significant bits)."""
+    parts = packed.reshape(*packed.shape[:2], 2, 2, 16, 16, 2).astype(np.uint32) << 16
+    hi_lo = parts.view(np.float32).astype(np.float64)       # [p, c, part, t, i, n, e]
+    w = hi_lo.sum(axis=2).transpose(1, 3, 5, 0, 2, 4)        # [c, i, e, p, t, n]
+    return w.reshape(w.shape[0] * 32, -1)[:depth, :width]
+
+
+def per_token_int8(x: np.ndarray, w_int: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
+    """x [M, K] float -> x @ W [M, N] float64 as int8 hardware with per-token scales gives it: each row of x as
+    uint8 q = clip(round(x / s) + z, 0, 255), s = (max - min) / 255 and z = round(-min / s) over the row (its range
+    widened to hold 0); W as ``w_int`` [K, N] (integers in [-127, 127]) times ``w_scale`` [N] per column. The
+    integer sums are exact (float64 holds them)."""
+    x = np.asarray(x, dtype=np.float64)
+    low, high = np.minimum(x.min(axis=1, keepdims=True), 0), np.maximum(x.max(axis=1, keepdims=True), 0)
+    scale = (high - low) / 255
+    scale[scale == 0] = 1
+    zero = np.round(-low / scale)
+    q = np.clip(np.round(x / scale) + zero, 0, 255) - zero
+    return (q @ w_int) * scale * w_scale
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatedInt8Product(WeightProduct):
+    """A weight product of a ``Bf16Graph`` simulated with int8 weights, int8 activations with per-token scales, or
+    both (``per_token_int8``); the rest in float64. ``weight``: W's integers (int8 weights: per-column scales
+    ``w_scale`` = max |W| / 127, rounded to nearest) or W itself (scales 1); the GELU that the graph runs in the
+    product (``activation``) in float64."""
+    w_scale: np.ndarray | None = None
+    activations_int8: bool = True
+
+    @classmethod
+    def from_split(cls, step: WeightProduct, weights: str, activations_int8: bool) -> "SimulatedInt8Product":
+        """``weights``: "int8", "int8x2" (two int8 parts: W / s = hi + lo / 256, hi = round(W / s),
+        lo = round(256 (W / s - hi)), as an int8 kernel with two passes over the weights would take them) or
+        "float"."""
+        w = unpack_split_weight(step.weight, step.depth, step.bias.shape[0])
+        scale = np.abs(w).max(axis=0) / 127 if weights != "float" else np.ones(w.shape[1])
+        scale[scale == 0] = 1
+        values = {"int8": lambda v: np.round(v), "int8x2": lambda v: np.round(v) + np.round(256 * (v - np.round(v))) / 256,
+                  "float": lambda v: v}[weights](w / scale)
+        return cls(step.input, step.output, values, step.bias, step.depth, activation=step.activation, w_scale=scale,
+                   activations_int8=activations_int8)
+
+    def run(self, x: np.ndarray, threads: int, out: np.ndarray | None = None) -> np.ndarray:
+        rows = np.asarray(x, dtype=np.float64).reshape(-1, self.depth)
+        y = (per_token_int8(rows, self.weight, self.w_scale) if self.activations_int8
+             else rows @ self.weight * self.w_scale) + self.bias
+        if self.activation == "gelu":
+            y = 0.5 * y * special.erfc(-y / np.sqrt(2))
+        return y.astype(np.float32).reshape(*x.shape[:-1], self.bias.shape[0])
+
+
+SIMULATED = {"int8_per_token": ("int8", True), "int8_weights_only": ("int8", False),
+             "int8_activations_only": ("float", True), "int8x2_per_token": ("int8x2", True)}  # (weights, activations int8)
+
+
+def simulated_engine(model_dir: Path, threads: int, label: str) -> Engine:
+    """The bf16x2 engine (fp32 graphs, weight products cut out) with its encoder's products swapped for
+    ``SimulatedInt8Product`` as ``SIMULATED[label]`` says: everything else as fp32 runs it (attention,
+    convolutions, the decoder)."""
+    engine = Engine.load(model_dir, threads=threads, precision="bf16x2", encoder_attention="fp32")
+    graphs = [g for g in (engine.sessions.get("encoder"), *engine.encoder_parts) if isinstance(g, Bf16Graph)]
+    if not graphs:
+        raise RuntimeError(f"{model_dir}: the bf16x2 engine has no encoder graph with weight products")
+    for graph in graphs:
+        graph.steps = [SimulatedInt8Product.from_split(s, *SIMULATED[label]) if isinstance(s, WeightProduct) else s
+                       for s in graph.steps]
+    return engine
 
 
 def bench(pairs: list, fp32: Engine, variants: dict[str, Any]) -> list[dict[str, Any]]:
@@ -142,7 +226,7 @@ def verdict(label: str, s: dict[str, Any]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
-    variants = [label for label in ("int8", "bf16", "bf16x2") if label in report["summary"]]
+    variants = [label for label in VARIANTS if label in report["summary"]]
     lines = [
         f"# {' and '.join(variants)} against fp32: masks, ROI pairs and registration Dice", "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, SIMD {' '.join(m['simd_flags'])}; Python "
@@ -156,7 +240,14 @@ def markdown(report: dict[str, Any]) -> str:
            "and weights rounded to bfloat16, sums in float32), everything else float32. " if "bf16" in variants
            else "")
         + ("bf16x2: the same with each weight as hi + lo, both bfloat16 (twice the products' work; "
-           "the activations still rounded to bfloat16). " if "bf16x2" in variants else "") +
+           "the activations still rounded to bfloat16). " if "bf16x2" in variants else "")
+        + ("int8_per_token (simulated, `SimulatedInt8Product`): the encoder's weight products as int8 with one "
+           "uint8 scale and zero point per token (each row of the product's input), the weights int8 per output "
+           "channel rounded to nearest, the integer sums exact; everything else float32; int8_weights_only: the "
+           "same weights, the activations float; int8_activations_only: the activations as int8_per_token's, the "
+           "weights float; int8x2_per_token: the activations as int8_per_token's, each weight as two int8 parts "
+           "(W / s = hi + lo / 256), as an int8 kernel with two passes over the weights would compute it. "
+           if set(SIMULATED) & set(variants) else "") +
         f"ROIs count as the same at mask IoU >= {SAME_MASK_IOU}; pairs as kept when both ROIs are the same and "
         "the variant pairs them together. `noise s`: the fp32 engine with Gaussian noise of s times the "
         "embedding's standard deviation added to each embedding (seeded): the loss of a perturbation of that size.",
@@ -195,17 +286,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--noise", type=float, nargs="*", default=[0.03, 0.1],
                     help="also fp32 with embedding noise of these relative sizes")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=["int8", "bf16", "bf16x2"],
+                    help="engines to compare with fp32 (bf16, bf16x2 and int8_per_token need AVX512-BF16)")
+    ap.add_argument("--name", default="int8_accuracy", help="the report's file name, without suffix")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
+    if not _ext.has_avx512_bf16() and set(args.variants) - {"int8"}:
+        ap.error(f"--variants {' '.join(sorted(set(args.variants) - {'int8'}))}: this CPU has no AVX512-BF16")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export_model(args.model, Path(tmp) / args.model, precisions=("fp32", "int8"), name=args.model)
         note = read_manifest(model_dir)["precisions"]["int8"]
         fp32 = Engine.load(model_dir, threads=args.threads)
         int8 = Engine.load(model_dir, threads=args.threads, precision="int8")
-        variants = {"int8": int8}
-        if _ext.has_avx512_bf16():
-            variants["bf16"] = Engine.load(model_dir, threads=args.threads, precision="bf16")
-            variants["bf16x2"] = Engine.load(model_dir, threads=args.threads, precision="bf16x2")
+        make = {"int8": lambda: int8,
+                **{p: (lambda p=p: Engine.load(model_dir, threads=args.threads, precision=p))
+                   for p in ("bf16", "bf16x2")},
+                **{label: (lambda label=label: simulated_engine(model_dir, args.threads, label))
+                   for label in SIMULATED}}
+        variants = {label: make[label]() for label in VARIANTS if label in args.variants}
         variants.update({f"noise {sigma:g}": NoisyEmbeddings(fp32, sigma) for sigma in args.noise})
         load_before = os.getloadavg()[0]
         rows = bench(labelled_pairs(args.per_application or 10 ** 6), fp32, variants)
@@ -215,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model, "int8_note": note, "int8_encoder_attention": int8.encoder_attention,
         "rows": rows, "summary": summarise(rows),
     }
-    write_report(args.out, "int8_accuracy", report, markdown(report))
+    write_report(args.out, args.name, report, markdown(report))
     return 0
 
 
