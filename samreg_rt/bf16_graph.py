@@ -1,8 +1,8 @@
 """An fp32 ONNX graph whose weight products run in bfloat16 (AMX tiles or AVX512-BF16), the rest in ONNX Runtime.
 
 ONNX Runtime has no x86 bfloat16 GEMM, and its int8 products lose too much of LiteMedSAM's embedding for the
-accuracy bounds of issue 6 (benchmarks/results/int8_accuracy.md: 8-bit activations cost about 0.002 of
-embedding cosine; bfloat16 products keep it near 0.9999). ``Bf16Graph`` cuts a float32 graph at each product
+accuracy bounds of issue 6 (benchmarks/results/int8_accuracy.md: about 0.002 of embedding cosine, most of it the
+weights' 8-bit rounding, benchmarks/results/int8_per_token.md; bfloat16 products keep it near 0.9999). ``Bf16Graph`` cuts a float32 graph at each product
 of an activation with a constant weight (``Gemm``, or ``MatMul`` with its bias ``Add``), runs the pieces between
 the cuts as ONNX Runtime sessions and each product with ``_ext.linear_bf16`` (weights rounded and packed once,
 ``pack_bf16_weight``). A GELU that follows a product (the erf form torch exports, directly or after a Reshape) runs
