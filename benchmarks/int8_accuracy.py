@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise", type=float, nargs="*", default=[0.03, 0.1],
                     help="also fp32 with embedding noise of these relative sizes")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=["int8", "bf16", "bf16x2"],
-                    help="engines to compare with fp32 (bf16, bf16x2 and int8_per_token need AVX512-BF16)")
+                    help="engines to compare with fp32 (all but int8 need AVX512-BF16)")
     ap.add_argument("--name", default="int8_accuracy", help="the report's file name, without suffix")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
