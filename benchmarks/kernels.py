@@ -37,6 +37,8 @@ from tests import twins  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402  (benchmarks/common.py)
 
+MISALIGNED = "linear_bf16 split amx, W 16 B off 64-B alignment"   # the row of a misaligned packed weight
+
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
     """Best wall time of ``repeats`` calls, in milliseconds."""
@@ -117,6 +119,16 @@ def main() -> None:
     mlp_b, mlp_out = rng.normal(0, 1, 3072).astype(np.float32), np.empty((4096, 3072), np.float32)
     mlp_packed = {split: pack_bf16_weight(mlp_w, split) for split in (False, True)}
     mlp_flop = 2 * 4096 * 768 * 3072
+    # the same split weight 16 bytes off a 64-byte boundary (as numpy may place a copy): tile rows across two lines
+    shifted = np.empty(mlp_packed[True].nbytes + 80, np.uint8)
+    start = (16 - shifted.ctypes.data) % 64
+    mlp_shifted = shifted[start:start + mlp_packed[True].nbytes].view(np.uint16).reshape(mlp_packed[True].shape)
+    mlp_shifted[...] = mlp_packed[True]
+    # the second MLP layer's shape (K 3072): its split weight is 3 MiB, more than a core's L2
+    fc2_x = rng.normal(0, 1, (4096, 3072)).astype(np.float32)
+    fc2_w = (rng.normal(0, 1, (3072, 768)) / np.sqrt(3072)).astype(np.float32)
+    fc2_b, fc2_out = rng.normal(0, 1, 768).astype(np.float32), np.empty((4096, 768), np.float32)
+    fc2_packed = {split: pack_bf16_weight(fc2_w, split) for split in (False, True)}
     frame = Frame((200, 200), (1024, 1024), 1024)              # the reference preset's working grid
     ry, rx = upscale_matrices(frame, (256, 256), (200, 200))
 
@@ -190,6 +202,15 @@ def main() -> None:
                        mlp_x, packed, mlp_b, out=mlp_out, isa=isa, activation="gelu"),
                    lambda twin=twin: twins.gelu(twin(mlp_x, mlp_w, mlp_b)), 5)
                   for split, twin in (("", twins.linear_bf16), (" split", twins.linear_bf16_split))]
+        cases += [(f"linear_bf16{split} {isa}", "4096x3072 -> 768",
+                   lambda isa=isa, packed=fc2_packed[bool(split)]: _ext.linear_bf16(fc2_x, packed, fc2_b, out=fc2_out,
+                                                                                    isa=isa),
+                   lambda twin=twin: twin(fc2_x, fc2_w, fc2_b), 5)
+                  for split, twin in (("", twins.linear_bf16), (" split", twins.linear_bf16_split))]
+    if _ext.has_amx_bf16():
+        cases.append((MISALIGNED, "4096x768 -> 3072",
+                      lambda: _ext.linear_bf16(mlp_x, mlp_shifted, mlp_b, out=mlp_out, isa="amx"),
+                      lambda: twins.linear_bf16_split(mlp_x, mlp_w, mlp_b), 5))
     if _ext.has_amx_bf16():
         cases.append(("shared_attention_bf16 ViT", "512 rows, 12 heads, d 64",
                       lambda: _ext.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
@@ -211,12 +232,13 @@ def main() -> None:
               **{f"linear_bf16 split {isa}": (mlp_flop, "2 M K N (the product's: twice that run, W's two parts)")
                  for isa in isas},
               **{f"linear_bf16{split} gelu {isa}": (mlp_flop, "2 M K N (the product's; the GELU uncounted)")
-                 for isa in isas for split in ("", " split")}}
+                 for isa in isas for split in ("", " split")},
+              MISALIGNED: (mlp_flop, "2 M K N (the product's: twice that run, W's two parts)")}
     gflops |= {name + suffix: gflops[name] for name, *_ in with_avx2 for suffix in builds.values()}
     float_kernels = ("resize_logits", "shared_attention ViT",
                      *(name + suffix for name, *_ in with_avx2 for suffix in builds.values()),
                      *(f"linear_bf16{split}{gelu} {isa}" for isa in isas for split in ("", " split")
-                       for gelu in ("", " gelu")))
+                       for gelu in ("", " gelu")), MISALIGNED)
     bf16_kernels = ("shared_attention_bf16 ViT",)
 
     info = machine()

@@ -2986,12 +2986,15 @@ py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py:
 // VDPBF16PS. w comes packed once (pack_bf16_weight: panels of 32 columns, chunks of 32 rows, as two B tiles of
 // 16 row pairs x 16 columns x 2; a tile row is one vector of 16 column pairs for VDPBF16PS).
 // A work item is a band of rows: its x rows rounded into a bfloat16 copy (K padded to 32 with zeros), then, for
-// each group of kLbGroup panels (their weights stay in the core's L2), each block of rows against each panel of
+// each group of panels (lb_group: their weights stay in the core's L2), each block of rows against each panel of
 // the group: on the tiles 32 rows, 2 x 2 accumulator tiles started from the bias and stored straight into out
 // where the block is whole; with VDPBF16PS 8 rows, 8 x 2 vectors of 16 columns.
 
 constexpr int kLbBlock = 32;  // rows of a block, columns of a panel, rows of w per chunk
-constexpr int kLbGroup = 8;   // panels whose weights one pass over the row blocks of a band reuses
+constexpr int kLbGroup = 8;   // panels whose weights one pass over the row blocks of a band reuses: at most
+constexpr std::int64_t kLbGroupBytes = 768 << 10;  // and at most this many bytes of them (at least one panel):
+// 8 panels of a split K 3072 weight are 3 MiB, past a core's 2 MiB L2 (benchmarks/kernels.py, 4096x3072 -> 768:
+// 26.9 ms with 8 panels a group, 20.4 ms with this budget's 2)
 constexpr int kLbDpRows = 8;  // rows of a VDPBF16PS block: 8 x 2 accumulators, 2 or 4 weight vectors, 1 of x
 
 struct LinearBf16Args {
@@ -3002,7 +3005,14 @@ struct LinearBf16Args {
     std::int64_t m, k, n, kp, panels;  // kp = K32, panels = N32 / 32
     int parts;                         // B tiles per chunk: 2 (W in bfloat16), 4 (W as hi + lo, both bfloat16)
     bool gelu;                         // out = GELU(x w + bias) (lb_gelu)
+    std::int64_t group;                // panels per group (lb_group)
 };
+
+// Panels per group: as many as kLbGroupBytes of packed weights hold (a panel: K32 / 32 chunks of `parts` 1 KiB
+// tiles), between 1 and kLbGroup.
+std::int64_t lb_group(std::int64_t kp, int parts) {
+    return std::clamp<std::int64_t>(kLbGroupBytes / (kp / kLbBlock * parts * 1024), 1, kLbGroup);
+}
 
 // GELU(y) = y (1 + erf(y / sqrt 2)) / 2 on 16 lanes. With z = |y| / sqrt 2, q = 1 - erf(z) = poly(t) exp(-z^2),
 // t = 1 / (1 + 0.3275911 z) (Abramowitz & Stegun 7.1.26: erf's absolute error below 1.5e-7), and 1 + erf(y / sqrt 2)
@@ -3078,8 +3088,8 @@ __attribute__((target(AMX_TARGET))) void lb_band(const LinearBf16Args &a, std::i
     const int gelu_steps = static_cast<int>((64 + chunks - 1) / chunks);  // vectors of the pending GELU per chunk
     LbPendingGelu pending;
     alignas(64) float edge[kLbBlock][kLbBlock];
-    for (std::int64_t g0 = 0; g0 < a.panels; g0 += kLbGroup) {
-        const std::int64_t g1 = std::min(a.panels, g0 + kLbGroup);
+    for (std::int64_t g0 = 0; g0 < a.panels; g0 += a.group) {
+        const std::int64_t g1 = std::min(a.panels, g0 + a.group);
         for (std::int64_t m0 = r0; m0 < r1; m0 += kLbBlock) {
             const std::uint16_t *xa = xb + (m0 - r0) * a.kp;  // the block's tiles: 1024 values per chunk
             for (std::int64_t p = g0; p < g1; ++p) {
@@ -3171,8 +3181,8 @@ __attribute__((target(BF16_TARGET))) void lb_block_dp(const LinearBf16Args &a, c
 // The band of rows [r0, r1) (xb: their bfloat16 copy, zero rows past r1 up to a multiple of 32) with VDPBF16PS.
 __attribute__((target(BF16_TARGET))) void lb_band_dp(const LinearBf16Args &a, std::int64_t r0, std::int64_t r1,
                                                      const std::uint16_t *xb) {
-    for (std::int64_t g0 = 0; g0 < a.panels; g0 += kLbGroup) {
-        const std::int64_t g1 = std::min(a.panels, g0 + kLbGroup);
+    for (std::int64_t g0 = 0; g0 < a.panels; g0 += a.group) {
+        const std::int64_t g1 = std::min(a.panels, g0 + a.group);
         for (std::int64_t m0 = r0; m0 < r1; m0 += kLbDpRows) {
             const std::int64_t rows = std::min<std::int64_t>(kLbDpRows, r1 - m0);
             for (std::int64_t p = g0; p < g1; ++p) {
@@ -3245,7 +3255,8 @@ py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bi
                 }
     const LinearBf16Args args{static_cast<const float *>(x.data()), static_cast<const std::uint16_t *>(w.data()),
                               tiles, out.mutable_data(), rows, depth, cols, kp, panels,
-                              static_cast<int>(w.shape(2)), activation == "gelu"};
+                              static_cast<int>(w.shape(2)), activation == "gelu",
+                              lb_group(kp, static_cast<int>(w.shape(2)))};
     // bands of whole 32-row blocks, at least one per thread where there are enough rows
     const std::int64_t blocks = (rows + kLbBlock - 1) / kLbBlock;
     const std::int64_t limit = threads > 0 ? threads : usable_cpus();

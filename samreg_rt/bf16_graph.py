@@ -42,12 +42,24 @@ def bf16_to_float(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary (numpy's own
+    allocations are only 16-byte aligned)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    buf = np.empty(nbytes + align, np.uint8)
+    start = -buf.ctypes.data % align
+    return buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
 def pack_bf16_weight(w: np.ndarray, split: bool = False) -> np.ndarray:
     """W float32 [K, N] -> uint16 [N32 / 32, K32 / 32, 2, 16, 16, 2], the layout of ``_ext.linear_bf16``: W rounded
     to bfloat16, K and N padded with zeros to multiples of 32 (K32, N32); element [p, c, t, i, n, e] is
     W[32 c + 2 i + e, 32 p + 16 t + n] (AMX B tiles: rows of 16 pairs of K, 16 columns each).
     ``split``: [N32 / 32, K32 / 32, 4, 16, 16, 2], W as hi + lo (hi = bf16(W), lo = bf16(W - hi)): t = 0, 1 hi's
-    tiles, t = 2, 3 lo's."""
+    tiles, t = 2, 3 lo's. The array starts on a 64-byte boundary: each 64-byte tile row is then one cache line
+    (a tile load from a misaligned copy touches twice the lines and takes 10-25% longer on this Xeon,
+    ``benchmarks/kernels.py``)."""
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"pack_bf16_weight: expected a [K, N] weight, got shape {w.shape}")
@@ -58,7 +70,9 @@ def pack_bf16_weight(w: np.ndarray, split: bool = False) -> np.ndarray:
     hi = round_bf16(padded)
     parts = [hi, round_bf16(padded - bf16_to_float(hi))] if split else [hi]
     tiles = [part.reshape(kp // TILE, 16, 2, np_ // TILE, 2, 16).transpose(3, 0, 4, 1, 5, 2) for part in parts]
-    return np.ascontiguousarray(np.concatenate(tiles, axis=2))
+    packed = aligned_empty((np_ // TILE, kp // TILE, 2 * len(parts), 16, 16, 2), np.uint16)
+    packed[...] = np.concatenate(tiles, axis=2)
+    return packed
 
 
 @dataclass(frozen=True)

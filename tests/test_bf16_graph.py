@@ -64,9 +64,17 @@ def test_pack_bf16_weight_layout(rng):
         pack_bf16_weight(w[None])
 
 
+def test_pack_bf16_weight_is_64_byte_aligned(rng):
+    """Each 64-byte tile row of the packing on one cache line, whatever numpy's allocator gives."""
+    for k, n in [(1, 1), (45, 70), (768, 96), (3072, 64)]:
+        for split in (False, True):
+            packed = pack_bf16_weight(rng.standard_normal((k, n)).astype(np.float32), split)
+            assert packed.ctypes.data % 64 == 0 and packed.flags.c_contiguous and packed.flags.writeable
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (5, 7, 3), (33, 40, 50), (64, 64, 64), (97, 160, 640),
-                                   (300, 1280, 320), (4096, 768, 96)])
+                                   (300, 1280, 320), (4096, 768, 96), (70, 3100, 100)])
 def test_linear_bf16_matches_twin(rng, m, k, n, isa):
     x, w, b = _linear_inputs(rng, m, k, n)
     got = _ext.linear_bf16(x, pack_bf16_weight(w), b, isa=isa)
@@ -118,7 +126,7 @@ def test_pack_bf16_weight_split(rng):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m,k,n", [(5, 7, 3), (97, 160, 640), (300, 768, 96)])
+@pytest.mark.parametrize("m,k,n", [(5, 7, 3), (97, 160, 640), (300, 768, 96), (70, 3100, 100)])
 def test_linear_bf16_split_matches_twin(rng, m, k, n, isa):
     x, w, b = _linear_inputs(rng, m, k, n)
     got = _ext.linear_bf16(x, pack_bf16_weight(w, split=True), b, isa=isa)
@@ -130,6 +138,21 @@ def test_linear_bf16_split_matches_twin(rng, m, k, n, isa):
     plain = _ext.linear_bf16(x, pack_bf16_weight(w), b, isa=isa)
     if k >= 40:
         assert np.abs(got - exact).max() < 0.1 * np.abs(plain - exact).max()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k", [100, 1500, 3100])
+def test_linear_bf16_columns_do_not_depend_on_the_panel_groups(rng, k, isa):
+    """Each 32-column panel's results are those of its columns alone, bit for bit, however many panels share a
+    pass over the rows (the kernel groups as many panels as 768 KiB of packed weights hold, at most 8: of 7 panels
+    here, 8 / 8, 8 / 4 and 3 / 1 at a time for plain / split weights at these depths)."""
+    x, w, b = _linear_inputs(rng, 70, k, 200)
+    for split in (False, True):
+        got = _ext.linear_bf16(x, pack_bf16_weight(w, split), b, isa=isa, activation="gelu")
+        for c0 in (0, 96, 192):
+            alone = _ext.linear_bf16(x, pack_bf16_weight(w[:, c0:c0 + 32], split), b[c0:c0 + 32], isa=isa,
+                                     activation="gelu")
+            np.testing.assert_array_equal(got[:, c0:c0 + 32], alone)
 
 
 @pytest.mark.parametrize("isa", ISAS)
