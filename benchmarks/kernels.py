@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from samreg_rt import _ext  # noqa: E402
 from samreg_rt.amg import upscale_matrices  # noqa: E402
-from samreg_rt.bf16_graph import pack_bf16_weight  # noqa: E402
+from samreg_rt.bf16_graph import aligned_empty, pack_bf16_weight  # noqa: E402
 from samreg_rt.preprocess import Frame  # noqa: E402
 from samreg_rt.two_way import ImageTokenFactors  # noqa: E402
 from tests import twins  # noqa: E402
@@ -37,7 +37,17 @@ from tests import twins  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402  (benchmarks/common.py)
 
-MISALIGNED = "linear_bf16 split amx, W 16 B off 64-B alignment"   # the row of a misaligned packed weight
+# the rows of a misaligned packed weight and of a misaligned output
+MISALIGNED = ("linear_bf16 split amx, W 16 B off 64-B alignment", "linear_bf16 amx, out 16 B off 64-B alignment")
+
+
+def shifted_copy(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` whose data starts 16 bytes past a 64-byte boundary."""
+    buf = np.empty(a.nbytes + 80, np.uint8)
+    start = (16 - buf.ctypes.data) % 64
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -116,18 +126,16 @@ def main() -> None:
     # a ViT-B MLP's first product (4096 tokens, 768 -> 3072), weights packed as the bf16 precisions pack them
     mlp_x = rng.normal(0, 1, (4096, 768)).astype(np.float32)
     mlp_w = (rng.normal(0, 1, (768, 3072)) / np.sqrt(768)).astype(np.float32)
-    mlp_b, mlp_out = rng.normal(0, 1, 3072).astype(np.float32), np.empty((4096, 3072), np.float32)
+    mlp_b, mlp_out = rng.normal(0, 1, 3072).astype(np.float32), aligned_empty((4096, 3072), np.float32)
     mlp_packed = {split: pack_bf16_weight(mlp_w, split) for split in (False, True)}
     mlp_flop = 2 * 4096 * 768 * 3072
-    # the same split weight 16 bytes off a 64-byte boundary (as numpy may place a copy): tile rows across two lines
-    shifted = np.empty(mlp_packed[True].nbytes + 80, np.uint8)
-    start = (16 - shifted.ctypes.data) % 64
-    mlp_shifted = shifted[start:start + mlp_packed[True].nbytes].view(np.uint16).reshape(mlp_packed[True].shape)
-    mlp_shifted[...] = mlp_packed[True]
+    # the same split weight and an output 16 bytes off a 64-byte boundary (as numpy places large arrays): tile rows
+    # across two lines
+    mlp_shifted, mlp_out_shifted = (shifted_copy(a) for a in (mlp_packed[True], mlp_out))
     # the second MLP layer's shape (K 3072): its split weight is 3 MiB, more than a core's L2
     fc2_x = rng.normal(0, 1, (4096, 3072)).astype(np.float32)
     fc2_w = (rng.normal(0, 1, (3072, 768)) / np.sqrt(3072)).astype(np.float32)
-    fc2_b, fc2_out = rng.normal(0, 1, 768).astype(np.float32), np.empty((4096, 768), np.float32)
+    fc2_b, fc2_out = rng.normal(0, 1, 768).astype(np.float32), aligned_empty((4096, 768), np.float32)
     fc2_packed = {split: pack_bf16_weight(fc2_w, split) for split in (False, True)}
     frame = Frame((200, 200), (1024, 1024), 1024)              # the reference preset's working grid
     ry, rx = upscale_matrices(frame, (256, 256), (200, 200))
@@ -208,9 +216,12 @@ def main() -> None:
                    lambda twin=twin: twin(fc2_x, fc2_w, fc2_b), 5)
                   for split, twin in (("", twins.linear_bf16), (" split", twins.linear_bf16_split))]
     if _ext.has_amx_bf16():
-        cases.append((MISALIGNED, "4096x768 -> 3072",
-                      lambda: _ext.linear_bf16(mlp_x, mlp_shifted, mlp_b, out=mlp_out, isa="amx"),
-                      lambda: twins.linear_bf16_split(mlp_x, mlp_w, mlp_b), 5))
+        cases += [(MISALIGNED[0], "4096x768 -> 3072",
+                   lambda: _ext.linear_bf16(mlp_x, mlp_shifted, mlp_b, out=mlp_out, isa="amx"),
+                   lambda: twins.linear_bf16_split(mlp_x, mlp_w, mlp_b), 5),
+                  (MISALIGNED[1], "4096x768 -> 3072",
+                   lambda: _ext.linear_bf16(mlp_x, mlp_packed[False], mlp_b, out=mlp_out_shifted, isa="amx"),
+                   lambda: twins.linear_bf16(mlp_x, mlp_w, mlp_b), 5)]
     if _ext.has_amx_bf16():
         cases.append(("shared_attention_bf16 ViT", "512 rows, 12 heads, d 64",
                       lambda: _ext.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
@@ -233,12 +244,13 @@ def main() -> None:
                  for isa in isas},
               **{f"linear_bf16{split} gelu {isa}": (mlp_flop, "2 M K N (the product's; the GELU uncounted)")
                  for isa in isas for split in ("", " split")},
-              MISALIGNED: (mlp_flop, "2 M K N (the product's: twice that run, W's two parts)")}
+              MISALIGNED[0]: (mlp_flop, "2 M K N (the product's: twice that run, W's two parts)"),
+              MISALIGNED[1]: (mlp_flop, "2 M K N")}
     gflops |= {name + suffix: gflops[name] for name, *_ in with_avx2 for suffix in builds.values()}
     float_kernels = ("resize_logits", "shared_attention ViT",
                      *(name + suffix for name, *_ in with_avx2 for suffix in builds.values()),
                      *(f"linear_bf16{split}{gelu} {isa}" for isa in isas for split in ("", " split")
-                       for gelu in ("", " gelu")), MISALIGNED)
+                       for gelu in ("", " gelu")), *MISALIGNED)
     bf16_kernels = ("shared_attention_bf16 ViT",)
 
     info = machine()

@@ -58,8 +58,8 @@ def pack_bf16_weight(w: np.ndarray, split: bool = False) -> np.ndarray:
     W[32 c + 2 i + e, 32 p + 16 t + n] (AMX B tiles: rows of 16 pairs of K, 16 columns each).
     ``split``: [N32 / 32, K32 / 32, 4, 16, 16, 2], W as hi + lo (hi = bf16(W), lo = bf16(W - hi)): t = 0, 1 hi's
     tiles, t = 2, 3 lo's. The array starts on a 64-byte boundary: each 64-byte tile row is then one cache line
-    (a tile load from a misaligned copy touches twice the lines and takes 10-25% longer on this Xeon,
-    ``benchmarks/kernels.py``)."""
+    (a tile load from a misaligned copy touches twice the lines: the split product 6-17% slower in runs of
+    ``benchmarks/kernels.py`` on this Xeon)."""
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"pack_bf16_weight: expected a [K, N] weight, got shape {w.shape}")
@@ -87,12 +87,14 @@ class WeightProduct:
     activation: str = "none"
 
     def run(self, x: np.ndarray, threads: int, out: np.ndarray | None = None) -> np.ndarray:
-        """x (..., K) float32 -> (..., N); into ``out`` (M x N values, M the product of x's other axes) if given."""
+        """x (..., K) float32 -> (..., N); into ``out`` (M x N values, M the product of x's other axes) if given,
+        else into a new 64-byte aligned array (the tiles' 64-byte row stores then write whole cache lines, a few
+        % faster than into numpy's 16-byte aligned arrays: ``benchmarks/kernels.py``; Bf16Graph.run reuses them)."""
         if x.shape[-1] != self.depth:
             raise ValueError(f"{self.input}: expected {self.depth} channels in the last axis, got shape {x.shape}")
         rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.depth)
-        if out is not None:
-            out = out.reshape(rows.shape[0], self.bias.shape[0])
+        shape = (rows.shape[0], self.bias.shape[0])
+        out = aligned_empty(shape, np.float32) if out is None else out.reshape(shape)
         return _ext.linear_bf16(rows, self.weight, self.bias, out=out, threads=threads,
                                 activation=self.activation).reshape(*x.shape[:-1], self.bias.shape[0])
 

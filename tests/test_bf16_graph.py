@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from samreg_rt import _ext
 from samreg_rt import engine as engine_module
-from samreg_rt.bf16_graph import Bf16Graph, bf16_to_float, find_products, pack_bf16_weight, round_bf16
+from samreg_rt.bf16_graph import (Bf16Graph, WeightProduct, bf16_to_float, find_products, pack_bf16_weight,
+                                  round_bf16)
 from samreg_rt.engine import Engine
 from samreg_rt.errors import ModelError
 from samreg_rt.io import load_image
@@ -263,6 +264,23 @@ def test_find_products(rng):
     np.testing.assert_array_equal(gemm.weight, pack_bf16_weight(w["w2"].T))
     np.testing.assert_array_equal(gemm.bias, w["c2"])
     assert products[6][0].output == "z" and not products[6][0].bias.any()
+
+
+@needs_bf16
+def test_weight_product_writes_into_aligned_arrays(rng):
+    """WeightProduct.run: x (..., K) -> (..., N) as linear_bf16, into a new 64-byte aligned array (whole-line tile
+    stores) or into the given ``out``."""
+    x, w, b = _linear_inputs(rng, 70, 48, 40)
+    step = WeightProduct("x", "y", pack_bf16_weight(w), b, 48)
+    want = _ext.linear_bf16(x, pack_bf16_weight(w), b)
+    for _ in range(3):
+        got = step.run(x.reshape(2, 35, 48), threads=1)
+        assert got.shape == (2, 35, 40) and got.ctypes.data % 64 == 0
+        np.testing.assert_array_equal(got.reshape(70, 40), want)
+    out = np.full(70 * 40, np.nan, np.float32)
+    got = step.run(x, threads=2, out=out)
+    assert np.shares_memory(got, out)
+    np.testing.assert_array_equal(out.reshape(70, 40), want)
 
 
 @needs_bf16
