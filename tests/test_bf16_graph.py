@@ -313,6 +313,59 @@ def test_bf16_graph_matches_its_numpy_emulation(rng):
         graph.run(None, {})
 
 
+def _reshape_graph(rng, flat_output: bool, allowzero: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x [4, 6, 24] -> MatMul(w1) + b1 -> h -> Reshape [0, -1] -> Reshape [24, 40] -> MatMul(w2) + b2 -> y; with
+    ``flat_output`` also flat = Reshape(h, [-1]), a graph output."""
+    w = {"w1": rng.standard_normal((24, 40)) / 4, "b1": rng.standard_normal(40), "w2": rng.standard_normal((40, 16)) / 4,
+         "b2": rng.standard_normal(16)}
+    w = {name: a.astype(np.float32) for name, a in w.items()}
+    w |= {"keep": np.array([4, 240] if allowzero else [0, -1], np.int64), "rows": np.array([24, 40], np.int64),
+          "all": np.array([-1], np.int64)}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h"]),
+             helper.make_node("Reshape", ["h", "keep"], ["h2"], allowzero=allowzero),
+             helper.make_node("Reshape", ["h2", "rows"], ["h3"])]
+    nodes += [helper.make_node("Reshape", ["h", "all"], ["flat"])] if flat_output else []
+    nodes += [helper.make_node("MatMul", ["h3", "w2"], ["y0"]), helper.make_node("Add", ["y0", "b2"], ["y"])]
+    outputs = ["y", "flat"] if flat_output else ["y"]
+    graph = helper.make_graph(nodes, "r", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6, 24])],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+                              [numpy_helper.from_array(a, name) for name, a in w.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), w
+
+
+@needs_bf16
+@pytest.mark.parametrize("flat_output", [False, True])
+def test_bf16_graph_runs_reshapes_as_views(rng, flat_output):
+    """A piece of Reshapes to constant shapes between two products runs as numpy views (ReshapeStep); the
+    products' arrays are reused across runs only where no graph output is a view of them, and every run's
+    results are right (an earlier run's outputs untouched)."""
+    model, w = _reshape_graph(rng, flat_output)
+    graph = Bf16Graph(model, _session, threads=2)
+    kinds = [type(step).__name__ for step in graph.steps]
+    assert kinds == ["WeightProduct"] + ["ReshapeStep"] * (3 if flat_output else 2) + ["WeightProduct"]
+    assert graph.reused == ({"y"} - set(graph.outputs) | ({"h"} if not flat_output else set()))
+    runs = []
+    for _ in range(3):
+        x = rng.standard_normal((4, 6, 24)).astype(np.float32)
+        h = twins.linear_bf16(x.reshape(24, 24), w["w1"], w["b1"])
+        runs.append(((x, h), [a.copy() for a in graph.run(None, {"x": x})], graph.run(None, {"x": x})))
+    for (x, h), first, outputs in runs:     # (each run's outputs as it returned them, after the later runs)
+        for got, kept in zip(outputs, first):
+            np.testing.assert_array_equal(got, kept)
+        np.testing.assert_allclose(outputs[0], twins.linear_bf16(h.reshape(24, 40), w["w2"], w["b2"]),
+                                   rtol=1e-5, atol=1e-5)
+        if flat_output:
+            np.testing.assert_allclose(outputs[1], h.reshape(-1), rtol=1e-5, atol=1e-5)
+
+
+@needs_bf16
+def test_bf16_graph_keeps_other_reshapes_in_onnxruntime(rng):
+    """A Reshape with allowzero 1 (where a 0 would mean an empty axis) stays in an ONNX Runtime piece."""
+    model, _ = _reshape_graph(rng, False, allowzero=1)
+    graph = Bf16Graph(model, _session, threads=2)
+    assert [type(step).__name__ for step in graph.steps] == ["WeightProduct", "Piece", "WeightProduct"]
+
+
 def _gelu(x: str, out: str, swap: bool = False) -> list[onnx.NodeProto]:
     """GELU as torch exports it (constants "sqrt2", "one", "half"); swap: the Muls' operands the other way."""
     first = [x, f"{out}_a"] if not swap else [f"{out}_a", x]
