@@ -43,9 +43,7 @@ MISALIGNED = ("linear_bf16 split amx, W 16 B off 64-B alignment", "linear_bf16 a
 
 def shifted_copy(a: np.ndarray) -> np.ndarray:
     """A copy of ``a`` whose data starts 16 bytes past a 64-byte boundary."""
-    buf = np.empty(a.nbytes + 80, np.uint8)
-    start = (16 - buf.ctypes.data) % 64
-    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out = aligned_empty((a.nbytes + 16,), np.uint8)[16:].view(a.dtype).reshape(a.shape)
     out[...] = a
     return out
 
@@ -221,11 +219,10 @@ def main() -> None:
                    lambda: twins.linear_bf16_split(mlp_x, mlp_w, mlp_b), 5),
                   (MISALIGNED[1], "4096x768 -> 3072",
                    lambda: _ext.linear_bf16(mlp_x, mlp_packed[False], mlp_b, out=mlp_out_shifted, isa="amx"),
-                   lambda: twins.linear_bf16(mlp_x, mlp_w, mlp_b), 5)]
-    if _ext.has_amx_bf16():
-        cases.append(("shared_attention_bf16 ViT", "512 rows, 12 heads, d 64",
-                      lambda: _ext.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
-                      lambda: twins.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w), 3))
+                   lambda: twins.linear_bf16(mlp_x, mlp_w, mlp_b), 5),
+                  ("shared_attention_bf16 ViT", "512 rows, 12 heads, d 64",
+                   lambda: _ext.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
+                   lambda: twins.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w), 3)]
     upscaling_formula = "R (P 2 C 4C1 + 4P 2 C1 4C2 + 16P 2 C2 M), C 256, C1 64, C2 32"
     factored_formula = "R (P 2 (2J + 2) 4C1 + 4P 2 C1 4C2 + 16P 2 C2 M)"
     gflops = {"mask_upscaling": (upscaling_flop, upscaling_formula),
