@@ -2587,19 +2587,27 @@ struct AttentionInputs {
     std::int64_t rows, heads, dim, pixels, kw;  // R, H, d, P, key grid width (0: no terms)
 };
 
+// The arrays of an attention call, checked: q [R, H, d], k and v [P, H, d], rel_h [R, H, kh] and rel_w [R, H, kw]
+// with kh kw = P; with heads_first the first two axes of each swapped. any_grid: any kw (else a multiple of 16).
 AttentionInputs attention_inputs(const char *kernel, py::handle q_obj, py::handle k_obj, py::handle v_obj,
-                                 py::handle rel_h_obj, py::handle rel_w_obj) {
+                                 py::handle rel_h_obj, py::handle rel_w_obj, bool heads_first = false,
+                                 bool any_grid = false) {
     AttentionInputs in;
     in.q = require<float>(q_obj, "q", "float32", 3);
     in.k = require<float>(k_obj, "k", "float32", 3);
     in.v = require<float>(v_obj, "v", "float32", 3);
-    in.rows = in.q.shape(0), in.heads = in.q.shape(1), in.dim = in.q.shape(2), in.pixels = in.k.shape(0);
+    const int head_axis = heads_first ? 0 : 1, row_axis = 1 - head_axis;
+    in.rows = in.q.shape(row_axis), in.heads = in.q.shape(head_axis), in.dim = in.q.shape(2);
+    in.pixels = in.k.shape(row_axis);
+    // the first two axes of an [R, H, n] array ([H, R, n] with heads_first)
+    auto axis0 = [&](std::int64_t rows) { return heads_first ? in.heads : rows; };
+    auto axis1 = [&](std::int64_t rows) { return heads_first ? rows : in.heads; };
     if (in.heads < 1 || in.dim < 1 || in.dim > kSaMaxVecs * kLanes)
-        throw py::value_error("q: expected [R, heads >= 1, d] with 1 <= d <= " + std::to_string(kSaMaxVecs * kLanes) +
-                              ", got " + shape_str(in.q));
+        throw py::value_error(std::string("q: expected ") + (heads_first ? "[heads >= 1, R, d]" : "[R, heads >= 1, d]") +
+                              " with 1 <= d <= " + std::to_string(kSaMaxVecs * kLanes) + ", got " + shape_str(in.q));
     if (in.pixels < 1) throw py::value_error("k: expected at least one key, got shape " + shape_str(in.k));
-    require_shape(in.k, "k", {in.pixels, in.heads, in.dim});
-    require_shape(in.v, "v", {in.pixels, in.heads, in.dim});
+    require_shape(in.k, "k", {axis0(in.pixels), axis1(in.pixels), in.dim});
+    require_shape(in.v, "v", {axis0(in.pixels), axis1(in.pixels), in.dim});
     if (rel_h_obj.is_none() != rel_w_obj.is_none())
         throw py::value_error(std::string(kernel) + ": rel_h and rel_w go together (both or neither)");
     in.kw = 0;
@@ -2608,12 +2616,12 @@ AttentionInputs attention_inputs(const char *kernel, py::handle q_obj, py::handl
         in.rel_w = require<float>(rel_w_obj, "rel_w", "float32", 3);
         const std::int64_t kh = in.rel_h.shape(2);
         in.kw = in.rel_w.shape(2);
-        require_shape(in.rel_h, "rel_h", {in.rows, in.heads, kh});
-        require_shape(in.rel_w, "rel_w", {in.rows, in.heads, in.kw});
-        if (kh * in.kw != in.pixels || in.kw % kLanes != 0)
+        require_shape(in.rel_h, "rel_h", {axis0(in.rows), axis1(in.rows), kh});
+        require_shape(in.rel_w, "rel_w", {axis0(in.rows), axis1(in.rows), in.kw});
+        if (kh * in.kw != in.pixels || (!any_grid && in.kw % kLanes != 0))
             throw py::value_error("rel_h, rel_w: a key grid of " + std::to_string(kh) + " x " + std::to_string(in.kw) +
-                                  "; expected kh * kw = " + std::to_string(in.pixels) +
-                                  " keys and kw a multiple of 16");
+                                  "; expected kh * kw = " + std::to_string(in.pixels) + " keys" +
+                                  (any_grid ? "" : " and kw a multiple of 16"));
     }
     return in;
 }
@@ -2657,13 +2665,15 @@ py::array_t<float> shared_attention(py::handle q_obj, py::handle k_obj, py::hand
 }
 
 // ------------------------------------------------------------------------------------------------
-// The same attention core in bfloat16 on AMX tiles (the global attention of int8 encoders): q, k and v rounded
-// to bfloat16 (nearest even), both products accumulated in float32 by the tile unit (TDPBF16PS), the softmax in
-// float32 with its weights rounded to bfloat16 for the second product and their sum kept in float32. A work item
-// is 16 query rows of one head: their logits against every key (16 x P32 floats, P32 = P rounded up to 32),
-// the relative position terms, maxima, exp and sums in place with AVX-512, the weights as bfloat16 rows that
-// the value product loads as A tiles. Keys and values are laid out once per call as B tiles (channel or key
-// pairs interleaved, as TDPBF16PS reads them). Linux lets a process use the tiles after asking for them
+// The same attention core in bfloat16 on AMX tiles (the global attention of int8 and bf16 encoders, and with
+// heads_first the windowed attention of bf16 ones, batched over windows x heads): q, k and v rounded to bfloat16
+// (nearest even), both products accumulated in float32 by the tile unit (TDPBF16PS), the softmax in float32 with its
+// weights rounded to bfloat16 for the second product and their sum kept in float32. 16 query rows of one head at
+// a time: their logits against every key (16 x P32 floats, P32 = P rounded up to 32), the relative position terms,
+// maxima, exp and sums in place with AVX-512, the weights as bfloat16 rows that the value product loads as A tiles.
+// Keys and values are laid out as B tiles (channel or key pairs interleaved, as TDPBF16PS reads them): once per call
+// for all heads when heads have many rows (work items: blocks of 16 rows), else by the thread that runs a head
+// (work items: heads; kAmxHeadItemRows). Linux lets a process use the tiles after asking for them
 // (arch_prctl ARCH_REQ_XCOMP_PERM); has_amx_bf16 asks once.
 
 constexpr int kAmxRows = 16;          // rows of a tile: query rows per work item
@@ -2702,16 +2712,24 @@ inline std::uint16_t to_bf16(float x) {
     return static_cast<std::uint16_t>((bits + 0x7fffu + (bits >> 16 & 1u)) >> 16);
 }
 
+// A head's keys as B tiles: [P32 / 16][kc][16 channel pairs][16 keys][2]; its values: [P32 / 32][vc][16 key
+// pairs][16 channels][2] (amx_layout).
 struct AmxAttentionArgs {
-    const float *q;          // [R, H, d]
-    const std::uint16_t *kb;  // keys as B tiles: [H][P32 / 16][kc][16 channel pairs][16 keys][2]
-    const std::uint16_t *vb;  // values as B tiles: [H][P32 / 32][vc][16 key pairs][16 channels][2]
-    float *out;              // [R, H, d]
+    const float *q;          // [R, H, d] ([H, R, d] with heads_first)
+    const float *k, *v;      // [P, H, d] ([H, P, d])
+    float *out;              // as q
     std::int64_t rows, pixels, padded;  // R, P, P32
     int heads, dim, kc, vc;  // H, d, ceil(d / 32) channel chunks of the logits, ceil(d / 16) value tiles
-    const float *rel_h;      // [R, H, kh] or null
-    const float *rel_w;      // [R, H, kw]
+    const float *rel_h;      // [R, H, kh] ([H, R, kh]) or null
+    const float *rel_w;      // [R, H, kw] ([H, R, kw])
     int kw;
+    float scale;             // q's factor, applied in float32 before the rounding to bfloat16
+    bool heads_first;        // q, k, v, rel_h, rel_w and out laid out [H, rows, ...]: each head's rows together
+
+    // The index of (row r of `count`, head h) in the layout's first two axes.
+    std::int64_t item(std::int64_t r, std::int64_t h, std::int64_t count) const {
+        return heads_first ? h * count + r : r * heads + h;
+    }
 };
 
 #define BF16_TARGET "avx512bf16,avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
@@ -2734,47 +2752,46 @@ __attribute__((always_inline, target(BF16_TARGET))) inline __m512 load_first(con
     return _mm512_maskz_loadu_ps(first_lanes(count), x);
 }
 
-// Keys and values of pixel chunks [t0, t1) (32 pixels each) into the tile layouts of AmxAttentionArgs (zero past
-// P and past d), rounded as to_bf16: a key's 32 channels of a chunk as 16 channel pairs scattered down a tile
-// column, a pair of keys' 16 channels as one tile row of pairs.
-__attribute__((target(BF16_TARGET))) void amx_layout(const AmxAttentionArgs &a, const float *k, const float *v,
-                                                    std::int64_t t0, std::int64_t t1) {
-    auto *kb = const_cast<std::uint16_t *>(a.kb), *vb = const_cast<std::uint16_t *>(a.vb);
-    const std::int64_t blocks = a.padded / 16, chunks = a.padded / kAmxDepth;
+// Head h's keys and values of pixel chunks [t0, t1) (32 pixels each) into its tile layouts kb, vb (zero past P and
+// past d), rounded as to_bf16: a key's 32 channels of a chunk as 16 channel pairs scattered down a tile column, a
+// pair of keys' 16 channels as one tile row of pairs.
+__attribute__((target(BF16_TARGET))) void amx_layout(const AmxAttentionArgs &a, std::int64_t h, std::int64_t t0,
+                                                    std::int64_t t1, std::uint16_t *kb, std::uint16_t *vb) {
+    const float *k = a.k, *v = a.v;
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
     const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
-    for (std::int64_t t = t0; t < t1; ++t)
-        for (std::int64_t h = 0; h < a.heads; ++h) {
-            for (std::int64_t j = 2 * t; j < 2 * t + 2; ++j)
-                for (int c = 0; c < a.kc; ++c) {
-                    auto *tile = reinterpret_cast<int *>(kb + ((h * blocks + j) * a.kc + c) * kAmxTile);
-                    const std::int64_t left = a.dim - c * kAmxDepth;
-                    for (int n = 0; n < 16; ++n) {
-                        const std::int64_t p = j * 16 + n;
-                        __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
-                        if (p < a.pixels) {
-                            const float *src = k + (p * a.heads + h) * a.dim + c * kAmxDepth;
-                            lo = bf16_lanes(load_first(src, left));
-                            hi = bf16_lanes(load_first(src + 16, left - 16));
-                        }
-                        const __m512i pairs = _mm512_or_si512(_mm512_permutex2var_epi32(lo, even, hi),
-                                                              _mm512_slli_epi32(_mm512_permutex2var_epi32(lo, odd, hi), 16));
-                        _mm512_i32scatter_epi32(tile + n, column, pairs, 4);  // element (pair i, key n): i * 16 + n
+    for (std::int64_t t = t0; t < t1; ++t) {
+        for (std::int64_t j = 2 * t; j < 2 * t + 2; ++j)
+            for (int c = 0; c < a.kc; ++c) {
+                auto *tile = reinterpret_cast<int *>(kb + (j * a.kc + c) * kAmxTile);
+                const std::int64_t left = a.dim - c * kAmxDepth;
+                for (int n = 0; n < 16; ++n) {
+                    const std::int64_t p = j * 16 + n;
+                    __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+                    if (p < a.pixels) {
+                        const float *src = k + a.item(p, h, a.pixels) * a.dim + c * kAmxDepth;
+                        lo = bf16_lanes(load_first(src, left));
+                        hi = bf16_lanes(load_first(src + 16, left - 16));
                     }
-                }
-            for (int c = 0; c < a.vc; ++c) {
-                auto *tile = reinterpret_cast<__m512i *>(vb + ((h * chunks + t) * a.vc + c) * kAmxTile);
-                const std::int64_t left = a.dim - c * 16;
-                for (int i = 0; i < 16; ++i) {
-                    const std::int64_t p = t * kAmxDepth + 2 * i;
-                    __m512i first = _mm512_setzero_si512(), second = _mm512_setzero_si512();
-                    if (p < a.pixels) first = bf16_lanes(load_first(v + (p * a.heads + h) * a.dim + c * 16, left));
-                    if (p + 1 < a.pixels) second = bf16_lanes(load_first(v + ((p + 1) * a.heads + h) * a.dim + c * 16, left));
-                    _mm512_store_si512(tile + i, _mm512_or_si512(first, _mm512_slli_epi32(second, 16)));
+                    const __m512i pairs = _mm512_or_si512(_mm512_permutex2var_epi32(lo, even, hi),
+                                                          _mm512_slli_epi32(_mm512_permutex2var_epi32(lo, odd, hi), 16));
+                    _mm512_i32scatter_epi32(tile + n, column, pairs, 4);  // element (pair i, key n): i * 16 + n
                 }
             }
+        for (int c = 0; c < a.vc; ++c) {
+            auto *tile = reinterpret_cast<__m512i *>(vb + (t * a.vc + c) * kAmxTile);
+            const std::int64_t left = a.dim - c * 16;
+            for (int i = 0; i < 16; ++i) {
+                const std::int64_t p = t * kAmxDepth + 2 * i;
+                __m512i first = _mm512_setzero_si512(), second = _mm512_setzero_si512();
+                if (p < a.pixels) first = bf16_lanes(load_first(v + a.item(p, h, a.pixels) * a.dim + c * 16, left));
+                if (p + 1 < a.pixels)
+                    second = bf16_lanes(load_first(v + a.item(p + 1, h, a.pixels) * a.dim + c * 16, left));
+                _mm512_store_si512(tile + i, _mm512_or_si512(first, _mm512_slli_epi32(second, 16)));
+            }
         }
+    }
 }
 
 struct alignas(64) AmxTileConfig {
@@ -2800,56 +2817,62 @@ __attribute__((always_inline, target(AMX_TARGET))) inline v16f amx_exp(v16f x, _
     return reinterpret_cast<v16f>(_mm512_scalef_ps(p, n));
 }
 
-// Query rows r0..r0 + 15 (those below R) of head h. logits: 16 rows of P32 + 16 floats; probs: 16 rows of P32 + 32
+// Query rows r0..r0 + 15 (those below R) of head h, whose keys and values kb, vb hold (amx_layout). logits: 16 rows of P32 + 16 floats; probs: 16 rows of P32 + 32
 // bfloat16 (rows 64 bytes past a multiple of 4 KiB, so that a tile's 16 rows do not share one set of the L1
-// cache), both 64-byte aligned. Tiles 0-1: q; 2-3: logits; 4-7: keys. Then 0-3: the value sums; 4: weights; 5-7: values.
+// cache), both 64-byte aligned. terms: null, or (a key grid whose width kw is not a multiple of 16) 16 rows of P32
+// floats, zero past P, for the rows' relative position terms. Tiles 0-1: q; 2-3: logits; 4-7: keys. Then 0-3: the
+// value sums; 4: weights; 5-7: values.
 template <int KC, int VC>
-__attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int h, std::int64_t r0, float *logits,
-                                                  std::uint16_t *probs) {
+__attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int h, std::int64_t r0,
+                                                  const std::uint16_t *kb, const std::uint16_t *vb, float *logits,
+                                                  std::uint16_t *probs, float *terms) {
     const int d = a.dim, n = static_cast<int>(std::min<std::int64_t>(kAmxRows, a.rows - r0));
     const std::int64_t ld = a.padded + kLanes, lp = a.padded + kAmxDepth;  // row strides off 4 KiB multiples
     const std::int64_t blocks = a.padded / kLanes, chunks = a.padded / kAmxDepth;
     alignas(64) std::uint16_t q[kAmxRows][KC * kAmxDepth] = {};
+    const __m512 scale = _mm512_set1_ps(a.scale);
     for (int r = 0; r < n; ++r)
         for (int c = 0; c < KC * kAmxDepth; c += 16)
-            _mm256_store_si256(reinterpret_cast<__m256i *>(&q[r][c]), _mm512_cvtepi32_epi16(bf16_lanes(
-                                   load_first(a.q + ((r0 + r) * a.heads + h) * d + c, d - c))));
+            _mm256_store_si256(reinterpret_cast<__m256i *>(&q[r][c]), _mm512_cvtepi32_epi16(bf16_lanes(_mm512_mul_ps(
+                                   load_first(a.q + a.item(r0 + r, h, a.rows) * d + c, d - c), scale))));
     _tile_loadd(0, &q[0][0], sizeof q[0]);
     if constexpr (KC == 2) _tile_loadd(1, &q[0][kAmxDepth], sizeof q[0]);
     // the logits of each pair of key blocks, with the terms added and the row maxima taken while they are in L1
     const std::int64_t full = a.pixels / kLanes;  // key blocks with all 16 keys below P
     const float *rel_h[kAmxRows] = {}, *rel_w[kAmxRows] = {};  // rows past R: the last row's
+    const std::int64_t kh = a.rel_h ? a.pixels / a.kw : 0;
     if (a.rel_h)
         for (int r = 0; r < kAmxRows; ++r) {
-            const std::int64_t item = (r0 + std::min(r, n - 1)) * a.heads + h;
-            rel_h[r] = a.rel_h + item * (a.pixels / a.kw);
+            const std::int64_t item = a.item(r0 + std::min(r, n - 1), h, a.rows);
+            rel_h[r] = a.rel_h + item * kh;
             rel_w[r] = a.rel_w + item * a.kw;
         }
+    if (terms)  // key p = i kw + j: rel_h[i] + rel_w[j]
+        for (int r = 0; r < kAmxRows; ++r)
+            for (std::int64_t i = 0; i < kh; ++i)
+                for (std::int64_t j = 0; j < a.kw; j += kLanes)
+                    _mm512_mask_storeu_ps(terms + r * a.padded + i * a.kw + j, first_lanes(a.kw - j),
+                                          _mm512_add_ps(_mm512_set1_ps(rel_h[r][i]), load_first(rel_w[r] + j, a.kw - j)));
     v16f mx[kAmxRows];
     for (int r = 0; r < kAmxRows; ++r) mx[r] = v16f{} + kAmxMasked;
     std::int64_t grid_row = 0, grid_col = 0;  // of key block j's first key on the kh x kw grid
     auto finish = [&](std::int64_t j) {
         auto *block = reinterpret_cast<v16f *>(logits + j * kLanes);
         const std::int64_t step = ld / kLanes;
-        if (j < full) {
-            for (int r = 0; r < kAmxRows; ++r) {
-                v16f x = block[r * step];
-                if (a.rel_h) x += rel_h[r][grid_row] + load16(rel_w[r] + grid_col);
-                block[r * step] = x;
-                mx[r] = x > mx[r] ? x : mx[r];
-            }
-        } else {  // keys past P get weight 0 (with the terms, P = kh kw is a multiple of 16: no terms here)
-            for (int r = 0; r < kAmxRows; ++r) {
-                v16f x = block[r * step];
+        for (int r = 0; r < kAmxRows; ++r) {
+            v16f x = block[r * step];
+            if (terms)
+                x += load16(terms + r * a.padded + j * kLanes);
+            else if (a.rel_h && j < full)  // kw a multiple of 16: the block lies on one row of the grid
+                x += rel_h[r][grid_row] + load16(rel_w[r] + grid_col);
+            if (j >= full)  // keys past P get weight 0
                 for (std::int64_t l = 0; l < kLanes; ++l)
                     if (j * kLanes + l >= a.pixels) x[l] = kAmxMasked;
-                block[r * step] = x;
-                mx[r] = x > mx[r] ? x : mx[r];
-            }
+            block[r * step] = x;
+            mx[r] = x > mx[r] ? x : mx[r];
         }
-        if (a.rel_h && (grid_col += kLanes) == a.kw) grid_col = 0, ++grid_row;
+        if (a.rel_h && !terms && (grid_col += kLanes) == a.kw) grid_col = 0, ++grid_row;
     };
-    const std::uint16_t *kb = a.kb + static_cast<std::int64_t>(h) * blocks * KC * kAmxTile;
     for (std::int64_t j = 0; j < blocks; j += 2, kb += 2 * KC * kAmxTile) {
         _tile_zero(2);
         _tile_zero(3);
@@ -2885,7 +2908,6 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
         }
         for (int l = 0; l < kLanes; ++l) sum[r] += s[l];
     }
-    const std::uint16_t *vb = a.vb + static_cast<std::int64_t>(h) * chunks * VC * kAmxTile;
     _tile_zero(0);
     if constexpr (VC > 1) _tile_zero(1);
     if constexpr (VC > 2) _tile_zero(2);
@@ -2913,7 +2935,7 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
     if constexpr (VC > 2) _tile_stored(2, &o[0][32], sizeof o[0]);
     if constexpr (VC > 3) _tile_stored(3, &o[0][48], sizeof o[0]);
     for (int r = 0; r < n; ++r) {
-        float *dst = a.out + ((r0 + r) * a.heads + h) * d;
+        float *dst = a.out + a.item(r0 + r, h, a.rows) * d;
         const __m512 total = _mm512_set1_ps(sum[r]);
         for (int c = 0; c < d; c += 16) {
             _mm512_mask_storeu_ps(dst + c, first_lanes(d - c), _mm512_div_ps(_mm512_load_ps(&o[r][c]), total));
@@ -2921,61 +2943,106 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
     }
 }
 
-// Work items [i0, i1) (head-major, 16 rows each) with the tiles configured for this thread.
-__attribute__((target(AMX_TARGET))) void amx_attention_items(const AmxAttentionArgs &a, std::int64_t i0,
-                                                             std::int64_t i1) {
-    const std::int64_t blocks = (a.rows + kAmxRows - 1) / kAmxRows;
-    std::vector<float> logit_buf, prob_buf;
+// Heads of at most this many query rows lay out their keys and values in the thread that runs all their rows (each
+// head a work item: SAM ViT's windowed blocks, 196 rows); heads of more rows share one layout of all heads' keys and
+// values among the threads, their blocks of 16 rows the work items (the global blocks, 4096 rows).
+constexpr std::int64_t kAmxHeadItemRows = 256;
+
+// Work items [i0, i1) with the tiles configured for this thread: heads (by_head: their keys and values laid out
+// here, then each block of 16 rows), else blocks of 16 rows (head-major) of heads laid out in kb, vb.
+__attribute__((target(AMX_TARGET))) void amx_attention_items(const AmxAttentionArgs &a, bool by_head,
+                                                             const std::uint16_t *kb, const std::uint16_t *vb,
+                                                             std::int64_t i0, std::int64_t i1) {
+    const std::int64_t blocks = (a.rows + kAmxRows - 1) / kAmxRows, chunks = a.padded / kAmxDepth;
+    const std::int64_t head_kb = a.padded / 16 * a.kc * kAmxTile, head_vb = chunks * a.vc * kAmxTile;
+    std::vector<float> logit_buf, prob_buf, term_buf, kb_buf, vb_buf;  // (bfloat16 pairs in float-sized slots)
     float *logits = reinterpret_cast<float *>(aligned_vecs(logit_buf, kAmxRows * (a.padded + kLanes) / kLanes));
     auto *probs = reinterpret_cast<std::uint16_t *>(
         aligned_vecs(prob_buf, kAmxRows * (a.padded + kAmxDepth) / kLanes / 2));
+    float *terms = a.rel_h && a.kw % kLanes ? reinterpret_cast<float *>(aligned_vecs(term_buf, kAmxRows * a.padded / kLanes))
+                                            : nullptr;
+    auto *own_kb = by_head ? reinterpret_cast<std::uint16_t *>(aligned_vecs(kb_buf, head_kb / 2 / kLanes)) : nullptr;
+    auto *own_vb = by_head ? reinterpret_cast<std::uint16_t *>(aligned_vecs(vb_buf, head_vb / 2 / kLanes)) : nullptr;
     AmxTileConfig config;
     for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
     _tile_loadconfig(&config);
-    for (std::int64_t i = i0; i < i1; ++i) {
-        const int h = static_cast<int>(i / blocks);
-        const std::int64_t r0 = i % blocks * kAmxRows;
+    auto rows = [&](int h, std::int64_t r0, const std::uint16_t *hkb, const std::uint16_t *hvb) {
         switch (a.kc * 4 + a.vc) {
-            case 1 * 4 + 1: amx_rows<1, 1>(a, h, r0, logits, probs); break;
-            case 1 * 4 + 2: amx_rows<1, 2>(a, h, r0, logits, probs); break;
-            case 2 * 4 + 3: amx_rows<2, 3>(a, h, r0, logits, probs); break;
-            default: amx_rows<2, 4>(a, h, r0, logits, probs); break;
+            case 1 * 4 + 1: amx_rows<1, 1>(a, h, r0, hkb, hvb, logits, probs, terms); break;
+            case 1 * 4 + 2: amx_rows<1, 2>(a, h, r0, hkb, hvb, logits, probs, terms); break;
+            case 2 * 4 + 3: amx_rows<2, 3>(a, h, r0, hkb, hvb, logits, probs, terms); break;
+            default: amx_rows<2, 4>(a, h, r0, hkb, hvb, logits, probs, terms); break;
+        }
+    };
+    for (std::int64_t i = i0; i < i1; ++i) {
+        if (by_head) {
+            amx_layout(a, i, 0, chunks, own_kb, own_vb);
+            for (std::int64_t r0 = 0; r0 < a.rows; r0 += kAmxRows) rows(static_cast<int>(i), r0, own_kb, own_vb);
+        } else {
+            const std::int64_t h = i / blocks;
+            rows(static_cast<int>(h), i % blocks * kAmxRows, kb + h * head_kb, vb + h * head_vb);
         }
     }
     _tile_release();
 }
 
 py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py::handle v_obj,
-                                         py::handle rel_h_obj, py::handle rel_w_obj, std::int64_t threads) {
+                                         py::handle rel_h_obj, py::handle rel_w_obj, std::int64_t threads,
+                                         double scale, bool heads_first, py::handle out_obj) {
     check_threads("shared_attention_bf16", threads);
-    const AttentionInputs in = attention_inputs("shared_attention_bf16", q_obj, k_obj, v_obj, rel_h_obj, rel_w_obj);
+    const AttentionInputs in = attention_inputs("shared_attention_bf16", q_obj, k_obj, v_obj, rel_h_obj, rel_w_obj,
+                                                heads_first, true);
+    if (!std::isfinite(scale)) throw py::value_error("shared_attention_bf16: scale must be finite, got " +
+                                                     std::to_string(scale));
+    const auto rows = static_cast<py::ssize_t>(in.rows), heads = static_cast<py::ssize_t>(in.heads);
+    const py::ssize_t axis0 = heads_first ? heads : rows, axis1 = heads_first ? rows : heads;
+    py::array_t<float> out;
+    if (out_obj.is_none()) {
+        out = py::array_t<float>({axis0, axis1, static_cast<py::ssize_t>(in.dim)});
+    } else {
+        out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 3));
+        require_shape(out, "out", {axis0, axis1, in.dim});
+        if (!out.writeable()) throw py::value_error("out: array is read-only");
+        for (const auto &[arr, name] : {std::pair<const py::array &, const char *>{in.q, "q"}, {in.k, "k"}, {in.v, "v"},
+                                        {in.rel_h, "rel_h"}, {in.rel_w, "rel_w"}})
+            require_disjoint(out, arr, name);
+    }
     if (!has_amx_bf16())
         throw std::runtime_error("shared_attention_bf16: this CPU or operating system gives no AMX-BF16 tiles "
                                  "(has_amx_bf16() is False); use shared_attention");
-    py::array_t<float> out({static_cast<py::ssize_t>(in.rows), static_cast<py::ssize_t>(in.heads),
-                            static_cast<py::ssize_t>(in.dim)});
     if (in.rows == 0) return out;
-    const std::int64_t padded = (in.pixels + kAmxDepth - 1) / kAmxDepth * kAmxDepth;
+    const std::int64_t padded = (in.pixels + kAmxDepth - 1) / kAmxDepth * kAmxDepth, chunks = padded / kAmxDepth;
     const int kc = static_cast<int>((in.dim + kAmxDepth - 1) / kAmxDepth), vc = static_cast<int>((in.dim + 15) / 16);
-    std::vector<float> kb_buf, vb_buf;  // bfloat16 pairs in float-sized slots
-    const auto *kb = reinterpret_cast<const std::uint16_t *>(
-        aligned_vecs(kb_buf, in.heads * padded / 16 * kc * kAmxTile / 2 / kLanes));
-    const auto *vb = reinterpret_cast<const std::uint16_t *>(
-        aligned_vecs(vb_buf, in.heads * padded / kAmxDepth * vc * kAmxTile / 2 / kLanes));
-    const AmxAttentionArgs args{static_cast<const float *>(in.q.data()), kb, vb, out.mutable_data(), in.rows,
+    const AmxAttentionArgs args{static_cast<const float *>(in.q.data()), static_cast<const float *>(in.k.data()),
+                                static_cast<const float *>(in.v.data()), out.mutable_data(), in.rows,
                                 in.pixels, padded, static_cast<int>(in.heads), static_cast<int>(in.dim), kc, vc,
                                 in.kw ? static_cast<const float *>(in.rel_h.data()) : nullptr,
                                 in.kw ? static_cast<const float *>(in.rel_w.data()) : nullptr,
-                                static_cast<int>(in.kw)};
-    const std::int64_t items = in.heads * ((in.rows + kAmxRows - 1) / kAmxRows);
-    const auto *ks = static_cast<const float *>(in.k.data()), *vs = static_cast<const float *>(in.v.data());
+                                static_cast<int>(in.kw), static_cast<float>(scale), heads_first};
+    const bool by_head = in.rows <= kAmxHeadItemRows;
+    const std::int64_t blocks = (in.rows + kAmxRows - 1) / kAmxRows;
+    const std::int64_t head_kb = padded / 16 * kc * kAmxTile, head_vb = chunks * vc * kAmxTile;
+    std::vector<float> kb_buf, vb_buf;  // all heads' keys and values when they are shared (bfloat16 pairs in floats)
+    auto *kb = by_head ? nullptr : reinterpret_cast<std::uint16_t *>(aligned_vecs(kb_buf, in.heads * head_kb / 2 / kLanes));
+    auto *vb = by_head ? nullptr : reinterpret_cast<std::uint16_t *>(aligned_vecs(vb_buf, in.heads * head_vb / 2 / kLanes));
+    // cost of 16 rows: the exps (16 each) and the products (1/16 of their multiply-adds, as the tiles run them)
+    const double rows_cost = kAmxRows * padded * (16.0 + 2.0 * in.dim / 16), layout_cost = padded * 2.0 * in.dim;
     {
         py::gil_scoped_release release;
-        parallel_for(padded / kAmxDepth, kAmxDepth * in.heads * 2.0 * in.dim, threads,
-                     [&](std::int64_t t0, std::int64_t t1) { amx_layout(args, ks, vs, t0, t1); });
-        // cost: the exps (16 each) and the products (1/16 of their multiply-adds, as the tiles run them)
-        parallel_for(items, kAmxRows * padded * (16.0 + 2.0 * in.dim / 16), threads,
-                     [&](std::int64_t i0, std::int64_t i1) { amx_attention_items(args, i0, i1); });
+        if (by_head) {
+            parallel_for(in.heads, blocks * rows_cost + layout_cost, threads, [&](std::int64_t i0, std::int64_t i1) {
+                amx_attention_items(args, true, kb, vb, i0, i1);
+            });
+        } else {
+            parallel_for(in.heads * chunks, layout_cost / chunks, threads, [&](std::int64_t u0, std::int64_t u1) {
+                for (std::int64_t u = u0; u < u1; ++u)
+                    amx_layout(args, u / chunks, u % chunks, u % chunks + 1, kb + u / chunks * head_kb,
+                               vb + u / chunks * head_vb);
+            });
+            parallel_for(in.heads * blocks, rows_cost, threads, [&](std::int64_t i0, std::int64_t i1) {
+                amx_attention_items(args, false, kb, vb, i0, i1);
+            });
+        }
     }
     return out;
 }
@@ -3417,13 +3484,18 @@ PYBIND11_MODULE(_ext, m) {
           "'generic' the portable one." THREADS_DOC);
     m.def("shared_attention_bf16", &shared_attention_bf16, py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("rel_h") = py::none(), py::arg("rel_w") = py::none(), py::arg("threads") = 0,
+          py::arg("scale") = 1.0, py::arg("heads_first") = false, py::arg("out") = py::none(),
           "shared_attention_bf16(q: float32[R, H, d], k: float32[P, H, d], v: float32[P, H, d], rel_h=None,\n"
-          "    rel_w=None, threads=0) -> float32[R, H, d]\n\n"
-          "shared_attention in bfloat16 on AMX tiles (CPUs where has_amx_bf16(); RuntimeError elsewhere): q, k, v\n"
-          "rounded to bfloat16 (nearest even); the logits q . k summed in float32, the terms added in float32,\n"
+          "    rel_w=None, threads=0, scale=1.0, heads_first=False, out=None) -> float32[R, H, d]\n\n"
+          "shared_attention in bfloat16 on AMX tiles (CPUs where has_amx_bf16(); RuntimeError elsewhere): q scale\n"
+          "(in float32), k, v rounded to bfloat16 (nearest even); the logits summed in float32, the terms added in\n"
+          "float32 (any key grid kh x kw = P),\n"
           "e = exp(l - max) in float32 (a polynomial, relative error below 3e-6),\n"
           "out[r, h] = (sum_p bf16(e_p) v[p, h]) / sum_p e_p with the products'\n"
-          "sums in float32 (in the tile unit's order)." THREADS_DOC);
+          "sums in float32 (in the tile unit's order). heads_first: q, rel_h, rel_w and the result [H, R, ...],\n"
+          "k and v [H, P, d] (the layout of batched attention, as in a ViT's windowed blocks: H = windows x heads).\n"
+          "out: a C-contiguous float32 array of the result's shape to write into (returned), overlapping no input."
+          THREADS_DOC);
     m.def("linear_bf16", &linear_bf16, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out") = py::none(),
           py::arg("isa") = "auto", py::arg("threads") = 0, py::arg("activation") = "none",
           "linear_bf16(x: float32[M, K], w: uint16[N32 / 32, K32 / 32, 2 or 4, 16, 16, 2], bias: float32[N], out=None,\n"

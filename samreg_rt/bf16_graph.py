@@ -247,51 +247,184 @@ def _gelu_nodes(graph: onnx.GraphProto, x: str, consumers: dict[str, list[int]],
     return {div, erf[0], add[0], mul[0], half[0]}, half[1].output[0]
 
 
+@dataclass(frozen=True)
+class AttentionStep:
+    """An attention core with decomposed relative positions (SAM ViT's windowed blocks) on the AMX tiles
+    (``_ext.shared_attention_bf16``, heads first): out[n] = softmax(scale q[n] k[n]^T + rel[n]) v[n] with
+    rel[n, (i, j), (a, b)] = rel_h[n, i, j, a] + rel_w[n, i, j, b]. q [N, L, d], k and v [N, P, d] (N = windows x
+    heads), rel_h [N, qh, qw, kh], rel_w [N, qh, qw, kw] (qh qw = L, kh kw = P), float32 -> [N, L, d]."""
+    q: str
+    k: str
+    v: str
+    rel_h: str
+    rel_w: str
+    output: str
+    scale: float
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.q, self.k, self.v, self.rel_h, self.rel_w
+
+    def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: np.ndarray, rel_w: np.ndarray,
+            threads: int, out: np.ndarray | None = None) -> np.ndarray:
+        """-> [N, L, d], into ``out`` (N L d values) if given, else into a new 64-byte aligned array."""
+        n, length, _ = q.shape
+        out = aligned_empty(q.shape, np.float32) if out is None else out.reshape(q.shape)
+        return _ext.shared_attention_bf16(q, k, v, rel_h.reshape(n, length, -1), rel_w.reshape(n, length, -1),
+                                          threads=threads, scale=self.scale, heads_first=True, out=out)
+
+
+def find_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInfoProto]) -> dict[int, tuple[AttentionStep, set[int]]]:
+    """The attention cores with decomposed relative positions of a graph (``infos``: its inferred value infos), by the
+    index of their last node: the step and the indices of the nodes it replaces.
+
+    The nodes torch exports for ``Attention.forward`` (export/modeling/image_encoder.py) on a window: MatMul(Mul(q,
+    scale) or q, Transpose(k, perm 0 2 1)), Reshape to [N, qh, qw, kh, kw], Add of Unsqueeze(rel_h, axis 4) and Add of
+    Unsqueeze(rel_w, axis 3) (either operand order, either Add first), Reshape to [N, L, P], Softmax over the last
+    axis, MatMul by v; every shape static, d <= 64, float32, each result used only by the next node (the Mul and the
+    Transpose are kept where something else uses them, their outputs then still computed by ONNX Runtime)."""
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+
+    def only_use(name: str, op: str) -> int | None:
+        """The node that makes ``name`` if it is an ``op`` and ``name`` feeds one node and is no graph output."""
+        i = producer.get(name)
+        ok = i is not None and graph.node[i].op_type == op and len(consumers.get(name, [])) == 1 and name not in outputs
+        return i if ok else None
+
+    def shape(name: str) -> tuple[int, ...] | None:
+        info = infos.get(name)
+        if info is None or info.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            return None
+        dims = info.type.tensor_type.shape.dim
+        return tuple(d.dim_value for d in dims) if all(d.HasField("dim_value") for d in dims) else None
+
+    def unsqueezed_axis(i: int) -> int | None:
+        node = graph.node[i]
+        axes = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axes"), None)
+        if axes is None and len(node.input) > 1 and node.input[1] in inits:
+            axes = numpy_helper.to_array(inits[node.input[1]]).reshape(-1).tolist()
+        return int(axes[0]) % 5 if axes is not None and len(axes) == 1 else None
+
+    def split_add(i: int, op: str) -> tuple[int, int] | None:
+        """An Add's two operands' producers: (the ``op`` node, the Unsqueeze), each used only there."""
+        a, b = graph.node[i].input
+        for first, second in ((a, b), (b, a)):
+            if (x := only_use(first, op)) is not None and (u := only_use(second, "Unsqueeze")) is not None:
+                return x, u
+        return None
+
+    found = {}
+    for s, softmax in enumerate(graph.node):
+        axis = next((a.i for a in softmax.attribute if a.name == "axis"), None)
+        users = consumers.get(softmax.output[0], [])
+        if softmax.op_type != "Softmax" or axis not in (-1, 2) or len(users) != 1 or softmax.output[0] in outputs:
+            continue
+        last = users[0]
+        if graph.node[last].op_type != "MatMul" or graph.node[last].input[0] != softmax.output[0]:
+            continue
+        if (r2 := only_use(softmax.input[0], "Reshape")) is None or (a2 := only_use(graph.node[r2].input[0], "Add")) is None:
+            continue
+        outer = split_add(a2, "Add")
+        inner = split_add(outer[0], "Reshape") if outer else None
+        if inner is None or (m1 := only_use(graph.node[inner[0]].input[0], "MatMul")) is None:
+            continue
+        unsqueezes = {unsqueezed_axis(outer[1]): outer[1], unsqueezed_axis(inner[1]): inner[1]}
+        if set(unsqueezes) != {3, 4}:
+            continue
+        q, kt = graph.node[m1].input
+        replaced = {m1, inner[0], *unsqueezes.values(), outer[0], a2, r2, s, last}
+        scale = 1.0
+        if (mul := producer.get(q)) is not None and graph.node[mul].op_type == "Mul":
+            constant = [name for name in graph.node[mul].input if name in inits]
+            c = numpy_helper.to_array(inits[constant[0]]) if len(constant) == 1 else None
+            if c is not None and c.size == 1 and c.dtype == np.float32:
+                scale = float(c.reshape(()))
+                q = next(name for name in graph.node[mul].input if name != constant[0])
+                if only_use(graph.node[m1].input[0], "Mul") is not None:
+                    replaced.add(mul)
+        t = producer.get(kt)
+        perm = [] if t is None else next((list(a.ints) for a in graph.node[t].attribute if a.name == "perm"), [])
+        if t is None or graph.node[t].op_type != "Transpose" or perm != [0, 2, 1]:
+            continue
+        if only_use(kt, "Transpose") is not None:
+            replaced.add(t)
+        k, v = graph.node[t].input[0], graph.node[last].input[1]
+        rel_h, rel_w = graph.node[unsqueezes[4]].input[0], graph.node[unsqueezes[3]].input[0]
+        shapes = [shape(name) for name in (q, k, v, rel_h, rel_w, graph.node[inner[0]].output[0],
+                                           graph.node[r2].output[0], graph.node[last].output[0])]
+        if any(sh is None for sh in shapes) or len(shapes[0]) != 3 or len(shapes[3]) != 4:
+            continue
+        (n, length, d), (_, qh, qw, kh), kw = shapes[0], shapes[3], shapes[4][-1]
+        pixels = kh * kw
+        if not (qh * qw == length and 1 <= d <= 64 and shapes[1:] == [
+                (n, pixels, d), (n, pixels, d), (n, qh, qw, kh), (n, qh, qw, kw), (n, qh, qw, kh, kw),
+                (n, length, pixels), (n, length, d)]):
+            continue
+        found[last] = (AttentionStep(q, k, v, rel_h, rel_w, graph.node[last].output[0], scale), replaced)
+    return found
+
+
 class Bf16Graph:
     """A float32 graph run with its weight products in bfloat16 (``_ext.linear_bf16``): ``run`` as
     ``onnxruntime.InferenceSession.run``. ``make_session(model_bytes)`` builds the session of each piece.
     ``split_weights``: each weight as hi + lo in bfloat16 (twice the products' work, weights to about 16
-    significant bits; x still rounded to bfloat16).
-    Raises ValueError for a graph with subgraphs (If, Loop, Scan) or no weight product."""
+    significant bits; x still rounded to bfloat16). ``attention``: the attention cores with relative positions
+    (``find_attention``: SAM ViT's windowed blocks) run as ``AttentionStep``s on the AMX tiles too (q, k, v and the
+    softmax's weights rounded to bfloat16) instead of as ONNX Runtime's float32 passes over their logits.
+    Raises ValueError for a graph with subgraphs (If, Loop, Scan) or no weight product, and for ``attention`` on a
+    CPU without AMX-BF16 tiles (``_ext.has_amx_bf16``)."""
 
     def __init__(self, model: onnx.ModelProto, make_session: Callable[[bytes], ort.InferenceSession],
-                 threads: int = 0, split_weights: bool = False):
+                 threads: int = 0, split_weights: bool = False, attention: bool = False):
         graph = model.graph
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node
                for a in n.attribute):
             raise ValueError("Bf16Graph: graphs with subgraphs (If, Loop, Scan) are not supported")
+        if attention and not _ext.has_amx_bf16():
+            raise ValueError("Bf16Graph: attention=True needs AMX-BF16 tiles, which this CPU or operating system does "
+                             "not give (_ext.has_amx_bf16() is False)")
         products = find_products(graph, split_weights)
         if not products:
             raise ValueError("Bf16Graph: the graph has no product of an activation with a constant weight")
+        inferred = onnx.shape_inference.infer_shapes(model)
+        infos = {v.name: v for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
+        cores = find_attention(graph, infos) if attention else {}
         self.threads = threads
         self._spare = threading.local()  # each thread's arrays for the products' results, by size
         self.inputs = tuple(i.name for i in graph.input if i.name not in {t.name for t in graph.initializer})
         self.outputs = tuple(o.name for o in graph.output)
-        replaced = set().union(*(found.replaced for found in products.values()))
+        replaced = set().union(*(found.replaced for found in products.values()), *(r for _, r in cores.values()))
         edits = {i: node for found in products.values() for i, node in found.edits.items()}
-        # the steps: runs of plain nodes, and the products at the place of their first node
-        groups: list[list[onnx.NodeProto] | WeightProduct] = [[]]
+        # the steps: runs of plain nodes, the products at the place of their first node, the attention cores at
+        # the place of their last
+        groups: list[list[onnx.NodeProto] | WeightProduct | AttentionStep] = [[]]
         for i, node in enumerate(graph.node):
             if i in products:
                 groups += [products[i].product, []]
+            elif i in cores:
+                groups += [cores[i][0], []]
             elif i not in replaced:
                 groups[-1].append(edits.get(i, node))
         groups = [g for g in groups if not (isinstance(g, list) and not g)]
-        needs = [{g.input} if isinstance(g, WeightProduct) else _node_inputs(g) for g in groups]
-        makes = [{g.output} if isinstance(g, WeightProduct) else _node_outputs(g) for g in groups]
+        needs = [_node_inputs(g) if isinstance(g, list) else set(_step_inputs(g)) for g in groups]
+        makes = [_node_outputs(g) if isinstance(g, list) else {g.output} for g in groups]
         later: set[str] = set(self.outputs)
         wanted = []
         for k in range(len(groups) - 1, -1, -1):
             wanted.append(makes[k] & later)
             later |= needs[k]
         wanted.reverse()
-        inferred = onnx.shape_inference.infer_shapes(model)
-        infos = {v.name: v for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
         inits = {t.name: t for t in graph.initializer}
-        self.steps: list[Piece | WeightProduct | ReshapeStep] = []
+        self.steps: list[Piece | WeightProduct | ReshapeStep | AttentionStep] = []
         alive: set[str] = set(self.inputs)
         for k, group in enumerate(groups):
-            if isinstance(group, WeightProduct):
+            if not isinstance(group, list):
                 self.steps.append(group)
             elif wanted[k] and (reshapes := _reshapes(group, inits)) is not None:
                 self.steps += reshapes
@@ -313,26 +446,27 @@ class Bf16Graph:
                 root[step.output] = root.get(step.input, step.input)
         last_use: dict[str, int] = {}
         for k, step in enumerate(self.steps):
-            for name in (step.inputs if isinstance(step, Piece) else (step.input,)):
+            for name in _step_inputs(step):
                 last_use[root.get(name, name)] = k
         kept = set(self.outputs) | {root.get(name, name) for name in self.outputs}
         names = {r: [r] + [n for n, m in root.items() if m == r] for r in last_use}
         self.drops = [[n for r, k in last_use.items() if k == j and r not in kept for n in names[r]]
                       for j in range(len(self.steps))]
-        # the products' results that the caller never sees (nor a view of them), whose arrays run() keeps for the
-        # next run
+        # the products' and attention cores' results that the caller never sees (nor a view of them), whose arrays
+        # run() keeps for the next run
         self.reused = {step.output for step in self.steps
-                       if isinstance(step, WeightProduct) and step.output not in kept}
+                       if isinstance(step, (WeightProduct, AttentionStep)) and step.output not in kept}
 
     def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray],
             timings: dict[str, float] | None = None) -> list[np.ndarray]:
         """The graph's outputs (``output_names``, None: all) for the input arrays ``feeds``. ``timings``: a dict
-        to which the wall seconds of the steps are added, under "products" and "onnxruntime"."""
+        to which the wall seconds of the steps are added, under "products", "attention" and "onnxruntime"."""
         missing = [name for name in self.inputs if name not in feeds]
         if missing:
             raise ValueError(f"Bf16Graph.run: missing inputs {missing} (the graph takes {list(self.inputs)})")
-        # the products' results in arrays kept from earlier runs of this thread: fresh ones of tens of MB would
-        # be new pages from the operating system each time (page faults took as long as the products here)
+        # the products' (and attention cores') results in arrays kept from earlier runs of this thread: fresh ones
+        # of tens of MB would be new pages from the operating system each time (page faults took as long as the
+        # products here)
         spare = self._spare.__dict__.setdefault("arrays", {})
         values = dict(feeds)
         for step, drops in zip(self.steps, self.drops):
@@ -344,11 +478,16 @@ class Bf16Graph:
                 values[step.output] = step.run(x, self.threads, out)
             elif isinstance(step, ReshapeStep):
                 values[step.output] = step.run(values[step.input])
+            elif isinstance(step, AttentionStep):
+                size = values[step.q].size
+                out = spare[size].pop() if step.output in self.reused and spare.get(size) else None
+                values[step.output] = step.run(*(values[name] for name in step.inputs), threads=self.threads, out=out)
             else:
                 results = step.session.run(list(step.outputs), {name: values[name] for name in step.inputs})
                 values.update(zip(step.outputs, results))
             if timings is not None:
-                kind = "products" if isinstance(step, WeightProduct) else "onnxruntime"
+                kind = ("products" if isinstance(step, WeightProduct) else
+                        "attention" if isinstance(step, AttentionStep) else "onnxruntime")
                 timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - start
             for name in drops:
                 array = values.pop(name)
@@ -360,6 +499,10 @@ class Bf16Graph:
         """The execution providers of the ONNX Runtime pieces."""
         first = next(step for step in self.steps if isinstance(step, Piece))
         return first.session.get_providers()
+
+
+def _step_inputs(step: Piece | WeightProduct | ReshapeStep | AttentionStep) -> tuple[str, ...]:
+    return (step.input,) if isinstance(step, (WeightProduct, ReshapeStep)) else step.inputs
 
 
 def _node_inputs(nodes: list[onnx.NodeProto]) -> set[str]:

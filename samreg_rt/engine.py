@@ -218,8 +218,10 @@ class Engine:
         has them for the precision (fp32 and int8 ViT exports since they exist: re-export older ones).
         ``encoder_attention``: the precision of those attention cores: "fp32", "bf16" (AMX tiles,
         ``_ext.shared_attention_bf16``; ModelError on a CPU without them, ``_ext.has_amx_bf16``) or "auto":
-        bf16 for int8 on CPUs with the tiles (ViT-B int8: embedding cosine to fp32 0.99967 with either core,
-        benchmarks/results/performance.md), fp32 otherwise: fp32 engines keep their float32 results.
+        bf16 for int8, bf16 and bf16x2 on CPUs with the tiles (ViT-B int8: embedding cosine to fp32 0.99967 with
+        either core, benchmarks/results/performance.md), fp32 otherwise: fp32 engines keep their float32 results.
+        With "bf16" the bf16 and bf16x2 engines run the windowed blocks' attention cores on the tiles as well
+        (``samreg_rt.bf16_graph.find_attention``); with "fp32" ONNX Runtime runs them in float32.
         ``shared_arena``: the sessions allocate from one CPU memory arena registered in ONNX Runtime's
         process-wide environment (and shared with the other engines of the process that use it) instead of
         one arena each (benchmarks/results/memory_arena.md).
@@ -291,7 +293,7 @@ class Engine:
             if precision in BF16_PRECISIONS and role.startswith("encoder"):
                 # its pieces alternate with native products: no spinning threads (part_options)
                 return _bf16_graph(path, reads[role].result(), part_options, chosen, inputs, outputs, threads,
-                                   split_weights=precision == "bf16x2")
+                                   split_weights=precision == "bf16x2", attention=encoder_attention == "bf16")
             return _session(path, reads[role].result(), role_options, chosen, inputs, outputs, model_dir, precision)
 
         try:
@@ -546,8 +548,10 @@ def _session_options(threads: int, shared_arena: bool, spinning: bool) -> ort.Se
 
 
 def _bf16_graph(path: Path, data: bytes, options: ort.SessionOptions, providers: list[str],
-                inputs: tuple[str, ...], outputs: tuple[str, ...], threads: int, split_weights: bool) -> Bf16Graph:
-    """An fp32 encoder graph (or part) with its weight products in bfloat16 (``samreg_rt.bf16_graph``)."""
+                inputs: tuple[str, ...], outputs: tuple[str, ...], threads: int, split_weights: bool,
+                attention: bool) -> Bf16Graph:
+    """An fp32 encoder graph (or part) with its weight products (and with ``attention`` its windowed attention
+    cores) in bfloat16 (``samreg_rt.bf16_graph``)."""
     try:
         model = onnx.load_from_string(data)
     except Exception as exc:  # protobuf's DecodeError and onnx's own
@@ -557,7 +561,7 @@ def _bf16_graph(path: Path, data: bytes, options: ort.SessionOptions, providers:
                 tuple(o.name for o in model.graph.output), inputs, outputs)
     try:
         return Bf16Graph(model, lambda piece: _session(path, piece, options, providers, None, None, path.parent,
-                                                       "fp32"), threads, split_weights)
+                                                       "fp32"), threads, split_weights, attention)
     except ValueError as exc:
         raise ModelError(f"{path}: cannot run in bf16 ({exc})") from None
 

@@ -12,12 +12,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from samreg_rt import _ext
 from samreg_rt import engine as engine_module
-from samreg_rt.bf16_graph import (Bf16Graph, WeightProduct, bf16_to_float, find_products, pack_bf16_weight,
-                                  round_bf16)
+from samreg_rt.bf16_graph import (AttentionStep, Bf16Graph, WeightProduct, bf16_to_float, find_attention,
+                                  find_products, pack_bf16_weight, round_bf16)
 from samreg_rt.engine import Engine
 from samreg_rt.errors import ModelError
 from samreg_rt.io import load_image
 from samreg_export.export import export_model
+from samreg_export.modeling.image_encoder import Block
 
 from . import twins
 
@@ -423,6 +424,69 @@ def test_bf16_graph_with_gelu_matches_its_numpy_emulation(rng):
     assert np.abs(y - full[0]).max() > 1e-5                                 # bfloat16's products, not float32's
 
 
+def _window_block(tmp_path, use_rel_pos: bool = True) -> onnx.ModelProto:
+    """torch's export of a windowed SAM ViT block (export/modeling/image_encoder.py) on 7 x 7 tokens of 32 channels,
+    windows of 5 (the grid padded to 10 x 10: 4 windows x 2 heads of 25 tokens), random weights and relative
+    position tables."""
+    torch.manual_seed(0)
+    block = Block(dim=32, num_heads=2, mlp_dim=64, attn_dim=32, qkv_bias=True, layer_norm_eps=1e-6,
+                  use_rel_pos=use_rel_pos, window_size=5, input_size=(7, 7)).eval()
+    if use_rel_pos:
+        with torch.no_grad():
+            block.attn.rel_pos_h.normal_(0, 0.5)
+            block.attn.rel_pos_w.normal_(0, 0.5)
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(block, (torch.randn(1, 7, 7, 32),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"], do_constant_folding=True)
+    return onnx.load(str(path))
+
+
+def test_find_attention(tmp_path):
+    """The windowed block's core: the nodes from the logits' MatMul to the MatMul by v, with the scale's Mul and k's
+    Transpose (nothing else uses them); q, k and v [8, 25, 16], the terms [8, 5, 5, 5]. None without the terms."""
+    model = _window_block(tmp_path)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    infos = {v.name: v for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
+    found = find_attention(model.graph, infos)
+    assert len(found) == 1
+    (last, (step, replaced)), = found.items()
+    nodes = model.graph.node
+    assert nodes[last].op_type == "MatMul" and step.output == nodes[last].output[0] and step.scale == 0.25
+    assert sorted(nodes[i].op_type for i in replaced) == sorted(
+        ["Mul", "Transpose", "MatMul", "Reshape", "Unsqueeze", "Unsqueeze", "Add", "Add", "Reshape", "Softmax",
+         "MatMul"])
+    dims = {name: [d.dim_value for d in infos[name].type.tensor_type.shape.dim] for name in step.inputs}
+    assert [dims[name] for name in step.inputs] == [[8, 25, 16]] * 3 + [[8, 5, 5, 5]] * 2
+    plain = _window_block(tmp_path, use_rel_pos=False)
+    inferred = onnx.shape_inference.infer_shapes(plain)
+    assert find_attention(plain.graph, {v.name: v for v in inferred.graph.value_info}) == {}
+
+
+@pytest.mark.skipif(not _ext.has_amx_bf16(), reason="no AMX-BF16 tiles on this CPU or OS")
+def test_bf16_graph_runs_windowed_attention_on_the_tiles(tmp_path):
+    """attention=True: the windowed core as an AttentionStep (its Mul and Transpose gone from the pieces), the
+    block's output within bfloat16 rounding of ONNX Runtime's float32; False keeps it in ONNX Runtime."""
+    model = _window_block(tmp_path)
+    x = np.random.default_rng(1).standard_normal((1, 7, 7, 32)).astype(np.float32)
+    want = _session(model.SerializeToString()).run(None, {"x": x})[0]
+    tiles, plain = Bf16Graph(model, _session, threads=2, attention=True), Bf16Graph(model, _session, threads=2)
+    assert [type(s).__name__ for s in tiles.steps].count("AttentionStep") == 1
+    assert not any(isinstance(s, AttentionStep) for s in plain.steps)
+    timings: dict[str, float] = {}
+    got, base = tiles.run(None, {"x": x}, timings)[0], plain.run(None, {"x": x})[0]
+    assert set(timings) == {"products", "attention", "onnxruntime"}
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= 0.02 * scale and np.abs(base - want).max() <= 0.02 * scale
+    assert not np.array_equal(got, base)
+    np.testing.assert_array_equal(tiles.run(None, {"x": x})[0], got)    # the arrays reused: the same again
+
+
+def test_bf16_graph_attention_needs_amx(tmp_path, monkeypatch):
+    monkeypatch.setattr(_ext, "has_amx_bf16", lambda: False)
+    with pytest.raises(ValueError, match="attention=True needs AMX-BF16 tiles"):
+        Bf16Graph(_window_block(tmp_path), _session, attention=True)
+
+
 def test_bf16_graph_refuses_graphs_without_products():
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
@@ -467,6 +531,9 @@ def test_bf16_engine_vit_parts(tmp_path_factory):
     if fp32.encoder_parts:
         assert bf16.encoder_attention == ("bf16" if _ext.has_amx_bf16() else "fp32")
         assert all(isinstance(part, Bf16Graph) for part in bf16.encoder_parts)
+        # the windowed block's core on the tiles too (block 0 of 2; block 1 is global)
+        cores = [step for part in bf16.encoder_parts for step in part.steps if isinstance(step, AttentionStep)]
+        assert len(cores) == (1 if _ext.has_amx_bf16() else 0)
     assert _cosine(got, want) >= 0.999
 
 

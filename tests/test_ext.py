@@ -1212,6 +1212,48 @@ def test_shared_attention_bf16_is_close_to_float32(rng):
     np.testing.assert_array_equal(_ext.shared_attention_bf16(q, k, v, rel_h, rel_w, threads=1), got)
 
 
+def _heads_first(a: np.ndarray) -> np.ndarray:
+    """[R, H, ...] <-> [H, R, ...], C-contiguous."""
+    return np.ascontiguousarray(a.swapaxes(0, 1))
+
+
+@needs_amx
+@pytest.mark.parametrize("heads,rows,d,kh,kw", [
+    (300, 196, 64, 14, 14),     # SAM ViT-B's windowed blocks: 25 windows x 12 heads of 14 x 14 tokens (a sample)
+    (6, 25, 16, 5, 5),          # a key grid narrower than a block of 16 keys
+    (3, 40, 32, 2, 20),         # rows not a multiple of 16, grid rows wider than a block
+    (2, 300, 48, 20, 15),       # more rows than a head work item takes: the heads' layout shared by the threads
+])
+def test_shared_attention_bf16_heads_first(rng, heads, rows, d, kh, kw):
+    """heads_first (q, k, v, the terms and the result [H, R, ...]) with a scale of q: the token-major call on the
+    swapped arrays with q scaled beforehand, value for value; any key grid kh x kw, against the twin."""
+    q, k, v = _shared_attention_inputs(rng, rows, heads, d, kh * kw, 3.0)
+    rel_h, rel_w = (rng.normal(0, 1, (rows, heads, n)).astype(np.float32) for n in (kh, kw))
+    scale = np.float32(0.125)
+    q = q / scale
+    got = _ext.shared_attention_bf16(*map(_heads_first, (q, k, v, rel_h, rel_w)), threads=2, scale=scale,
+                                     heads_first=True)
+    scaled = q * scale
+    token_major = _ext.shared_attention_bf16(scaled, k, v, rel_h, rel_w, threads=2)
+    np.testing.assert_array_equal(got, _heads_first(token_major))
+    some = np.sort(rng.choice(heads, min(heads, 4), replace=False))
+    _assert_bf16_attention_close(token_major[:, some], scaled[:, some], k[:, some], v[:, some], rel_h[:, some],
+                                 rel_w[:, some])
+    assert np.abs(token_major - _ext.shared_attention_bf16(scaled, k, v, threads=2)).max() > 0.05   # terms matter
+    if rows > 256:  # each row as when its head is one work item (the first 256 rows alone)
+        first = _ext.shared_attention_bf16(scaled[:256], k, v, rel_h[:256], rel_w[:256], threads=2)
+        np.testing.assert_array_equal(token_major[:256], first)
+
+
+@needs_amx
+def test_shared_attention_bf16_writes_into_out(rng):
+    q, k, v = _shared_attention_inputs(rng, 20, 2, 16, 40, 3.0)
+    out = np.full((2, 20, 16), np.nan, np.float32)
+    got = _ext.shared_attention_bf16(_heads_first(q), _heads_first(k), _heads_first(v), heads_first=True, out=out)
+    assert np.shares_memory(got, out)
+    np.testing.assert_array_equal(out, _heads_first(_ext.shared_attention_bf16(q, k, v)))
+
+
 def test_shared_attention_bf16_rejects_bad_arguments(rng):
     """The float32 kernel's argument checks (they run before the tiles are asked for, on any CPU)."""
     q, k, v = _shared_attention_inputs(rng, 6, 2, 8, 64, 3.0)
@@ -1224,7 +1266,18 @@ def test_shared_attention_bf16_rejects_bad_arguments(rng):
         (dict(rel_h=np.zeros((6, 2, 3), np.float32), rel_w=np.zeros((6, 2, 16), np.float32)),
          r"a key grid of 3 x 16; expected kh \* kw = 64"),
         (dict(threads=-1), "threads"),
+        (dict(scale=float("inf")), "shared_attention_bf16: scale must be finite, got inf"),
+        (dict(heads_first=True), r"k: expected shape \(6, 2, 8\), got \(64, 2, 8\)"),
+        (dict(q=_heads_first(q), k=_heads_first(k), v=v, heads_first=True),
+         r"v: expected shape \(2, 64, 8\), got \(64, 2, 8\)"),
+        (dict(out=np.zeros((6, 2, 8))), "out: expected dtype float32"),
+        (dict(out=np.zeros((2, 6, 8), np.float32)), r"out: expected shape \(6, 2, 8\), got \(2, 6, 8\)"),
+        (dict(out=q), "out: must not overlap q"),
+        (dict(out=np.zeros((6, 2, 8), np.float32)[::-1]), "out: array is not C-contiguous"),
     ]
+    read_only = np.zeros((6, 2, 8), np.float32)
+    read_only.flags.writeable = False
+    cases.append((dict(out=read_only), "out: array is read-only"))
     if _ext.has_amx_bf16():
         _ext.shared_attention_bf16(**good)
     for change, message in cases:
