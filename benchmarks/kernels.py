@@ -9,8 +9,8 @@ mask_upscaling, linear, shared_attention, two_way_pass and two_way_factored wher
 plain and split weights, without and with its GELU epilogue, its twin rounding x and W to bfloat16 and summing in
 float64, then GELU by scipy's erfc), whose twins compute in
 float64: within 2e-5 of
-the largest value; shared_attention_bf16, on CPUs with AMX tiles: 99% of the values within 2e-5 of the
-largest, all within a bfloat16 step). mask_upscaling, linear, linear_bf16, two_way_pass, two_way_factored and
+the largest value; shared_attention_bf16 (a ViT-B global block's and, heads first, its windowed blocks'), on CPUs
+with AMX tiles: 99% of the values within 2e-5 of the largest, all within a bfloat16 step). mask_upscaling, linear, linear_bf16, two_way_pass, two_way_factored and
 shared_attention also get their achieved GFLOP/s. The kernels run on every CPU
 this process may use (``threads=0``). Takes about two minutes on 2 cores.
 """
@@ -121,6 +121,14 @@ def main() -> None:
     vit_k, vit_v = (rng.normal(0, 1, (4096, 12, 64)).astype(np.float32) for _ in range(2))
     vit_rel_h, vit_rel_w = (rng.normal(0, 1, (512, 12, 64)).astype(np.float32) for _ in range(2))
     vit_flop = 2 * 512 * 12 * 4096 * 2 * 64
+    # ViT-B's windowed blocks: 25 windows x 12 heads of 14 x 14 tokens, heads first, q scaled in the kernel
+    win_q, win_k, win_v = (rng.normal(0, 1, (300, 196, 64)).astype(np.float32) for _ in range(3))
+    win_rel_h, win_rel_w = (rng.normal(0, 1, (300, 196, 14)).astype(np.float32) for _ in range(2))
+    win_out = np.empty_like(win_q)
+    win_flop = 300 * 196 * 196 * 2 * 2 * 64
+
+    def heads_first(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.swapaxes(0, 1))
     # a ViT-B MLP's first product (4096 tokens, 768 -> 3072), weights packed as the bf16 precisions pack them
     mlp_x = rng.normal(0, 1, (4096, 768)).astype(np.float32)
     mlp_w = (rng.normal(0, 1, (768, 3072)) / np.sqrt(768)).astype(np.float32)
@@ -222,7 +230,13 @@ def main() -> None:
                    lambda: twins.linear_bf16(mlp_x, mlp_w, mlp_b), 5),
                   ("shared_attention_bf16 ViT", "512 rows, 12 heads, d 64",
                    lambda: _ext.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
-                   lambda: twins.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w), 3)]
+                   lambda: twins.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w), 3),
+                  ("shared_attention_bf16 windows", "300 heads x 196 rows, d 64",
+                   lambda: _ext.shared_attention_bf16(win_q, win_k, win_v, win_rel_h, win_rel_w, scale=0.125,
+                                                      heads_first=True, out=win_out),
+                   lambda: heads_first(twins.shared_attention_bf16(
+                       *(heads_first(a) for a in (win_q * np.float32(0.125), win_k, win_v, win_rel_h, win_rel_w)))),
+                   3)]
     upscaling_formula = "R (P 2 C 4C1 + 4P 2 C1 4C2 + 16P 2 C2 M), C 256, C1 64, C2 32"
     factored_formula = "R (P 2 (2J + 2) 4C1 + 4P 2 C1 4C2 + 16P 2 C2 M)"
     gflops = {"mask_upscaling": (upscaling_flop, upscaling_formula),
@@ -236,6 +250,7 @@ def main() -> None:
               "shared_attention": (sa_flop, "R H P 2 2 d; and R H P exps"),
               "shared_attention ViT": (vit_flop, "R H P 2 2 d; and R H P exps"),
               "shared_attention_bf16 ViT": (vit_flop, "R H P 2 2 d; and R H P exps"),
+              "shared_attention_bf16 windows": (win_flop, "H R P 2 2 d; and H R P exps"),
               **{f"linear_bf16 {isa}": (mlp_flop, "2 M K N") for isa in isas},
               **{f"linear_bf16 split {isa}": (mlp_flop, "2 M K N (the product's: twice that run, W's two parts)")
                  for isa in isas},
@@ -248,7 +263,7 @@ def main() -> None:
                      *(name + suffix for name, *_ in with_avx2 for suffix in builds.values()),
                      *(f"linear_bf16{split}{gelu} {isa}" for isa in isas for split in ("", " split")
                        for gelu in ("", " gelu")), *MISALIGNED)
-    bf16_kernels = ("shared_attention_bf16 ViT",)
+    bf16_kernels = ("shared_attention_bf16 ViT", "shared_attention_bf16 windows")
 
     info = machine()
     print(f"machine: {info}")
