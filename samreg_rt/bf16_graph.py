@@ -7,7 +7,11 @@ of an activation with a constant weight (``Gemm``, or ``MatMul`` with its bias `
 the cuts as ONNX Runtime sessions and each product with ``_ext.linear_bf16`` (weights rounded and packed once,
 ``pack_bf16_weight``). A GELU that follows a product (the erf form torch exports, directly or after a Reshape) runs
 in the product's kernel, on each block of results while it is in the L1 cache, instead of as a pass of ONNX
-Runtime over the MLP's widest tensor. Everything else (convolutions, normalisation, attention) stays float32.
+Runtime over the MLP's widest tensor. With ``attention=True`` the attention cores with decomposed relative positions
+(SAM ViT's windowed blocks: softmax(q k^T + terms) v over 25 windows x 12 heads at ViT-B's size) run on the AMX
+tiles as well (``find_attention``, ``AttentionStep``: ``_ext.shared_attention_bf16`` with q, k and v heads first,
+as the graph holds them), in place of ONNX Runtime's float32 product, two broadcast additions over the logits,
+softmax and second product. Everything else (convolutions, normalisation) stays float32.
 
 The pieces are the graph's nodes in their (topological) order between two products, so each piece needs only
 tensors made before it; each tensor is dropped after its last use. A piece of nothing but Reshapes to constant
