@@ -3,11 +3,15 @@ has them), the packing, Bf16Graph on hand-made graphs, and engines of precision 
 encoder's weight products in bfloat16)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
+import onnxslim
 import pytest
 import torch
+from numpy._core import multiarray
 from onnx import TensorProto, helper, numpy_helper
 
 from samreg_rt import _ext
@@ -314,6 +318,36 @@ def test_bf16_graph_matches_its_numpy_emulation(rng):
         graph.run(None, {})
 
 
+@needs_bf16
+def test_bf16_graph_runs_without_huge_pages(rng, monkeypatch):
+    """The products' arrays are allocated without numpy's huge-page request (pages.small_pages), and numpy's
+    setting is back after the run."""
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    model, _ = _graph(rng)
+    graph = Bf16Graph(model, _session, threads=2)
+    seen, linear = [], _ext.linear_bf16
+
+    def recording(*args, **kwargs):
+        seen.append(_huge_pages())
+        return linear(*args, **kwargs)
+
+    monkeypatch.setattr(_ext, "linear_bf16", recording)
+    previous = multiarray._set_madvise_hugepage(True)
+    try:
+        graph.run(None, {"x": rng.standard_normal((2, 5, 24)).astype(np.float32)})
+        assert seen and not any(seen)
+        assert _huge_pages() is True
+    finally:
+        multiarray._set_madvise_hugepage(previous)
+
+
+def _huge_pages() -> bool:
+    """numpy's current huge-page setting (read by setting it and setting it back)."""
+    previous = multiarray._set_madvise_hugepage(True)
+    multiarray._set_madvise_hugepage(previous)
+    return previous
+
+
 def _reshape_graph(rng, flat_output: bool, allowzero: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """x [4, 6, 24] -> MatMul(w1) + b1 -> h -> Reshape [0, -1] -> Reshape [24, 40] -> MatMul(w2) + b2 -> y; with
     ``flat_output`` also flat = Reshape(h, [-1]), a graph output."""
@@ -425,7 +459,8 @@ def test_bf16_graph_with_gelu_matches_its_numpy_emulation(rng):
 
 
 def _window_block(tmp_path, use_rel_pos: bool = True) -> onnx.ModelProto:
-    """torch's export of a windowed SAM ViT block (export/modeling/image_encoder.py) on 7 x 7 tokens of 32 channels,
+    """torch's export of a windowed SAM ViT block (export/modeling/image_encoder.py), simplified by onnxslim as the
+    exporter does, on 7 x 7 tokens of 32 channels,
     windows of 5 (the grid padded to 10 x 10: 4 windows x 2 heads of 25 tokens), random weights and relative
     position tables."""
     torch.manual_seed(0)
@@ -436,9 +471,11 @@ def _window_block(tmp_path, use_rel_pos: bool = True) -> onnx.ModelProto:
             block.attn.rel_pos_h.normal_(0, 0.5)
             block.attn.rel_pos_w.normal_(0, 0.5)
     path = tmp_path / "block.onnx"
-    torch.onnx.export(block, (torch.randn(1, 7, 7, 32),), str(path), dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["y"], do_constant_folding=True)
-    return onnx.load(str(path))
+    with warnings.catch_warnings():     # the tracer's, on the sizes it turns into constants
+        warnings.simplefilter("ignore")
+        torch.onnx.export(block, (torch.randn(1, 7, 7, 32),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], do_constant_folding=True)
+    return onnxslim.slim(onnx.load(str(path)))      # as the exporter simplifies (static shapes folded)
 
 
 def test_find_attention(tmp_path):
