@@ -180,9 +180,9 @@ def run_samreg(model_dir: Path, precision: str, fixed: Path, moving: Path, out: 
             "load_average_before_after": [load, os.getloadavg()[0]]}
 
 
-def run_samreg_fresh(work: Path, args: argparse.Namespace, huge_pages: bool) -> dict[str, Any]:
-    """``run_samreg`` of the ViT-B fp32 export in ``work`` (``build_models``) in a fresh process (this script
-    with ``--child-run``), after the same LiteMedSAM embeddings as in the parent. ``huge_pages``: with
+def run_samreg_fresh(work: Path, args: argparse.Namespace, huge_pages: bool, precision: str = "fp32") -> dict[str, Any]:
+    """``run_samreg`` of the ViT-B export in ``work`` (``build_models``) at ``precision`` in a fresh process (this
+    script with ``--child-run``), after the same LiteMedSAM embeddings as in the parent. ``huge_pages``: with
     ``NUMPY_MADVISE_HUGEPAGE=1``, so that numpy asks for transparent huge pages during mask generation too
     (``samreg_rt.pages.small_pages`` leaves the user's setting alone); else without the variable."""
     env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
@@ -191,7 +191,7 @@ def run_samreg_fresh(work: Path, args: argparse.Namespace, huge_pages: bool) -> 
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-run", str(work), "--pair", args.pair,
            "--points-per-side", str(args.points_per_side), "--pred-iou-thresh", str(args.pred_iou_thresh),
            "--stability-thresh", str(args.stability_thresh), "--mask-threshold", str(args.mask_threshold),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--child-precision", precision]
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--child-run", type=Path, help=argparse.SUPPRESS)  # internal: run_samreg_fresh's child
+    ap.add_argument("--child-precision", default="fp32", help=argparse.SUPPRESS)  # and its precision
     args = ap.parse_args(argv)
     if not REF_PYTHON.is_file():
         raise SystemExit(f"reference venv missing at {REF_PYTHON}: run `bash scripts/install.sh --with-reference`")
@@ -355,10 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     fixed, moving = DATA / entry["fixed"], DATA / entry["moving"]
     vit_b_amg = {"points_per_side": args.points_per_side, "pred_iou_thresh": args.pred_iou_thresh,
                  "stability_score_thresh": args.stability_thresh, "mask_threshold": args.mask_threshold}
-    if args.child_run:      # the child: the same steps as the parent's fp32 run, in a fresh process
+    if args.child_run:      # the child: the same steps as the parent's fp32 run (or another precision), fresh
         work = args.child_run
         embeddings = litemedsam_embeddings(work / "litemedsam", (fixed, moving), args.threads)
-        print(json.dumps(run_samreg(work / "vit_b", "fp32", fixed, moving, work / "child run", args.threads,
+        print(json.dumps(run_samreg(work / "vit_b", args.child_precision, fixed, moving, work / "child run",
+                                    args.threads,
                                     embeddings, **vit_b_amg)))
         return 0
 

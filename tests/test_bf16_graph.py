@@ -25,6 +25,7 @@ from samreg_export.export import export_model
 from samreg_export.modeling.image_encoder import Block
 
 from . import twins
+from .test_amg_unit import _huge_pages
 
 needs_bf16 = pytest.mark.skipif(not _ext.has_avx512_bf16(), reason="no AVX512-BF16 on this CPU")
 # linear_bf16's two builds, each where the CPU runs it
@@ -339,13 +340,6 @@ def test_bf16_graph_runs_without_huge_pages(rng, monkeypatch):
         assert _huge_pages() is True
     finally:
         multiarray._set_madvise_hugepage(previous)
-
-
-def _huge_pages() -> bool:
-    """numpy's current huge-page setting (read by setting it and setting it back)."""
-    previous = multiarray._set_madvise_hugepage(True)
-    multiarray._set_madvise_hugepage(previous)
-    return previous
 
 
 def _reshape_graph(rng, flat_output: bool, allowzero: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
