@@ -19,9 +19,9 @@ shapes (between two products, where the export reshapes for its MatMuls) runs as
 as a session it would copy its output (9 ms for an MLP's 48 MB at ViT-B's size).
 
 The packing and the runs allocate without numpy's request for transparent huge pages (``pages.small_pages``): the
-products' fresh arrays of tens of MB then page-fault in without waiting for memory compaction (first ViT-B
-bf16x2 encoding in a fresh process on the 2-core Xeon, a scratch measurement: 5.5 s with huge pages, 1.8 s
-without; the later ones 1.5 s either way; loading 6.1 against 3.8 s).
+products' fresh arrays of tens of MB then page-fault in without waiting for memory compaction (ViT-B bf16x2 in fresh
+processes on the 2-core Xeon, benchmarks/results/huge_pages_bf16x2.md: engine load 2.87 s against 5.02 s with
+huge pages, the first encoding 1.72 against 5.59 s, the second 1.56 against 1.55 s).
 """
 from __future__ import annotations
 
@@ -284,7 +284,8 @@ class AttentionStep:
                                           threads=threads, scale=self.scale, heads_first=True, out=out)
 
 
-def find_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInfoProto]) -> dict[int, tuple[AttentionStep, set[int]]]:
+def find_attention(graph: onnx.GraphProto,
+                   infos: dict[str, onnx.ValueInfoProto]) -> dict[int, tuple[AttentionStep, set[int]]]:
     """The attention cores with decomposed relative positions of a graph (``infos``: its inferred value infos), by the
     index of their last node: the step and the indices of the nodes it replaces.
 
@@ -338,7 +339,9 @@ def find_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInfoProto]
         last = users[0]
         if graph.node[last].op_type != "MatMul" or graph.node[last].input[0] != softmax.output[0]:
             continue
-        if (r2 := only_use(softmax.input[0], "Reshape")) is None or (a2 := only_use(graph.node[r2].input[0], "Add")) is None:
+        if (r2 := only_use(softmax.input[0], "Reshape")) is None:
+            continue
+        if (a2 := only_use(graph.node[r2].input[0], "Add")) is None:
             continue
         outer = split_add(a2, "Add")
         inner = split_add(outer[0], "Reshape") if outer else None
