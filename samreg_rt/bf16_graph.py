@@ -293,7 +293,9 @@ def find_attention(graph: onnx.GraphProto,
     scale) or q, Transpose(k, perm 0 2 1)), Reshape to [N, qh, qw, kh, kw], Add of Unsqueeze(rel_h, axis 4) and Add of
     Unsqueeze(rel_w, axis 3) (either operand order, either Add first), Reshape to [N, L, P], Softmax over the last
     axis, MatMul by v; every shape static, d <= 64, float32, each result used only by the next node (the Mul and the
-    Transpose are kept where something else uses them, their outputs then still computed by ONNX Runtime)."""
+    Transpose are kept where something else uses them, their outputs then still computed by ONNX Runtime). In a whole
+    ViT encoder graph each chunk of queries the exporter traces of a global block has this form too (the chunks share
+    k's Transpose)."""
     inits = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
     producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
