@@ -2714,22 +2714,30 @@ inline std::uint16_t to_bf16(float x) {
 
 // A head's keys as B tiles: [P32 / 16][kc][16 channel pairs][16 keys][2]; its values: [P32 / 32][vc][16 key
 // pairs][16 channels][2] (amx_layout).
+// Where row r of head n of an attention operand starts, in its elements: the heads in batches of `group`,
+// (n / group) batch + r row + (n % group) head. [R, H, d] (token-major): {H, 0, H d, d}; [H, R, d] (heads first):
+// {1, R d, d, 0}; a window-batched qkv [B, L, 3, G, d]: {G, 3 L G d, 3 G d, d} from q's, k's or v's first value.
+struct AmxLayout {
+    std::int64_t group, batch, row, head;
+    std::int64_t at(std::int64_t n, std::int64_t r) const { return n / group * batch + r * row + n % group * head; }
+};
+
 struct AmxAttentionArgs {
-    const float *q;          // [R, H, d] ([H, R, d] with heads_first)
-    const float *k, *v;      // [P, H, d] ([H, P, d])
-    float *out;              // as q
+    const float *q, *k, *v;  // their layouts q_at, kv_at (k and v alike)
+    float *out;              // out_at
+    AmxLayout q_at, kv_at, out_at;
     std::int64_t rows, pixels, padded;  // R, P, P32
     int heads, dim, kc, vc;  // H, d, ceil(d / 32) channel chunks of the logits, ceil(d / 16) value tiles
-    const float *rel_h;      // [R, H, kh] ([H, R, kh]) or null
-    const float *rel_w;      // [R, H, kw] ([H, R, kw])
+    const float *rel_h;      // the terms' arrays (rows of kh values at rel_at), or null
+    const float *rel_w;      // (rows of kw values at rel_at)
+    AmxLayout rel_at;
     int kw;
     float scale;             // q's factor, applied in float32 before the rounding to bfloat16
-    bool heads_first;        // q, k, v, rel_h, rel_w and out laid out [H, rows, ...]: each head's rows together
-
-    // The index of (row r of `count`, head h) in the layout's first two axes.
-    std::int64_t item(std::int64_t r, std::int64_t h, std::int64_t count) const {
-        return heads_first ? h * count + r : r * heads + h;
-    }
+    // or the terms from q and tables (relative position embeddings, SAM's get_rel_pos): query row r at (r / qw,
+    // r % qw) of its grid, rel_h[a] = sum_c q[c] table_h[r / qw][c][a], rel_w[b] = sum_c q[c] table_w[r % qw][c][b]
+    // (tables transposed [qh][d][kh16], [qw][d][kw16], kh16 and kw16 the sizes rounded up to 16), or null
+    const float *table_h, *table_w;
+    int qw, kh16, kw16;
 };
 
 #define BF16_TARGET "avx512bf16,avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
@@ -2770,7 +2778,7 @@ __attribute__((target(BF16_TARGET))) void amx_layout(const AmxAttentionArgs &a, 
                     const std::int64_t p = j * 16 + n;
                     __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
                     if (p < a.pixels) {
-                        const float *src = k + a.item(p, h, a.pixels) * a.dim + c * kAmxDepth;
+                        const float *src = k + a.kv_at.at(h, p) + c * kAmxDepth;
                         lo = bf16_lanes(load_first(src, left));
                         hi = bf16_lanes(load_first(src + 16, left - 16));
                     }
@@ -2785,9 +2793,8 @@ __attribute__((target(BF16_TARGET))) void amx_layout(const AmxAttentionArgs &a, 
             for (int i = 0; i < 16; ++i) {
                 const std::int64_t p = t * kAmxDepth + 2 * i;
                 __m512i first = _mm512_setzero_si512(), second = _mm512_setzero_si512();
-                if (p < a.pixels) first = bf16_lanes(load_first(v + a.item(p, h, a.pixels) * a.dim + c * 16, left));
-                if (p + 1 < a.pixels)
-                    second = bf16_lanes(load_first(v + a.item(p + 1, h, a.pixels) * a.dim + c * 16, left));
+                if (p < a.pixels) first = bf16_lanes(load_first(v + a.kv_at.at(h, p) + c * 16, left));
+                if (p + 1 < a.pixels) second = bf16_lanes(load_first(v + a.kv_at.at(h, p + 1) + c * 16, left));
                 _mm512_store_si512(tile + i, _mm512_or_si512(first, _mm512_slli_epi32(second, 16)));
             }
         }
@@ -2817,6 +2824,18 @@ __attribute__((always_inline, target(AMX_TARGET))) inline v16f amx_exp(v16f x, _
     return reinterpret_cast<v16f>(_mm512_scalef_ps(p, n));
 }
 
+// A query row's relative position terms from a transposed table (AmxAttentionArgs::table_h or table_w):
+// out[a] = sum_c q[c] table[c][a] for a < n16, in float32 (table and out 64-byte aligned, n16 a multiple of 16).
+__attribute__((target(BF16_TARGET))) void amx_table_terms(const float *q, int d, const float *table, int n16,
+                                                         float *out) {
+    for (int a = 0; a < n16; a += kLanes) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int c = 0; c < d; ++c)
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(q[c]), _mm512_load_ps(table + c * n16 + a), acc);
+        _mm512_store_ps(out + a, acc);
+    }
+}
+
 // Query rows r0..r0 + 15 (those below R) of head h, whose keys and values kb, vb hold (amx_layout). logits: 16 rows of P32 + 16 floats; probs: 16 rows of P32 + 32
 // bfloat16 (rows 64 bytes past a multiple of 4 KiB, so that a tile's 16 rows do not share one set of the L1
 // cache), both 64-byte aligned. terms: null, or (a key grid whose width kw is not a multiple of 16) 16 rows of P32
@@ -2834,19 +2853,26 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
     for (int r = 0; r < n; ++r)
         for (int c = 0; c < KC * kAmxDepth; c += 16)
             _mm256_store_si256(reinterpret_cast<__m256i *>(&q[r][c]), _mm512_cvtepi32_epi16(bf16_lanes(_mm512_mul_ps(
-                                   load_first(a.q + a.item(r0 + r, h, a.rows) * d + c, d - c), scale))));
+                                   load_first(a.q + a.q_at.at(h, r0 + r) + c, d - c), scale))));
     _tile_loadd(0, &q[0][0], sizeof q[0]);
     if constexpr (KC == 2) _tile_loadd(1, &q[0][kAmxDepth], sizeof q[0]);
     // the logits of each pair of key blocks, with the terms added and the row maxima taken while they are in L1
     const std::int64_t full = a.pixels / kLanes;  // key blocks with all 16 keys below P
     const float *rel_h[kAmxRows] = {}, *rel_w[kAmxRows] = {};  // rows past R: the last row's
-    const std::int64_t kh = a.rel_h ? a.pixels / a.kw : 0;
-    if (a.rel_h)
-        for (int r = 0; r < kAmxRows; ++r) {
-            const std::int64_t item = a.item(r0 + std::min(r, n - 1), h, a.rows);
-            rel_h[r] = a.rel_h + item * kh;
-            rel_w[r] = a.rel_w + item * a.kw;
+    const std::int64_t kh = a.kw ? a.pixels / a.kw : 0;
+    alignas(64) float rel_rows[kAmxRows][2][kSaMaxVecs * kLanes];  // the terms computed from the tables
+    for (int r = 0; r < kAmxRows && a.kw; ++r) {
+        const std::int64_t row = r0 + std::min(r, n - 1);
+        if (a.table_h) {
+            const float *qr = a.q + a.q_at.at(h, row);
+            amx_table_terms(qr, d, a.table_h + row / a.qw * d * a.kh16, a.kh16, rel_rows[r][0]);
+            amx_table_terms(qr, d, a.table_w + row % a.qw * d * a.kw16, a.kw16, rel_rows[r][1]);
+            rel_h[r] = rel_rows[r][0], rel_w[r] = rel_rows[r][1];
+        } else {
+            rel_h[r] = a.rel_h + a.rel_at.at(h, row) * kh;
+            rel_w[r] = a.rel_w + a.rel_at.at(h, row) * a.kw;
         }
+    }
     if (terms)  // key p = i kw + j: rel_h[i] + rel_w[j]
         for (int r = 0; r < kAmxRows; ++r)
             for (std::int64_t i = 0; i < kh; ++i)
@@ -2863,7 +2889,7 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
             v16f x = block[r * step];
             if (terms)
                 x += load16(terms + r * a.padded + j * kLanes);
-            else if (a.rel_h && j < full)  // kw a multiple of 16: the block lies on one row of the grid
+            else if (a.kw && j < full)  // kw a multiple of 16: the block lies on one row of the grid
                 x += rel_h[r][grid_row] + load16(rel_w[r] + grid_col);
             if (j >= full)  // keys past P get weight 0
                 for (std::int64_t l = 0; l < kLanes; ++l)
@@ -2871,7 +2897,7 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
             block[r * step] = x;
             mx[r] = x > mx[r] ? x : mx[r];
         }
-        if (a.rel_h && !terms && (grid_col += kLanes) == a.kw) grid_col = 0, ++grid_row;
+        if (a.kw && !terms && (grid_col += kLanes) == a.kw) grid_col = 0, ++grid_row;
     };
     for (std::int64_t j = 0; j < blocks; j += 2, kb += 2 * KC * kAmxTile) {
         _tile_zero(2);
@@ -2935,7 +2961,7 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
     if constexpr (VC > 2) _tile_stored(2, &o[0][32], sizeof o[0]);
     if constexpr (VC > 3) _tile_stored(3, &o[0][48], sizeof o[0]);
     for (int r = 0; r < n; ++r) {
-        float *dst = a.out + a.item(r0 + r, h, a.rows) * d;
+        float *dst = a.out + a.out_at.at(h, r0 + r);
         const __m512 total = _mm512_set1_ps(sum[r]);
         for (int c = 0; c < d; c += 16) {
             _mm512_mask_storeu_ps(dst + c, first_lanes(d - c), _mm512_div_ps(_mm512_load_ps(&o[r][c]), total));
@@ -2959,8 +2985,8 @@ __attribute__((target(AMX_TARGET))) void amx_attention_items(const AmxAttentionA
     float *logits = reinterpret_cast<float *>(aligned_vecs(logit_buf, kAmxRows * (a.padded + kLanes) / kLanes));
     auto *probs = reinterpret_cast<std::uint16_t *>(
         aligned_vecs(prob_buf, kAmxRows * (a.padded + kAmxDepth) / kLanes / 2));
-    float *terms = a.rel_h && a.kw % kLanes ? reinterpret_cast<float *>(aligned_vecs(term_buf, kAmxRows * a.padded / kLanes))
-                                            : nullptr;
+    float *terms = a.kw % kLanes ? reinterpret_cast<float *>(aligned_vecs(term_buf, kAmxRows * a.padded / kLanes))
+                                 : nullptr;
     auto *own_kb = by_head ? reinterpret_cast<std::uint16_t *>(aligned_vecs(kb_buf, head_kb / 2 / kLanes)) : nullptr;
     auto *own_vb = by_head ? reinterpret_cast<std::uint16_t *>(aligned_vecs(vb_buf, head_vb / 2 / kLanes)) : nullptr;
     AmxTileConfig config;
@@ -2984,6 +3010,36 @@ __attribute__((target(AMX_TARGET))) void amx_attention_items(const AmxAttentionA
         }
     }
     _tile_release();
+}
+
+// Runs the attention of `a` (arrays checked, the tiles available) on up to `threads` threads.
+void amx_attention_run(const AmxAttentionArgs &a, std::int64_t threads) {
+    const std::int64_t chunks = a.padded / kAmxDepth;
+    const bool by_head = a.rows <= kAmxHeadItemRows;
+    const std::int64_t blocks = (a.rows + kAmxRows - 1) / kAmxRows;
+    const std::int64_t head_kb = a.padded / 16 * a.kc * kAmxTile, head_vb = chunks * a.vc * kAmxTile;
+    std::vector<float> kb_buf, vb_buf;  // all heads' keys and values when they are shared (bfloat16 pairs in floats)
+    auto *kb = by_head ? nullptr : reinterpret_cast<std::uint16_t *>(aligned_vecs(kb_buf, a.heads * head_kb / 2 / kLanes));
+    auto *vb = by_head ? nullptr : reinterpret_cast<std::uint16_t *>(aligned_vecs(vb_buf, a.heads * head_vb / 2 / kLanes));
+    // cost of 16 rows: the exps (16 each) and the products (1/16 of their multiply-adds, as the tiles run them)
+    const double rows_cost = kAmxRows * a.padded * (16.0 + 2.0 * a.dim / 16), layout_cost = a.padded * 2.0 * a.dim;
+    {
+        py::gil_scoped_release release;
+        if (by_head) {
+            parallel_for(a.heads, blocks * rows_cost + layout_cost, threads, [&](std::int64_t i0, std::int64_t i1) {
+                amx_attention_items(a, true, kb, vb, i0, i1);
+            });
+        } else {
+            parallel_for(a.heads * chunks, layout_cost / chunks, threads, [&](std::int64_t u0, std::int64_t u1) {
+                for (std::int64_t u = u0; u < u1; ++u)
+                    amx_layout(a, u / chunks, u % chunks, u % chunks + 1, kb + u / chunks * head_kb,
+                               vb + u / chunks * head_vb);
+            });
+            parallel_for(a.heads * blocks, rows_cost, threads, [&](std::int64_t i0, std::int64_t i1) {
+                amx_attention_items(a, false, kb, vb, i0, i1);
+            });
+        }
+    }
 }
 
 py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py::handle v_obj,
@@ -3011,39 +3067,80 @@ py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py:
         throw std::runtime_error("shared_attention_bf16: this CPU or operating system gives no AMX-BF16 tiles "
                                  "(has_amx_bf16() is False); use shared_attention");
     if (in.rows == 0) return out;
-    const std::int64_t padded = (in.pixels + kAmxDepth - 1) / kAmxDepth * kAmxDepth, chunks = padded / kAmxDepth;
+    const std::int64_t padded = (in.pixels + kAmxDepth - 1) / kAmxDepth * kAmxDepth;
     const int kc = static_cast<int>((in.dim + kAmxDepth - 1) / kAmxDepth), vc = static_cast<int>((in.dim + 15) / 16);
+    const std::int64_t d = in.dim, h = in.heads;
+    const AmxLayout q_at = heads_first ? AmxLayout{1, in.rows * d, d, 0} : AmxLayout{h, 0, h * d, d};
+    const AmxLayout kv_at = heads_first ? AmxLayout{1, in.pixels * d, d, 0} : AmxLayout{h, 0, h * d, d};
+    const AmxLayout rel_at = heads_first ? AmxLayout{1, in.rows, 1, 0} : AmxLayout{h, 0, h, 1};
     const AmxAttentionArgs args{static_cast<const float *>(in.q.data()), static_cast<const float *>(in.k.data()),
-                                static_cast<const float *>(in.v.data()), out.mutable_data(), in.rows,
-                                in.pixels, padded, static_cast<int>(in.heads), static_cast<int>(in.dim), kc, vc,
+                                static_cast<const float *>(in.v.data()), out.mutable_data(), q_at, kv_at, q_at,
+                                in.rows, in.pixels, padded, static_cast<int>(in.heads), static_cast<int>(in.dim), kc, vc,
                                 in.kw ? static_cast<const float *>(in.rel_h.data()) : nullptr,
-                                in.kw ? static_cast<const float *>(in.rel_w.data()) : nullptr,
-                                static_cast<int>(in.kw), static_cast<float>(scale), heads_first};
-    const bool by_head = in.rows <= kAmxHeadItemRows;
-    const std::int64_t blocks = (in.rows + kAmxRows - 1) / kAmxRows;
-    const std::int64_t head_kb = padded / 16 * kc * kAmxTile, head_vb = chunks * vc * kAmxTile;
-    std::vector<float> kb_buf, vb_buf;  // all heads' keys and values when they are shared (bfloat16 pairs in floats)
-    auto *kb = by_head ? nullptr : reinterpret_cast<std::uint16_t *>(aligned_vecs(kb_buf, in.heads * head_kb / 2 / kLanes));
-    auto *vb = by_head ? nullptr : reinterpret_cast<std::uint16_t *>(aligned_vecs(vb_buf, in.heads * head_vb / 2 / kLanes));
-    // cost of 16 rows: the exps (16 each) and the products (1/16 of their multiply-adds, as the tiles run them)
-    const double rows_cost = kAmxRows * padded * (16.0 + 2.0 * in.dim / 16), layout_cost = padded * 2.0 * in.dim;
-    {
-        py::gil_scoped_release release;
-        if (by_head) {
-            parallel_for(in.heads, blocks * rows_cost + layout_cost, threads, [&](std::int64_t i0, std::int64_t i1) {
-                amx_attention_items(args, true, kb, vb, i0, i1);
-            });
-        } else {
-            parallel_for(in.heads * chunks, layout_cost / chunks, threads, [&](std::int64_t u0, std::int64_t u1) {
-                for (std::int64_t u = u0; u < u1; ++u)
-                    amx_layout(args, u / chunks, u % chunks, u % chunks + 1, kb + u / chunks * head_kb,
-                               vb + u / chunks * head_vb);
-            });
-            parallel_for(in.heads * blocks, rows_cost, threads, [&](std::int64_t i0, std::int64_t i1) {
-                amx_attention_items(args, false, kb, vb, i0, i1);
-            });
-        }
+                                in.kw ? static_cast<const float *>(in.rel_w.data()) : nullptr, rel_at,
+                                static_cast<int>(in.kw), static_cast<float>(scale), nullptr, nullptr, 0, 0, 0};
+    amx_attention_run(args, threads);
+    return out;
+}
+
+// SAM ViT's windowed attention straight from the qkv product: qkv [B, L, 3, G, d] (B windows of L tokens, G heads),
+// the relative position terms from q (unscaled) and the tables of get_rel_pos, table_h [qh, kh, d] and table_w
+// [qw, kw, d] (qh qw = L = kh kw: each window attends to itself) -> [B, L, G, d].
+py::array_t<float> window_attention_bf16(py::handle qkv_obj, py::handle table_h_obj, py::handle table_w_obj,
+                                         double scale, py::handle out_obj, std::int64_t threads) {
+    check_threads("window_attention_bf16", threads);
+    const py::array qkv = require<float>(qkv_obj, "qkv", "float32", 5);
+    const py::array table_h = require<float>(table_h_obj, "table_h", "float32", 3);
+    const py::array table_w = require<float>(table_w_obj, "table_w", "float32", 3);
+    const std::int64_t b = qkv.shape(0), length = qkv.shape(1), g = qkv.shape(3), d = qkv.shape(4);
+    if (qkv.shape(2) != 3 || g < 1 || d < 1 || d > kSaMaxVecs * kLanes)
+        throw py::value_error("qkv: expected [B, L, 3, heads >= 1, d] with 1 <= d <= " +
+                              std::to_string(kSaMaxVecs * kLanes) + ", got " + shape_str(qkv));
+    const std::int64_t qh = table_h.shape(0), kh = table_h.shape(1), qw = table_w.shape(0), kw = table_w.shape(1);
+    require_shape(table_h, "table_h", {qh, kh, d});
+    require_shape(table_w, "table_w", {qw, kw, d});
+    if (qh * qw != length || kh * kw != length || kh > kSaMaxVecs * kLanes || kw > kSaMaxVecs * kLanes)
+        throw py::value_error("table_h, table_w: a query grid of " + std::to_string(qh) + " x " + std::to_string(qw) +
+                              " and a key grid of " + std::to_string(kh) + " x " + std::to_string(kw) +
+                              "; expected both of L = " + std::to_string(length) + " tokens, each side at most 64");
+    if (!std::isfinite(scale)) throw py::value_error("window_attention_bf16: scale must be finite, got " +
+                                                     std::to_string(scale));
+    py::array_t<float> out;
+    if (out_obj.is_none()) {
+        out = py::array_t<float>({b, length, g, d});
+    } else {
+        out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 4));
+        require_shape(out, "out", {b, length, g, d});
+        if (!out.writeable()) throw py::value_error("out: array is read-only");
+        for (const auto &[arr, name] : {std::pair<const py::array &, const char *>{qkv, "qkv"}, {table_h, "table_h"},
+                                        {table_w, "table_w"}})
+            require_disjoint(out, arr, name);
     }
+    if (!has_amx_bf16())
+        throw std::runtime_error("window_attention_bf16: this CPU or operating system gives no AMX-BF16 tiles "
+                                 "(has_amx_bf16() is False)");
+    if (b * length == 0) return out;
+    // the tables transposed: [qh][d][kh16], [qw][d][kw16], zero past kh, kw
+    const int kh16 = static_cast<int>((kh + kLanes - 1) / kLanes * kLanes), kw16 = static_cast<int>((kw + kLanes - 1) / kLanes * kLanes);
+    std::vector<float> th_buf, tw_buf;
+    float *th = reinterpret_cast<float *>(aligned_vecs(th_buf, qh * d * kh16 / kLanes));
+    float *tw = reinterpret_cast<float *>(aligned_vecs(tw_buf, qw * d * kw16 / kLanes));
+    const auto *h_src = static_cast<const float *>(table_h.data()), *w_src = static_cast<const float *>(table_w.data());
+    for (std::int64_t i = 0; i < qh; ++i)
+        for (std::int64_t a = 0; a < kh; ++a)
+            for (std::int64_t c = 0; c < d; ++c) th[(i * d + c) * kh16 + a] = h_src[(i * kh + a) * d + c];
+    for (std::int64_t j = 0; j < qw; ++j)
+        for (std::int64_t a = 0; a < kw; ++a)
+            for (std::int64_t c = 0; c < d; ++c) tw[(j * d + c) * kw16 + a] = w_src[(j * kw + a) * d + c];
+    const auto *q = static_cast<const float *>(qkv.data());
+    const AmxLayout qkv_at{g, length * 3 * g * d, 3 * g * d, d}, out_at{g, length * g * d, g * d, d};
+    const AmxAttentionArgs args{q, q + g * d, q + 2 * g * d, out.mutable_data(), qkv_at, qkv_at, out_at,
+                                length, length, (length + kAmxDepth - 1) / kAmxDepth * kAmxDepth,
+                                static_cast<int>(b * g), static_cast<int>(d),
+                                static_cast<int>((d + kAmxDepth - 1) / kAmxDepth), static_cast<int>((d + 15) / 16),
+                                nullptr, nullptr, AmxLayout{1, 0, 0, 0}, static_cast<int>(kw),
+                                static_cast<float>(scale), th, tw, static_cast<int>(qw), kh16, kw16};
+    amx_attention_run(args, threads);
     return out;
 }
 
@@ -3496,6 +3593,14 @@ PYBIND11_MODULE(_ext, m) {
           "k and v [H, P, d] (the layout of batched attention, as in a ViT's windowed blocks: H = windows x heads).\n"
           "out: a C-contiguous float32 array of the result's shape to write into (returned), overlapping no input."
           THREADS_DOC);
+    m.def("window_attention_bf16", &window_attention_bf16, py::arg("qkv"), py::arg("table_h"), py::arg("table_w"),
+          py::arg("scale") = 1.0, py::arg("out") = py::none(), py::arg("threads") = 0,
+          "window_attention_bf16(qkv: float32[B, L, 3, G, d], table_h: float32[qh, kh, d], table_w: float32[qw, kw, d],\n"
+          "    scale=1.0, out=None, threads=0) -> float32[B, L, G, d]\n\n"
+          "SAM ViT's windowed attention on AMX tiles from its qkv product (B windows of L = qh qw tokens, G heads):\n"
+          "shared_attention_bf16 of q scale, k, v (heads first) with the relative position terms computed from the\n"
+          "unscaled q in float32, rel_h[a] = q . table_h[r / qw, a], rel_w[b] = q . table_w[r % qw, b] (the tables of\n"
+          "SAM's get_rel_pos; kh kw = L), the result token-major per window." THREADS_DOC);
     m.def("linear_bf16", &linear_bf16, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out") = py::none(),
           py::arg("isa") = "auto", py::arg("threads") = 0, py::arg("activation") = "none",
           "linear_bf16(x: float32[M, K], w: uint16[N32 / 32, K32 / 32, 2 or 4, 16, 16, 2], bias: float32[N], out=None,\n"

@@ -385,6 +385,140 @@ def find_attention(graph: onnx.GraphProto,
     return found
 
 
+@dataclass(frozen=True)
+class WindowAttentionStep:
+    """SAM ViT's windowed attention core from its qkv product on the AMX tiles (``_ext.window_attention_bf16``):
+    ``qkv`` ([B, L, 3, G, d] values, B windows of L tokens, G heads) -> ``output`` (the core's result as the
+    graph's next product takes it: [B, L, G, d] values in the shape ``out_shape``), the relative position terms
+    computed in the kernel from q and the tables (``table_h`` [qh, kh, d], ``table_w`` [qw, kw, d])."""
+    qkv: str
+    output: str
+    dims: tuple[int, int, int, int]     # B, L, G, d
+    out_shape: tuple[int, ...]
+    table_h: np.ndarray
+    table_w: np.ndarray
+    scale: float
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.qkv,)
+
+    def run(self, qkv: np.ndarray, threads: int, out: np.ndarray | None = None) -> np.ndarray:
+        b, length, g, d = self.dims
+        out = aligned_empty((b, length, g, d), np.float32) if out is None else out.reshape(b, length, g, d)
+        return _ext.window_attention_bf16(np.ascontiguousarray(qkv).reshape(b, length, 3, g, d), self.table_h,
+                                          self.table_w, scale=self.scale, out=out,
+                                          threads=threads).reshape(self.out_shape)
+
+
+def find_window_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInfoProto],
+                          cores: dict[int, tuple[AttentionStep, set[int]]]
+                          ) -> dict[int, tuple[WindowAttentionStep, set[int]]]:
+    """The cores of ``find_attention`` whose q, k, v and terms come from a qkv product as torch exports SAM's
+    windowed ``Attention.forward``, by the index of their new last node: the step and the nodes it replaces.
+
+    q, k, v: Squeeze (axis 0) of the three outputs of Split (axis 0) of Reshape [3, N, L, d] of Transpose
+    (perm 2 0 3 1 4) of Reshape [B, L, 3, G, d] of the product's output (N = B G); rel_h: MatMul(Reshape(q) [N, qh,
+    qw, d], a constant [qh, d, kh]); rel_w: Transpose (perm 1 2 0 3) of Reshape [qw, N, qh, kw] of MatMul(Reshape
+    [qw, N qh, d] of Transpose (perm 2 0 1 3) of that Reshape of q, a constant [qw, d, kw]); the result: Reshape
+    [B, G, qh, qw, d], Transpose (perm 0 2 3 1 4), Reshape; each result used only within these nodes."""
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+
+    def made(name: str, op: str, attr: str | None = None, value: list[int] | None = None) -> int | None:
+        i = producer.get(name)
+        if i is None or graph.node[i].op_type != op or name in outputs:
+            return None
+        if attr is not None:
+            got = next((list(onnx.helper.get_attribute_value(a)) for a in graph.node[i].attribute
+                        if a.name == attr), None)
+            if got is None and graph.node[i].op_type in ("Squeeze", "Split") and len(graph.node[i].input) > 1 \
+                    and graph.node[i].input[1] in inits and attr == "axes":
+                got = numpy_helper.to_array(inits[graph.node[i].input[1]]).reshape(-1).tolist()
+            if got != value:
+                return None
+        return i
+
+    def dims(name: str) -> tuple[int, ...] | None:
+        info = infos.get(name)
+        if info is None:
+            return None
+        d = info.type.tensor_type.shape.dim
+        return tuple(x.dim_value for x in d) if all(x.HasField("dim_value") for x in d) else None
+
+    def constant(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    found = {}
+    for last, (core, replaced) in cores.items():
+        squeezes = [made(name, "Squeeze", "axes", [0]) for name in (core.q, core.k, core.v)]
+        if None in squeezes:
+            continue
+        split = {producer.get(graph.node[i].input[0]) for i in squeezes}
+        if len(split) != 1 or (sp := split.pop()) is None or graph.node[sp].op_type != "Split":
+            continue
+        if [graph.node[i].input[0] for i in squeezes] != list(graph.node[sp].output):
+            continue
+        if (r_b := made(graph.node[sp].input[0], "Reshape")) is None:
+            continue
+        if (t_qkv := made(graph.node[r_b].input[0], "Transpose", "perm", [2, 0, 3, 1, 4])) is None:
+            continue
+        if (r_a := made(graph.node[t_qkv].input[0], "Reshape")) is None:
+            continue
+        five = dims(graph.node[r_a].output[0])
+        if five is None or len(five) != 5 or five[2] != 3:
+            continue
+        b, length, _, g, d = five
+        # the terms
+        mh = made(core.rel_h, "MatMul")
+        tw2 = made(core.rel_w, "Transpose", "perm", [1, 2, 0, 3])
+        r_w4 = made(graph.node[tw2].input[0], "Reshape") if tw2 is not None else None
+        mw = made(graph.node[r_w4].input[0], "MatMul") if r_w4 is not None else None
+        if mh is None or mw is None:
+            continue
+        c_h, c_w = constant(graph.node[mh].input[1]), constant(graph.node[mw].input[1])
+        r_q = made(graph.node[mh].input[0], "Reshape")
+        r_w3 = made(graph.node[mw].input[0], "Reshape")
+        tw1 = made(graph.node[r_w3].input[0], "Transpose", "perm", [2, 0, 1, 3]) if r_w3 is not None else None
+        if c_h is None or c_w is None or r_q is None or tw1 is None or graph.node[tw1].input[0] != graph.node[r_q].output[0]:
+            continue
+        if graph.node[r_q].input[0] != core.q or c_h.ndim != 3 or c_w.ndim != 3:
+            continue
+        qh, qw = c_h.shape[0], c_w.shape[0]
+        if c_h.shape[1] != d or c_w.shape[1] != d or qh * qw != length or c_h.shape[2] * c_w.shape[2] != length:
+            continue
+        # the result's way to the next product
+        r_o1 = next(iter(consumers.get(graph.node[last].output[0], [])), None)
+        if (r_o1 is None or len(consumers[graph.node[last].output[0]]) != 1 or graph.node[r_o1].op_type != "Reshape"
+                or dims(graph.node[r_o1].output[0]) != (b, g, qh, qw, d)):
+            continue
+        users = consumers.get(graph.node[r_o1].output[0], [])
+        t_o = users[0] if len(users) == 1 else None
+        if t_o is None or made(graph.node[t_o].output[0], "Transpose", "perm", [0, 2, 3, 1, 4]) != t_o:
+            continue
+        users = consumers.get(graph.node[t_o].output[0], [])
+        r_o2 = users[0] if len(users) == 1 and graph.node[users[0]].op_type == "Reshape" else None
+        out_shape = dims(graph.node[r_o2].output[0]) if r_o2 is not None else None
+        if out_shape is None or int(np.prod(out_shape)) != b * length * g * d:
+            continue
+        chain = {*squeezes, sp, r_b, t_qkv, r_a, mh, tw2, r_w4, mw, r_q, r_w3, tw1, r_o1, t_o, r_o2}
+        inside = replaced | chain
+        names = {name for i in inside for name in graph.node[i].output}
+        if any(name in outputs or any(j not in inside for j in consumers.get(name, [])) for name in names
+               if name != graph.node[r_o2].output[0]):
+            continue
+        step = WindowAttentionStep(graph.node[r_a].input[0], graph.node[r_o2].output[0], (b, length, g, d),
+                                   out_shape, np.ascontiguousarray(c_h.transpose(0, 2, 1), np.float32),
+                                   np.ascontiguousarray(c_w.transpose(0, 2, 1), np.float32), core.scale)
+        found[r_o2] = (step, inside)
+    return found
+
+
 class Bf16Graph:
     """A float32 graph run with its weight products in bfloat16 (``_ext.linear_bf16``): ``run`` as
     ``onnxruntime.InferenceSession.run``. ``make_session(model_bytes)`` builds the session of each piece.
@@ -410,7 +544,11 @@ class Bf16Graph:
             raise ValueError("Bf16Graph: the graph has no product of an activation with a constant weight")
         inferred = onnx.shape_inference.infer_shapes(model)
         infos = {v.name: v for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
-        cores = find_attention(graph, infos) if attention else {}
+        cores: dict[int, tuple[AttentionStep | WindowAttentionStep, set[int]]] = (
+            find_attention(graph, infos) if attention else {})
+        windows = find_window_attention(graph, infos, cores)     # those straight from their qkv product
+        taken = set().union(*(nodes for _, nodes in windows.values()))
+        cores = {i: core for i, core in cores.items() if i not in taken} | windows
         self.threads = threads
         self._spare = threading.local()  # each thread's arrays for the products' results, by size
         self.inputs = tuple(i.name for i in graph.input if i.name not in {t.name for t in graph.initializer})
@@ -419,7 +557,7 @@ class Bf16Graph:
         edits = {i: node for found in products.values() for i, node in found.edits.items()}
         # the steps: runs of plain nodes, the products at the place of their first node, the attention cores at
         # the place of their last
-        groups: list[list[onnx.NodeProto] | WeightProduct | AttentionStep] = [[]]
+        groups: list[list[onnx.NodeProto] | WeightProduct | AttentionStep | WindowAttentionStep] = [[]]
         for i, node in enumerate(graph.node):
             if i in products:
                 groups += [products[i].product, []]
@@ -437,7 +575,7 @@ class Bf16Graph:
             later |= needs[k]
         wanted.reverse()
         inits = {t.name: t for t in graph.initializer}
-        self.steps: list[Piece | WeightProduct | ReshapeStep | AttentionStep] = []
+        self.steps: list[Piece | WeightProduct | ReshapeStep | AttentionStep | WindowAttentionStep] = []
         alive: set[str] = set(self.inputs)
         for k, group in enumerate(groups):
             if not isinstance(group, list):
@@ -471,7 +609,8 @@ class Bf16Graph:
         # the products' and attention cores' results that the caller never sees (nor a view of them), whose arrays
         # run() keeps for the next run
         self.reused = {step.output for step in self.steps
-                       if isinstance(step, (WeightProduct, AttentionStep)) and step.output not in kept}
+                       if isinstance(step, (WeightProduct, AttentionStep, WindowAttentionStep))
+                       and step.output not in kept}
 
     def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray],
             timings: dict[str, float] | None = None) -> list[np.ndarray]:
@@ -500,12 +639,16 @@ class Bf16Graph:
                     out = spare[size].pop() if step.output in self.reused and spare.get(size) else None
                     values[step.output] = step.run(*(values[name] for name in step.inputs), threads=self.threads,
                                                    out=out)
+                elif isinstance(step, WindowAttentionStep):
+                    size = int(np.prod(step.dims))
+                    out = spare[size].pop() if step.output in self.reused and spare.get(size) else None
+                    values[step.output] = step.run(values[step.qkv], threads=self.threads, out=out)
                 else:
                     results = step.session.run(list(step.outputs), {name: values[name] for name in step.inputs})
                     values.update(zip(step.outputs, results))
                 if timings is not None:
                     kind = ("products" if isinstance(step, WeightProduct) else
-                            "attention" if isinstance(step, AttentionStep) else "onnxruntime")
+                            "attention" if isinstance(step, (AttentionStep, WindowAttentionStep)) else "onnxruntime")
                     timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - start
                 for name in drops:
                     array = values.pop(name)
@@ -519,7 +662,7 @@ class Bf16Graph:
         return first.session.get_providers()
 
 
-def _step_inputs(step: Piece | WeightProduct | ReshapeStep | AttentionStep) -> tuple[str, ...]:
+def _step_inputs(step: Piece | WeightProduct | ReshapeStep | AttentionStep | WindowAttentionStep) -> tuple[str, ...]:
     return (step.input,) if isinstance(step, (WeightProduct, ReshapeStep)) else step.inputs
 
 
