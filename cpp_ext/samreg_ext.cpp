@@ -3019,8 +3019,11 @@ void amx_attention_run(const AmxAttentionArgs &a, std::int64_t threads) {
     const std::int64_t blocks = (a.rows + kAmxRows - 1) / kAmxRows;
     const std::int64_t head_kb = a.padded / 16 * a.kc * kAmxTile, head_vb = chunks * a.vc * kAmxTile;
     std::vector<float> kb_buf, vb_buf;  // all heads' keys and values when they are shared (bfloat16 pairs in floats)
-    auto *kb = by_head ? nullptr : reinterpret_cast<std::uint16_t *>(aligned_vecs(kb_buf, a.heads * head_kb / 2 / kLanes));
-    auto *vb = by_head ? nullptr : reinterpret_cast<std::uint16_t *>(aligned_vecs(vb_buf, a.heads * head_vb / 2 / kLanes));
+    auto shared = [&](std::vector<float> &buf, std::int64_t per_head) {
+        return by_head ? nullptr
+                       : reinterpret_cast<std::uint16_t *>(aligned_vecs(buf, a.heads * per_head / 2 / kLanes));
+    };
+    std::uint16_t *kb = shared(kb_buf, head_kb), *vb = shared(vb_buf, head_vb);
     // cost of 16 rows: the exps (16 each) and the products (1/16 of their multiply-adds, as the tiles run them)
     const double rows_cost = kAmxRows * a.padded * (16.0 + 2.0 * a.dim / 16), layout_cost = a.padded * 2.0 * a.dim;
     {
@@ -3075,7 +3078,8 @@ py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py:
     const AmxLayout rel_at = heads_first ? AmxLayout{1, in.rows, 1, 0} : AmxLayout{h, 0, h, 1};
     const AmxAttentionArgs args{static_cast<const float *>(in.q.data()), static_cast<const float *>(in.k.data()),
                                 static_cast<const float *>(in.v.data()), out.mutable_data(), q_at, kv_at, q_at,
-                                in.rows, in.pixels, padded, static_cast<int>(in.heads), static_cast<int>(in.dim), kc, vc,
+                                in.rows, in.pixels, padded, static_cast<int>(in.heads), static_cast<int>(in.dim), kc,
+                                vc,
                                 in.kw ? static_cast<const float *>(in.rel_h.data()) : nullptr,
                                 in.kw ? static_cast<const float *>(in.rel_w.data()) : nullptr, rel_at,
                                 static_cast<int>(in.kw), static_cast<float>(scale), nullptr, nullptr, 0, 0, 0};
@@ -3121,7 +3125,8 @@ py::array_t<float> window_attention_bf16(py::handle qkv_obj, py::handle table_h_
                                  "(has_amx_bf16() is False)");
     if (b * length == 0) return out;
     // the tables transposed: [qh][d][kh16], [qw][d][kw16], zero past kh, kw
-    const int kh16 = static_cast<int>((kh + kLanes - 1) / kLanes * kLanes), kw16 = static_cast<int>((kw + kLanes - 1) / kLanes * kLanes);
+    const int kh16 = static_cast<int>((kh + kLanes - 1) / kLanes * kLanes);
+    const int kw16 = static_cast<int>((kw + kLanes - 1) / kLanes * kLanes);
     std::vector<float> th_buf, tw_buf;
     float *th = reinterpret_cast<float *>(aligned_vecs(th_buf, qh * d * kh16 / kLanes));
     float *tw = reinterpret_cast<float *>(aligned_vecs(tw_buf, qw * d * kw16 / kLanes));
@@ -3595,8 +3600,8 @@ PYBIND11_MODULE(_ext, m) {
           THREADS_DOC);
     m.def("window_attention_bf16", &window_attention_bf16, py::arg("qkv"), py::arg("table_h"), py::arg("table_w"),
           py::arg("scale") = 1.0, py::arg("out") = py::none(), py::arg("threads") = 0,
-          "window_attention_bf16(qkv: float32[B, L, 3, G, d], table_h: float32[qh, kh, d], table_w: float32[qw, kw, d],\n"
-          "    scale=1.0, out=None, threads=0) -> float32[B, L, G, d]\n\n"
+          "window_attention_bf16(qkv: float32[B, L, 3, G, d], table_h: float32[qh, kh, d],\n"
+          "    table_w: float32[qw, kw, d], scale=1.0, out=None, threads=0) -> float32[B, L, G, d]\n\n"
           "SAM ViT's windowed attention on AMX tiles from its qkv product (B windows of L = qh qw tokens, G heads):\n"
           "shared_attention_bf16 of q scale, k, v (heads first) with the relative position terms computed from the\n"
           "unscaled q in float32, rel_h[a] = q . table_h[r / qw, a], rel_w[b] = q . table_w[r % qw, b] (the tables of\n"

@@ -11,7 +11,11 @@ Runtime over the MLP's widest tensor. With ``attention=True`` the attention core
 (SAM ViT's windowed blocks: softmax(q k^T + terms) v over 25 windows x 12 heads at ViT-B's size) run on the AMX
 tiles as well (``find_attention``, ``AttentionStep``: ``_ext.shared_attention_bf16`` with q, k and v heads first,
 as the graph holds them), in place of ONNX Runtime's float32 product, two broadcast additions over the logits,
-softmax and second product. Everything else (convolutions, normalisation) stays float32.
+softmax and second product; where the export's nodes allow, straight from the qkv product
+(``find_window_attention``, ``WindowAttentionStep``: ``_ext.window_attention_bf16`` reads q, k and v in the
+product's layout, computes the relative-position terms from the constant tables and writes the result as the
+next product takes it, so that ONNX Runtime's transposes, split and term products around the core go too).
+Everything else (convolutions, normalisation) stays float32.
 
 The pieces are the graph's nodes in their (topological) order between two products, so each piece needs only
 tensors made before it; each tensor is dropped after its last use. A piece of nothing but Reshapes to constant
@@ -257,6 +261,18 @@ def _gelu_nodes(graph: onnx.GraphProto, x: str, consumers: dict[str, list[int]],
     return {div, erf[0], add[0], mul[0], half[0]}, half[1].output[0]
 
 
+def _graph_maps(graph: onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], set[str], dict[str, int],
+                                                 dict[str, list[int]]]:
+    """A graph's initializers by name, its output names, the index of the node that makes each tensor and the
+    indices of the nodes that take each."""
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    return {t.name: t for t in graph.initializer}, {o.name for o in graph.output}, producer, consumers
+
+
 @dataclass(frozen=True)
 class AttentionStep:
     """An attention core with decomposed relative positions (SAM ViT's windowed blocks) on the AMX tiles
@@ -296,13 +312,7 @@ def find_attention(graph: onnx.GraphProto,
     Transpose are kept where something else uses them, their outputs then still computed by ONNX Runtime). In a whole
     ViT encoder graph each chunk of queries the exporter traces of a global block has this form too (the chunks share
     k's Transpose)."""
-    inits = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
-    consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(graph.node):
-        for name in node.input:
-            consumers.setdefault(name, []).append(i)
+    inits, outputs, producer, consumers = _graph_maps(graph)
 
     def only_use(name: str, op: str) -> int | None:
         """The node that makes ``name`` if it is an ``op`` and ``name`` feeds one node and is no graph output."""
@@ -422,13 +432,7 @@ def find_window_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInf
     qw, d], a constant [qh, d, kh]); rel_w: Transpose (perm 1 2 0 3) of Reshape [qw, N, qh, kw] of MatMul(Reshape
     [qw, N qh, d] of Transpose (perm 2 0 1 3) of that Reshape of q, a constant [qw, d, kw]); the result: Reshape
     [B, G, qh, qw, d], Transpose (perm 0 2 3 1 4), Reshape; each result used only within these nodes."""
-    inits = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
-    consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(graph.node):
-        for name in node.input:
-            consumers.setdefault(name, []).append(i)
+    inits, outputs, producer, consumers = _graph_maps(graph)
 
     def made(name: str, op: str, attr: str | None = None, value: list[int] | None = None) -> int | None:
         i = producer.get(name)
@@ -485,7 +489,9 @@ def find_window_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInf
         r_q = made(graph.node[mh].input[0], "Reshape")
         r_w3 = made(graph.node[mw].input[0], "Reshape")
         tw1 = made(graph.node[r_w3].input[0], "Transpose", "perm", [2, 0, 1, 3]) if r_w3 is not None else None
-        if c_h is None or c_w is None or r_q is None or tw1 is None or graph.node[tw1].input[0] != graph.node[r_q].output[0]:
+        if c_h is None or c_w is None or r_q is None or tw1 is None:
+            continue
+        if graph.node[tw1].input[0] != graph.node[r_q].output[0]:
             continue
         if graph.node[r_q].input[0] != core.q or c_h.ndim != 3 or c_w.ndim != 3:
             continue

@@ -14,10 +14,10 @@ import torch
 from numpy._core import multiarray
 from onnx import TensorProto, helper, numpy_helper
 
-from samreg_rt import _ext
+from samreg_rt import _ext, bf16_graph
 from samreg_rt import engine as engine_module
-from samreg_rt.bf16_graph import (AttentionStep, Bf16Graph, WeightProduct, bf16_to_float, find_attention,
-                                  find_products, pack_bf16_weight, round_bf16)
+from samreg_rt.bf16_graph import (AttentionStep, Bf16Graph, WeightProduct, WindowAttentionStep, bf16_to_float,
+                                  find_attention, find_products, find_window_attention, pack_bf16_weight, round_bf16)
 from samreg_rt.engine import Engine
 from samreg_rt.errors import ModelError
 from samreg_rt.io import load_image
@@ -489,20 +489,32 @@ def test_find_attention(tmp_path):
     dims = {name: [d.dim_value for d in infos[name].type.tensor_type.shape.dim] for name in step.inputs}
     assert [dims[name] for name in step.inputs] == [[8, 25, 16]] * 3 + [[8, 5, 5, 5]] * 2
     plain = _window_block(tmp_path, use_rel_pos=False)
-    inferred = onnx.shape_inference.infer_shapes(plain)
-    assert find_attention(plain.graph, {v.name: v for v in inferred.graph.value_info}) == {}
+    inferred_plain = onnx.shape_inference.infer_shapes(plain)
+    assert find_attention(plain.graph, {v.name: v for v in inferred_plain.graph.value_info}) == {}
+    # and straight from the qkv product: q, k, v's Split chain, the terms' MatMuls, the result's way to the proj
+    windows = find_window_attention(model.graph, infos, found)
+    assert len(windows) == 1
+    (_, (window, nodes)), = windows.items()
+    assert window.dims == (4, 25, 2, 16) and window.out_shape[-1] == 32 and window.scale == 0.25
+    assert window.table_h.shape == (5, 5, 16) and window.table_w.shape == (5, 5, 16)
+    added = sorted(model.graph.node[i].op_type for i in nodes - replaced)
+    assert replaced < nodes and added == sorted(["Squeeze"] * 3 + ["Split"] + ["Reshape"] * 2 + ["Transpose"]
+                                                + ["MatMul"] * 2 + ["Reshape"] * 3 + ["Transpose"] * 2
+                                                + ["Reshape", "Transpose", "Reshape"])
 
 
 @pytest.mark.skipif(not _ext.has_amx_bf16(), reason="no AMX-BF16 tiles on this CPU or OS")
-def test_bf16_graph_runs_windowed_attention_on_the_tiles(tmp_path):
-    """attention=True: the windowed core as an AttentionStep (its Mul and Transpose gone from the pieces), the
-    block's output within bfloat16 rounding of ONNX Runtime's float32; False keeps it in ONNX Runtime."""
+def test_bf16_graph_runs_windowed_attention_on_the_tiles(tmp_path, monkeypatch):
+    """attention=True: the windowed core as a WindowAttentionStep on the qkv product (its q, k, v and terms gone
+    from the pieces), the block's output within bfloat16 rounding of ONNX Runtime's float32, as with the core alone
+    (an AttentionStep on ONNX Runtime's q, k, v and terms); False keeps it in ONNX Runtime."""
     model = _window_block(tmp_path)
     x = np.random.default_rng(1).standard_normal((1, 7, 7, 32)).astype(np.float32)
     want = _session(model.SerializeToString()).run(None, {"x": x})[0]
     tiles, plain = Bf16Graph(model, _session, threads=2, attention=True), Bf16Graph(model, _session, threads=2)
-    assert [type(s).__name__ for s in tiles.steps].count("AttentionStep") == 1
-    assert not any(isinstance(s, AttentionStep) for s in plain.steps)
+    kinds = [type(s).__name__ for s in tiles.steps]
+    assert kinds.count("WindowAttentionStep") == 1 and "AttentionStep" not in kinds
+    assert not any(isinstance(s, (AttentionStep, WindowAttentionStep)) for s in plain.steps)
     timings: dict[str, float] = {}
     got, base = tiles.run(None, {"x": x}, timings)[0], plain.run(None, {"x": x})[0]
     assert set(timings) == {"products", "attention", "onnxruntime"}
@@ -510,6 +522,12 @@ def test_bf16_graph_runs_windowed_attention_on_the_tiles(tmp_path):
     assert np.abs(got - want).max() <= 0.02 * scale and np.abs(base - want).max() <= 0.02 * scale
     assert not np.array_equal(got, base)
     np.testing.assert_array_equal(tiles.run(None, {"x": x})[0], got)    # the arrays reused: the same again
+    with monkeypatch.context() as m:    # the core alone, on the terms ONNX Runtime computes
+        m.setattr(bf16_graph, "find_window_attention", lambda *args: {})
+        core = Bf16Graph(model, _session, threads=2, attention=True)
+    assert [type(s).__name__ for s in core.steps].count("AttentionStep") == 1
+    alone = core.run(None, {"x": x})[0]
+    assert np.abs(alone - want).max() <= 0.02 * scale and np.abs(got - alone).max() <= 0.01 * scale
 
 
 def test_bf16_graph_attention_needs_amx(tmp_path, monkeypatch):
@@ -562,14 +580,15 @@ def test_bf16_engine_vit_parts(tmp_path_factory):
     if fp32.encoder_parts:
         assert bf16.encoder_attention == ("bf16" if _ext.has_amx_bf16() else "fp32")
         assert all(isinstance(part, Bf16Graph) for part in bf16.encoder_parts)
-        # the windowed block's core on the tiles too (block 0 of 2; block 1 is global)
-        cores = [step for part in bf16.encoder_parts for step in part.steps if isinstance(step, AttentionStep)]
+        # the windowed block's attention on the tiles too, from its qkv product (block 0 of 2; block 1 is global)
+        cores = [step for part in bf16.encoder_parts for step in part.steps if isinstance(step, WindowAttentionStep)]
         assert len(cores) == (1 if _ext.has_amx_bf16() else 0)
     # the whole encoder graph: the global block's core, traced 2 grid rows (128 queries) at a time, is 32 cores of
-    # the same form (its k Transpose shared by them, left in ONNX Runtime)
+    # the windowed core's form (its k Transpose shared by them, left in ONNX Runtime)
     whole = Engine.load(model_dir, threads=2, precision="bf16", fused_encoder=False)
-    cores = [step for step in whole.sessions["encoder"].steps if isinstance(step, AttentionStep)]
-    assert len(cores) == (33 if _ext.has_amx_bf16() else 0)
+    kinds = [type(step).__name__ for step in whole.sessions["encoder"].steps]
+    on_tiles = _ext.has_amx_bf16()
+    assert (kinds.count("AttentionStep"), kinds.count("WindowAttentionStep")) == ((32, 1) if on_tiles else (0, 0))
     assert _cosine(whole.embed(image).embedding, want) >= 0.999
     assert _cosine(got, want) >= 0.999
 

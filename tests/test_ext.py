@@ -1254,6 +1254,68 @@ def test_shared_attention_bf16_writes_into_out(rng):
     np.testing.assert_array_equal(out, _heads_first(_ext.shared_attention_bf16(q, k, v)))
 
 
+def _window_inputs(rng, b, qh, qw, g, d):
+    """A window-batched qkv [B, L, 3, G, d] (L = qh qw), relative-position tables [qh, qh, d] and [qw, qw, d], and
+    the heads-first q, k, v and terms [B G, L, ...] they mean (the terms in float64, rounded to float32)."""
+    length = qh * qw
+    qkv = rng.normal(0, 1, (b, length, 3, g, d)).astype(np.float32)
+    qkv[:, :, 1] *= np.float32(3 / np.sqrt(d))
+    table_h, table_w = (rng.normal(0, 0.3, (n, n, d)).astype(np.float32) for n in (qh, qw))
+    q, k, v = (np.ascontiguousarray(qkv[:, :, s].transpose(0, 2, 1, 3)).reshape(b * g, length, d) for s in range(3))
+    grid = q.reshape(b * g, qh, qw, d).astype(np.float64)
+    rel_h = np.einsum("nijc,iac->nija", grid, table_h).astype(np.float32).reshape(b * g, length, qh)
+    rel_w = np.einsum("nijc,jbc->nijb", grid, table_w).astype(np.float32).reshape(b * g, length, qw)
+    return qkv, table_h, table_w, (q, k, v, rel_h, rel_w)
+
+
+@needs_amx
+@pytest.mark.parametrize("b,qh,qw,g,d", [
+    (25, 14, 14, 12, 64),       # SAM ViT-B's windowed blocks (a sample of the heads against the twin)
+    (3, 5, 5, 2, 16),           # a key grid narrower than a block of 16 keys
+    (2, 4, 16, 3, 32),          # grid rows of 16 keys: the blocks' terms without the rows' term buffer
+    (1, 20, 15, 2, 48),         # 300 tokens: the heads' layout shared by the threads
+])
+def test_window_attention_bf16(rng, b, qh, qw, g, d):
+    """window_attention_bf16 from the qkv product and the tables: shared_attention_bf16 (heads first) on q, k, v
+    and the terms computed apart, to float32 rounding of the terms (a weight may round to the other bfloat16),
+    the result token-major per window; against the twin."""
+    qkv, table_h, table_w, (q, k, v, rel_h, rel_w) = _window_inputs(rng, b, qh, qw, g, d)
+    length = qh * qw
+    got = _ext.window_attention_bf16(qkv, table_h, table_w, scale=0.125, threads=2)
+    assert got.shape == (b, length, g, d) and got.dtype == np.float32
+    heads = got.transpose(0, 2, 1, 3).reshape(b * g, length, d)
+    apart = _ext.shared_attention_bf16(q, k, v, rel_h, rel_w, scale=0.125, heads_first=True, threads=2)
+    err = np.abs(heads - apart)
+    assert np.quantile(err, 0.99) <= 1e-5 and err.max() <= 2.0 ** -8 * np.abs(v).max()
+    some = np.sort(rng.choice(b * g, min(b * g, 4), replace=False))
+    swap = _heads_first
+    _assert_bf16_attention_close(swap(heads[some]), swap(q[some] * np.float32(0.125)), swap(k[some]), swap(v[some]),
+                                 swap(rel_h[some]), swap(rel_w[some]))
+    out = np.full_like(got, np.nan)
+    assert np.shares_memory(_ext.window_attention_bf16(qkv, table_h, table_w, scale=0.125, out=out), out)
+    np.testing.assert_array_equal(out, _ext.window_attention_bf16(qkv, table_h, table_w, scale=0.125, threads=1))
+
+
+def test_window_attention_bf16_rejects_bad_arguments(rng):
+    qkv, table_h, table_w, _ = _window_inputs(rng, 2, 3, 4, 2, 8)
+    good = dict(qkv=qkv, table_h=table_h, table_w=table_w)
+    cases = [
+        (dict(qkv=qkv[0]), "qkv: expected 5 dimensions"),
+        (dict(qkv=np.ascontiguousarray(qkv[:, :, :2])), r"qkv: expected \[B, L, 3, heads >= 1, d\]"),
+        (dict(table_h=table_h[:, :, :4].copy()), r"table_h: expected shape \(3, 3, 8\), got \(3, 3, 4\)"),
+        (dict(table_w=np.zeros((3, 3, 8), np.float32)), "a query grid of 3 x 3 and a key grid of 3 x 3; expected both "
+                                                        "of L = 12 tokens"),
+        (dict(scale=float("nan")), "window_attention_bf16: scale must be finite"),
+        (dict(out=np.zeros((2, 12, 2, 4), np.float32)), r"out: expected shape \(2, 12, 2, 8\)"),
+        (dict(threads=-1), "threads"),
+    ]
+    if _ext.has_amx_bf16():
+        _ext.window_attention_bf16(**good)
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _ext.window_attention_bf16(**{**good, **change})
+
+
 def test_shared_attention_bf16_rejects_bad_arguments(rng):
     """The float32 kernel's argument checks (they run before the tiles are asked for, on any CPU)."""
     q, k, v = _shared_attention_inputs(rng, 6, 2, 8, 64, 3.0)
