@@ -9,8 +9,9 @@ mask_upscaling, linear, shared_attention, two_way_pass and two_way_factored wher
 plain and split weights, without and with its GELU epilogue, its twin rounding x and W to bfloat16 and summing in
 float64, then GELU by scipy's erfc), whose twins compute in
 float64: within 2e-5 of
-the largest value; shared_attention_bf16 (a ViT-B global block's and, heads first, its windowed blocks'), on CPUs
-with AMX tiles: 99% of the values within 2e-5 of the largest, all within a bfloat16 step). mask_upscaling, linear, linear_bf16, two_way_pass, two_way_factored and
+the largest value; shared_attention_bf16 (a ViT-B global block's and, heads first, its windowed blocks') and
+window_attention_bf16 (those blocks from their qkv product), on CPUs with AMX tiles: 99% of the values within 2e-5
+of the largest, all within a bfloat16 step). mask_upscaling, linear, linear_bf16, two_way_pass, two_way_factored and
 shared_attention also get their achieved GFLOP/s. The kernels run on every CPU
 this process may use (``threads=0``). Takes about two minutes on 2 cores.
 """
@@ -129,6 +130,20 @@ def main() -> None:
 
     def heads_first(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.swapaxes(0, 1))
+
+    # the same blocks straight from their qkv product [25, 196, 3, 12, 64], the terms from the 14 x 14 x 64 tables
+    qkv = rng.normal(0, 1, (25, 196, 3, 12, 64)).astype(np.float32)
+    table_h, table_w = (rng.normal(0, 0.2, (14, 14, 64)).astype(np.float32) for _ in range(2))
+    qkv_out = np.empty((25, 196, 12, 64), np.float32)
+
+    def window_twin() -> np.ndarray:
+        """window_attention_bf16's twin: q, k, v heads first, the terms in float64, shared_attention_bf16's twin."""
+        q, k, v = (qkv[:, :, s].transpose(0, 2, 1, 3).reshape(300, 196, 64) for s in range(3))
+        grid = q.reshape(300, 14, 14, 64).astype(np.float64)
+        rel_h = np.einsum("nijc,iac->nija", grid, table_h).astype(np.float32).reshape(300, 196, 14)
+        rel_w = np.einsum("nijc,jbc->nijb", grid, table_w).astype(np.float32).reshape(300, 196, 14)
+        got = twins.shared_attention_bf16(*(heads_first(a) for a in (q * np.float32(0.125), k, v, rel_h, rel_w)))
+        return heads_first(got).reshape(25, 12, 196, 64).transpose(0, 2, 1, 3)
     # a ViT-B MLP's first product (4096 tokens, 768 -> 3072), weights packed as the bf16 precisions pack them
     mlp_x = rng.normal(0, 1, (4096, 768)).astype(np.float32)
     mlp_w = (rng.normal(0, 1, (768, 3072)) / np.sqrt(768)).astype(np.float32)
@@ -236,7 +251,10 @@ def main() -> None:
                                                       heads_first=True, out=win_out),
                    lambda: heads_first(twins.shared_attention_bf16(
                        *(heads_first(a) for a in (win_q * np.float32(0.125), win_k, win_v, win_rel_h, win_rel_w)))),
-                   3)]
+                   3),
+                  ("window_attention_bf16", "25 windows x 196 tokens x 12 heads, d 64",
+                   lambda: _ext.window_attention_bf16(qkv, table_h, table_w, scale=0.125, out=qkv_out),
+                   window_twin, 3)]
     upscaling_formula = "R (P 2 C 4C1 + 4P 2 C1 4C2 + 16P 2 C2 M), C 256, C1 64, C2 32"
     factored_formula = "R (P 2 (2J + 2) 4C1 + 4P 2 C1 4C2 + 16P 2 C2 M)"
     gflops = {"mask_upscaling": (upscaling_flop, upscaling_formula),
@@ -251,6 +269,7 @@ def main() -> None:
               "shared_attention ViT": (vit_flop, "R H P 2 2 d; and R H P exps"),
               "shared_attention_bf16 ViT": (vit_flop, "R H P 2 2 d; and R H P exps"),
               "shared_attention_bf16 windows": (win_flop, "H R P 2 2 d; and H R P exps"),
+              "window_attention_bf16": (win_flop, "H R P 2 2 d; and H R P exps (the terms' H R 2 (kh + kw) d not)"),
               **{f"linear_bf16 {isa}": (mlp_flop, "2 M K N") for isa in isas},
               **{f"linear_bf16 split {isa}": (mlp_flop, "2 M K N (the product's: twice that run, W's two parts)")
                  for isa in isas},
@@ -263,7 +282,7 @@ def main() -> None:
                      *(name + suffix for name, *_ in with_avx2 for suffix in builds.values()),
                      *(f"linear_bf16{split}{gelu} {isa}" for isa in isas for split in ("", " split")
                        for gelu in ("", " gelu")), *MISALIGNED)
-    bf16_kernels = ("shared_attention_bf16 ViT", "shared_attention_bf16 windows")
+    bf16_kernels = ("shared_attention_bf16 ViT", "shared_attention_bf16 windows", "window_attention_bf16")
 
     info = machine()
     print(f"machine: {info}")

@@ -220,8 +220,9 @@ class Engine:
         ``_ext.shared_attention_bf16``; ModelError on a CPU without them, ``_ext.has_amx_bf16``) or "auto":
         bf16 for int8, bf16 and bf16x2 on CPUs with the tiles (ViT-B int8: embedding cosine to fp32 0.99967 with
         either core, benchmarks/results/performance.md), fp32 otherwise: fp32 engines keep their float32 results.
-        With "bf16" the bf16 and bf16x2 engines run the windowed blocks' attention cores on the tiles as well
-        (``samreg_rt.bf16_graph.find_attention``); with "fp32" ONNX Runtime runs them in float32.
+        With "bf16" the bf16 and bf16x2 engines run the windowed blocks' attention on the tiles as well, straight
+        from the qkv product (``samreg_rt.bf16_graph.find_window_attention``, else the cores alone,
+        ``find_attention``); with "fp32" ONNX Runtime runs them in float32.
         ``shared_arena``: the sessions allocate from one CPU memory arena registered in ONNX Runtime's
         process-wide environment (and shared with the other engines of the process that use it) instead of
         one arena each (benchmarks/results/memory_arena.md).
