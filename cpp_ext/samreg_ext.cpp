@@ -932,7 +932,7 @@ Fn for_build(Isa build, Fn avx512, Fn avx2, Fn generic) {
     return build == Isa::avx512 ? avx512 : build == Isa::avx2 ? avx2 : generic;
 }
 
-void require_shape(const py::array &a, const char *name, std::initializer_list<py::ssize_t> shape) {
+void require_shape(const py::array &a, const char *name, const std::vector<py::ssize_t> &shape) {
     py::ssize_t d = 0;
     for (const py::ssize_t size : shape) {
         if (a.shape(d++) != size) {
@@ -942,6 +942,26 @@ void require_shape(const py::array &a, const char *name, std::initializer_list<p
             throw py::value_error(std::string(name) + ": expected shape " + want + "), got " + shape_str(a));
         }
     }
+}
+
+// Raises when the memory of the output `out` (named `out_name`) overlaps that of the array `arr` (named `name`).
+void require_disjoint(const py::array &out, const py::array &arr, const char *name, const char *out_name = "out") {
+    const auto *o = static_cast<const char *>(out.data()), *x = static_cast<const char *>(arr.data());
+    if (out.nbytes() > 0 && arr.nbytes() > 0 && o < x + arr.nbytes() && x < o + out.nbytes())
+        throw py::value_error(std::string(out_name) + ": must not overlap " + name);
+}
+
+// A kernel's out=: None gives a new float32 array of `shape`; else the given array, which must be C-contiguous
+// float32 of `shape`, writable and overlap none of `inputs` (array, name).
+py::array_t<float> checked_out(py::handle out_obj, const std::vector<py::ssize_t> &shape,
+                               std::initializer_list<std::pair<const py::array &, const char *>> inputs) {
+    if (out_obj.is_none()) return py::array_t<float>(shape);
+    auto out = py::reinterpret_borrow<py::array_t<float>>(
+        require<float>(out_obj, "out", "float32", static_cast<py::ssize_t>(shape.size())));
+    require_shape(out, "out", shape);
+    if (!out.writeable()) throw py::value_error("out: array is read-only");
+    for (const auto &[arr, name] : inputs) require_disjoint(out, arr, name);
+    return out;
 }
 
 // Validates the arguments that mask_upscaling and mask_upscaling_factored share (those after the first
@@ -988,15 +1008,7 @@ py::array_t<float> upscale_common(UpscaleArgs &args, const char *kernel, std::in
         }
     }
     const std::int64_t height = hw / width;
-    py::array_t<float> out;
-    if (out_obj.is_none()) {
-        out = py::array_t<float>({static_cast<py::ssize_t>(m_total), static_cast<py::ssize_t>(4 * height),
-                                  static_cast<py::ssize_t>(4 * width)});
-    } else {
-        out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 3));
-        require_shape(out, "out", {m_total, 4 * height, 4 * width});
-        if (!out.writeable()) throw py::value_error("out: array is read-only");
-    }
+    py::array_t<float> out = checked_out(out_obj, {m_total, 4 * height, 4 * width}, {});
     args.rows = rows;
     args.ln_weight = static_cast<const float *>(ln_weight.data());
     args.ln_bias = static_cast<const float *>(ln_bias.data());
@@ -1653,13 +1665,6 @@ __attribute__((target("avx2,fma"))) void two_way_avx2(const TwoWayArgs &a, std::
 void two_way_generic(const TwoWayArgs &a, std::int64_t b0, std::int64_t b1, std::int64_t blk0, std::int64_t blk1,
                      v16f *scratch, float *state, std::int64_t state_step) {
     two_way_body<v16f>(a, b0, b1, blk0, blk1, scratch, state, state_step, nullptr);
-}
-
-// Raises when the memory of the output `out` (named `out_name`) overlaps that of the array `arr` (named `name`).
-void require_disjoint(const py::array &out, const py::array &arr, const char *name, const char *out_name = "out") {
-    const auto *o = static_cast<const char *>(out.data()), *x = static_cast<const char *>(arr.data());
-    if (out.nbytes() > 0 && arr.nbytes() > 0 && o < x + arr.nbytes() && x < o + out.nbytes())
-        throw py::value_error(std::string(out_name) + ": must not overlap " + name);
 }
 
 // pooled[b, j, :width] = prompt b's pooling states of its `chunks` chunks (kTwState floats each: running max,
@@ -2334,13 +2339,7 @@ void linear_generic(const LinearArgs &a, std::int64_t n0, std::int64_t r0, std::
 // writeable, not overlapping x, w or bias).
 py::array_t<float> product_out(py::handle out_obj, std::int64_t rows, std::int64_t cols, const py::array &x,
                                const py::array &w, const char *w_name, const py::array &bias) {
-    if (out_obj.is_none()) return py::array_t<float>({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(cols)});
-    auto out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 2));
-    require_shape(out, "out", {rows, cols});
-    if (!out.writeable()) throw py::value_error("out: array is read-only");
-    for (const auto &[arr, name] : {std::pair<const py::array &, const char *>{x, "x"}, {w, w_name}, {bias, "bias"}})
-        require_disjoint(out, arr, name);
-    return out;
+    return checked_out(out_obj, {rows, cols}, {{x, "x"}, {w, w_name}, {bias, "bias"}});
 }
 
 py::array_t<float> linear(py::handle x_obj, py::handle weight_t_obj, py::handle bias_obj, bool relu,
@@ -3055,17 +3054,8 @@ py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py:
                                                      std::to_string(scale));
     const auto rows = static_cast<py::ssize_t>(in.rows), heads = static_cast<py::ssize_t>(in.heads);
     const py::ssize_t axis0 = heads_first ? heads : rows, axis1 = heads_first ? rows : heads;
-    py::array_t<float> out;
-    if (out_obj.is_none()) {
-        out = py::array_t<float>({axis0, axis1, static_cast<py::ssize_t>(in.dim)});
-    } else {
-        out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 3));
-        require_shape(out, "out", {axis0, axis1, in.dim});
-        if (!out.writeable()) throw py::value_error("out: array is read-only");
-        for (const auto &[arr, name] : {std::pair<const py::array &, const char *>{in.q, "q"}, {in.k, "k"}, {in.v, "v"},
-                                        {in.rel_h, "rel_h"}, {in.rel_w, "rel_w"}})
-            require_disjoint(out, arr, name);
-    }
+    py::array_t<float> out = checked_out(out_obj, {axis0, axis1, in.dim}, {{in.q, "q"}, {in.k, "k"}, {in.v, "v"},
+                                                                          {in.rel_h, "rel_h"}, {in.rel_w, "rel_w"}});
     if (!has_amx_bf16())
         throw std::runtime_error("shared_attention_bf16: this CPU or operating system gives no AMX-BF16 tiles "
                                  "(has_amx_bf16() is False); use shared_attention");
@@ -3109,17 +3099,8 @@ py::array_t<float> window_attention_bf16(py::handle qkv_obj, py::handle table_h_
                               "; expected both of L = " + std::to_string(length) + " tokens, each side at most 64");
     if (!std::isfinite(scale)) throw py::value_error("window_attention_bf16: scale must be finite, got " +
                                                      std::to_string(scale));
-    py::array_t<float> out;
-    if (out_obj.is_none()) {
-        out = py::array_t<float>({b, length, g, d});
-    } else {
-        out = py::reinterpret_borrow<py::array_t<float>>(require<float>(out_obj, "out", "float32", 4));
-        require_shape(out, "out", {b, length, g, d});
-        if (!out.writeable()) throw py::value_error("out: array is read-only");
-        for (const auto &[arr, name] : {std::pair<const py::array &, const char *>{qkv, "qkv"}, {table_h, "table_h"},
-                                        {table_w, "table_w"}})
-            require_disjoint(out, arr, name);
-    }
+    py::array_t<float> out = checked_out(out_obj, {b, length, g, d},
+                                         {{qkv, "qkv"}, {table_h, "table_h"}, {table_w, "table_w"}});
     if (!has_amx_bf16())
         throw std::runtime_error("window_attention_bf16: this CPU or operating system gives no AMX-BF16 tiles "
                                  "(has_amx_bf16() is False)");

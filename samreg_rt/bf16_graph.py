@@ -102,6 +102,9 @@ class WeightProduct:
     depth: int           # K
     activation: str = "none"
 
+    def result_size(self, x: np.ndarray) -> int:
+        return x.size // self.depth * self.bias.shape[0]
+
     def run(self, x: np.ndarray, threads: int, out: np.ndarray | None = None) -> np.ndarray:
         """x (..., K) float32 -> (..., N); into ``out`` (M x N values, M the product of x's other axes) if given,
         else into a new 64-byte aligned array (the tiles' 64-byte row stores then write whole cache lines, a few
@@ -261,6 +264,24 @@ def _gelu_nodes(graph: onnx.GraphProto, x: str, consumers: dict[str, list[int]],
     return {div, erf[0], add[0], mul[0], half[0]}, half[1].output[0]
 
 
+def _ints(node: onnx.NodeProto, name: str, inits: dict[str, onnx.TensorProto]) -> list[int] | None:
+    """A node's integer-list attribute ``name`` (None where it has none); "axes" also from a constant second input
+    (where opset 13 moved it)."""
+    value = next((list(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == name), None)
+    if value is None and name == "axes" and len(node.input) > 1 and node.input[1] in inits:
+        value = numpy_helper.to_array(inits[node.input[1]]).reshape(-1).tolist()
+    return value
+
+
+def _static_shape(infos: dict[str, onnx.ValueInfoProto], name: str) -> tuple[int, ...] | None:
+    """A tensor's inferred shape where every dimension is known, else None."""
+    info = infos.get(name)
+    if info is None:
+        return None
+    dims = info.type.tensor_type.shape.dim
+    return tuple(d.dim_value for d in dims) if all(d.HasField("dim_value") for d in dims) else None
+
+
 def _graph_maps(graph: onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], set[str], dict[str, int],
                                                  dict[str, list[int]]]:
     """A graph's initializers by name, its output names, the index of the node that makes each tensor and the
@@ -290,6 +311,9 @@ class AttentionStep:
     @property
     def inputs(self) -> tuple[str, ...]:
         return self.q, self.k, self.v, self.rel_h, self.rel_w
+
+    def result_size(self, q: np.ndarray, *others: np.ndarray) -> int:
+        return q.size
 
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: np.ndarray, rel_w: np.ndarray,
             threads: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -324,14 +348,10 @@ def find_attention(graph: onnx.GraphProto,
         info = infos.get(name)
         if info is None or info.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
             return None
-        dims = info.type.tensor_type.shape.dim
-        return tuple(d.dim_value for d in dims) if all(d.HasField("dim_value") for d in dims) else None
+        return _static_shape(infos, name)
 
     def unsqueezed_axis(i: int) -> int | None:
-        node = graph.node[i]
-        axes = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axes"), None)
-        if axes is None and len(node.input) > 1 and node.input[1] in inits:
-            axes = numpy_helper.to_array(inits[node.input[1]]).reshape(-1).tolist()
+        axes = _ints(graph.node[i], "axes", inits)
         return int(axes[0]) % 5 if axes is not None and len(axes) == 1 else None
 
     def split_add(i: int, op: str) -> tuple[int, int] | None:
@@ -374,8 +394,7 @@ def find_attention(graph: onnx.GraphProto,
                 if only_use(graph.node[m1].input[0], "Mul") is not None:
                     replaced.add(mul)
         t = producer.get(kt)
-        perm = [] if t is None else next((list(a.ints) for a in graph.node[t].attribute if a.name == "perm"), [])
-        if t is None or graph.node[t].op_type != "Transpose" or perm != [0, 2, 1]:
+        if t is None or graph.node[t].op_type != "Transpose" or _ints(graph.node[t], "perm", inits) != [0, 2, 1]:
             continue
         if only_use(kt, "Transpose") is not None:
             replaced.add(t)
@@ -413,6 +432,9 @@ class WindowAttentionStep:
     def inputs(self) -> tuple[str, ...]:
         return (self.qkv,)
 
+    def result_size(self, qkv: np.ndarray) -> int:
+        return int(np.prod(self.dims))
+
     def run(self, qkv: np.ndarray, threads: int, out: np.ndarray | None = None) -> np.ndarray:
         b, length, g, d = self.dims
         out = aligned_empty((b, length, g, d), np.float32) if out is None else out.reshape(b, length, g, d)
@@ -438,22 +460,9 @@ def find_window_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInf
         i = producer.get(name)
         if i is None or graph.node[i].op_type != op or name in outputs:
             return None
-        if attr is not None:
-            got = next((list(onnx.helper.get_attribute_value(a)) for a in graph.node[i].attribute
-                        if a.name == attr), None)
-            if got is None and graph.node[i].op_type in ("Squeeze", "Split") and len(graph.node[i].input) > 1 \
-                    and graph.node[i].input[1] in inits and attr == "axes":
-                got = numpy_helper.to_array(inits[graph.node[i].input[1]]).reshape(-1).tolist()
-            if got != value:
-                return None
-        return i
-
-    def dims(name: str) -> tuple[int, ...] | None:
-        info = infos.get(name)
-        if info is None:
+        if attr is not None and _ints(graph.node[i], attr, inits) != value:
             return None
-        d = info.type.tensor_type.shape.dim
-        return tuple(x.dim_value for x in d) if all(x.HasField("dim_value") for x in d) else None
+        return i
 
     def constant(name: str) -> np.ndarray | None:
         return numpy_helper.to_array(inits[name]) if name in inits else None
@@ -474,7 +483,7 @@ def find_window_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInf
             continue
         if (r_a := made(graph.node[t_qkv].input[0], "Reshape")) is None:
             continue
-        five = dims(graph.node[r_a].output[0])
+        five = _static_shape(infos, graph.node[r_a].output[0])
         if five is None or len(five) != 5 or five[2] != 3:
             continue
         b, length, _, g, d = five
@@ -501,7 +510,7 @@ def find_window_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInf
         # the result's way to the next product
         r_o1 = next(iter(consumers.get(graph.node[last].output[0], [])), None)
         if (r_o1 is None or len(consumers[graph.node[last].output[0]]) != 1 or graph.node[r_o1].op_type != "Reshape"
-                or dims(graph.node[r_o1].output[0]) != (b, g, qh, qw, d)):
+                or _static_shape(infos, graph.node[r_o1].output[0]) != (b, g, qh, qw, d)):
             continue
         users = consumers.get(graph.node[r_o1].output[0], [])
         t_o = users[0] if len(users) == 1 else None
@@ -509,7 +518,7 @@ def find_window_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInf
             continue
         users = consumers.get(graph.node[t_o].output[0], [])
         r_o2 = users[0] if len(users) == 1 and graph.node[users[0]].op_type == "Reshape" else None
-        out_shape = dims(graph.node[r_o2].output[0]) if r_o2 is not None else None
+        out_shape = _static_shape(infos, graph.node[r_o2].output[0]) if r_o2 is not None else None
         if out_shape is None or int(np.prod(out_shape)) != b * length * g * d:
             continue
         chain = {*squeezes, sp, r_b, t_qkv, r_a, mh, tw2, r_w4, mw, r_q, r_w3, tw1, r_o1, t_o, r_o2}
@@ -633,22 +642,13 @@ class Bf16Graph:
         with small_pages():
             for step, drops in zip(self.steps, self.drops):
                 start = time.perf_counter()
-                if isinstance(step, WeightProduct):
-                    x = values[step.input]
-                    size = x.size // step.depth * step.bias.shape[0]
+                if isinstance(step, (WeightProduct, AttentionStep, WindowAttentionStep)):   # native: out reused
+                    args = [values[name] for name in _step_inputs(step)]
+                    size = step.result_size(*args)
                     out = spare[size].pop() if step.output in self.reused and spare.get(size) else None
-                    values[step.output] = step.run(x, self.threads, out)
+                    values[step.output] = step.run(*args, threads=self.threads, out=out)
                 elif isinstance(step, ReshapeStep):
                     values[step.output] = step.run(values[step.input])
-                elif isinstance(step, AttentionStep):
-                    size = values[step.q].size
-                    out = spare[size].pop() if step.output in self.reused and spare.get(size) else None
-                    values[step.output] = step.run(*(values[name] for name in step.inputs), threads=self.threads,
-                                                   out=out)
-                elif isinstance(step, WindowAttentionStep):
-                    size = int(np.prod(step.dims))
-                    out = spare[size].pop() if step.output in self.reused and spare.get(size) else None
-                    values[step.output] = step.run(values[step.qkv], threads=self.threads, out=out)
                 else:
                     results = step.session.run(list(step.outputs), {name: values[name] for name in step.inputs})
                     values.update(zip(step.outputs, results))
