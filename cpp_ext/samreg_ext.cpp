@@ -2737,6 +2737,11 @@ struct AmxAttentionArgs {
     // (tables transposed [qh][d][kh16], [qw][d][kw16], kh16 and kw16 the sizes rounded up to 16), or null
     const float *table_h, *table_w;
     int qw, kh16, kw16;
+    // or a dense bias of each head's logits: head n's [R, P] at bias + (n % bias_groups) R P (TinyViT's attention
+    // biases, the same for every window), or null
+    const float *bias = nullptr;
+    std::int64_t bias_groups = 1;
+    bool tiles = true;       // the products on AMX tiles (TDPBF16PS), else with AVX512-BF16's VDPBF16PS
 };
 
 #define BF16_TARGET "avx512bf16,avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
@@ -2840,7 +2845,7 @@ __attribute__((target(BF16_TARGET))) void amx_table_terms(const float *q, int d,
 // cache), both 64-byte aligned. terms: null, or (a key grid whose width kw is not a multiple of 16) 16 rows of P32
 // floats, zero past P, for the rows' relative position terms. Tiles 0-1: q; 2-3: logits; 4-7: keys. Then 0-3: the
 // value sums; 4: weights; 5-7: values.
-template <int KC, int VC>
+template <int KC, int VC, bool Tiles>
 __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int h, std::int64_t r0,
                                                   const std::uint16_t *kb, const std::uint16_t *vb, float *logits,
                                                   std::uint16_t *probs, float *terms) {
@@ -2853,8 +2858,10 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
         for (int c = 0; c < KC * kAmxDepth; c += 16)
             _mm256_store_si256(reinterpret_cast<__m256i *>(&q[r][c]), _mm512_cvtepi32_epi16(bf16_lanes(_mm512_mul_ps(
                                    load_first(a.q + a.q_at.at(h, r0 + r) + c, d - c), scale))));
-    _tile_loadd(0, &q[0][0], sizeof q[0]);
-    if constexpr (KC == 2) _tile_loadd(1, &q[0][kAmxDepth], sizeof q[0]);
+    if constexpr (Tiles) {
+        _tile_loadd(0, &q[0][0], sizeof q[0]);
+        if constexpr (KC == 2) _tile_loadd(1, &q[0][kAmxDepth], sizeof q[0]);
+    }
     // the logits of each pair of key blocks, with the terms added and the row maxima taken while they are in L1
     const std::int64_t full = a.pixels / kLanes;  // key blocks with all 16 keys below P
     const float *rel_h[kAmxRows] = {}, *rel_w[kAmxRows] = {};  // rows past R: the last row's
@@ -2872,7 +2879,14 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
             rel_w[r] = a.rel_w + a.rel_at.at(h, row) * a.kw;
         }
     }
-    if (terms)  // key p = i kw + j: rel_h[i] + rel_w[j]
+    if (terms && a.bias)  // the rows' bias
+        for (int r = 0; r < kAmxRows; ++r) {
+            const float *src = a.bias + (h % a.bias_groups * a.rows + r0 + std::min(r, n - 1)) * a.pixels;
+            for (std::int64_t j = 0; j < a.pixels; j += kLanes)
+                _mm512_mask_storeu_ps(terms + r * a.padded + j, first_lanes(a.pixels - j),
+                                      load_first(src + j, a.pixels - j));
+        }
+    else if (terms)  // key p = i kw + j: rel_h[i] + rel_w[j]
         for (int r = 0; r < kAmxRows; ++r)
             for (std::int64_t i = 0; i < kh; ++i)
                 for (std::int64_t j = 0; j < a.kw; j += kLanes)
@@ -2898,7 +2912,23 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
         }
         if (a.kw && !terms && (grid_col += kLanes) == a.kw) grid_col = 0, ++grid_row;
     };
-    for (std::int64_t j = 0; j < blocks; j += 2, kb += 2 * KC * kAmxTile) {
+    if constexpr (!Tiles) {  // a block of 16 keys against the 16 rows: a vector of 16 keys per channel pair
+        const auto *q_pairs = reinterpret_cast<const int *>(&q[0][0]);
+        for (std::int64_t j = 0; j < blocks; ++j) {
+            __m512 acc[kAmxRows];
+            for (int r = 0; r < kAmxRows; ++r) acc[r] = _mm512_setzero_ps();
+            for (int i = 0; i < KC * 16; ++i) {  // chunk i / 16's pair i % 16: row i % 16 of tile (j, i / 16)
+                const __m512bh keys = reinterpret_cast<__m512bh>(
+                    _mm512_load_si512(kb + (j * KC + i / 16) * kAmxTile + i % 16 * kAmxDepth));
+                for (int r = 0; r < kAmxRows; ++r)
+                    acc[r] = _mm512_dpbf16_ps(
+                        acc[r], reinterpret_cast<__m512bh>(_mm512_set1_epi32(q_pairs[r * KC * 16 + i])), keys);
+            }
+            for (int r = 0; r < kAmxRows; ++r) _mm512_store_ps(logits + r * ld + j * kLanes, acc[r]);
+            finish(j);
+        }
+    }
+    for (std::int64_t j = 0; Tiles && j < blocks; j += 2, kb += 2 * KC * kAmxTile) {
         _tile_zero(2);
         _tile_zero(3);
         _tile_loadd(4, kb, 64);
@@ -2915,7 +2945,7 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
         _tile_stored(3, logits + (j + 1) * 16, ld * sizeof(float));
         if (j >= kAmxLag) finish(j - kAmxLag), finish(j - kAmxLag + 1);
     }
-    for (std::int64_t j = std::max<std::int64_t>(0, blocks - kAmxLag); j < blocks; ++j) finish(j);
+    for (std::int64_t j = std::max<std::int64_t>(0, blocks - kAmxLag); Tiles && j < blocks; ++j) finish(j);
     // exp, the sums, the weights in bfloat16
     float sum[kAmxRows] = {};
     for (int r = 0; r < n; ++r) {
@@ -2933,32 +2963,55 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
         }
         for (int l = 0; l < kLanes; ++l) sum[r] += s[l];
     }
-    _tile_zero(0);
-    if constexpr (VC > 1) _tile_zero(1);
-    if constexpr (VC > 2) _tile_zero(2);
-    if constexpr (VC > 3) _tile_zero(3);
-    for (std::int64_t t = 0; t < chunks; ++t, vb += VC * kAmxTile) {
-        _tile_loadd(4, probs + t * kAmxDepth, lp * sizeof(std::uint16_t));
-        _tile_loadd(5, vb, 64);
-        _tile_dpbf16ps(0, 4, 5);
-        if constexpr (VC > 1) {
-            _tile_loadd(6, vb + kAmxTile, 64);
-            _tile_dpbf16ps(1, 4, 6);
+    alignas(64) float o[kAmxRows][VC * 16];
+    if constexpr (Tiles) {
+        _tile_zero(0);
+        if constexpr (VC > 1) _tile_zero(1);
+        if constexpr (VC > 2) _tile_zero(2);
+        if constexpr (VC > 3) _tile_zero(3);
+        for (std::int64_t t = 0; t < chunks; ++t, vb += VC * kAmxTile) {
+            _tile_loadd(4, probs + t * kAmxDepth, lp * sizeof(std::uint16_t));
+            _tile_loadd(5, vb, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            if constexpr (VC > 1) {
+                _tile_loadd(6, vb + kAmxTile, 64);
+                _tile_dpbf16ps(1, 4, 6);
+            }
+            if constexpr (VC > 2) {
+                _tile_loadd(7, vb + 2 * kAmxTile, 64);
+                _tile_dpbf16ps(2, 4, 7);
+            }
+            if constexpr (VC > 3) {
+                _tile_loadd(5, vb + 3 * kAmxTile, 64);
+                _tile_dpbf16ps(3, 4, 5);
+            }
         }
-        if constexpr (VC > 2) {
-            _tile_loadd(7, vb + 2 * kAmxTile, 64);
-            _tile_dpbf16ps(2, 4, 7);
-        }
-        if constexpr (VC > 3) {
-            _tile_loadd(5, vb + 3 * kAmxTile, 64);
-            _tile_dpbf16ps(3, 4, 5);
+        _tile_stored(0, &o[0][0], sizeof o[0]);
+        if constexpr (VC > 1) _tile_stored(1, &o[0][16], sizeof o[0]);
+        if constexpr (VC > 2) _tile_stored(2, &o[0][32], sizeof o[0]);
+        if constexpr (VC > 3) _tile_stored(3, &o[0][48], sizeof o[0]);
+    } else {  // 4 rows at a time: a pair of keys' weights times a vector of 16 channel pairs (a row of tile (t, c))
+        for (int g0 = 0; g0 < n; g0 += 4) {
+            __m512 acc[4][VC];
+            for (int r = 0; r < 4; ++r)
+                for (int c = 0; c < VC; ++c) acc[r][c] = _mm512_setzero_ps();
+            for (std::int64_t t = 0; t < chunks; ++t)
+                for (int i = 0; i < 16; ++i) {
+                    __m512bh values[VC];
+                    for (int c = 0; c < VC; ++c)
+                        values[c] = reinterpret_cast<__m512bh>(
+                            _mm512_load_si512(vb + (t * VC + c) * kAmxTile + i * kAmxDepth));
+                    for (int r = 0; r < 4; ++r) {
+                        std::int32_t pair;  // the weights of keys 32 t + 2 i and the next
+                        std::memcpy(&pair, probs + (g0 + r) * lp + t * kAmxDepth + 2 * i, sizeof pair);
+                        const __m512bh w = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+                        for (int c = 0; c < VC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], w, values[c]);
+                    }
+                }
+            for (int r = 0; r < 4; ++r)
+                for (int c = 0; c < VC; ++c) _mm512_store_ps(&o[g0 + r][c * 16], acc[r][c]);
         }
     }
-    alignas(64) float o[kAmxRows][VC * 16];
-    _tile_stored(0, &o[0][0], sizeof o[0]);
-    if constexpr (VC > 1) _tile_stored(1, &o[0][16], sizeof o[0]);
-    if constexpr (VC > 2) _tile_stored(2, &o[0][32], sizeof o[0]);
-    if constexpr (VC > 3) _tile_stored(3, &o[0][48], sizeof o[0]);
     for (int r = 0; r < n; ++r) {
         float *dst = a.out + a.out_at.at(h, r0 + r);
         const __m512 total = _mm512_set1_ps(sum[r]);
@@ -2984,19 +3037,23 @@ __attribute__((target(AMX_TARGET))) void amx_attention_items(const AmxAttentionA
     float *logits = reinterpret_cast<float *>(aligned_vecs(logit_buf, kAmxRows * (a.padded + kLanes) / kLanes));
     auto *probs = reinterpret_cast<std::uint16_t *>(
         aligned_vecs(prob_buf, kAmxRows * (a.padded + kAmxDepth) / kLanes / 2));
-    float *terms = a.kw % kLanes ? reinterpret_cast<float *>(aligned_vecs(term_buf, kAmxRows * a.padded / kLanes))
-                                 : nullptr;
+    float *terms = a.kw % kLanes || a.bias
+                       ? reinterpret_cast<float *>(aligned_vecs(term_buf, kAmxRows * a.padded / kLanes)) : nullptr;
     auto *own_kb = by_head ? reinterpret_cast<std::uint16_t *>(aligned_vecs(kb_buf, head_kb / 2 / kLanes)) : nullptr;
     auto *own_vb = by_head ? reinterpret_cast<std::uint16_t *>(aligned_vecs(vb_buf, head_vb / 2 / kLanes)) : nullptr;
     AmxTileConfig config;
     for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
-    _tile_loadconfig(&config);
+    if (a.tiles) _tile_loadconfig(&config);
     auto rows = [&](int h, std::int64_t r0, const std::uint16_t *hkb, const std::uint16_t *hvb) {
-        switch (a.kc * 4 + a.vc) {
-            case 1 * 4 + 1: amx_rows<1, 1>(a, h, r0, hkb, hvb, logits, probs, terms); break;
-            case 1 * 4 + 2: amx_rows<1, 2>(a, h, r0, hkb, hvb, logits, probs, terms); break;
-            case 2 * 4 + 3: amx_rows<2, 3>(a, h, r0, hkb, hvb, logits, probs, terms); break;
-            default: amx_rows<2, 4>(a, h, r0, hkb, hvb, logits, probs, terms); break;
+        switch (a.kc * 8 + a.vc * 2 + a.tiles) {
+            case 1 * 8 + 1 * 2 + 1: amx_rows<1, 1, true>(a, h, r0, hkb, hvb, logits, probs, terms); break;
+            case 1 * 8 + 2 * 2 + 1: amx_rows<1, 2, true>(a, h, r0, hkb, hvb, logits, probs, terms); break;
+            case 2 * 8 + 3 * 2 + 1: amx_rows<2, 3, true>(a, h, r0, hkb, hvb, logits, probs, terms); break;
+            case 2 * 8 + 4 * 2 + 1: amx_rows<2, 4, true>(a, h, r0, hkb, hvb, logits, probs, terms); break;
+            case 1 * 8 + 1 * 2: amx_rows<1, 1, false>(a, h, r0, hkb, hvb, logits, probs, terms); break;
+            case 1 * 8 + 2 * 2: amx_rows<1, 2, false>(a, h, r0, hkb, hvb, logits, probs, terms); break;
+            case 2 * 8 + 3 * 2: amx_rows<2, 3, false>(a, h, r0, hkb, hvb, logits, probs, terms); break;
+            default: amx_rows<2, 4, false>(a, h, r0, hkb, hvb, logits, probs, terms); break;
         }
     };
     for (std::int64_t i = i0; i < i1; ++i) {
@@ -3008,10 +3065,11 @@ __attribute__((target(AMX_TARGET))) void amx_attention_items(const AmxAttentionA
             rows(static_cast<int>(h), i % blocks * kAmxRows, kb + h * head_kb, vb + h * head_vb);
         }
     }
-    _tile_release();
+    if (a.tiles) _tile_release();
 }
 
-// Runs the attention of `a` (arrays checked, the tiles available) on up to `threads` threads.
+// Runs the attention of `a` (arrays checked; a.tiles: the AMX tiles available, else AVX512-BF16) on up to `threads`
+// threads.
 void amx_attention_run(const AmxAttentionArgs &a, std::int64_t threads) {
     const std::int64_t chunks = a.padded / kAmxDepth;
     const bool by_head = a.rows <= kAmxHeadItemRows;
@@ -3044,9 +3102,25 @@ void amx_attention_run(const AmxAttentionArgs &a, std::int64_t threads) {
     }
 }
 
+// Whether the bfloat16 kernel `name` runs on AMX tiles (isa 'amx', or 'auto' where has_amx_bf16()) or with
+// AVX512-BF16's VDPBF16PS ('avx512', or 'auto' without the tiles). ValueError for another isa, RuntimeError where
+// the CPU lacks the instructions asked for.
+bool bf16_tiles(const std::string &name, const std::string &isa) {
+    if (isa != "auto" && isa != "amx" && isa != "avx512")
+        throw py::value_error(name + ": isa must be 'auto', 'amx' or 'avx512', got '" + isa + "'");
+    const bool amx = isa == "amx" || (isa == "auto" && has_amx_bf16());
+    if (amx && !has_amx_bf16())
+        throw std::runtime_error(name + ": this CPU or operating system gives no AMX-BF16 tiles "
+                                        "(has_amx_bf16() is False); use isa 'avx512' or 'auto'");
+    if (!amx && !has_avx512_bf16())
+        throw std::runtime_error(name + ": this CPU has no AVX512-BF16 (has_avx512_bf16() is False)");
+    return amx;
+}
+
 py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py::handle v_obj,
                                          py::handle rel_h_obj, py::handle rel_w_obj, std::int64_t threads,
-                                         double scale, bool heads_first, py::handle out_obj) {
+                                         double scale, bool heads_first, py::handle out_obj,
+                                         const std::string &isa) {
     check_threads("shared_attention_bf16", threads);
     const AttentionInputs in = attention_inputs("shared_attention_bf16", q_obj, k_obj, v_obj, rel_h_obj, rel_w_obj,
                                                 heads_first, true);
@@ -3056,9 +3130,7 @@ py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py:
     const py::ssize_t axis0 = heads_first ? heads : rows, axis1 = heads_first ? rows : heads;
     py::array_t<float> out = checked_out(out_obj, {axis0, axis1, in.dim}, {{in.q, "q"}, {in.k, "k"}, {in.v, "v"},
                                                                           {in.rel_h, "rel_h"}, {in.rel_w, "rel_w"}});
-    if (!has_amx_bf16())
-        throw std::runtime_error("shared_attention_bf16: this CPU or operating system gives no AMX-BF16 tiles "
-                                 "(has_amx_bf16() is False); use shared_attention");
+    const bool tiles = bf16_tiles("shared_attention_bf16", isa);
     if (in.rows == 0) return out;
     const std::int64_t padded = (in.pixels + kAmxDepth - 1) / kAmxDepth * kAmxDepth;
     const int kc = static_cast<int>((in.dim + kAmxDepth - 1) / kAmxDepth), vc = static_cast<int>((in.dim + 15) / 16);
@@ -3072,7 +3144,8 @@ py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py:
                                 vc,
                                 in.kw ? static_cast<const float *>(in.rel_h.data()) : nullptr,
                                 in.kw ? static_cast<const float *>(in.rel_w.data()) : nullptr, rel_at,
-                                static_cast<int>(in.kw), static_cast<float>(scale), nullptr, nullptr, 0, 0, 0};
+                                static_cast<int>(in.kw), static_cast<float>(scale), nullptr, nullptr, 0, 0, 0,
+                                nullptr, 1, tiles};
     amx_attention_run(args, threads);
     return out;
 }
@@ -3081,7 +3154,8 @@ py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py:
 // the relative position terms from q (unscaled) and the tables of get_rel_pos, table_h [qh, kh, d] and table_w
 // [qw, kw, d] (qh qw = L = kh kw: each window attends to itself) -> [B, L, G, d].
 py::array_t<float> window_attention_bf16(py::handle qkv_obj, py::handle table_h_obj, py::handle table_w_obj,
-                                         double scale, py::handle out_obj, std::int64_t threads) {
+                                         double scale, py::handle out_obj, std::int64_t threads,
+                                         const std::string &isa) {
     check_threads("window_attention_bf16", threads);
     const py::array qkv = require<float>(qkv_obj, "qkv", "float32", 5);
     const py::array table_h = require<float>(table_h_obj, "table_h", "float32", 3);
@@ -3101,9 +3175,7 @@ py::array_t<float> window_attention_bf16(py::handle qkv_obj, py::handle table_h_
                                                      std::to_string(scale));
     py::array_t<float> out = checked_out(out_obj, {b, length, g, d},
                                          {{qkv, "qkv"}, {table_h, "table_h"}, {table_w, "table_w"}});
-    if (!has_amx_bf16())
-        throw std::runtime_error("window_attention_bf16: this CPU or operating system gives no AMX-BF16 tiles "
-                                 "(has_amx_bf16() is False)");
+    const bool tiles = bf16_tiles("window_attention_bf16", isa);
     if (b * length == 0) return out;
     // the tables transposed: [qh][d][kh16], [qw][d][kw16], zero past kh, kw
     const int kh16 = static_cast<int>((kh + kLanes - 1) / kLanes * kLanes);
@@ -3125,7 +3197,38 @@ py::array_t<float> window_attention_bf16(py::handle qkv_obj, py::handle table_h_
                                 static_cast<int>(b * g), static_cast<int>(d),
                                 static_cast<int>((d + kAmxDepth - 1) / kAmxDepth), static_cast<int>((d + 15) / 16),
                                 nullptr, nullptr, AmxLayout{1, 0, 0, 0}, static_cast<int>(kw),
-                                static_cast<float>(scale), th, tw, static_cast<int>(qw), kh16, kw16};
+                                static_cast<float>(scale), th, tw, static_cast<int>(qw), kh16, kw16, nullptr, 1,
+                                tiles};
+    amx_attention_run(args, threads);
+    return out;
+}
+
+// TinyViT's windowed attention straight from the qkv product: qkv [B, L, G, 3, d] (B windows of L tokens, G heads,
+// each head's q, k, v side by side), bias [G, L, L] (the attention biases, the same for every window) ->
+// out[b, l, g] = softmax(scale q k^T + bias[g]) v of window b's head g: [B, L, G, d].
+py::array_t<float> biased_attention_bf16(py::handle qkv_obj, py::handle bias_obj, double scale, py::handle out_obj,
+                                         std::int64_t threads, const std::string &isa) {
+    check_threads("biased_attention_bf16", threads);
+    const py::array qkv = require<float>(qkv_obj, "qkv", "float32", 5);
+    const py::array bias = require<float>(bias_obj, "bias", "float32", 3);
+    const std::int64_t b = qkv.shape(0), length = qkv.shape(1), g = qkv.shape(2), d = qkv.shape(4);
+    if (qkv.shape(3) != 3 || g < 1 || d < 1 || d > kSaMaxVecs * kLanes)
+        throw py::value_error("qkv: expected [B, L, heads >= 1, 3, d] with 1 <= d <= " +
+                              std::to_string(kSaMaxVecs * kLanes) + ", got " + shape_str(qkv));
+    require_shape(bias, "bias", {g, length, length});
+    if (!std::isfinite(scale)) throw py::value_error("biased_attention_bf16: scale must be finite, got " +
+                                                     std::to_string(scale));
+    py::array_t<float> out = checked_out(out_obj, {b, length, g, d}, {{qkv, "qkv"}, {bias, "bias"}});
+    const bool tiles = bf16_tiles("biased_attention_bf16", isa);
+    if (b * length == 0) return out;
+    const auto *q = static_cast<const float *>(qkv.data());
+    const AmxLayout qkv_at{g, length * g * 3 * d, g * 3 * d, 3 * d}, out_at{g, length * g * d, g * d, d};
+    const AmxAttentionArgs args{q, q + d, q + 2 * d, out.mutable_data(), qkv_at, qkv_at, out_at,
+                                length, length, (length + kAmxDepth - 1) / kAmxDepth * kAmxDepth,
+                                static_cast<int>(b * g), static_cast<int>(d),
+                                static_cast<int>((d + kAmxDepth - 1) / kAmxDepth), static_cast<int>((d + 15) / 16),
+                                nullptr, nullptr, AmxLayout{1, 0, 0, 0}, 0, static_cast<float>(scale), nullptr,
+                                nullptr, 0, 0, 0, static_cast<const float *>(bias.data()), g, tiles};
     amx_attention_run(args, threads);
     return out;
 }
@@ -3384,14 +3487,7 @@ py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bi
                               ") weight (pack_bf16_weight), shape (" + std::to_string(panels) + ", " +
                               std::to_string(kp / kLbBlock) + ", 2 or 4, 16, 16, 2); got " + shape_str(w));
     py::array_t<float> out = product_out(out_obj, rows, cols, x, w, "w", bias);
-    if (isa != "auto" && isa != "amx" && isa != "avx512")
-        throw py::value_error("linear_bf16: isa must be 'auto', 'amx' or 'avx512', got '" + isa + "'");
-    const bool amx = isa == "amx" || (isa == "auto" && has_amx_bf16());
-    if (amx && !has_amx_bf16())
-        throw std::runtime_error("linear_bf16: this CPU or operating system gives no AMX-BF16 tiles "
-                                 "(has_amx_bf16() is False); use isa 'avx512' or 'auto'");
-    if (!amx && !has_avx512_bf16())
-        throw std::runtime_error("linear_bf16: this CPU has no AVX512-BF16 (has_avx512_bf16() is False)");
+    const bool amx = bf16_tiles("linear_bf16", isa);
     if (rows == 0 || cols == 0) return out;
     std::vector<float> tiles_buf;
     float *tiles = reinterpret_cast<float *>(aligned_vecs(tiles_buf, panels * 2 * 16));
@@ -3567,26 +3663,35 @@ PYBIND11_MODULE(_ext, m) {
           "'generic' the portable one." THREADS_DOC);
     m.def("shared_attention_bf16", &shared_attention_bf16, py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("rel_h") = py::none(), py::arg("rel_w") = py::none(), py::arg("threads") = 0,
-          py::arg("scale") = 1.0, py::arg("heads_first") = false, py::arg("out") = py::none(),
+          py::arg("scale") = 1.0, py::arg("heads_first") = false, py::arg("out") = py::none(), py::arg("isa") = "auto",
           "shared_attention_bf16(q: float32[R, H, d], k: float32[P, H, d], v: float32[P, H, d], rel_h=None,\n"
-          "    rel_w=None, threads=0, scale=1.0, heads_first=False, out=None) -> float32[R, H, d]\n\n"
-          "shared_attention in bfloat16 on AMX tiles (CPUs where has_amx_bf16(); RuntimeError elsewhere): q scale\n"
+          "    rel_w=None, threads=0, scale=1.0, heads_first=False, out=None, isa='auto') -> float32[R, H, d]\n\n"
+          "shared_attention in bfloat16, its products on AMX tiles (isa 'amx') or with AVX512-BF16's VDPBF16PS\n"
+          "('avx512'; 'auto': amx where has_amx_bf16(), else avx512; RuntimeError where the CPU lacks it): q scale\n"
           "(in float32), k, v rounded to bfloat16 (nearest even); the logits summed in float32, the terms added in\n"
           "float32 (any key grid kh x kw = P),\n"
           "e = exp(l - max) in float32 (a polynomial, relative error below 3e-6),\n"
           "out[r, h] = (sum_p bf16(e_p) v[p, h]) / sum_p e_p with the products'\n"
-          "sums in float32 (in the tile unit's order). heads_first: q, rel_h, rel_w and the result [H, R, ...],\n"
+          "sums in float32 (in the order of the instructions that run them). heads_first: q, rel_h, rel_w and the result [H, R, ...],\n"
           "k and v [H, P, d] (the layout of batched attention, as in a ViT's windowed blocks: H = windows x heads).\n"
           "out: a C-contiguous float32 array of the result's shape to write into (returned), overlapping no input."
           THREADS_DOC);
     m.def("window_attention_bf16", &window_attention_bf16, py::arg("qkv"), py::arg("table_h"), py::arg("table_w"),
-          py::arg("scale") = 1.0, py::arg("out") = py::none(), py::arg("threads") = 0,
+          py::arg("scale") = 1.0, py::arg("out") = py::none(), py::arg("threads") = 0, py::arg("isa") = "auto",
           "window_attention_bf16(qkv: float32[B, L, 3, G, d], table_h: float32[qh, kh, d],\n"
-          "    table_w: float32[qw, kw, d], scale=1.0, out=None, threads=0) -> float32[B, L, G, d]\n\n"
-          "SAM ViT's windowed attention on AMX tiles from its qkv product (B windows of L = qh qw tokens, G heads):\n"
+          "    table_w: float32[qw, kw, d], scale=1.0, out=None, threads=0, isa='auto') -> float32[B, L, G, d]\n\n"
+          "SAM ViT's windowed attention in bfloat16 (isa as shared_attention_bf16's) from its qkv product (B windows of L = qh qw tokens, G heads):\n"
           "shared_attention_bf16 of q scale, k, v (heads first) with the relative position terms computed from the\n"
           "unscaled q in float32, rel_h[a] = q . table_h[r / qw, a], rel_w[b] = q . table_w[r % qw, b] (the tables of\n"
           "SAM's get_rel_pos; kh kw = L), the result token-major per window." THREADS_DOC);
+    m.def("biased_attention_bf16", &biased_attention_bf16, py::arg("qkv"), py::arg("bias"), py::arg("scale") = 1.0,
+          py::arg("out") = py::none(), py::arg("threads") = 0, py::arg("isa") = "auto",
+          "biased_attention_bf16(qkv: float32[B, L, G, 3, d], bias: float32[G, L, L], scale=1.0, out=None,\n"
+          "    threads=0, isa='auto') -> float32[B, L, G, d]\n\n"
+          "TinyViT's windowed attention in bfloat16 (isa as shared_attention_bf16's) from its qkv product (B windows of L tokens, G heads, each head's\n"
+          "q, k, v side by side): softmax(scale q k^T + bias[g]) v per window and head g, with shared_attention_bf16's\n"
+          "rounding (q scale, k, v and the weights to bfloat16, the bias added in float32), the result token-major\n"
+          "per window." THREADS_DOC);
     m.def("linear_bf16", &linear_bf16, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("out") = py::none(),
           py::arg("isa") = "auto", py::arg("threads") = 0, py::arg("activation") = "none",
           "linear_bf16(x: float32[M, K], w: uint16[N32 / 32, K32 / 32, 2 or 4, 16, 16, 2], bias: float32[N], out=None,\n"

@@ -1154,16 +1154,19 @@ def test_shared_attention_rejects_bad_arguments(rng):
 
 
 # ------------------------------------------------------------------------------------------------
-# Shared-key attention in bfloat16 on AMX tiles
+# Shared-key attention in bfloat16 on AMX tiles or with AVX512-BF16
 
-needs_amx = pytest.mark.skipif(not _ext.has_amx_bf16(), reason="no AMX-BF16 tiles on this CPU or OS")
+ATTENTION_ISAS = [
+    pytest.param("amx", marks=pytest.mark.skipif(not _ext.has_amx_bf16(), reason="no AMX-BF16 tiles on this CPU")),
+    pytest.param("avx512", marks=pytest.mark.skipif(not _ext.has_avx512_bf16(), reason="no AVX512-BF16 on this CPU")),
+]
 
 
-def _assert_bf16_attention_close(got, q, k, v, rel_h=None, rel_w=None):
+def _assert_bf16_attention_close(got, q, k, v, rel_h=None, rel_w=None, bias=None):
     """got against twins.shared_attention_bf16. The logits differ from the twin's by float32 rounding (the tile
     unit's order), so a weight within that of a bfloat16 rounding boundary may round the other way: most elements
     agree to float32 rounding of the logits, and every element within one bfloat16 step of a full weight."""
-    want = twins.shared_attention_bf16(q, k, v, rel_h, rel_w)
+    want = twins.shared_attention_bf16(q, k, v, rel_h, rel_w, bias)
     assert got.dtype == np.float32 and got.shape == want.shape
     err = np.abs(got - want)
     largest_logit = np.abs(np.einsum("rhc,phc->rhp", q, k)).max()
@@ -1172,11 +1175,11 @@ def _assert_bf16_attention_close(got, q, k, v, rel_h=None, rel_w=None):
     return want
 
 
-@needs_amx
+@pytest.mark.parametrize("isa", ATTENTION_ISAS)
 @pytest.mark.parametrize("rows,heads,d,pixels,logit_std", SHARED_ATTENTION_CASES)
-def test_shared_attention_bf16_matches_twin(rng, rows, heads, d, pixels, logit_std):
+def test_shared_attention_bf16_matches_twin(rng, isa, rows, heads, d, pixels, logit_std):
     q, k, v = _shared_attention_inputs(rng, rows, heads, d, pixels, logit_std)
-    got = _ext.shared_attention_bf16(q, k, v)
+    got = _ext.shared_attention_bf16(q, k, v, isa=isa)
     want = _assert_bf16_attention_close(got, q, k, v)
     if pixels == 1:     # one weight, 1 up to the exp polynomial's error
         np.testing.assert_allclose(got, np.broadcast_to(twins.bf16(v), got.shape), rtol=3e-6)
@@ -1184,32 +1187,32 @@ def test_shared_attention_bf16_matches_twin(rng, rows, heads, d, pixels, logit_s
         assert np.quantile(np.abs(want - twins.shared_attention(q, k, v)), 0.99) > 1e-3
 
 
-@needs_amx
+@pytest.mark.parametrize("isa", ATTENTION_ISAS)
 @pytest.mark.parametrize("rows,heads,d,kh,kw", [
     (4096, 12, 64, 64, 64),     # SAM ViT-B's global attention at 1024 px (the twin on a sample of rows)
     (37, 2, 32, 16, 32),        # rows not a multiple of the 16-row work items
     (29, 3, 48, 4, 16),         # three value tiles per row
     (9, 1, 20, 3, 16),          # key blocks of 48 pixels: the last 16 of the 64 padded ones carry no keys
 ])
-def test_shared_attention_bf16_with_relative_positions_matches_twin(rng, rows, heads, d, kh, kw):
+def test_shared_attention_bf16_with_relative_positions_matches_twin(rng, isa, rows, heads, d, kh, kw):
     q, k, v = _shared_attention_inputs(rng, rows, heads, d, kh * kw, 3.0)
     rel_h, rel_w = (rng.normal(0, 1, (rows, heads, n)).astype(np.float32) for n in (kh, kw))
-    got = _ext.shared_attention_bf16(q, k, v, rel_h, rel_w)
+    got = _ext.shared_attention_bf16(q, k, v, rel_h, rel_w, isa=isa)
     sample = np.sort(rng.choice(rows, min(rows, 64), replace=False))   # rows are independent
     _assert_bf16_attention_close(got[sample], q[sample], k, v, rel_h[sample], rel_w[sample])
-    assert np.abs(got - _ext.shared_attention_bf16(q, k, v)).max() > 0.05    # the terms matter
+    assert np.abs(got - _ext.shared_attention_bf16(q, k, v, isa=isa)).max() > 0.05    # the terms matter
 
 
-@needs_amx
-def test_shared_attention_bf16_is_close_to_float32(rng):
+@pytest.mark.parametrize("isa", ATTENTION_ISAS)
+def test_shared_attention_bf16_is_close_to_float32(rng, isa):
     """At SAM ViT-B's scale the bfloat16 core stays within a few bfloat16 steps of the float32 kernel."""
     q, k, v = _shared_attention_inputs(rng, 512, 12, 64, 4096, 3.0)
     rel_h, rel_w = (rng.normal(0, 1, (512, 12, 64)).astype(np.float32) for _ in range(2))
-    got = _ext.shared_attention_bf16(q, k, v, rel_h, rel_w, threads=2)
+    got = _ext.shared_attention_bf16(q, k, v, rel_h, rel_w, threads=2, isa=isa)
     want = _ext.shared_attention(q, k, v, rel_h, rel_w)
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= 2.0 ** -6 * scale
-    np.testing.assert_array_equal(_ext.shared_attention_bf16(q, k, v, rel_h, rel_w, threads=1), got)
+    np.testing.assert_array_equal(_ext.shared_attention_bf16(q, k, v, rel_h, rel_w, threads=1, isa=isa), got)
 
 
 def _heads_first(a: np.ndarray) -> np.ndarray:
@@ -1217,14 +1220,14 @@ def _heads_first(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.swapaxes(0, 1))
 
 
-@needs_amx
+@pytest.mark.parametrize("isa", ATTENTION_ISAS)
 @pytest.mark.parametrize("heads,rows,d,kh,kw", [
     (300, 196, 64, 14, 14),     # SAM ViT-B's windowed blocks: 25 windows x 12 heads of 14 x 14 tokens (a sample)
     (6, 25, 16, 5, 5),          # a key grid narrower than a block of 16 keys
     (3, 40, 32, 2, 20),         # rows not a multiple of 16, grid rows wider than a block
     (2, 300, 48, 20, 15),       # more rows than a head work item takes: the heads' layout shared by the threads
 ])
-def test_shared_attention_bf16_heads_first(rng, heads, rows, d, kh, kw):
+def test_shared_attention_bf16_heads_first(rng, isa, heads, rows, d, kh, kw):
     """heads_first (q, k, v, the terms and the result [H, R, ...]) with a scale of q: the token-major call on the
     swapped arrays with q scaled beforehand, value for value; any key grid kh x kw, against the twin."""
     q, k, v = _shared_attention_inputs(rng, rows, heads, d, kh * kw, 3.0)
@@ -1232,26 +1235,28 @@ def test_shared_attention_bf16_heads_first(rng, heads, rows, d, kh, kw):
     scale = np.float32(0.125)
     q = q / scale
     got = _ext.shared_attention_bf16(*map(_heads_first, (q, k, v, rel_h, rel_w)), threads=2, scale=scale,
-                                     heads_first=True)
+                                     heads_first=True, isa=isa)
     scaled = q * scale
-    token_major = _ext.shared_attention_bf16(scaled, k, v, rel_h, rel_w, threads=2)
+    token_major = _ext.shared_attention_bf16(scaled, k, v, rel_h, rel_w, threads=2, isa=isa)
     np.testing.assert_array_equal(got, _heads_first(token_major))
     some = np.sort(rng.choice(heads, min(heads, 4), replace=False))
     _assert_bf16_attention_close(token_major[:, some], scaled[:, some], k[:, some], v[:, some], rel_h[:, some],
                                  rel_w[:, some])
-    assert np.abs(token_major - _ext.shared_attention_bf16(scaled, k, v, threads=2)).max() > 0.05   # terms matter
+    no_terms = _ext.shared_attention_bf16(scaled, k, v, threads=2, isa=isa)
+    assert np.abs(token_major - no_terms).max() > 0.05   # the terms matter
     if rows > 256:  # each row as when its head is one work item (the first 256 rows alone)
-        first = _ext.shared_attention_bf16(scaled[:256], k, v, rel_h[:256], rel_w[:256], threads=2)
+        first = _ext.shared_attention_bf16(scaled[:256], k, v, rel_h[:256], rel_w[:256], threads=2, isa=isa)
         np.testing.assert_array_equal(token_major[:256], first)
 
 
-@needs_amx
-def test_shared_attention_bf16_writes_into_out(rng):
+@pytest.mark.parametrize("isa", ATTENTION_ISAS)
+def test_shared_attention_bf16_writes_into_out(rng, isa):
     q, k, v = _shared_attention_inputs(rng, 20, 2, 16, 40, 3.0)
     out = np.full((2, 20, 16), np.nan, np.float32)
-    got = _ext.shared_attention_bf16(_heads_first(q), _heads_first(k), _heads_first(v), heads_first=True, out=out)
+    got = _ext.shared_attention_bf16(_heads_first(q), _heads_first(k), _heads_first(v), heads_first=True, out=out,
+                                     isa=isa)
     assert np.shares_memory(got, out)
-    np.testing.assert_array_equal(out, _heads_first(_ext.shared_attention_bf16(q, k, v)))
+    np.testing.assert_array_equal(out, _heads_first(_ext.shared_attention_bf16(q, k, v, isa=isa)))
 
 
 def _window_inputs(rng, b, qh, qw, g, d):
@@ -1268,23 +1273,23 @@ def _window_inputs(rng, b, qh, qw, g, d):
     return qkv, table_h, table_w, (q, k, v, rel_h, rel_w)
 
 
-@needs_amx
+@pytest.mark.parametrize("isa", ATTENTION_ISAS)
 @pytest.mark.parametrize("b,qh,qw,g,d", [
     (25, 14, 14, 12, 64),       # SAM ViT-B's windowed blocks (a sample of the heads against the twin)
     (3, 5, 5, 2, 16),           # a key grid narrower than a block of 16 keys
     (2, 4, 16, 3, 32),          # grid rows of 16 keys: the blocks' terms without the rows' term buffer
     (1, 20, 15, 2, 48),         # 300 tokens: the heads' layout shared by the threads
 ])
-def test_window_attention_bf16(rng, b, qh, qw, g, d):
+def test_window_attention_bf16(rng, isa, b, qh, qw, g, d):
     """window_attention_bf16 from the qkv product and the tables: shared_attention_bf16 (heads first) on q, k, v
     and the terms computed apart, to float32 rounding of the terms (a weight may round to the other bfloat16),
     the result token-major per window; against the twin."""
     qkv, table_h, table_w, (q, k, v, rel_h, rel_w) = _window_inputs(rng, b, qh, qw, g, d)
     length = qh * qw
-    got = _ext.window_attention_bf16(qkv, table_h, table_w, scale=0.125, threads=2)
+    got = _ext.window_attention_bf16(qkv, table_h, table_w, scale=0.125, threads=2, isa=isa)
     assert got.shape == (b, length, g, d) and got.dtype == np.float32
     heads = got.transpose(0, 2, 1, 3).reshape(b * g, length, d)
-    apart = _ext.shared_attention_bf16(q, k, v, rel_h, rel_w, scale=0.125, heads_first=True, threads=2)
+    apart = _ext.shared_attention_bf16(q, k, v, rel_h, rel_w, scale=0.125, heads_first=True, threads=2, isa=isa)
     err = np.abs(heads - apart)
     assert np.quantile(err, 0.99) <= 1e-5 and err.max() <= 2.0 ** -8 * np.abs(v).max()
     some = np.sort(rng.choice(b * g, min(b * g, 4), replace=False))
@@ -1292,8 +1297,9 @@ def test_window_attention_bf16(rng, b, qh, qw, g, d):
     _assert_bf16_attention_close(swap(heads[some]), swap(q[some] * np.float32(0.125)), swap(k[some]), swap(v[some]),
                                  swap(rel_h[some]), swap(rel_w[some]))
     out = np.full_like(got, np.nan)
-    assert np.shares_memory(_ext.window_attention_bf16(qkv, table_h, table_w, scale=0.125, out=out), out)
-    np.testing.assert_array_equal(out, _ext.window_attention_bf16(qkv, table_h, table_w, scale=0.125, threads=1))
+    assert np.shares_memory(_ext.window_attention_bf16(qkv, table_h, table_w, scale=0.125, out=out, isa=isa), out)
+    one_thread = _ext.window_attention_bf16(qkv, table_h, table_w, scale=0.125, threads=1, isa=isa)
+    np.testing.assert_array_equal(out, one_thread)
 
 
 def test_window_attention_bf16_rejects_bad_arguments(rng):
@@ -1308,8 +1314,9 @@ def test_window_attention_bf16_rejects_bad_arguments(rng):
         (dict(scale=float("nan")), "window_attention_bf16: scale must be finite"),
         (dict(out=np.zeros((2, 12, 2, 4), np.float32)), r"out: expected shape \(2, 12, 2, 8\)"),
         (dict(threads=-1), "threads"),
+        (dict(isa="avx2"), "window_attention_bf16: isa must be 'auto', 'amx' or 'avx512', got 'avx2'"),
     ]
-    if _ext.has_amx_bf16():
+    if _ext.has_avx512_bf16():
         _ext.window_attention_bf16(**good)
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -1336,11 +1343,12 @@ def test_shared_attention_bf16_rejects_bad_arguments(rng):
         (dict(out=np.zeros((2, 6, 8), np.float32)), r"out: expected shape \(6, 2, 8\), got \(2, 6, 8\)"),
         (dict(out=q), "out: must not overlap q"),
         (dict(out=np.zeros((6, 2, 8), np.float32)[::-1]), "out: array is not C-contiguous"),
+        (dict(isa="tiles"), "shared_attention_bf16: isa must be 'auto', 'amx' or 'avx512', got 'tiles'"),
     ]
     read_only = np.zeros((6, 2, 8), np.float32)
     read_only.flags.writeable = False
     cases.append((dict(out=read_only), "out: array is read-only"))
-    if _ext.has_amx_bf16():
+    if _ext.has_avx512_bf16():
         _ext.shared_attention_bf16(**good)
     for change, message in cases:
         with pytest.raises(TypeError if "dtype" in message else ValueError, match=message):
@@ -1348,10 +1356,73 @@ def test_shared_attention_bf16_rejects_bad_arguments(rng):
 
 
 @pytest.mark.skipif(_ext.has_amx_bf16(), reason="this CPU has AMX-BF16 tiles")
-def test_shared_attention_bf16_refuses_without_amx(rng):
+def test_bf16_attention_refuses_amx_without_the_tiles(rng):
     q, k, v = _shared_attention_inputs(rng, 6, 2, 8, 64, 3.0)
-    with pytest.raises(RuntimeError, match="no AMX-BF16 tiles"):
+    with pytest.raises(RuntimeError, match="shared_attention_bf16: this CPU or operating system gives no AMX-BF16"):
+        _ext.shared_attention_bf16(q, k, v, isa="amx")
+    qkv, bias = _biased_inputs(rng, 2, 9, 2, 8)
+    with pytest.raises(RuntimeError, match="biased_attention_bf16: this CPU or operating system gives no AMX-BF16"):
+        _ext.biased_attention_bf16(qkv, bias, isa="amx")
+
+
+@pytest.mark.skipif(_ext.has_avx512_bf16(), reason="this CPU has AVX512-BF16")
+def test_bf16_attention_refuses_without_avx512_bf16(rng):
+    q, k, v = _shared_attention_inputs(rng, 6, 2, 8, 64, 3.0)
+    with pytest.raises(RuntimeError, match=r"shared_attention_bf16: this CPU has no AVX512-BF16"):
         _ext.shared_attention_bf16(q, k, v)
+
+
+def _biased_inputs(rng, b, length, g, d):
+    """TinyViT-like biased_attention_bf16 inputs: qkv [B, L, G, 3, d] with logits of a standard deviation about 3
+    and attention biases [G, L, L] of about 1."""
+    qkv = rng.normal(0, 1, (b, length, g, 3, d)).astype(np.float32)
+    qkv[:, :, :, 1] *= np.float32(3 / np.sqrt(d))
+    return qkv, rng.normal(0, 1, (g, length, length)).astype(np.float32)
+
+
+@pytest.mark.parametrize("isa", ATTENTION_ISAS)
+@pytest.mark.parametrize("b,length,g,d", [
+    (25, 196, 5, 32),          # LiteMedSAM's third stage: 14 x 14 windows, 5 heads (a sample of windows)
+    (361, 49, 4, 32),          # its second stage: 7 x 7 windows, 4 heads
+    (3, 20, 2, 16),            # one key block and a half
+    (2, 300, 3, 48),           # more rows than a head work item takes: the heads' layout shared by the threads
+])
+def test_biased_attention_bf16(rng, isa, b, length, g, d):
+    """biased_attention_bf16 from TinyViT's qkv product [B, L, G, 3, d] and the heads' biases: each window as the
+    twin's token-major attention of its q scale, k, v with the bias added to the logits; out=, threads."""
+    qkv, bias = _biased_inputs(rng, b, length, g, d)
+    scale = np.float32(d ** -0.5)
+    got = _ext.biased_attention_bf16(qkv, bias, scale=scale, threads=2, isa=isa)
+    assert got.shape == (b, length, g, d) and got.dtype == np.float32
+    for w in np.sort(rng.choice(b, min(b, 3), replace=False)):
+        q, k, v = (qkv[w, :, :, s] for s in range(3))
+        _assert_bf16_attention_close(got[w], q * scale, k, v, bias=bias.transpose(1, 0, 2))
+    unbiased = _ext.biased_attention_bf16(qkv, np.zeros_like(bias), scale=scale, threads=2, isa=isa)
+    assert np.abs(got - unbiased).max() > 0.05    # the bias matters
+    out = np.full_like(got, np.nan)
+    assert np.shares_memory(_ext.biased_attention_bf16(qkv, bias, scale=scale, out=out, isa=isa), out)
+    np.testing.assert_array_equal(out, _ext.biased_attention_bf16(qkv, bias, scale=scale, threads=1, isa=isa))
+
+
+def test_biased_attention_bf16_rejects_bad_arguments(rng):
+    qkv, bias = _biased_inputs(rng, 2, 9, 2, 8)
+    good = dict(qkv=qkv, bias=bias)
+    cases = [
+        (dict(qkv=qkv[0]), "qkv: expected 5 dimensions"),
+        (dict(qkv=np.ascontiguousarray(qkv[:, :, :, :2])), r"qkv: expected \[B, L, heads >= 1, 3, d\]"),
+        (dict(qkv=np.zeros((2, 9, 2, 3, 65), np.float32)), r"with 1 <= d <= 64"),
+        (dict(bias=bias[:, :, :8].copy()), r"bias: expected shape \(2, 9, 9\), got \(2, 9, 8\)"),
+        (dict(scale=float("nan")), "biased_attention_bf16: scale must be finite"),
+        (dict(out=np.zeros((2, 9, 2, 4), np.float32)), r"out: expected shape \(2, 9, 2, 8\)"),
+        (dict(out=qkv.reshape(-1)[:2 * 9 * 2 * 8].reshape(2, 9, 2, 8)), "out: must not overlap qkv"),
+        (dict(threads=-1), "threads"),
+        (dict(isa="amx512"), "biased_attention_bf16: isa must be 'auto', 'amx' or 'avx512', got 'amx512'"),
+    ]
+    if _ext.has_avx512_bf16():
+        _ext.biased_attention_bf16(**good)
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _ext.biased_attention_bf16(**{**good, **change})
 
 
 def test_bf16_twin_rounds_to_nearest_even():

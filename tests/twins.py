@@ -296,8 +296,9 @@ def exp_weights(logits: np.ndarray, top: np.ndarray) -> np.ndarray:
 
 
 def shared_attention_bf16(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: np.ndarray | None = None,
-                          rel_w: np.ndarray | None = None) -> np.ndarray:
-    """shared_attention with bfloat16 operands: l = float32(bf16(q) . bf16(k)) (+ the terms, in float32),
+                          rel_w: np.ndarray | None = None, bias: np.ndarray | None = None) -> np.ndarray:
+    """shared_attention with bfloat16 operands: l = float32(bf16(q) . bf16(k)) (+ the terms, or + ``bias`` [R, H,
+    P] as biased_attention_bf16 adds it, in float32),
     e = exp_weights(l, max l), out = (sum_p bf16(e_p) bf16(v[p])) / sum_p e_p, the sums in float64 (the kernel
     sums in float32 in the tile unit's order: a weight within rounding of a bfloat16 rounding boundary may round
     the other way there) -> float32 [R, H, d]."""
@@ -305,6 +306,8 @@ def shared_attention_bf16(q: np.ndarray, k: np.ndarray, v: np.ndarray, rel_h: np
     if rel_h is not None:
         grid = rel_h[..., :, None] + rel_w[..., None, :]                                  # [R, H, kh, kw] float32
         logits = logits + grid.reshape(logits.shape)
+    if bias is not None:
+        logits = logits + bias
     weights = exp_weights(logits, logits.max(axis=-1, keepdims=True))
     sums = weights.astype(np.float64).sum(axis=-1, keepdims=True)
     return (np.einsum("rhp,phc->rhc", bf16(weights).astype(np.float64), bf16(v).astype(np.float64))
