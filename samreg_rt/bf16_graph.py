@@ -415,6 +415,116 @@ def find_attention(graph: onnx.GraphProto,
 
 
 @dataclass(frozen=True)
+class BiasedAttentionStep:
+    """TinyViT's windowed attention from its qkv product (``_ext.biased_attention_bf16``): ``qkv`` ([B, L, G, 3, d]
+    values, B windows of L tokens, G heads, each head's q, k, v side by side) -> ``output`` (softmax(scale q k^T +
+    bias[g]) v as the next product takes it: [B, L, G, d] values in the shape ``out_shape``); ``bias`` [G, L, L]
+    the attention biases, the same for every window."""
+    qkv: str
+    output: str
+    dims: tuple[int, int, int, int]     # B, L, G, d
+    out_shape: tuple[int, ...]
+    bias: np.ndarray
+    scale: float
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return (self.qkv,)
+
+    def result_size(self, qkv: np.ndarray) -> int:
+        return int(np.prod(self.dims))
+
+    def run(self, qkv: np.ndarray, threads: int, out: np.ndarray | None = None) -> np.ndarray:
+        b, length, g, d = self.dims
+        out = aligned_empty((b, length, g, d), np.float32) if out is None else out.reshape(b, length, g, d)
+        return _ext.biased_attention_bf16(np.ascontiguousarray(qkv).reshape(b, length, g, 3, d), self.bias,
+                                          scale=self.scale, out=out, threads=threads).reshape(self.out_shape)
+
+
+def find_biased_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInfoProto]
+                          ) -> dict[int, tuple[BiasedAttentionStep, set[int]]]:
+    """The windowed attention of TinyViT's blocks (LiteMedSAM's encoder) as torch exports ``Attention.forward``,
+    by the index of its last node: the step and the nodes it replaces.
+
+    Reshape [B, L, G, 3 d] of the qkv product's output, Transpose (perm 0 2 1 3), Split on the last axis into d, d,
+    d (q, k, v), MatMul(q, Transpose(k, perm 0 1 3 2)), Mul by a constant scalar, Add of a constant [G, L, L] (either
+    operand order), Softmax over the last axis, MatMul by v, Transpose (perm 0 2 1 3), Reshape; every shape static,
+    d <= 64, float32, each result used only by the next of these nodes."""
+    inits, outputs, producer, consumers = _graph_maps(graph)
+
+    def only_use(name: str, op: str, attr: str | None = None, value: list[int] | None = None) -> int | None:
+        """The node that makes ``name`` if it is an ``op`` (with ``attr`` == ``value``) and ``name`` feeds one
+        node and is no graph output."""
+        i = producer.get(name)
+        if i is None or graph.node[i].op_type != op or len(consumers.get(name, [])) != 1 or name in outputs:
+            return None
+        return i if attr is None or _ints(graph.node[i], attr, inits) == value else None
+
+    def constant(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    found = {}
+    for m2, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or (s := only_use(node.input[0], "Softmax")) is None:
+            continue
+        if next((a.i for a in graph.node[s].attribute if a.name == "axis"), None) not in (-1, 3):
+            continue
+        if (add := only_use(graph.node[s].input[0], "Add")) is None:
+            continue
+        bias = mul = None
+        for first, second in (graph.node[add].input, reversed(graph.node[add].input)):
+            if (c := constant(second)) is not None and (i := only_use(first, "Mul")) is not None:
+                bias, mul = c, i
+        if mul is None:
+            continue
+        scalar = [constant(name) for name in graph.node[mul].input]
+        product = [name for name, c in zip(graph.node[mul].input, scalar) if c is None]
+        scale = next((c for c in scalar if c is not None and c.size == 1 and c.dtype == np.float32), None)
+        if len(product) != 1 or scale is None or (m1 := only_use(product[0], "MatMul")) is None:
+            continue
+        q, kt = graph.node[m1].input
+        if (tk := only_use(kt, "Transpose", "perm", [0, 1, 3, 2])) is None:
+            continue
+        k, v = graph.node[tk].input[0], node.input[1]
+        sp = producer.get(q)
+        if sp is None or graph.node[sp].op_type != "Split" or list(graph.node[sp].output) != [q, k, v]:
+            continue
+        if any(len(consumers.get(name, [])) != 1 or name in outputs for name in (q, k, v)):
+            continue
+        sizes = (constant(graph.node[sp].input[1]) if len(graph.node[sp].input) > 1
+                 else _ints(graph.node[sp], "split", inits))
+        axis = next((a.i for a in graph.node[sp].attribute if a.name == "axis"), 0)
+        if (t_a := only_use(graph.node[sp].input[0], "Transpose", "perm", [0, 2, 1, 3])) is None:
+            continue
+        if (r_a := only_use(graph.node[t_a].input[0], "Reshape")) is None:
+            continue
+        four = _static_shape(infos, graph.node[r_a].output[0])
+        if four is None or len(four) != 4 or axis not in (-1, 3) or four[3] % 3:
+            continue
+        b, length, g, d = four[0], four[1], four[2], four[3] // 3
+        if sizes is None or [int(x) for x in np.reshape(sizes, -1)] != [d, d, d] or not 1 <= d <= 64:
+            continue
+        if bias.shape != (g, length, length) or bias.dtype != np.float32:
+            continue
+        users = consumers.get(node.output[0], [])
+        t_o = users[0] if len(users) == 1 and node.output[0] not in outputs else None
+        if t_o is None or graph.node[t_o].op_type != "Transpose" or _ints(graph.node[t_o], "perm", inits) != [
+                0, 2, 1, 3]:
+            continue
+        users = consumers.get(graph.node[t_o].output[0], [])
+        r_o = users[0] if len(users) == 1 and graph.node[t_o].output[0] not in outputs else None
+        if r_o is None or graph.node[r_o].op_type != "Reshape":
+            continue
+        out_shape = _static_shape(infos, graph.node[r_o].output[0])
+        if out_shape is None or int(np.prod(out_shape)) != b * length * g * d:
+            continue
+        step = BiasedAttentionStep(graph.node[r_a].input[0], graph.node[r_o].output[0], (b, length, g, d), out_shape,
+                                   np.ascontiguousarray(bias), float(scale.reshape(())))
+        found[r_o] = (step, {r_a, t_a, sp, tk, m1, mul, add, s, m2, t_o, r_o})
+    return found
+
+
+@dataclass(frozen=True)
 class WindowAttentionStep:
     """SAM ViT's windowed attention core from its qkv product on the AMX tiles (``_ext.window_attention_bf16``):
     ``qkv`` ([B, L, 3, G, d] values, B windows of L tokens, G heads) -> ``output`` (the core's result as the
@@ -534,6 +644,9 @@ def find_window_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInf
     return found
 
 
+ATTENTION_STEPS = (AttentionStep, WindowAttentionStep, BiasedAttentionStep)
+
+
 class Bf16Graph:
     """A float32 graph run with its weight products in bfloat16 (``_ext.linear_bf16``): ``run`` as
     ``onnxruntime.InferenceSession.run``. ``make_session(model_bytes)`` builds the session of each piece.
@@ -550,20 +663,21 @@ class Bf16Graph:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node
                for a in n.attribute):
             raise ValueError("Bf16Graph: graphs with subgraphs (If, Loop, Scan) are not supported")
-        if attention and not _ext.has_amx_bf16():
-            raise ValueError("Bf16Graph: attention=True needs AMX-BF16 tiles, which this CPU or operating system does "
-                             "not give (_ext.has_amx_bf16() is False)")
+        if attention and not _ext.has_avx512_bf16():
+            raise ValueError("Bf16Graph: attention=True needs AVX512-BF16 (AMX-BF16 tiles or VDPBF16PS), which this "
+                             "CPU does not have (_ext.has_avx512_bf16() is False)")
         with small_pages():
             products = find_products(graph, split_weights)
         if not products:
             raise ValueError("Bf16Graph: the graph has no product of an activation with a constant weight")
         inferred = onnx.shape_inference.infer_shapes(model)
         infos = {v.name: v for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
-        cores: dict[int, tuple[AttentionStep | WindowAttentionStep, set[int]]] = (
+        cores: dict[int, tuple[AttentionStep | WindowAttentionStep | BiasedAttentionStep, set[int]]] = (
             find_attention(graph, infos) if attention else {})
         windows = find_window_attention(graph, infos, cores)     # those straight from their qkv product
         taken = set().union(*(nodes for _, nodes in windows.values()))
-        cores = {i: core for i, core in cores.items() if i not in taken} | windows
+        cores = ({i: core for i, core in cores.items() if i not in taken} | windows
+                 | (find_biased_attention(graph, infos) if attention else {}))
         self.threads = threads
         self._spare = threading.local()  # each thread's arrays for the products' results, by size
         self.inputs = tuple(i.name for i in graph.input if i.name not in {t.name for t in graph.initializer})
@@ -572,7 +686,8 @@ class Bf16Graph:
         edits = {i: node for found in products.values() for i, node in found.edits.items()}
         # the steps: runs of plain nodes, the products at the place of their first node, the attention cores at
         # the place of their last
-        groups: list[list[onnx.NodeProto] | WeightProduct | AttentionStep | WindowAttentionStep] = [[]]
+        groups: list[list[onnx.NodeProto] | WeightProduct | AttentionStep | WindowAttentionStep
+                     | BiasedAttentionStep] = [[]]
         for i, node in enumerate(graph.node):
             if i in products:
                 groups += [products[i].product, []]
@@ -590,7 +705,8 @@ class Bf16Graph:
             later |= needs[k]
         wanted.reverse()
         inits = {t.name: t for t in graph.initializer}
-        self.steps: list[Piece | WeightProduct | ReshapeStep | AttentionStep | WindowAttentionStep] = []
+        self.steps: list[Piece | WeightProduct | ReshapeStep | AttentionStep | WindowAttentionStep
+                         | BiasedAttentionStep] = []
         alive: set[str] = set(self.inputs)
         for k, group in enumerate(groups):
             if not isinstance(group, list):
@@ -624,7 +740,7 @@ class Bf16Graph:
         # the products' and attention cores' results that the caller never sees (nor a view of them), whose arrays
         # run() keeps for the next run
         self.reused = {step.output for step in self.steps
-                       if isinstance(step, (WeightProduct, AttentionStep, WindowAttentionStep))
+                       if isinstance(step, (WeightProduct, *ATTENTION_STEPS))
                        and step.output not in kept}
 
     def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray],
@@ -642,7 +758,7 @@ class Bf16Graph:
         with small_pages():
             for step, drops in zip(self.steps, self.drops):
                 start = time.perf_counter()
-                if isinstance(step, (WeightProduct, AttentionStep, WindowAttentionStep)):   # native: out reused
+                if isinstance(step, (WeightProduct, *ATTENTION_STEPS)):   # native: out reused
                     args = [values[name] for name in _step_inputs(step)]
                     size = step.result_size(*args)
                     out = spare[size].pop() if step.output in self.reused and spare.get(size) else None
@@ -654,7 +770,7 @@ class Bf16Graph:
                     values.update(zip(step.outputs, results))
                 if timings is not None:
                     kind = ("products" if isinstance(step, WeightProduct) else
-                            "attention" if isinstance(step, (AttentionStep, WindowAttentionStep)) else "onnxruntime")
+                            "attention" if isinstance(step, ATTENTION_STEPS) else "onnxruntime")
                     timings[kind] = timings.get(kind, 0.0) + time.perf_counter() - start
                 for name in drops:
                     array = values.pop(name)
@@ -668,7 +784,8 @@ class Bf16Graph:
         return first.session.get_providers()
 
 
-def _step_inputs(step: Piece | WeightProduct | ReshapeStep | AttentionStep | WindowAttentionStep) -> tuple[str, ...]:
+def _step_inputs(step: Piece | WeightProduct | ReshapeStep | AttentionStep | WindowAttentionStep
+                 | BiasedAttentionStep) -> tuple[str, ...]:
     return (step.input,) if isinstance(step, (WeightProduct, ReshapeStep)) else step.inputs
 
 

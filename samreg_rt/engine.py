@@ -216,13 +216,15 @@ class Engine:
         ``fused_encoder``: the same for a ViT encoder's global attention: the encoder runs as the graphs
         ``encoder_part<i>`` around ``_ext.shared_attention`` (``samreg_rt.split_encoder``) when the export
         has them for the precision (fp32 and int8 ViT exports since they exist: re-export older ones).
-        ``encoder_attention``: the precision of those attention cores: "fp32", "bf16" (AMX tiles,
-        ``_ext.shared_attention_bf16``; ModelError on a CPU without them, ``_ext.has_amx_bf16``) or "auto":
-        bf16 for int8, bf16 and bf16x2 on CPUs with the tiles (ViT-B int8: embedding cosine to fp32 0.99967 with
-        either core, benchmarks/results/performance.md), fp32 otherwise: fp32 engines keep their float32 results.
-        With "bf16" the bf16 and bf16x2 engines run the windowed blocks' attention on the tiles as well, straight
-        from the qkv product (``samreg_rt.bf16_graph.find_window_attention``, else the cores alone,
-        ``find_attention``); with "fp32" ONNX Runtime runs them in float32.
+        ``encoder_attention``: the precision of those attention cores: "fp32", "bf16"
+        (``_ext.shared_attention_bf16``: AMX tiles, or AVX512-BF16's VDPBF16PS on CPUs without them; ModelError on
+        a CPU with neither, ``_ext.has_avx512_bf16``) or "auto": bf16 for int8, bf16 and bf16x2 on CPUs with
+        AVX512-BF16 (ViT-B int8: embedding cosine to fp32 0.99967 with either core,
+        benchmarks/results/performance.md), fp32 otherwise: fp32 engines keep their float32 results.
+        With "bf16" the bf16 and bf16x2 engines run the windowed blocks' attention in bfloat16 as well, straight
+        from the qkv product (SAM ViT: ``samreg_rt.bf16_graph.find_window_attention``, else the cores alone,
+        ``find_attention``; TinyViT, LiteMedSAM's encoder: ``find_biased_attention``); with "fp32" ONNX Runtime
+        runs them in float32.
         ``shared_arena``: the sessions allocate from one CPU memory arena registered in ONNX Runtime's
         process-wide environment (and shared with the other engines of the process that use it) instead of
         one arena each (benchmarks/results/memory_arena.md).
@@ -259,11 +261,12 @@ class Engine:
         threads = usable_cpus() if threads is None else int(threads)
         if encoder_attention not in ("auto", "fp32", "bf16"):
             raise InputError(f"encoder_attention: expected 'auto', 'fp32' or 'bf16', got {encoder_attention!r}")
-        if encoder_attention == "bf16" and not _ext.has_amx_bf16():
-            raise ModelError("encoder_attention 'bf16' needs AMX-BF16 tiles, which this CPU or operating system "
-                             "does not give (_ext.has_amx_bf16() is False); use 'fp32' or 'auto'")
+        if encoder_attention == "bf16" and not _ext.has_avx512_bf16():
+            raise ModelError("encoder_attention 'bf16' needs AVX512-BF16 (or AMX tiles), which this CPU does not "
+                             "have (_ext.has_avx512_bf16() is False); use 'fp32' or 'auto'")
         if encoder_attention == "auto":
-            encoder_attention = "bf16" if precision in ("int8", *BF16_PRECISIONS) and _ext.has_amx_bf16() else "fp32"
+            encoder_attention = ("bf16" if precision in ("int8", *BF16_PRECISIONS) and _ext.has_avx512_bf16()
+                                 else "fp32")
         if shared_arena:
             _register_shared_cpu_arena()
         options = _session_options(threads, shared_arena, spinning=True)

@@ -16,7 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from samreg_rt import _ext, bf16_graph
 from samreg_rt import engine as engine_module
-from samreg_rt.bf16_graph import (AttentionStep, Bf16Graph, WeightProduct, WindowAttentionStep, bf16_to_float,
+from samreg_rt.bf16_graph import (AttentionStep, BiasedAttentionStep, Bf16Graph, WeightProduct, WindowAttentionStep,
+                                  bf16_to_float, find_biased_attention,
                                   find_attention, find_products, find_window_attention, pack_bf16_weight, round_bf16)
 from samreg_rt.engine import Engine
 from samreg_rt.errors import ModelError
@@ -503,8 +504,8 @@ def test_find_attention(tmp_path):
                                                 + ["Reshape", "Transpose", "Reshape"])
 
 
-@pytest.mark.skipif(not _ext.has_amx_bf16(), reason="no AMX-BF16 tiles on this CPU or OS")
-def test_bf16_graph_runs_windowed_attention_on_the_tiles(tmp_path, monkeypatch):
+@needs_bf16
+def test_bf16_graph_runs_windowed_attention_in_bf16(tmp_path, monkeypatch):
     """attention=True: the windowed core as a WindowAttentionStep on the qkv product (its q, k, v and terms gone
     from the pieces), the block's output within bfloat16 rounding of ONNX Runtime's float32, as with the core alone
     (an AttentionStep on ONNX Runtime's q, k, v and terms); False keeps it in ONNX Runtime."""
@@ -530,10 +531,59 @@ def test_bf16_graph_runs_windowed_attention_on_the_tiles(tmp_path, monkeypatch):
     assert np.abs(alone - want).max() <= 0.02 * scale and np.abs(got - alone).max() <= 0.01 * scale
 
 
-def test_bf16_graph_attention_needs_amx(tmp_path, monkeypatch):
-    monkeypatch.setattr(_ext, "has_amx_bf16", lambda: False)
-    with pytest.raises(ValueError, match="attention=True needs AMX-BF16 tiles"):
+def test_bf16_graph_attention_needs_avx512_bf16(tmp_path, monkeypatch):
+    monkeypatch.setattr(_ext, "has_avx512_bf16", lambda: False)
+    with pytest.raises(ValueError, match=r"attention=True needs AVX512-BF16 \(AMX-BF16 tiles or VDPBF16PS\)"):
         Bf16Graph(_window_block(tmp_path), _session, attention=True)
+
+
+def _litemedsam_encoder(litemedsam_dir) -> tuple[onnx.ModelProto, dict[str, onnx.ValueInfoProto]]:
+    model = onnx.load(str(litemedsam_dir / "encoder.onnx"))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    return model, {v.name: v for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
+
+
+def test_find_biased_attention_on_litemedsam(litemedsam_dir):
+    """LiteMedSAM's TinyViT: the windowed attention of all 10 of its attention blocks (stages 1-3: 361 windows of
+    7 x 7 tokens x 4 heads, 25 of 14 x 14 x 5, 100 of 7 x 7 x 10; d 32), each from its qkv product's output to
+    the Reshape the proj takes, with the blocks' attention biases; a block whose softmax is also a graph output
+    keeps its nodes."""
+    model, infos = _litemedsam_encoder(litemedsam_dir)
+    found = find_biased_attention(model.graph, infos)
+    steps = [step for step, _ in found.values()]
+    assert sorted(s.dims for s in steps) == sorted([(361, 49, 4, 32)] * 2 + [(25, 196, 5, 32)] * 6
+                                                   + [(100, 49, 10, 32)] * 2)
+    names = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for last, (step, nodes) in found.items():
+        assert step.scale == pytest.approx(32 ** -0.5)
+        assert step.bias.shape == (step.dims[2], step.dims[1], step.dims[1])
+        assert any(np.array_equal(step.bias, c) for c in names.values() if c.shape == step.bias.shape)
+        assert sorted(model.graph.node[i].op_type for i in nodes) == sorted(
+            ["Reshape", "Transpose", "Split", "Transpose", "MatMul", "Mul", "Add", "Softmax", "MatMul", "Transpose",
+             "Reshape"])
+        assert model.graph.node[last].output[0] == step.output and step.out_shape == (
+            step.dims[0] * step.dims[1], step.dims[2] * step.dims[3])
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    model.graph.output.append(helper.make_tensor_value_info(softmax.output[0], TensorProto.FLOAT, None))
+    assert len(find_biased_attention(model.graph, infos)) == 9
+
+
+@needs_bf16
+def test_bf16_graph_runs_litemedsam_attention_in_bf16(litemedsam_dir):
+    """attention=True: LiteMedSAM's encoder with its 10 windowed attention blocks as BiasedAttentionSteps: the
+    embedding within bfloat16 rounding of ONNX Runtime's float32 graph and of the float32-attention Bf16Graph."""
+    model, _ = _litemedsam_encoder(litemedsam_dir)
+    image = np.random.default_rng(5).standard_normal((1, 3, 256, 256)).astype(np.float32)
+    want = _session(model.SerializeToString()).run(None, {"image": image})[0]
+    on = Bf16Graph(model, _session, threads=2, split_weights=True, attention=True)
+    off = Bf16Graph(model, _session, threads=2, split_weights=True)
+    assert sum(isinstance(step, BiasedAttentionStep) for step in on.steps) == 10
+    assert not any(isinstance(step, BiasedAttentionStep) for step in off.steps)
+    timings: dict[str, float] = {}
+    got, base = on.run(None, {"image": image}, timings)[0], off.run(None, {"image": image})[0]
+    assert set(timings) == {"products", "attention", "onnxruntime"}
+    assert not np.array_equal(got, base)
+    assert _cosine(got, want) >= 0.9999 and _cosine(got, base) >= 0.9999
 
 
 def test_bf16_graph_refuses_graphs_without_products():
@@ -570,25 +620,23 @@ def test_bf16_engine_litemedsam(litemedsam_dir, data_dir):
 
 @needs_bf16
 def test_bf16_engine_vit_parts(tmp_path_factory):
-    """A ViT export: the encoder parts around the native attention run with bfloat16 products (and, on CPUs with
-    AMX tiles, attention)."""
+    """A ViT export: the encoder parts around the native attention run with bfloat16 products and attention."""
     model_dir = export_model("random:tiny", tmp_path_factory.mktemp("tiny"), precisions=("fp32",), name="tiny")
     fp32 = Engine.load(model_dir, threads=2)
     bf16 = Engine.load(model_dir, threads=2, precision="bf16")
     image = np.random.default_rng(3).integers(0, 255, (90, 130), np.uint8)
     want, got = fp32.embed(image).embedding, bf16.embed(image).embedding
     if fp32.encoder_parts:
-        assert bf16.encoder_attention == ("bf16" if _ext.has_amx_bf16() else "fp32")
+        assert bf16.encoder_attention == "bf16"
         assert all(isinstance(part, Bf16Graph) for part in bf16.encoder_parts)
-        # the windowed block's attention on the tiles too, from its qkv product (block 0 of 2; block 1 is global)
+        # the windowed block's attention in bfloat16 too, from its qkv product (block 0 of 2; block 1 is global)
         cores = [step for part in bf16.encoder_parts for step in part.steps if isinstance(step, WindowAttentionStep)]
-        assert len(cores) == (1 if _ext.has_amx_bf16() else 0)
+        assert len(cores) == 1
     # the whole encoder graph: the global block's core, traced 2 grid rows (128 queries) at a time, is 32 cores of
     # the windowed core's form (its k Transpose shared by them, left in ONNX Runtime)
     whole = Engine.load(model_dir, threads=2, precision="bf16", fused_encoder=False)
     kinds = [type(step).__name__ for step in whole.sessions["encoder"].steps]
-    on_tiles = _ext.has_amx_bf16()
-    assert (kinds.count("AttentionStep"), kinds.count("WindowAttentionStep")) == ((32, 1) if on_tiles else (0, 0))
+    assert (kinds.count("AttentionStep"), kinds.count("WindowAttentionStep")) == (32, 1)
     assert _cosine(whole.embed(image).embedding, want) >= 0.999
     assert _cosine(got, want) >= 0.999
 

@@ -646,11 +646,11 @@ def test_encoder_parts_give_the_encoder_graph_embedding(tiny_dir, tmp_path):
 
 def test_encoder_attention_choice(tiny_dir, monkeypatch):
     """fp32 engines run the encoder parts' attention in float32 unless told otherwise; an unknown choice is an
-    InputError, and 'bf16' where the CPU gives no AMX tiles a ModelError."""
+    InputError, and 'bf16' on a CPU without AVX512-BF16 (nor AMX tiles) a ModelError."""
     assert Engine.load(tiny_dir, threads=1).encoder_attention == "fp32"
     with pytest.raises(InputError, match="encoder_attention: expected 'auto', 'fp32' or 'bf16', got 'int8'"):
         Engine.load(tiny_dir, encoder_attention="int8")
-    if _ext.has_amx_bf16() and _ext.mask_upscaling_isa() == "avx512":
+    if _ext.has_avx512_bf16() and _ext.mask_upscaling_isa() == "avx512":
         parts = Engine.load(tiny_dir, threads=2, encoder_attention="bf16")
         assert parts.encoder_attention == "bf16" and parts.with_spec(parts.spec).encoder_attention == "bf16"
         image = np.random.default_rng(8).integers(0, 255, (90, 130), np.uint8)
@@ -658,8 +658,8 @@ def test_encoder_attention_choice(tiny_dir, monkeypatch):
         want = Engine.load(tiny_dir, threads=2).embed(image).embedding.ravel()
         assert not np.array_equal(got, want)
         assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.999
-    monkeypatch.setattr(engine_module._ext, "has_amx_bf16", lambda: False)
-    with pytest.raises(ModelError, match="encoder_attention 'bf16' needs AMX-BF16 tiles"):
+    monkeypatch.setattr(engine_module._ext, "has_avx512_bf16", lambda: False)
+    with pytest.raises(ModelError, match=r"encoder_attention 'bf16' needs AVX512-BF16 \(or AMX tiles\)"):
         Engine.load(tiny_dir, encoder_attention="bf16")
 
 

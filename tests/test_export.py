@@ -342,18 +342,19 @@ def test_int8_encoder_parts_give_the_int8_graph_embedding(tiny_dir):
 
 
 @pytest.mark.skipif(_ext.mask_upscaling_isa() != "avx512", reason="the native attention kernels run on AVX-512 CPUs")
-def test_int8_engines_take_bf16_attention_where_the_cpu_has_amx(tiny_dir, monkeypatch):
-    """encoder_attention 'auto' runs an int8 engine's global attention in bfloat16 on CPUs with AMX tiles (an
-    embedding within the int8 graph's rounding of the float32-attention one), in float32 elsewhere."""
+def test_int8_engines_take_bf16_attention_where_the_cpu_has_avx512_bf16(tiny_dir, monkeypatch):
+    """encoder_attention 'auto' runs an int8 engine's global attention in bfloat16 on CPUs with AVX512-BF16 (AMX
+    tiles or VDPBF16PS; an embedding within the int8 graph's rounding of the float32-attention one), in float32
+    elsewhere."""
     f32 = Engine.load(tiny_dir, threads=2, precision="int8", encoder_attention="fp32")
-    if _ext.has_amx_bf16():
+    if _ext.has_avx512_bf16():
         auto = Engine.load(tiny_dir, threads=2, precision="int8")
         assert auto.encoder_attention == "bf16"
         image = np.random.default_rng(9).integers(0, 255, (90, 130), np.uint8)
         got, want = auto.embed(image).embedding.ravel(), f32.embed(image).embedding.ravel()
         assert not np.array_equal(got, want)
         assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) >= 0.999
-    monkeypatch.setattr(_ext, "has_amx_bf16", lambda: False)
+    monkeypatch.setattr(_ext, "has_avx512_bf16", lambda: False)
     assert Engine.load(tiny_dir, threads=2, precision="int8").encoder_attention == "fp32"
 
 
