@@ -8,14 +8,17 @@ the cuts as ONNX Runtime sessions and each product with ``_ext.linear_bf16`` (we
 ``pack_bf16_weight``). A GELU that follows a product (the erf form torch exports, directly or after a Reshape) runs
 in the product's kernel, on each block of results while it is in the L1 cache, instead of as a pass of ONNX
 Runtime over the MLP's widest tensor. With ``attention=True`` the attention cores with decomposed relative positions
-(SAM ViT's windowed blocks: softmax(q k^T + terms) v over 25 windows x 12 heads at ViT-B's size) run on the AMX
-tiles as well (``find_attention``, ``AttentionStep``: ``_ext.shared_attention_bf16`` with q, k and v heads first,
-as the graph holds them), in place of ONNX Runtime's float32 product, two broadcast additions over the logits,
-softmax and second product; where the export's nodes allow, straight from the qkv product
-(``find_window_attention``, ``WindowAttentionStep``: ``_ext.window_attention_bf16`` reads q, k and v in the
-product's layout, computes the relative-position terms from the constant tables and writes the result as the
-next product takes it, so that ONNX Runtime's transposes, split and term products around the core go too).
-Everything else (convolutions, normalisation) stays float32.
+(SAM ViT's windowed blocks: softmax(q k^T + terms) v over 25 windows x 12 heads at ViT-B's size) run in bfloat16
+as well (AMX tiles, else AVX512-BF16's VDPBF16PS; ``find_attention``, ``AttentionStep``:
+``_ext.shared_attention_bf16`` with q, k and v heads first, as the graph holds them), in place of ONNX Runtime's
+float32 product, two broadcast additions over the logits, softmax and second product; where the export's nodes
+allow, straight from the qkv product (``find_window_attention``, ``WindowAttentionStep``:
+``_ext.window_attention_bf16`` reads q, k and v in the product's layout, computes the relative-position terms from
+the constant tables and writes the result as the next product takes it, so that ONNX Runtime's transposes, split
+and term products around the core go too). TinyViT's windowed attention (LiteMedSAM's encoder: softmax(scale q
+k^T + attention biases) v) runs the same way from its qkv product (``find_biased_attention``,
+``BiasedAttentionStep``: ``_ext.biased_attention_bf16``). Everything else (convolutions, normalisation) stays
+float32.
 
 The pieces are the graph's nodes in their (topological) order between two products, so each piece needs only
 tensors made before it; each tensor is dropped after its last use. A piece of nothing but Reshapes to constant
@@ -296,7 +299,7 @@ def _graph_maps(graph: onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], se
 
 @dataclass(frozen=True)
 class AttentionStep:
-    """An attention core with decomposed relative positions (SAM ViT's windowed blocks) on the AMX tiles
+    """An attention core with decomposed relative positions (SAM ViT's windowed blocks) in bfloat16
     (``_ext.shared_attention_bf16``, heads first): out[n] = softmax(scale q[n] k[n]^T + rel[n]) v[n] with
     rel[n, (i, j), (a, b)] = rel_h[n, i, j, a] + rel_w[n, i, j, b]. q [N, L, d], k and v [N, P, d] (N = windows x
     heads), rel_h [N, qh, qw, kh], rel_w [N, qh, qw, kw] (qh qw = L, kh kw = P), float32 -> [N, L, d]."""
@@ -415,17 +418,13 @@ def find_attention(graph: onnx.GraphProto,
 
 
 @dataclass(frozen=True)
-class BiasedAttentionStep:
-    """TinyViT's windowed attention from its qkv product (``_ext.biased_attention_bf16``): ``qkv`` ([B, L, G, 3, d]
-    values, B windows of L tokens, G heads, each head's q, k, v side by side) -> ``output`` (softmax(scale q k^T +
-    bias[g]) v as the next product takes it: [B, L, G, d] values in the shape ``out_shape``); ``bias`` [G, L, L]
-    the attention biases, the same for every window."""
+class _FromQkv:
+    """A windowed attention step from the qkv product ``qkv`` (B windows of L tokens, G heads) to ``output``:
+    [B, L, G, d] values (``dims``) in the shape ``out_shape``, as the next product takes them."""
     qkv: str
     output: str
     dims: tuple[int, int, int, int]     # B, L, G, d
     out_shape: tuple[int, ...]
-    bias: np.ndarray
-    scale: float
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -434,11 +433,23 @@ class BiasedAttentionStep:
     def result_size(self, qkv: np.ndarray) -> int:
         return int(np.prod(self.dims))
 
+    def _out(self, out: np.ndarray | None) -> np.ndarray:
+        """``out`` as [B, L, G, d], or a new 64-byte aligned array."""
+        return aligned_empty(self.dims, np.float32) if out is None else out.reshape(self.dims)
+
+
+@dataclass(frozen=True)
+class BiasedAttentionStep(_FromQkv):
+    """TinyViT's windowed attention from its qkv product (``_ext.biased_attention_bf16``): ``qkv`` ([B, L, G, 3, d]
+    values: each head's q, k, v side by side) -> softmax(scale q k^T + bias[g]) v; ``bias`` [G, L, L] the attention
+    biases, the same for every window."""
+    bias: np.ndarray
+    scale: float
+
     def run(self, qkv: np.ndarray, threads: int, out: np.ndarray | None = None) -> np.ndarray:
         b, length, g, d = self.dims
-        out = aligned_empty((b, length, g, d), np.float32) if out is None else out.reshape(b, length, g, d)
         return _ext.biased_attention_bf16(np.ascontiguousarray(qkv).reshape(b, length, g, 3, d), self.bias,
-                                          scale=self.scale, out=out, threads=threads).reshape(self.out_shape)
+                                          scale=self.scale, out=self._out(out), threads=threads).reshape(self.out_shape)
 
 
 def find_biased_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInfoProto]
@@ -525,31 +536,19 @@ def find_biased_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInf
 
 
 @dataclass(frozen=True)
-class WindowAttentionStep:
-    """SAM ViT's windowed attention core from its qkv product on the AMX tiles (``_ext.window_attention_bf16``):
+class WindowAttentionStep(_FromQkv):
+    """SAM ViT's windowed attention core from its qkv product in bfloat16 (``_ext.window_attention_bf16``):
     ``qkv`` ([B, L, 3, G, d] values, B windows of L tokens, G heads) -> ``output`` (the core's result as the
     graph's next product takes it: [B, L, G, d] values in the shape ``out_shape``), the relative position terms
     computed in the kernel from q and the tables (``table_h`` [qh, kh, d], ``table_w`` [qw, kw, d])."""
-    qkv: str
-    output: str
-    dims: tuple[int, int, int, int]     # B, L, G, d
-    out_shape: tuple[int, ...]
     table_h: np.ndarray
     table_w: np.ndarray
     scale: float
 
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        return (self.qkv,)
-
-    def result_size(self, qkv: np.ndarray) -> int:
-        return int(np.prod(self.dims))
-
     def run(self, qkv: np.ndarray, threads: int, out: np.ndarray | None = None) -> np.ndarray:
         b, length, g, d = self.dims
-        out = aligned_empty((b, length, g, d), np.float32) if out is None else out.reshape(b, length, g, d)
         return _ext.window_attention_bf16(np.ascontiguousarray(qkv).reshape(b, length, 3, g, d), self.table_h,
-                                          self.table_w, scale=self.scale, out=out,
+                                          self.table_w, scale=self.scale, out=self._out(out),
                                           threads=threads).reshape(self.out_shape)
 
 
@@ -651,11 +650,12 @@ class Bf16Graph:
     """A float32 graph run with its weight products in bfloat16 (``_ext.linear_bf16``): ``run`` as
     ``onnxruntime.InferenceSession.run``. ``make_session(model_bytes)`` builds the session of each piece.
     ``split_weights``: each weight as hi + lo in bfloat16 (twice the products' work, weights to about 16
-    significant bits; x still rounded to bfloat16). ``attention``: the attention cores with relative positions
-    (``find_attention``: SAM ViT's windowed blocks) run as ``AttentionStep``s on the AMX tiles too (q, k, v and the
-    softmax's weights rounded to bfloat16) instead of as ONNX Runtime's float32 passes over their logits.
-    Raises ValueError for a graph with subgraphs (If, Loop, Scan) or no weight product, and for ``attention`` on a
-    CPU without AMX-BF16 tiles (``_ext.has_amx_bf16``)."""
+    significant bits; x still rounded to bfloat16). ``attention``: the windowed attention runs in bfloat16 too
+    (q, k, v and the softmax's weights rounded to bfloat16; AMX tiles or VDPBF16PS) instead of as ONNX Runtime's
+    float32 passes over the logits: SAM ViT's from its qkv product (``find_window_attention``) or as cores on
+    ONNX Runtime's q, k, v and terms (``find_attention``), TinyViT's from its qkv product
+    (``find_biased_attention``). Raises ValueError for a graph with subgraphs (If, Loop, Scan) or no weight
+    product, and for ``attention`` on a CPU without AVX512-BF16 (``_ext.has_avx512_bf16``)."""
 
     def __init__(self, model: onnx.ModelProto, make_session: Callable[[bytes], ort.InferenceSession],
                  threads: int = 0, split_weights: bool = False, attention: bool = False):

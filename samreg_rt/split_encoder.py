@@ -7,8 +7,8 @@ performance.md). The export cuts the encoder at each global block's attention co
 (``samreg_export.modeling.image_encoder.EncoderPart``: ``encoder_part0.onnx`` ...); here the parts run
 in turn and ``samreg_rt._ext.shared_attention`` computes each core (logits, terms, softmax and weighted
 values per block of 8 queries, in the caches). Same embedding up to float rounding (tests/test_engine.py).
-int8 engines on CPUs with AMX-BF16 tiles run the cores in bfloat16 instead (``_ext.shared_attention_bf16``,
-``Engine.load``'s ``encoder_attention``).
+int8, bf16 and bf16x2 engines on CPUs with AVX512-BF16 run the cores in bfloat16 instead
+(``_ext.shared_attention_bf16``: AMX tiles, else VDPBF16PS; ``Engine.load``'s ``encoder_attention``).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def run_encoder_parts(parts: list[ort.InferenceSession], image: np.ndarray, thre
                       attention: str = "fp32") -> np.ndarray:
     """image (1, 3, S, S) float32 -> the embedding (1, C, h, w): part 0 on the image, then for each global
     block its attention core and the next part on (tokens, attention). ``attention``: "fp32"
-    (``_ext.shared_attention``) or "bf16" (``_ext.shared_attention_bf16``: AMX tiles)."""
+    (``_ext.shared_attention``) or "bf16" (``_ext.shared_attention_bf16``: AMX tiles or VDPBF16PS)."""
     core = ATTENTION_KERNELS[attention]
     out = parts[0].run(None, {"image": image})
     for part in parts[1:]:
