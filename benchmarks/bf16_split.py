@@ -5,9 +5,10 @@
 For LiteMedSAM and the untrained ``random:vit_b`` (exported fresh, fp32, into a temporary directory), engines of
 precision bf16 and bf16x2 (``Engine.load``; CPUs with AVX512-BF16 or AMX tiles) encode one image ``--runs`` times
 after a warm-up; each encoder graph (or ViT part) is a ``samreg_rt.bf16_graph.Bf16Graph`` whose ``run`` adds the
-seconds of its steps to ``timings``: "products" (``_ext.linear_bf16``), "attention" (a ViT's windowed attention
-cores on AMX tiles, ``AttentionStep``) and "onnxruntime" (the pieces between them); "other" is the rest of the wall
-time (a ViT's global attention cores between its parts, Python).
+seconds of its steps to ``timings``: "products" (``_ext.linear_bf16``), "attention" (the windowed attention in
+bfloat16: SAM ViT's ``WindowAttentionStep``/``AttentionStep``, TinyViT's ``BiasedAttentionStep``) and "onnxruntime"
+(the pieces between them); "other" is the rest of the wall time (a ViT's global attention cores between its
+parts, Python).
 Writes ``bf16_split.md`` and ``bf16_split.json``.
 """
 from __future__ import annotations
@@ -75,9 +76,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, bf16 products on {m['bf16_products']}; "
         f"Python {m['python']}, onnxruntime {m['onnxruntime']}. Command: `{report['command']}`; "
         f"{report['threads']} threads, mean of {report['runs']} encodings after a warm-up. products: "
-        "`_ext.linear_bf16`; windowed attention: a ViT's windowed attention cores on the AMX tiles "
-        "(`samreg_rt.bf16_graph.AttentionStep`, where the global cores run in bf16); onnxruntime: the pieces of the "
-        "fp32 graph between them; other: the rest of the wall time (a ViT's global attention cores, in "
+        "`_ext.linear_bf16`; windowed attention: the windowed attention in bfloat16 (`samreg_rt.bf16_graph`'s "
+        "attention steps: SAM ViT's, TinyViT's, where the engine's encoder_attention is bf16); onnxruntime: the "
+        "pieces of the fp32 graph between them; other: the rest of the wall time (a ViT's global attention cores, in "
         + ", ".join(f"{k}: {v}" for k, v in report["attention"].items()) + ").", "",
         "| model | precision | total ms | products ms | windowed attention ms | onnxruntime ms | other ms |",
         "|---|---|---:|---:|---:|---:|---:|",

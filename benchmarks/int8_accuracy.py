@@ -268,8 +268,12 @@ def markdown(report: dict[str, Any]) -> str:
         "(only ViT encoders have the global attention that it concerns). "
         + ("bf16: the fp32 graphs with the encoder's weight products (Gemm, MatMul with a constant weight) in "
            f"bfloat16 ({report['machine']['bf16_products']}; `samreg_rt.bf16_graph`, `_ext.linear_bf16`: inputs "
-           "and weights rounded to bfloat16, sums in float32), everything else float32. " if "bf16" in variants
-           else "")
+           "and weights rounded to bfloat16, sums in float32) and, with the engine's encoder attention "
+           f"{report.get('bf16_encoder_attention', 'fp32')}, "
+           + ("the windowed attention too (q, k, v and the softmax's weights rounded to bfloat16, `samreg_rt."
+              "bf16_graph`'s attention steps: TinyViT's `BiasedAttentionStep`)"
+              if report.get("bf16_encoder_attention") == "bf16" else "not the attention")
+           + "; everything else float32. " if "bf16" in variants else "")
         + ("bf16x2: the same with each weight as hi + lo, both bfloat16 (twice the products' work; "
            "the activations still rounded to bfloat16). " if "bf16x2" in variants else "")
         + ("int8_per_token (simulated, `SimulatedInt8Product`): the encoder's weight products as int8 with one "
@@ -344,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(), "load": [load_before, os.getloadavg()[0]], "threads": args.threads,
         "command": shlex.join(["python", "benchmarks/int8_accuracy.py", *(argv if argv is not None else sys.argv[1:])]),
         "model": args.model, "int8_note": note, "int8_encoder_attention": int8.encoder_attention,
+        "bf16_encoder_attention": next((v.encoder_attention for label, v in variants.items()
+                                        if label in ("bf16", "bf16x2")), None),
         "rows": rows, "summary": summarise(rows),
     }
     write_report(args.out, args.name, report, markdown(report))

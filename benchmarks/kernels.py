@@ -9,9 +9,10 @@ mask_upscaling, linear, shared_attention, two_way_pass and two_way_factored wher
 plain and split weights, without and with its GELU epilogue, its twin rounding x and W to bfloat16 and summing in
 float64, then GELU by scipy's erfc), whose twins compute in
 float64: within 2e-5 of
-the largest value; shared_attention_bf16 (a ViT-B global block's and, heads first, its windowed blocks') and
-window_attention_bf16 (those blocks from their qkv product), on CPUs with AMX tiles: 99% of the values within 2e-5
-of the largest, all within a bfloat16 step). mask_upscaling, linear, linear_bf16, two_way_pass, two_way_factored and
+the largest value; shared_attention_bf16 (a ViT-B global block's and, heads first, its windowed blocks'),
+window_attention_bf16 (those blocks from their qkv product) and biased_attention_bf16 (LiteMedSAM's TinyViT blocks
+from theirs), in each build this CPU runs (AMX tiles, AVX512-BF16): 99% of the values within 2e-5 of the largest,
+all within a bfloat16 step). mask_upscaling, linear, linear_bf16, two_way_pass, two_way_factored and
 shared_attention also get their achieved GFLOP/s. The kernels run on every CPU
 this process may use (``threads=0``). Takes about two minutes on 2 cores.
 """
@@ -144,6 +145,17 @@ def main() -> None:
         rel_w = np.einsum("nijc,jbc->nijb", grid, table_w).astype(np.float32).reshape(300, 196, 14)
         got = twins.shared_attention_bf16(*(heads_first(a) for a in (q * np.float32(0.125), k, v, rel_h, rel_w)))
         return heads_first(got).reshape(25, 12, 196, 64).transpose(0, 2, 1, 3)
+    # LiteMedSAM's TinyViT attention blocks from their qkv product [B, L, G, 3, d] with the attention biases [G, L, L]:
+    # its second stage (361 windows of 7 x 7 tokens, 4 heads) and third (25 windows of 14 x 14, 5 heads)
+    tiny_vit = {shape: (rng.normal(0, 1, (*shape, 3, 32)).astype(np.float32),
+                        rng.normal(0, 1, (shape[2], shape[1], shape[1])).astype(np.float32))
+                for shape in ((361, 49, 4), (25, 196, 5))}
+
+    def biased_twin(qkv: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """biased_attention_bf16's twin: each window as shared_attention_bf16's twin, token-major, with the bias."""
+        q = qkv[:, :, :, 0] * np.float32(32 ** -0.5)
+        return np.stack([twins.shared_attention_bf16(q[w], qkv[w, :, :, 1], qkv[w, :, :, 2], bias=bias.swapaxes(0, 1))
+                         for w in range(len(qkv))])
     # a ViT-B MLP's first product (4096 tokens, 768 -> 3072), weights packed as the bf16 precisions pack them
     mlp_x = rng.normal(0, 1, (4096, 768)).astype(np.float32)
     mlp_w = (rng.normal(0, 1, (768, 3072)) / np.sqrt(768)).astype(np.float32)
@@ -242,19 +254,25 @@ def main() -> None:
                    lambda: twins.linear_bf16_split(mlp_x, mlp_w, mlp_b), 5),
                   (MISALIGNED[1], "4096x768 -> 3072",
                    lambda: _ext.linear_bf16(mlp_x, mlp_packed[False], mlp_b, out=mlp_out_shifted, isa="amx"),
-                   lambda: twins.linear_bf16(mlp_x, mlp_w, mlp_b), 5),
-                  ("shared_attention_bf16 ViT", "512 rows, 12 heads, d 64",
-                   lambda: _ext.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w),
+                   lambda: twins.linear_bf16(mlp_x, mlp_w, mlp_b), 5)]
+    for isa in isas:    # the bfloat16 attention kernels in each build this CPU runs
+        cases += [(f"shared_attention_bf16 ViT {isa}", "512 rows, 12 heads, d 64",
+                   lambda isa=isa: _ext.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w, isa=isa),
                    lambda: twins.shared_attention_bf16(vit_q, vit_k, vit_v, vit_rel_h, vit_rel_w), 3),
-                  ("shared_attention_bf16 windows", "300 heads x 196 rows, d 64",
-                   lambda: _ext.shared_attention_bf16(win_q, win_k, win_v, win_rel_h, win_rel_w, scale=0.125,
-                                                      heads_first=True, out=win_out),
+                  (f"shared_attention_bf16 windows {isa}", "300 heads x 196 rows, d 64",
+                   lambda isa=isa: _ext.shared_attention_bf16(win_q, win_k, win_v, win_rel_h, win_rel_w, scale=0.125,
+                                                              heads_first=True, out=win_out, isa=isa),
                    lambda: heads_first(twins.shared_attention_bf16(
                        *(heads_first(a) for a in (win_q * np.float32(0.125), win_k, win_v, win_rel_h, win_rel_w)))),
                    3),
-                  ("window_attention_bf16", "25 windows x 196 tokens x 12 heads, d 64",
-                   lambda: _ext.window_attention_bf16(qkv, table_h, table_w, scale=0.125, out=qkv_out),
+                  (f"window_attention_bf16 {isa}", "25 windows x 196 tokens x 12 heads, d 64",
+                   lambda isa=isa: _ext.window_attention_bf16(qkv, table_h, table_w, scale=0.125, out=qkv_out, isa=isa),
                    window_twin, 3)]
+        cases += [(f"biased_attention_bf16 {shape[0]}x{shape[1]} {isa}",
+                   f"{shape[0]} windows x {shape[1]} tokens x {shape[2]} heads, d 32",
+                   lambda isa=isa, shape=shape: _ext.biased_attention_bf16(*tiny_vit[shape], scale=32 ** -0.5, isa=isa),
+                   lambda shape=shape: biased_twin(*tiny_vit[shape]), 3)
+                  for shape in tiny_vit]
     upscaling_formula = "R (P 2 C 4C1 + 4P 2 C1 4C2 + 16P 2 C2 M), C 256, C1 64, C2 32"
     factored_formula = "R (P 2 (2J + 2) 4C1 + 4P 2 C1 4C2 + 16P 2 C2 M)"
     gflops = {"mask_upscaling": (upscaling_flop, upscaling_formula),
@@ -267,9 +285,12 @@ def main() -> None:
                                           "B P 2 (4 J d + J J + K(K+1)/2 + 2 J2 d + K J2 + J2 (d + K)), K = 2J + 1"),
               "shared_attention": (sa_flop, "R H P 2 2 d; and R H P exps"),
               "shared_attention ViT": (vit_flop, "R H P 2 2 d; and R H P exps"),
-              "shared_attention_bf16 ViT": (vit_flop, "R H P 2 2 d; and R H P exps"),
-              "shared_attention_bf16 windows": (win_flop, "H R P 2 2 d; and H R P exps"),
-              "window_attention_bf16": (win_flop, "H R P 2 2 d; and H R P exps (the terms' H R 2 (kh + kw) d not)"),
+              **{f"shared_attention_bf16 ViT {isa}": (vit_flop, "R H P 2 2 d; and R H P exps") for isa in isas},
+              **{f"shared_attention_bf16 windows {isa}": (win_flop, "H R P 2 2 d; and H R P exps") for isa in isas},
+              **{f"window_attention_bf16 {isa}": (win_flop, "H R P 2 2 d; and H R P exps (the terms' H R 2 (kh + kw) d "
+                                                            "not)") for isa in isas},
+              **{f"biased_attention_bf16 {b}x{n} {isa}": (b * g * n * n * 2 * 2 * 32, "B G L L 2 2 d; and B G L L exps")
+                 for isa in isas for b, n, g in tiny_vit},
               **{f"linear_bf16 {isa}": (mlp_flop, "2 M K N") for isa in isas},
               **{f"linear_bf16 split {isa}": (mlp_flop, "2 M K N (the product's: twice that run, W's two parts)")
                  for isa in isas},
@@ -282,7 +303,9 @@ def main() -> None:
                      *(name + suffix for name, *_ in with_avx2 for suffix in builds.values()),
                      *(f"linear_bf16{split}{gelu} {isa}" for isa in isas for split in ("", " split")
                        for gelu in ("", " gelu")), *MISALIGNED)
-    bf16_kernels = ("shared_attention_bf16 ViT", "shared_attention_bf16 windows", "window_attention_bf16")
+    bf16_kernels = tuple(f"{name} {isa}" for isa in isas for name in (
+        "shared_attention_bf16 ViT", "shared_attention_bf16 windows", "window_attention_bf16",
+        *(f"biased_attention_bf16 {b}x{n}" for b, n, _ in tiny_vit)))
 
     info = machine()
     print(f"machine: {info}")

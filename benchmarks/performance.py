@@ -217,9 +217,9 @@ def encoder_rows(key: str, graphs: Path, threads: int, runs: int, work: Path) ->
     rows = {p: profile_graph(graphs / f"encoder{'' if p == 'fp32' else '.int8'}.onnx", {"image": image},
                              threads, runs, work) for p in ("fp32", "int8")}
     # how samreg-rt runs the encoder: a ViT's parts around the native attention on an AVX-512 CPU (int8 and bf16:
-    # in bfloat16 where the CPU has AMX tiles), int8 with float32 attention, and bf16 (the fp32 graphs with the
-    # weight products in bfloat16, samreg_rt.bf16_graph) on CPUs with AVX512-BF16 or AMX tiles; embedding cosine to
-    # the ORT fp32 graph's
+    # in bfloat16 where the CPU has AVX512-BF16 or AMX tiles), int8 with float32 attention, and bf16 (the fp32
+    # graphs with the weight products in bfloat16, samreg_rt.bf16_graph) on CPUs with AVX512-BF16 or AMX tiles;
+    # embedding cosine to the ORT fp32 graph's
     want = session(str(graphs / "encoder.onnx"), threads).run(None, {"image": image})[0].ravel()
     native, attention, cosine = {}, {}, {}
     variants = [("fp32", "fp32", "auto"), ("int8", "int8", "auto"), ("int8_fp32_attention", "int8", "fp32")]
