@@ -2840,11 +2840,12 @@ __attribute__((target(BF16_TARGET))) void amx_table_terms(const float *q, int d,
     }
 }
 
-// Query rows r0..r0 + 15 (those below R) of head h, whose keys and values kb, vb hold (amx_layout). logits: 16 rows of P32 + 16 floats; probs: 16 rows of P32 + 32
-// bfloat16 (rows 64 bytes past a multiple of 4 KiB, so that a tile's 16 rows do not share one set of the L1
-// cache), both 64-byte aligned. terms: null, or (a key grid whose width kw is not a multiple of 16) 16 rows of P32
-// floats, zero past P, for the rows' relative position terms. Tiles 0-1: q; 2-3: logits; 4-7: keys. Then 0-3: the
-// value sums; 4: weights; 5-7: values.
+// Query rows r0..r0 + 15 (those below R) of head h, whose keys and values kb, vb hold (amx_layout). logits: 16 rows
+// of P32 + 16 floats; probs: 16 rows of P32 + 32 bfloat16 (rows 64 bytes past a multiple of 4 KiB, so that a tile's
+// 16 rows do not share one set of the L1 cache), both 64-byte aligned. terms: null, or (a key grid whose width kw is
+// not a multiple of 16, or a.bias) 16 rows of P32 floats, zero past P, for the rows' relative position terms or
+// bias. Tiles (the products on the AMX tiles) 0-1: q; 2-3: logits; 4-7: keys. Then 0-3: the value sums; 4: weights;
+// 5-7: values. Without Tiles the same products by VDPBF16PS on the tiles' rows as vectors.
 template <int KC, int VC, bool Tiles>
 __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int h, std::int64_t r0,
                                                   const std::uint16_t *kb, const std::uint16_t *vb, float *logits,
@@ -2913,16 +2914,17 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
         if (a.kw && !terms && (grid_col += kLanes) == a.kw) grid_col = 0, ++grid_row;
     };
     if constexpr (!Tiles) {  // a block of 16 keys against the 16 rows: a vector of 16 keys per channel pair
-        const auto *q_pairs = reinterpret_cast<const int *>(&q[0][0]);
         for (std::int64_t j = 0; j < blocks; ++j) {
             __m512 acc[kAmxRows];
             for (int r = 0; r < kAmxRows; ++r) acc[r] = _mm512_setzero_ps();
             for (int i = 0; i < KC * 16; ++i) {  // chunk i / 16's pair i % 16: row i % 16 of tile (j, i / 16)
                 const __m512bh keys = reinterpret_cast<__m512bh>(
                     _mm512_load_si512(kb + (j * KC + i / 16) * kAmxTile + i % 16 * kAmxDepth));
-                for (int r = 0; r < kAmxRows; ++r)
-                    acc[r] = _mm512_dpbf16_ps(
-                        acc[r], reinterpret_cast<__m512bh>(_mm512_set1_epi32(q_pairs[r * KC * 16 + i])), keys);
+                for (int r = 0; r < kAmxRows; ++r) {
+                    std::int32_t pair;  // row r's channels 2 i and 2 i + 1
+                    std::memcpy(&pair, &q[r][2 * i], sizeof pair);
+                    acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)), keys);
+                }
             }
             for (int r = 0; r < kAmxRows; ++r) _mm512_store_ps(logits + r * ld + j * kLanes, acc[r]);
             finish(j);
@@ -3021,6 +3023,19 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
     }
 }
 
+// amx_rows for a's channel chunks (kc, vc: d up to 16, 32, 48, 64).
+template <bool Tiles>
+__attribute__((target(AMX_TARGET))) void amx_rows_of(const AmxAttentionArgs &a, int h, std::int64_t r0,
+                                                     const std::uint16_t *kb, const std::uint16_t *vb, float *logits,
+                                                     std::uint16_t *probs, float *terms) {
+    switch (a.kc * 4 + a.vc) {
+        case 1 * 4 + 1: amx_rows<1, 1, Tiles>(a, h, r0, kb, vb, logits, probs, terms); break;
+        case 1 * 4 + 2: amx_rows<1, 2, Tiles>(a, h, r0, kb, vb, logits, probs, terms); break;
+        case 2 * 4 + 3: amx_rows<2, 3, Tiles>(a, h, r0, kb, vb, logits, probs, terms); break;
+        default: amx_rows<2, 4, Tiles>(a, h, r0, kb, vb, logits, probs, terms); break;
+    }
+}
+
 // Heads of at most this many query rows lay out their keys and values in the thread that runs all their rows (each
 // head a work item: SAM ViT's windowed blocks, 196 rows); heads of more rows share one layout of all heads' keys and
 // values among the threads, their blocks of 16 rows the work items (the global blocks, 4096 rows).
@@ -3045,16 +3060,10 @@ __attribute__((target(AMX_TARGET))) void amx_attention_items(const AmxAttentionA
     for (int t = 0; t < 8; ++t) config.rows[t] = 16, config.bytes_per_row[t] = 64;
     if (a.tiles) _tile_loadconfig(&config);
     auto rows = [&](int h, std::int64_t r0, const std::uint16_t *hkb, const std::uint16_t *hvb) {
-        switch (a.kc * 8 + a.vc * 2 + a.tiles) {
-            case 1 * 8 + 1 * 2 + 1: amx_rows<1, 1, true>(a, h, r0, hkb, hvb, logits, probs, terms); break;
-            case 1 * 8 + 2 * 2 + 1: amx_rows<1, 2, true>(a, h, r0, hkb, hvb, logits, probs, terms); break;
-            case 2 * 8 + 3 * 2 + 1: amx_rows<2, 3, true>(a, h, r0, hkb, hvb, logits, probs, terms); break;
-            case 2 * 8 + 4 * 2 + 1: amx_rows<2, 4, true>(a, h, r0, hkb, hvb, logits, probs, terms); break;
-            case 1 * 8 + 1 * 2: amx_rows<1, 1, false>(a, h, r0, hkb, hvb, logits, probs, terms); break;
-            case 1 * 8 + 2 * 2: amx_rows<1, 2, false>(a, h, r0, hkb, hvb, logits, probs, terms); break;
-            case 2 * 8 + 3 * 2: amx_rows<2, 3, false>(a, h, r0, hkb, hvb, logits, probs, terms); break;
-            default: amx_rows<2, 4, false>(a, h, r0, hkb, hvb, logits, probs, terms); break;
-        }
+        if (a.tiles)
+            amx_rows_of<true>(a, h, r0, hkb, hvb, logits, probs, terms);
+        else
+            amx_rows_of<false>(a, h, r0, hkb, hvb, logits, probs, terms);
     };
     for (std::int64_t i = i0; i < i1; ++i) {
         if (by_head) {
@@ -3672,7 +3681,8 @@ PYBIND11_MODULE(_ext, m) {
           "float32 (any key grid kh x kw = P),\n"
           "e = exp(l - max) in float32 (a polynomial, relative error below 3e-6),\n"
           "out[r, h] = (sum_p bf16(e_p) v[p, h]) / sum_p e_p with the products'\n"
-          "sums in float32 (in the order of the instructions that run them). heads_first: q, rel_h, rel_w and the result [H, R, ...],\n"
+          "sums in float32 (in the order of the instructions that run them). heads_first: q, rel_h, rel_w and the\n"
+          "result [H, R, ...],\n"
           "k and v [H, P, d] (the layout of batched attention, as in a ViT's windowed blocks: H = windows x heads).\n"
           "out: a C-contiguous float32 array of the result's shape to write into (returned), overlapping no input."
           THREADS_DOC);
@@ -3680,7 +3690,8 @@ PYBIND11_MODULE(_ext, m) {
           py::arg("scale") = 1.0, py::arg("out") = py::none(), py::arg("threads") = 0, py::arg("isa") = "auto",
           "window_attention_bf16(qkv: float32[B, L, 3, G, d], table_h: float32[qh, kh, d],\n"
           "    table_w: float32[qw, kw, d], scale=1.0, out=None, threads=0, isa='auto') -> float32[B, L, G, d]\n\n"
-          "SAM ViT's windowed attention in bfloat16 (isa as shared_attention_bf16's) from its qkv product (B windows of L = qh qw tokens, G heads):\n"
+          "SAM ViT's windowed attention in bfloat16 (isa as shared_attention_bf16's) from its qkv product\n"
+          "(B windows of L = qh qw tokens, G heads):\n"
           "shared_attention_bf16 of q scale, k, v (heads first) with the relative position terms computed from the\n"
           "unscaled q in float32, rel_h[a] = q . table_h[r / qw, a], rel_w[b] = q . table_w[r % qw, b] (the tables of\n"
           "SAM's get_rel_pos; kh kw = L), the result token-major per window." THREADS_DOC);
@@ -3688,7 +3699,8 @@ PYBIND11_MODULE(_ext, m) {
           py::arg("out") = py::none(), py::arg("threads") = 0, py::arg("isa") = "auto",
           "biased_attention_bf16(qkv: float32[B, L, G, 3, d], bias: float32[G, L, L], scale=1.0, out=None,\n"
           "    threads=0, isa='auto') -> float32[B, L, G, d]\n\n"
-          "TinyViT's windowed attention in bfloat16 (isa as shared_attention_bf16's) from its qkv product (B windows of L tokens, G heads, each head's\n"
+          "TinyViT's windowed attention in bfloat16 (isa as shared_attention_bf16's) from its qkv product\n"
+          "(B windows of L tokens, G heads, each head's\n"
           "q, k, v side by side): softmax(scale q k^T + bias[g]) v per window and head g, with shared_attention_bf16's\n"
           "rounding (q scale, k, v and the weights to bfloat16, the bias added in float32), the result token-major\n"
           "per window." THREADS_DOC);
