@@ -1,6 +1,6 @@
 """Full evaluation of samreg-rt with LiteMedSAM against identity, elastix and ANTs on ../shared/data.
 
-Runs exactly what ``samreg-rt eval`` runs (the same parser, ``samreg_rt.evaluate.add_eval_parser``)
+Runs exactly what ``samreg-rt eval`` runs (``samreg_rt.cli.main``)
 with the settings used for ``benchmarks/results/eval_litemedsam``; extra arguments are appended
 (e.g. ``--pairs fire_A01``). An interrupted run resumes from the records already written.
 
@@ -8,12 +8,10 @@ usage: python benchmarks/eval_litemedsam.py [extra samreg-rt eval arguments]
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from samreg_rt.errors import SamregError
-from samreg_rt.evaluate import add_eval_parser
+from samreg_rt.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -26,14 +24,7 @@ SETTINGS = ["--model", "litemedsam", "--threads", "2", "--batch-size", "16"]
 def main(extra: list[str]) -> int:
     argv = ["eval", str(DATA), "--out", str(OUT.relative_to(REPO)), *SETTINGS, *extra]
     sys.argv = ["samreg-rt", *argv]          # recorded as the command at the top of results.md
-    parser = argparse.ArgumentParser(prog="samreg-rt")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except SamregError as exc:
-        print(f"samreg-rt: error: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

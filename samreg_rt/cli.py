@@ -132,6 +132,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import run_command  # with scipy and the baselines: imported only for this command
+
+    return run_command(args)
+
+
 def _prompt(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(","))
@@ -223,9 +229,24 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(p)
     p.set_defaults(func=_cmd_serve)
 
-    from .evaluate import add_eval_parser
-
-    add_eval_parser(sub)
+    p = sub.add_parser("eval", help="register and score every pair of a data manifest (samreg-rt and baselines)")
+    p.add_argument("manifest", metavar="MANIFEST_OR_DIR", help="manifest.json or the folder holding it")
+    p.add_argument("--out", required=True, help="output directory (results.json/.csv/.md, plots)")
+    p.add_argument("--pairs", nargs="+", default=None, metavar="ID", help="only these pair ids")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of identity,reference,default,elastix,ants (default: all)")
+    p.add_argument("--points-per-side", type=_positive_int, default=None, help="AMG prompt grid (default: the model's)")
+    p.add_argument("--box-sizes", type=_fraction, nargs="+", default=None, metavar="F",
+                   help="box grid: box sides as fractions of the image side (default: the model's)")
+    p.add_argument("--pred-iou-thresh", type=_fraction, default=None)
+    p.add_argument("--stability-thresh", type=_fraction, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="prompts per decoder call (memory: about 70 MB per prompt for SAM-style decoders)")
+    p.add_argument("--skip-covered", action="store_true", default=None,
+                   help="fast mask generation (see samreg-rt register --help)")
+    p.add_argument("--baseline-max-side", type=_positive_int, default=512, help="2-D working size of elastix/ANTs (px)")
+    _engine_args(p)
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -11,14 +11,12 @@ import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from . import _ext
-from .bf16_graph import Bf16Graph
 from .cpus import usable_cpus
 from .errors import InputError, ManifestError, ModelError, ModelNotAvailableError
 from .io import validate_image
@@ -29,6 +27,9 @@ from .split_encoder import PART_INPUTS, PART_OUTPUTS, run_encoder_parts
 from .two_way import MAX_TOKENS, ImageTokenFactors, SharedImage, TwoWayWeights, decode_tokens as fused_decode_tokens
 from .two_way import shared_image
 from .upscaling import UpscalingWeights, upscale_kept, upscale_kept_factored
+
+if TYPE_CHECKING:  # imported where used: onnx takes about a second to import, and only bf16 engines need it
+    from .bf16_graph import Bf16Graph
 
 log = logging.getLogger("samreg_rt")
 
@@ -556,6 +557,10 @@ def _bf16_graph(path: Path, data: bytes, options: ort.SessionOptions, providers:
                 attention: bool) -> Bf16Graph:
     """An fp32 encoder graph (or part) with its weight products (and with ``attention`` its windowed attention
     cores) in bfloat16 (``samreg_rt.bf16_graph``)."""
+    import onnx
+
+    from .bf16_graph import Bf16Graph
+
     try:
         model = onnx.load_from_string(data)
     except Exception as exc:  # protobuf's DecodeError and onnx's own

@@ -49,7 +49,7 @@ from .pipeline import PRESETS, register
 log = logging.getLogger("samreg_rt")
 
 __all__ = ["RESULT_KEYS", "METHODS", "PairSpec", "EvalSettings", "load_pairs", "read_labels",
-           "read_landmarks", "evaluate_pair", "run_eval", "write_reports", "add_eval_parser"]
+           "read_landmarks", "evaluate_pair", "run_eval", "write_reports", "run_command"]
 
 RESULT_KEYS = ("pair", "application", "method", "dice", "dice_per_class", "hd95", "tre_mean",
                "tre_max", "fire_auc", "folding", "time_s")
@@ -758,8 +758,12 @@ def _plot_overlay(out: Path, pair: PairSpec, methods: tuple[str, ...], info: dic
 
 # ------------------------------------------------------------------------------------ CLI
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+def run_command(args: argparse.Namespace) -> int:
+    """``samreg-rt eval`` (its arguments: ``samreg_rt.cli.build_parser``): run, report, print a summary.
+
+    Returns the exit status: 0, or 1 when a pair's method failed.
+    """
+    methods = METHODS if args.methods is None else tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InputError(f"--methods {args.methods!r}: expected a comma-separated subset of {','.join(METHODS)}")
@@ -781,30 +785,3 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     failed = [f"{r['pair']}/{r['method']}" for r in records if r["time_s"] is None]
     print(json.dumps({"out": str(args.out), "records": len(records), "failed": failed}, indent=1))
     return 0 if not failed else 1
-
-
-def add_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register the ``eval`` subcommand on ``build_parser()``'s subparsers (sets ``func``)."""
-    p = sub.add_parser("eval", help="register and score every pair of a data manifest (samreg-rt and baselines)")
-    p.add_argument("manifest", metavar="MANIFEST_OR_DIR", help="manifest.json or the folder holding it")
-    p.add_argument("--out", required=True, help="output directory (results.json/.csv/.md, plots)")
-    p.add_argument("--pairs", nargs="+", default=None, metavar="ID", help="only these pair ids")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--points-per-side", type=int, default=None, help="AMG prompt grid (default: the model's)")
-    p.add_argument("--box-sizes", type=float, nargs="+", default=None, metavar="F",
-                   help="box grid: box sides as fractions of the image side (default: the model's)")
-    p.add_argument("--pred-iou-thresh", type=float, default=None)
-    p.add_argument("--stability-thresh", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="prompts per decoder call (memory: about 70 MB per prompt for SAM-style decoders)")
-    p.add_argument("--skip-covered", action="store_true", default=None,
-                   help="fast mask generation (see samreg-rt register --help)")
-    p.add_argument("--baseline-max-side", type=int, default=512, help="2-D working size of elastix/ANTs (px)")
-    p.add_argument("--model", default="litemedsam", help="registry name, exported model dir, HF dir or .pth")
-    p.add_argument("--provider", default="auto", help="auto | tensorrt | cuda | cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "bf16", "bf16x2"],
-                   help="bf16: the fp32 graphs with the encoder's weight products in bfloat16 (CPUs with AVX512-BF16 "
-                        "or AMX); bf16x2: the same with each weight as two bfloat16 parts (closer to fp32, slower)")
-    p.set_defaults(func=_cmd_eval)
-    return p

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 import cv2
 import faiss
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from samreg_rt import masks as _masks
 from samreg_rt.errors import InputError
@@ -134,6 +133,8 @@ def hungarian(sim: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray
     (others weigh 0 and are not kept), so no pair above the threshold is traded for one below it.
     Returns ``(int64[K, 2], float32[K])`` in descending similarity, ties by ``i``.
     """
+    from scipy.optimize import linear_sum_assignment  # half a second to import; only this strategy needs it
+
     sim = _check_sim(sim)
     thr = np.float32(threshold)
     above = sim > thr

@@ -3,7 +3,6 @@ the unregistered labels, landmarks, manifest and label reading, and the classica
 field conversion (a known shift recovered to < 1 px)."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from samreg_rt import baselines, ddf, evaluate, metrics, volume
+from samreg_rt import baselines, cli, ddf, evaluate, metrics, volume
 from samreg_rt.errors import InputError
 
 from .test_volume import litemedsam_model_dir
@@ -111,14 +110,17 @@ def test_bad_manifest_and_selection(tmp_path: Path, data_dir: Path) -> None:
 
 
 def test_eval_subcommand_parser() -> None:
-    parser = argparse.ArgumentParser(prog="samreg-rt")
-    evaluate.add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    parser = cli.build_parser()
     args = parser.parse_args(["eval", "data", "--out", "o", "--pairs", "a", "b", "--methods", "identity,ants",
                               "--points-per-side", "8"])
-    assert args.func is evaluate._cmd_eval and args.pairs == ["a", "b"] and args.points_per_side == 8
+    assert args.func is cli._cmd_eval and args.pairs == ["a", "b"] and args.points_per_side == 8
+    assert parser.parse_args(["eval", "data", "--out", "o"]).methods is None  # all of them
     bad = parser.parse_args(["eval", "data", "--out", "o", "--methods", "identity,magic"])
     with pytest.raises(InputError, match="magic"):
         bad.func(bad)
+    eval_parser = parser._subparsers._group_actions[0].choices["eval"]
+    methods_help = next(a.help for a in eval_parser._actions if a.dest == "methods")
+    assert methods_help.startswith("comma-separated subset of " + ",".join(evaluate.METHODS) + " ")
 
 
 def _smooth_pair(shape: tuple[int, ...], shift: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:

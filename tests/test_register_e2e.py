@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 import warnings
 
 import cv2
@@ -50,6 +52,34 @@ def test_cli_register_writes_every_output(litemedsam_dir, tmp_path, capsys):
     assert field.shape == (216, 256, 2) and np.isfinite(field).all()
     assert run["ddf"]["folding_ratio"] < 0.01
     assert not list(out.glob(".*.tmp"))
+
+
+# What the main job (an fp32 pair from the CLI, no field) must not import: each costs 0.5-1 s of every run's start
+# (onnx: only the bf16 engines' graph surgery; scipy: the field, metrics, baselines, Hungarian matching).
+_DEFERRED = ("onnx", "scipy", "torch", "samreg_rt.evaluate", "samreg_rt.ddf")
+_IMPORTS_SCRIPT = """
+import json, sys
+from samreg_rt.cli import main
+code = main(sys.argv[1:])
+deferred = {names}
+loaded = lambda: sorted(n for n in deferred if n in sys.modules)
+before = loaded()
+import samreg_rt.evaluate
+print(json.dumps({{"code": code, "before": before, "after_evaluate": loaded()}}))
+"""
+
+
+def test_cli_register_imports_only_what_it_runs(litemedsam_dir, tmp_path):
+    script = _IMPORTS_SCRIPT.format(names=repr(_DEFERRED))
+    proc = subprocess.run([sys.executable, "-c", script, "register", str(EXAMPLE / "fixed.png"),
+                           str(EXAMPLE / "moving.png"), "--model", str(litemedsam_dir), "--out", str(tmp_path / "o"),
+                           "--threads", "2", *GRID], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0 and (tmp_path / "o" / "run.json").is_file()
+    assert result["before"] == []
+    # the check sees such imports: the eval command's module brings scipy and the field with it
+    assert {"scipy", "samreg_rt.ddf", "samreg_rt.evaluate"} <= set(result["after_evaluate"])
 
 
 def test_batch_skips_completed_and_redoes_partial(engine, tmp_path):
