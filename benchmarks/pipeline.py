@@ -84,10 +84,11 @@ STAGES = {
 }
 
 
-def build_models(work: Path) -> dict[str, Path]:
-    """The HF directory of the benchmark model, its samreg-rt export (SAM defaults for an HF ViT-B:
-    point grid, multimask outputs) and LiteMedSAM's export, fp32 and int8. The exports run as
-    ``python -m samreg_export`` processes, as the runtime runs them, so that the exporter's peak
+def build_models(work: Path, exports: tuple[str, ...] = ("vit_b", "litemedsam"),
+                 precisions: tuple[str, ...] = ("fp32", "int8")) -> dict[str, Path]:
+    """The HF directory of the benchmark model, its samreg-rt export (``vit_b``: SAM defaults for an HF ViT-B:
+    point grid, multimask outputs) and LiteMedSAM's export (``litemedsam``), each of ``exports`` in ``precisions``.
+    The exports run as ``python -m samreg_export`` processes, as the runtime runs them, so that the exporter's peak
     memory is gone before anything is timed."""
     meta = {k: v for k, v in load_source("random:vit_b").model.state_dict().items()
             if k.startswith("image_encoder.")}
@@ -96,9 +97,11 @@ def build_models(work: Path) -> dict[str, Path]:
     models = {"hf": save_hf_dir(hf_sam_model(meta), work / "hf")}
     del meta
     for name, source in (("vit_b", f"hf:{models['hf']}"), ("litemedsam", "litemedsam")):
+        if name not in exports:
+            continue
         models[name] = work / name
         subprocess.run([sys.executable, "-m", "samreg_export", "--model", source, "--out", str(models[name]),
-                        "--name", name, "--precision", "fp32", "int8"], check=True, capture_output=True)
+                        "--name", name, "--precision", *precisions], check=True, capture_output=True)
     return models
 
 

@@ -734,6 +734,7 @@ struct UpscaleArgs {
     const float *hyper;              // [M, C2]
     const std::int64_t *mask_start;  // [R+1]: prompt r's masks are rows mask_start[r]..[r+1]-1
     std::int64_t height, width;      // input grid (h, w)
+    std::int64_t out_rows;           // its first rows that are upscaled (out has 4 out_rows rows)
     float *out;                      // [M, 4h, 4w]
     // factored first convolution (mask_upscaling_factored; tokens, w1 and b1 are then unused)
     const float *e_t;                // [hw/16, 4*C1, 16]
@@ -749,7 +750,7 @@ struct UpscaleArgs {
 template <typename V, int G, int kCols, bool kFactored>
 __attribute__((always_inline)) inline void upscale_groups(const UpscaleArgs &a, std::int64_t r, std::int64_t g) {
     constexpr int L = lanes_of<V>;
-    const std::int64_t hw = a.height * a.width, out_w = 4 * a.width, out_plane = 16 * hw;
+    const std::int64_t hw = a.height * a.width, out_w = 4 * a.width, out_plane = 16 * a.out_rows * a.width;
     const std::int64_t m0 = a.mask_start[r], masks = a.mask_start[r + 1] - m0;
     V x[G][kChannels];  // each group's image tokens (or factors), channel k in x[.][k] (pixels in lanes)
     V act[G][kC1];
@@ -965,11 +966,13 @@ py::array_t<float> checked_out(py::handle out_obj, const std::vector<py::ssize_t
 }
 
 // Validates the arguments that mask_upscaling and mask_upscaling_factored share (those after the first
-// convolution, rows of a batch of `batch` prompts of hw pixels, and out), sets them in args and returns out.
+// convolution, rows of a batch of `batch` prompts of hw pixels, the grid rows to upscale (-1: all) and out), sets
+// them in args and returns out.
 py::array_t<float> upscale_common(UpscaleArgs &args, const char *kernel, std::int64_t batch, std::int64_t hw,
                                   py::handle rows_obj, py::handle ln_weight_obj, py::handle ln_bias_obj, double eps,
                                   py::handle w2_obj, py::handle b2_obj, py::handle hyper_obj,
-                                  py::handle mask_start_obj, std::int64_t width, py::handle out_obj) {
+                                  py::handle mask_start_obj, std::int64_t width, std::int64_t grid_rows,
+                                  py::handle out_obj) {
     const py::array rows_arr = require<std::int64_t>(rows_obj, "rows", "int64", 1);
     const py::array ln_weight = require<float>(ln_weight_obj, "ln_weight", "float32", 1);
     const py::array ln_bias = require<float>(ln_bias_obj, "ln_bias", "float32", 1);
@@ -1007,8 +1010,12 @@ py::array_t<float> upscale_common(UpscaleArgs &args, const char *kernel, std::in
                                   std::to_string(kMaxMasks) + " (non-decreasing offsets)");
         }
     }
-    const std::int64_t height = hw / width;
-    py::array_t<float> out = checked_out(out_obj, {m_total, 4 * height, 4 * width}, {});
+    const std::int64_t height = hw / width, out_rows = grid_rows == -1 ? height : grid_rows;
+    if (out_rows < 1 || out_rows > height) {
+        throw py::value_error(std::string(kernel) + ": grid_rows " + std::to_string(grid_rows) + " must be -1 or 1.." +
+                              std::to_string(height) + " (the grid's rows)");
+    }
+    py::array_t<float> out = checked_out(out_obj, {m_total, 4 * out_rows, 4 * width}, {});
     args.rows = rows;
     args.ln_weight = static_cast<const float *>(ln_weight.data());
     args.ln_bias = static_cast<const float *>(ln_bias.data());
@@ -1019,6 +1026,7 @@ py::array_t<float> upscale_common(UpscaleArgs &args, const char *kernel, std::in
     args.mask_start = start;
     args.height = height;
     args.width = width;
+    args.out_rows = out_rows;
     args.out = out.mutable_data();
     return out;
 }
@@ -1027,7 +1035,7 @@ py::array_t<float> upscale_common(UpscaleArgs &args, const char *kernel, std::in
 void upscale_run(const UpscaleArgs &args, std::int64_t prompts, Isa isa, std::int64_t threads) {
     const UpscaleFn fn = for_build<UpscaleFn>(isa, upscale_avx512, upscale_avx2, upscale_generic);
     constexpr std::int64_t kChunks = 4;
-    const std::int64_t groups = args.height * args.width / (isa == Isa::avx2 ? 8 : kLanes);
+    const std::int64_t groups = args.out_rows * args.width / (isa == Isa::avx2 ? 8 : kLanes);
     py::gil_scoped_release release;
     parallel_for(prompts * kChunks, static_cast<double>(groups) * 1e5 / kChunks, threads,
                  [&](std::int64_t t0, std::int64_t t1) {
@@ -1042,8 +1050,8 @@ void upscale_run(const UpscaleArgs &args, std::int64_t prompts, Isa isa, std::in
 py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py::handle w1_obj,
                                   py::handle b1_obj, py::handle ln_weight_obj, py::handle ln_bias_obj,
                                   double eps, py::handle w2_obj, py::handle b2_obj, py::handle hyper_obj,
-                                  py::handle mask_start_obj, std::int64_t width, py::handle out_obj,
-                                  const std::string &isa, std::int64_t threads) {
+                                  py::handle mask_start_obj, std::int64_t width, std::int64_t grid_rows,
+                                  py::handle out_obj, const std::string &isa, std::int64_t threads) {
     const Isa build = kernel_isa(isa, "mask_upscaling");
     check_threads("mask_upscaling", threads);
     const py::array tokens = require<float>(tokens_obj, "tokens", "float32", 3);
@@ -1058,7 +1066,8 @@ py::array_t<float> mask_upscaling(py::handle tokens_obj, py::handle rows_obj, py
     args.w1 = static_cast<const float *>(w1.data());
     args.b1 = static_cast<const float *>(b1.data());
     py::array_t<float> out = upscale_common(args, "mask_upscaling", batch, hw, rows_obj, ln_weight_obj, ln_bias_obj,
-                                            eps, w2_obj, b2_obj, hyper_obj, mask_start_obj, width, out_obj);
+                                            eps, w2_obj, b2_obj, hyper_obj, mask_start_obj, width, grid_rows,
+                                            out_obj);
     upscale_run(args, py::len(rows_obj), build, threads);
     return out;
 }
@@ -1067,8 +1076,8 @@ py::array_t<float> mask_upscaling_factored(py::handle e_t_obj, py::handle probs1
                                            py::handle probs2_obj, py::handle rstd2_obj, py::handle first_obj,
                                            py::handle rows_obj, py::handle ln_weight_obj, py::handle ln_bias_obj,
                                            double eps, py::handle w2_obj, py::handle b2_obj, py::handle hyper_obj,
-                                           py::handle mask_start_obj, std::int64_t width, py::handle out_obj,
-                                           const std::string &isa, std::int64_t threads) {
+                                           py::handle mask_start_obj, std::int64_t width, std::int64_t grid_rows,
+                                           py::handle out_obj, const std::string &isa, std::int64_t threads) {
     const Isa build = kernel_isa(isa, "mask_upscaling_factored");
     check_threads("mask_upscaling_factored", threads);
     const py::array e_t = require<float>(e_t_obj, "e_t", "float32", 3);
@@ -1095,7 +1104,8 @@ py::array_t<float> mask_upscaling_factored(py::handle e_t_obj, py::handle probs1
     args.first = static_cast<const float *>(first.data());
     args.factor_tokens = static_cast<int>(tokens);
     py::array_t<float> out = upscale_common(args, "mask_upscaling_factored", batch, hw, rows_obj, ln_weight_obj,
-                                            ln_bias_obj, eps, w2_obj, b2_obj, hyper_obj, mask_start_obj, width, out_obj);
+                                            ln_bias_obj, eps, w2_obj, b2_obj, hyper_obj, mask_start_obj, width, grid_rows,
+                                            out_obj);
     upscale_run(args, py::len(rows_obj), build, threads);
     return out;
 }
@@ -3576,28 +3586,30 @@ PYBIND11_MODULE(_ext, m) {
           "sum over the band between a row's first and last non-zero weight, in ascending order." THREADS_DOC);
     m.def("mask_upscaling", &mask_upscaling, py::arg("tokens"), py::arg("rows"), py::arg("w1"), py::arg("b1"),
           py::arg("ln_weight"), py::arg("ln_bias"), py::arg("eps"), py::arg("w2"), py::arg("b2"),
-          py::arg("hyper"), py::arg("mask_start"), py::arg("width"), py::arg("out") = py::none(),
-          py::arg("isa") = "auto", py::arg("threads") = 0,
+          py::arg("hyper"), py::arg("mask_start"), py::arg("width"), py::arg("grid_rows") = -1,
+          py::arg("out") = py::none(), py::arg("isa") = "auto", py::arg("threads") = 0,
           "mask_upscaling(tokens: float32[B, hw, 256], rows: int64[R], w1: float32[256, 256],\n"
           "    b1: float32[256], ln_weight: float32[64], ln_bias: float32[64], eps,\n"
           "    w2: float32[64, 128], b2: float32[128], hyper: float32[M, 32], mask_start: int64[R+1],\n"
-          "    width, out=None, isa='auto', threads=0) -> float32[M, 4h, 4w]\n\n"
+          "    width, grid_rows=-1, out=None, isa='auto', threads=0) -> float32[M, 4g, 4w]\n\n"
           "SAM's mask upscaling of prompts tokens[rows]: first transposed convolution (w1 as\n"
           "[c, (di, dj, c1)], b1), LayerNorm over c1 (eps), GELU, second transposed convolution\n"
           "(w2 as [c1, (di2, dj2, c2)], b2), GELU, then the logits of masks mask_start[r]..\n"
           "mask_start[r+1]-1 of rows[r] (at most 4) with their hyper rows, on the 4h x 4w grid\n"
-          "(h = hw / width; width a multiple of 16), written into out when given. isa 'auto' runs\n"
+          "(h = hw / width; width a multiple of 16), or on its first 4g rows, g = grid_rows (the transposed\n"
+          "convolutions map grid row i to rows 4i..4i+3 only; -1: g = h), written into out when given. isa 'auto' runs\n"
           "the AVX-512 build on CPUs that have it, else the AVX2 build on CPUs with AVX2 and FMA; 'avx2'\n"
           "that build (equal to the AVX-512 one: the same operations per pixel), 'generic' the portable build."
           THREADS_DOC);
     m.def("mask_upscaling_factored", &mask_upscaling_factored, py::arg("e_t"), py::arg("probs1"), py::arg("rstd1"),
           py::arg("probs2"), py::arg("rstd2"), py::arg("first"), py::arg("rows"), py::arg("ln_weight"),
           py::arg("ln_bias"), py::arg("eps"), py::arg("w2"), py::arg("b2"), py::arg("hyper"), py::arg("mask_start"),
-          py::arg("width"), py::arg("out") = py::none(), py::arg("isa") = "auto", py::arg("threads") = 0,
+          py::arg("width"), py::arg("grid_rows") = -1, py::arg("out") = py::none(), py::arg("isa") = "auto",
+          py::arg("threads") = 0,
           "mask_upscaling_factored(e_t: float32[hw/16, 256, 16], probs1: float32[B, hw/16, J, 16],\n"
           "    rstd1: float32[B, hw], probs2: float32[B, hw/16, J, 16], rstd2: float32[B, hw],\n"
           "    first: float32[B, 2J+2, 256], rows: int64[R], ln_weight, ln_bias, eps, w2, b2, hyper, mask_start,\n"
-          "    width, out=None, isa='auto', threads=0) -> float32[M, 4h, 4w]\n\n"
+          "    width, grid_rows=-1, out=None, isa='auto', threads=0) -> float32[M, 4g, 4w]\n\n"
           "mask_upscaling with the first transposed convolution's output z (256 = (di, dj, c1) columns) of\n"
           "pixel p of prompt b = rows[r] given by factors: with x = [rstd1 rstd2 probs1[b, p // 16, :, p % 16],\n"
           "rstd2 probs2[b, p // 16, :, p % 16], rstd2, 1] (rstd1, rstd2 of [b, p]), z = x @ first[b] +\n"

@@ -171,6 +171,14 @@ def upscale_matrices(frame: Frame, low_shape: tuple[int, int], out_shape: tuple[
     return ry.astype(np.float32), rx.astype(np.float32)
 
 
+def low_rows_read(ry: np.ndarray, image_rows: int) -> int:
+    """The low-resolution rows that mask generation upscales: the first n, a multiple of 4, that hold every row
+    with a weight in ``ry`` (H, 256) (``upscale_matrices``) and the resized image's first ``image_rows`` (those
+    of ``stability_on = "low_res"``); the rest lie in the image's padding (bottom), which nothing reads."""
+    weighted = int(np.flatnonzero(ry.any(axis=0)).max(initial=-1)) + 1
+    return min(LOW_RES, 4 * -(-max(image_rows, weighted, 1) // 4))
+
+
 def upscale_logits(low: np.ndarray, frame: Frame, out_shape: tuple[int, int],
                    matrices: tuple[np.ndarray, np.ndarray] | None = None, threads: int = 0) -> np.ndarray:
     """Low-resolution logits (K, 256, 256) -> (K, H, W) float32 on the working grid.
@@ -210,7 +218,9 @@ def _generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
     outputs = [1, 2, 3] if params.mask_output == "multimask" else [0]
     valid = (int(np.ceil(frame.resized_shape[0] * LOW_RES / frame.input_size)),
              int(np.ceil(frame.resized_shape[1] * LOW_RES / frame.input_size)))
-    upscaling = upscale_matrices(frame, (LOW_RES, LOW_RES), out_shape)
+    ry, rx = upscale_matrices(frame, (LOW_RES, LOW_RES), out_shape)
+    low_rows = low_rows_read(ry, valid[0])           # the masks' low-resolution rows outside the padding
+    upscaling = (np.ascontiguousarray(ry[:, :low_rows]), rx)
     kept_masks, kept_iou, kept_stab, kept_ids = [], [], [], []
     counts = {"prompts": len(coords), "run": 0, "candidates": 0, "pred_iou": 0, "stability": 0}
     covered = np.zeros(out_shape, bool)
@@ -233,7 +243,7 @@ def _generate(engine: Engine, emb: ImageEmbedding, params: AmgParams,
         if not keep.any():
             continue
         # Upscale only the masks left: the mask upscaling is a third of the decoder.
-        low = engine.decode_kept_masks(image_tokens, hyper_in, keep)   # (m, 256, 256)
+        low = engine.decode_kept_masks(image_tokens, hyper_in, keep, low_rows)   # (m, low_rows, 256)
         iou, ids = iou[keep], np.repeat(batch, len(outputs)).reshape(keep.shape)[keep]
         if params.stability_on == "low_res":       # opt-in: the stability filter before the upscaling
             stab = mask_ops.stability_scores(np.ascontiguousarray(low[:, :valid[0], :valid[1]]),

@@ -455,30 +455,34 @@ class Engine:
         return low
 
     def decode_kept_masks(self, image_tokens: np.ndarray | ImageTokenFactors, hyper_in: np.ndarray,
-                          keep: np.ndarray) -> np.ndarray:
+                          keep: np.ndarray, low_rows: int = 256) -> np.ndarray:
         """``decode_masks`` of the kept masks only: image_tokens (B, 4096, C) and hyper_in (B, K, C/8)
-        as there, keep bool (B, K) -> low-resolution logits (M, 256, 256) float32 of keep's True
-        entries in row-major order, equal to ``decode_masks(image_tokens, hyper_in)[keep]`` up to float
-        rounding. Runs the fused kernel when ``mask_upscaling`` is set, else ``decoder_masks`` on the
-        prompts with a kept mask. image_tokens may be in factored form (``decode_tokens(factors=...)``)."""
+        as there, keep bool (B, K) -> low-resolution logits (M, low_rows, 256) float32 of keep's True
+        entries in row-major order, equal to ``decode_masks(image_tokens, hyper_in)[keep][:, :low_rows]`` up to
+        float rounding. low_rows: a multiple of 4 in 4..256; the fused kernels upscale only the token rows that
+        make them (each token row makes 4 rows), e.g. not those of an image's padding. Runs the fused kernel when
+        ``mask_upscaling`` is set, else ``decoder_masks`` on the prompts with a kept mask. image_tokens may be in
+        factored form (``decode_tokens(factors=...)``)."""
         keep = np.asarray(keep, bool)
         if keep.ndim != 2 or np.ndim(hyper_in) != 3 or keep.shape != np.shape(hyper_in)[:2]:
             raise InputError(f"decode_kept_masks: expected hyper_in (B, K, C/8) and keep (B, K), got "
                              f"{np.shape(hyper_in)} and {keep.shape}")
+        if not (isinstance(low_rows, (int, np.integer)) and 4 <= low_rows <= 256 and low_rows % 4 == 0):
+            raise InputError(f"decode_kept_masks: low_rows must be a multiple of 4 in 4..256, got {low_rows!r}")
         if not keep.any():
-            return np.zeros((0, 256, 256), np.float32)
+            return np.zeros((0, low_rows, 256), np.float32)
         if isinstance(image_tokens, ImageTokenFactors):
             if self.mask_upscaling is not None:
                 return upscale_kept_factored(image_tokens, hyper_in, keep, self.mask_upscaling,
-                                             self.spec.embedding_size, self.threads)
+                                             self.spec.embedding_size, self.threads, low_rows // 4)
             image_tokens = image_tokens.dense()
         if self.mask_upscaling is not None:
             return upscale_kept(image_tokens, hyper_in, keep, self.mask_upscaling, self.spec.embedding_size,
-                                self.threads)
+                                self.threads, low_rows // 4)
         rows = np.flatnonzero(keep.any(axis=1))
         if rows.size < len(keep):          # (image_tokens is 4 MB per prompt: no copy when all are kept)
             image_tokens, hyper_in, keep = image_tokens[rows], hyper_in[rows], keep[rows]
-        return self.decode_masks(image_tokens, hyper_in)[keep]
+        return np.ascontiguousarray(self.decode_masks(image_tokens, hyper_in)[keep][:, :low_rows])
 
 
 def _register_shared_cpu_arena() -> None:

@@ -61,14 +61,15 @@ class UpscalingWeights:
 
 
 def upscale_kept(image_tokens: np.ndarray, hyper_in: np.ndarray, keep: np.ndarray,
-                 weights: UpscalingWeights, width: int, threads: int = 0) -> np.ndarray:
+                 weights: UpscalingWeights, width: int, threads: int = 0, grid_rows: int = -1) -> np.ndarray:
     """Low-resolution logits of the kept masks.
 
     image_tokens: float32 (B, hw, C) and hyper_in (B, K, C2), from ``Engine.decode_tokens`` (hyper_in
     any K <= 4 of its rows); keep: bool (B, K); width: of the token grid (hw = h * width); threads: the
-    kernel's thread limit (0: the CPUs this process may run on).
-    Returns float32 (M, 4h, 4w), M = keep.sum(), in the row-major order of ``keep``: equal to
-    ``Engine.decode_masks(image_tokens, hyper_in)[keep]`` up to float rounding.
+    kernel's thread limit (0: the CPUs this process may run on); grid_rows: upscale only the token grid's first
+    grid_rows rows (-1: all h), each of which makes 4 rows of the logits.
+    Returns float32 (M, 4g, 4w), M = keep.sum(), g = grid_rows (h for -1), in the row-major order of ``keep``:
+    equal to ``Engine.decode_masks(image_tokens, hyper_in)[keep][:, :4g]`` up to float rounding.
     """
     tokens = np.asarray(image_tokens, np.float32)
     hyper = np.asarray(hyper_in, np.float32)
@@ -80,11 +81,11 @@ def upscale_kept(image_tokens: np.ndarray, hyper_in: np.ndarray, keep: np.ndarra
     mask_start = np.concatenate([[0], np.cumsum(keep[rows].sum(axis=1))]).astype(np.int64)
     return _ext.mask_upscaling(np.ascontiguousarray(tokens), rows.astype(np.int64), weights.w1, weights.b1,
                                weights.ln_weight, weights.ln_bias, weights.eps, weights.w2, weights.b2,
-                               np.ascontiguousarray(hyper[keep]), mask_start, int(width), threads=threads)
+                               np.ascontiguousarray(hyper[keep]), mask_start, int(width), grid_rows, threads=threads)
 
 
 def upscale_kept_factored(factors: ImageTokenFactors, hyper_in: np.ndarray, keep: np.ndarray,
-                          weights: UpscalingWeights, width: int, threads: int = 0) -> np.ndarray:
+                          weights: UpscalingWeights, width: int, threads: int = 0, grid_rows: int = -1) -> np.ndarray:
     """``upscale_kept`` of image tokens in factored form (``two_way.decode_tokens(factors=...)``).
 
     The first convolution z = x2 @ w1 + b1 is linear in x2 = LN_2(x1 + a2 V2), x1 = LN_1(e + a1 V1)
@@ -123,4 +124,4 @@ def upscale_kept_factored(factors: ImageTokenFactors, hyper_in: np.ndarray, keep
     return _ext.mask_upscaling_factored(e_t, factors.probs[0], factors.rstd[0], factors.probs[1], factors.rstd[1],
                                         first, rows.astype(np.int64), weights.ln_weight, weights.ln_bias,
                                         weights.eps, weights.w2, weights.b2, np.ascontiguousarray(hyper[keep]),
-                                        mask_start, int(width), threads=threads)
+                                        mask_start, int(width), grid_rows, threads=threads)

@@ -91,9 +91,9 @@ class _ScriptedEngine:
         self.upscaled += len(image_tokens)
         return low
 
-    def decode_kept_masks(self, image_tokens, hyper_in, keep):
+    def decode_kept_masks(self, image_tokens, hyper_in, keep, low_rows=256):
         rows = keep.any(axis=1)
-        return self.decode_masks(image_tokens[rows], hyper_in[rows])[keep[rows]]
+        return self.decode_masks(image_tokens[rows], hyper_in[rows])[keep[rows]][:, :low_rows]
 
 
 def test_generate_filters_and_nms():
@@ -109,6 +109,27 @@ def test_generate_filters_and_nms():
     assert list(out.prompt_ids) == [2, 0, 3]           # sorted by predicted IoU, disjoint disks
     assert out.masks.shape == (3, 256, 256) and out.masks.dtype == bool
     assert np.all(np.diff(out.iou_preds) <= 0)
+
+
+@pytest.mark.parametrize("original,resized,size,out_shape", [
+    ((216, 256), (216, 256), 256, (216, 256)),        # LiteMedSAM, landscape: 216 of 256 rows
+    ((85, 512), (43, 256), 256, (85, 512)),           # a strip: 44 rows
+    ((256, 216), (256, 216), 256, (256, 216)),        # portrait: the padding is on the right, all rows read
+    ((440, 517), (871, 1024), 1024, (200, 200)),      # ViT at 1024, the reference preset's working grid
+    ((200, 200), (1024, 1024), 1024, (200, 200)),     # square
+    ((3, 500), (6, 1024), 1024, (3, 500)),            # a row or two of the low-resolution grid
+])
+def test_low_rows_read(original, resized, size, out_shape):
+    """low_rows_read: a multiple of 4 past every row that ``upscale_matrices`` weighs and every row of the resized
+    image, and the least such."""
+    frame = Frame(original, resized, size)
+    ry, _ = amg.upscale_matrices(frame, (256, 256), out_shape)
+    image_rows = int(np.ceil(resized[0] * 256 / size))
+    n = amg.low_rows_read(ry, image_rows)
+    assert n % 4 == 0 and 4 <= n <= 256 and n >= image_rows
+    assert not ry[:, n:].any()
+    assert n == 4 or ry[:, n - 4:].any() or image_rows > n - 4        # the least
+    assert (n == 256) == (image_rows > 252)
 
 
 def test_coarse_to_fine_order():
@@ -184,9 +205,9 @@ def test_generate_runs_without_huge_pages(monkeypatch):
     seen = []
 
     class Recording(_ScriptedEngine):
-        def decode_kept_masks(self, image_tokens, hyper_in, keep):
+        def decode_kept_masks(self, image_tokens, hyper_in, keep, low_rows=256):
             seen.append(_huge_pages())
-            return super().decode_kept_masks(image_tokens, hyper_in, keep)
+            return super().decode_kept_masks(image_tokens, hyper_in, keep, low_rows)
 
     previous = multiarray._set_madvise_hugepage(True)
     try:

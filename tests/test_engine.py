@@ -110,6 +110,44 @@ def test_decode_kept_masks_equals_decode_masks(tiny_dir):
     assert engine.decode_kept_masks(image_tokens, hyper_in, np.zeros((6, 4), bool)).shape == (0, 256, 256)
     with pytest.raises(InputError, match="decode_kept_masks"):
         engine.decode_kept_masks(image_tokens, hyper_in, keep[:5])
+    # low_rows: the first rows of the same logits (the fused kernel skips the other token rows: to the bit)
+    graph_engine = Engine.load(tiny_dir, threads=2, fused_upscaling=False)
+    for each in (engine, graph_engine):
+        whole = each.decode_kept_masks(image_tokens, hyper_in[:, 1:], keep)
+        part = each.decode_kept_masks(image_tokens, hyper_in[:, 1:], keep, 120)
+        assert part.shape == (7, 120, 256) and part.flags.c_contiguous
+        np.testing.assert_array_equal(part, whole[:, :120])
+        assert each.decode_kept_masks(image_tokens, hyper_in[:, 1:], np.zeros((6, 3), bool), 8).shape == (0, 8, 256)
+    for bad in (0, 6, 260, 3.5):
+        with pytest.raises(InputError, match=f"low_rows must be a multiple of 4 in 4..256, got {bad}"):
+            engine.decode_kept_masks(image_tokens, hyper_in[:, 1:], keep, bad)
+
+
+def test_mask_generation_skips_the_padding_rows(tiny_dir, monkeypatch):
+    """A SAM-style model (longest side resized, padded below; random weights): on a 54 x 64 image mask generation
+    upscales the 216 low-resolution rows of the image only, and its masks, scores and order are those of
+    upscaling all 256."""
+    engine = Engine.load(tiny_dir, threads=2)
+    image = np.random.default_rng(4).integers(0, 255, (54, 64), np.uint8)
+    emb = engine.embed(image)
+    params = amg.AmgParams(points_per_side=6, mask_output="single", pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                           batch_size=16)
+    asked = []
+    decode_kept_masks = engine.decode_kept_masks
+
+    def recording(image_tokens, hyper_in, keep, low_rows=256):
+        asked.append(low_rows)
+        return decode_kept_masks(image_tokens, hyper_in, keep, low_rows)
+
+    monkeypatch.setattr(engine, "decode_kept_masks", recording)
+    trimmed = amg.generate(engine, emb, params)
+    assert engine.spec.resize == "longest_side" and emb.frame.resized_shape[0] < emb.frame.input_size
+    assert asked and set(asked) == {216}
+    monkeypatch.setattr(amg, "low_rows_read", lambda ry, image_rows: 256)
+    whole = amg.generate(engine, emb, params)
+    assert asked[-1] == 256 and len(trimmed) > 0
+    for name in ("masks", "iou_preds", "stability", "boxes", "prompt_ids"):
+        np.testing.assert_array_equal(getattr(trimmed, name), getattr(whole, name), err_msg=name)
 
 
 def test_decode_kept_masks_litemedsam(litemedsam_dir, data_dir):

@@ -608,6 +608,34 @@ def test_mask_upscaling_factored_matches_twin(rng, counts, height, width, tokens
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(np.abs(want).max()))
 
 
+@pytest.mark.parametrize("factored", [False, True])
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_mask_upscaling_grid_rows(rng, factored, isa):
+    """grid_rows g upscales the grid's first g rows only: the first 4g rows of the whole logits, to the bit (each
+    grid row makes its own 4 rows), and the twin's; -1 is all; other values and an out of the whole shape are
+    refused."""
+    if factored:
+        args, run, twin = (twins.upscaling_factored_inputs(rng, [2, 0, 1], 8, 32, 9, 3), _ext.mask_upscaling_factored,
+                           twins.mask_upscaling_factored)
+    else:
+        args, run, twin = twins.upscaling_inputs(rng, [2, 0, 1], 8, 32), _ext.mask_upscaling, twins.mask_upscaling
+    whole = run(**args, isa=isa)
+    np.testing.assert_array_equal(run(**args, grid_rows=-1, isa=isa), whole)
+    for g in (1, 3, 8):
+        got = run(**args, grid_rows=g, isa=isa)
+        assert got.shape == (3, 4 * g, 128)
+        np.testing.assert_array_equal(got, whole[:, :4 * g])
+        want = twin(**args, grid_rows=g)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * float(np.abs(want).max()))
+    out = np.full((3, 12, 128), np.nan, np.float32)
+    assert run(**args, grid_rows=3, out=out, isa=isa) is out and np.isfinite(out).all()
+    for bad in (0, 9, -2):
+        with pytest.raises(ValueError, match=f"grid_rows {bad} must be -1 or 1..8"):
+            run(**args, grid_rows=bad, isa=isa)
+    with pytest.raises(ValueError, match=r"out: expected shape \(3, 12, 128\)"):
+        run(**args, grid_rows=3, out=np.zeros((3, 32, 128), np.float32), isa=isa)
+
+
 def test_mask_upscaling_factored_equals_mask_upscaling_of_its_tokens(rng):
     """Factors whose z is that of given tokens (first = [0; 0; 0; b1] plus the tokens' product folded into e_t
     with unit scales) upscale to mask_upscaling's logits of those tokens."""

@@ -119,22 +119,22 @@ def greedy_match(sim: np.ndarray, threshold: float, max_pairs: int = 0
 
 def mask_upscaling(tokens: np.ndarray, rows: np.ndarray, w1: np.ndarray, b1: np.ndarray, ln_weight: np.ndarray,
                    ln_bias: np.ndarray, eps: float, w2: np.ndarray, b2: np.ndarray, hyper: np.ndarray,
-                   mask_start: np.ndarray, width: int) -> np.ndarray:
+                   mask_start: np.ndarray, width: int, grid_rows: int = -1) -> np.ndarray:
     """SAM's mask upscaling of the prompts ``tokens[rows]``, in float64 with the exact erf (the kernel
     approximates erf to 5e-7 and computes in float32: compare with a tolerance).
 
     tokens float32[B, hw, C] (pixels row-major on an h x width grid) -> @ w1 [C, (di, dj, c1)] + b1,
     LayerNorm over c1, GELU -> @ w2 [C1, (di2, dj2, c2)] + b2, GELU -> logits of mask m (of prompt
     rows[r] when mask_start[r] <= m < mask_start[r+1]) = activations . hyper[m], at output pixel
-    (4i + 2di + di2, 4j + 2dj + dj2) -> float32[M, 4h, 4w]."""
+    (4i + 2di + di2, 4j + 2dj + dj2) -> float32[M, 4h, 4w], or its first 4 grid_rows rows (-1: all)."""
     z = tokens[rows].astype(np.float64) @ w1 + b1
-    return _upscale_first_output(z, ln_weight, ln_bias, eps, w2, b2, hyper, mask_start, width)
+    return _upscale_first_output(z, ln_weight, ln_bias, eps, w2, b2, hyper, mask_start, width, grid_rows)
 
 
 def mask_upscaling_factored(e_t: np.ndarray, probs1: np.ndarray, rstd1: np.ndarray, probs2: np.ndarray,
                             rstd2: np.ndarray, first: np.ndarray, rows: np.ndarray, ln_weight: np.ndarray,
                             ln_bias: np.ndarray, eps: float, w2: np.ndarray, b2: np.ndarray, hyper: np.ndarray,
-                            mask_start: np.ndarray, width: int) -> np.ndarray:
+                            mask_start: np.ndarray, width: int, grid_rows: int = -1) -> np.ndarray:
     """mask_upscaling with the first convolution's output z given by factors, in float64: for prompt
     b = rows[r] and pixel p, x = [rstd1 rstd2 a1, rstd2 a2, rstd2, 1] (a1 = probs1[b, p // 16, :, p % 16], a2
     likewise, rstd1 and rstd2 of [b, p]) and z = x @ first[b] + rstd1 rstd2 e_t[p // 16, :, p % 16]."""
@@ -144,12 +144,14 @@ def mask_upscaling_factored(e_t: np.ndarray, probs1: np.ndarray, rstd1: np.ndarr
     r1, r2 = (r.astype(np.float64)[..., None] for r in (rstd1, rstd2))              # [B, hw, 1]
     x = np.concatenate([r1 * r2 * a1, r2 * a2, r2, np.ones_like(r2)], axis=-1)      # [B, hw, 2J + 2]
     z = np.einsum("bpk,bkc->bpc", x[rows], first[rows].astype(np.float64)) + (r1 * r2)[rows] * e
-    return _upscale_first_output(z, ln_weight, ln_bias, eps, w2, b2, hyper, mask_start, width)
+    return _upscale_first_output(z, ln_weight, ln_bias, eps, w2, b2, hyper, mask_start, width, grid_rows)
 
 
 def _upscale_first_output(z: np.ndarray, ln_weight: np.ndarray, ln_bias: np.ndarray, eps: float, w2: np.ndarray,
-                          b2: np.ndarray, hyper: np.ndarray, mask_start: np.ndarray, width: int) -> np.ndarray:
-    """The mask upscaling after the first convolution's output z float64[R, hw, (di, dj, c1)]."""
+                          b2: np.ndarray, hyper: np.ndarray, mask_start: np.ndarray, width: int,
+                          grid_rows: int) -> np.ndarray:
+    """The mask upscaling after the first convolution's output z float64[R, hw, (di, dj, c1)]: the logits' first
+    4 grid_rows rows (-1: all)."""
     from scipy.special import erf
 
     def gelu(x: np.ndarray) -> np.ndarray:
@@ -166,7 +168,7 @@ def _upscale_first_output(z: np.ndarray, ln_weight: np.ndarray, ln_bias: np.ndar
     logits = np.einsum("mpstc,mc->mpst", y[prompt_of], hyper.astype(np.float64))  # [M, p, s1, s2]
     logits = logits.reshape(-1, height, width, 2, 2, 2, 2)                        # (i, j, di, dj, di2, dj2)
     out = logits.transpose(0, 1, 3, 5, 2, 4, 6).reshape(-1, 4 * height, 4 * width)
-    return out.astype(np.float32)
+    return out[:, :4 * (height if grid_rows == -1 else grid_rows)].astype(np.float32)
 
 
 def upscaling_factored_inputs(rng: np.random.Generator, counts: list[int], height: int, width: int,
