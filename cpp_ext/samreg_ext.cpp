@@ -2722,24 +2722,24 @@ inline std::uint16_t to_bf16(float x) {
 }
 
 // A head's keys as B tiles: [P32 / 16][kc][16 channel pairs][16 keys][2]; its values: [P32 / 32][vc][16 key
-// pairs][16 channels][2] (amx_layout).
+// pairs][16 channels][2] (bf16_kv_layout).
 // Where row r of head n of an attention operand starts, in its elements: the heads in batches of `group`,
 // (n / group) batch + r row + (n % group) head. [R, H, d] (token-major): {H, 0, H d, d}; [H, R, d] (heads first):
 // {1, R d, d, 0}; a window-batched qkv [B, L, 3, G, d]: {G, 3 L G d, 3 G d, d} from q's, k's or v's first value.
-struct AmxLayout {
+struct Bf16KvLayout {
     std::int64_t group, batch, row, head;
     std::int64_t at(std::int64_t n, std::int64_t r) const { return n / group * batch + r * row + n % group * head; }
 };
 
-struct AmxAttentionArgs {
+struct Bf16AttentionArgs {
     const float *q, *k, *v;  // their layouts q_at, kv_at (k and v alike)
     float *out;              // out_at
-    AmxLayout q_at, kv_at, out_at;
+    Bf16KvLayout q_at, kv_at, out_at;
     std::int64_t rows, pixels, padded;  // R, P, P32
     int heads, dim, kc, vc;  // H, d, ceil(d / 32) channel chunks of the logits, ceil(d / 16) value tiles
     const float *rel_h;      // the terms' arrays (rows of kh values at rel_at), or null
     const float *rel_w;      // (rows of kw values at rel_at)
-    AmxLayout rel_at;
+    Bf16KvLayout rel_at;
     int kw;
     float scale;             // q's factor, applied in float32 before the rounding to bfloat16
     // or the terms from q and tables (relative position embeddings, SAM's get_rel_pos): query row r at (r / qw,
@@ -2777,7 +2777,7 @@ __attribute__((always_inline, target(BF16_TARGET))) inline __m512 load_first(con
 // Head h's keys and values of pixel chunks [t0, t1) (32 pixels each) into its tile layouts kb, vb (zero past P and
 // past d), rounded as to_bf16: a key's 32 channels of a chunk as 16 channel pairs scattered down a tile column, a
 // pair of keys' 16 channels as one tile row of pairs.
-__attribute__((target(BF16_TARGET))) void amx_layout(const AmxAttentionArgs &a, std::int64_t h, std::int64_t t0,
+__attribute__((target(BF16_TARGET))) void bf16_kv_layout(const Bf16AttentionArgs &a, std::int64_t h, std::int64_t t0,
                                                     std::int64_t t1, std::uint16_t *kb, std::uint16_t *vb) {
     const float *k = a.k, *v = a.v;
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -2827,7 +2827,7 @@ struct alignas(64) AmxTileConfig {
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kAmxMasked = -1e30f;
 
-__attribute__((always_inline, target(AMX_TARGET))) inline v16f amx_exp(v16f x, __m512 shift) {
+__attribute__((always_inline, target(AMX_TARGET))) inline v16f softmax_exp(v16f x, __m512 shift) {
     const __m512 t = _mm512_fmadd_ps(reinterpret_cast<__m512>(x), _mm512_set1_ps(kLog2e), shift);
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
@@ -2838,9 +2838,9 @@ __attribute__((always_inline, target(AMX_TARGET))) inline v16f amx_exp(v16f x, _
     return reinterpret_cast<v16f>(_mm512_scalef_ps(p, n));
 }
 
-// A query row's relative position terms from a transposed table (AmxAttentionArgs::table_h or table_w):
+// A query row's relative position terms from a transposed table (Bf16AttentionArgs::table_h or table_w):
 // out[a] = sum_c q[c] table[c][a] for a < n16, in float32 (table and out 64-byte aligned, n16 a multiple of 16).
-__attribute__((target(BF16_TARGET))) void amx_table_terms(const float *q, int d, const float *table, int n16,
+__attribute__((target(BF16_TARGET))) void rel_table_terms(const float *q, int d, const float *table, int n16,
                                                          float *out) {
     for (int a = 0; a < n16; a += kLanes) {
         __m512 acc = _mm512_setzero_ps();
@@ -2850,14 +2850,14 @@ __attribute__((target(BF16_TARGET))) void amx_table_terms(const float *q, int d,
     }
 }
 
-// Query rows r0..r0 + 15 (those below R) of head h, whose keys and values kb, vb hold (amx_layout). logits: 16 rows
+// Query rows r0..r0 + 15 (those below R) of head h, whose keys and values kb, vb hold (bf16_kv_layout). logits: 16 rows
 // of P32 + 16 floats; probs: 16 rows of P32 + 32 bfloat16 (rows 64 bytes past a multiple of 4 KiB, so that a tile's
 // 16 rows do not share one set of the L1 cache), both 64-byte aligned. terms: null, or (a key grid whose width kw is
 // not a multiple of 16, or a.bias) 16 rows of P32 floats, zero past P, for the rows' relative position terms or
 // bias. Tiles (the products on the AMX tiles) 0-1: q; 2-3: logits; 4-7: keys. Then 0-3: the value sums; 4: weights;
 // 5-7: values. Without Tiles the same products by VDPBF16PS on the tiles' rows as vectors.
 template <int KC, int VC, bool Tiles>
-__attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int h, std::int64_t r0,
+__attribute__((target(AMX_TARGET))) void bf16_rows(const Bf16AttentionArgs &a, int h, std::int64_t r0,
                                                   const std::uint16_t *kb, const std::uint16_t *vb, float *logits,
                                                   std::uint16_t *probs, float *terms) {
     const int d = a.dim, n = static_cast<int>(std::min<std::int64_t>(kAmxRows, a.rows - r0));
@@ -2882,8 +2882,8 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
         const std::int64_t row = r0 + std::min(r, n - 1);
         if (a.table_h) {
             const float *qr = a.q + a.q_at.at(h, row);
-            amx_table_terms(qr, d, a.table_h + row / a.qw * d * a.kh16, a.kh16, rel_rows[r][0]);
-            amx_table_terms(qr, d, a.table_w + row % a.qw * d * a.kw16, a.kw16, rel_rows[r][1]);
+            rel_table_terms(qr, d, a.table_h + row / a.qw * d * a.kh16, a.kh16, rel_rows[r][0]);
+            rel_table_terms(qr, d, a.table_w + row % a.qw * d * a.kw16, a.kw16, rel_rows[r][1]);
             rel_h[r] = rel_rows[r][0], rel_w[r] = rel_rows[r][1];
         } else {
             rel_h[r] = a.rel_h + a.rel_at.at(h, row) * kh;
@@ -2968,7 +2968,7 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
         v16f s = v16f{};
         auto *weights = reinterpret_cast<__m512i *>(probs + r * lp);
         for (std::int64_t j = 0; j < blocks; j += 2) {  // two vectors into one of 32 bfloat16
-            const v16f e0 = amx_exp(row[j], shift), e1 = amx_exp(row[j + 1], shift);
+            const v16f e0 = softmax_exp(row[j], shift), e1 = softmax_exp(row[j + 1], shift);
             s += e0 + e1;
             _mm512_store_si512(weights + j / 2, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(
                                                     reinterpret_cast<__m512>(e1), reinterpret_cast<__m512>(e0))));
@@ -3033,16 +3033,16 @@ __attribute__((target(AMX_TARGET))) void amx_rows(const AmxAttentionArgs &a, int
     }
 }
 
-// amx_rows for a's channel chunks (kc, vc: d up to 16, 32, 48, 64).
+// bf16_rows for a's channel chunks (kc, vc: d up to 16, 32, 48, 64).
 template <bool Tiles>
-__attribute__((target(AMX_TARGET))) void amx_rows_of(const AmxAttentionArgs &a, int h, std::int64_t r0,
+__attribute__((target(AMX_TARGET))) void bf16_rows_of(const Bf16AttentionArgs &a, int h, std::int64_t r0,
                                                      const std::uint16_t *kb, const std::uint16_t *vb, float *logits,
                                                      std::uint16_t *probs, float *terms) {
     switch (a.kc * 4 + a.vc) {
-        case 1 * 4 + 1: amx_rows<1, 1, Tiles>(a, h, r0, kb, vb, logits, probs, terms); break;
-        case 1 * 4 + 2: amx_rows<1, 2, Tiles>(a, h, r0, kb, vb, logits, probs, terms); break;
-        case 2 * 4 + 3: amx_rows<2, 3, Tiles>(a, h, r0, kb, vb, logits, probs, terms); break;
-        default: amx_rows<2, 4, Tiles>(a, h, r0, kb, vb, logits, probs, terms); break;
+        case 1 * 4 + 1: bf16_rows<1, 1, Tiles>(a, h, r0, kb, vb, logits, probs, terms); break;
+        case 1 * 4 + 2: bf16_rows<1, 2, Tiles>(a, h, r0, kb, vb, logits, probs, terms); break;
+        case 2 * 4 + 3: bf16_rows<2, 3, Tiles>(a, h, r0, kb, vb, logits, probs, terms); break;
+        default: bf16_rows<2, 4, Tiles>(a, h, r0, kb, vb, logits, probs, terms); break;
     }
 }
 
@@ -3053,7 +3053,7 @@ constexpr std::int64_t kAmxHeadItemRows = 256;
 
 // Work items [i0, i1) with the tiles configured for this thread: heads (by_head: their keys and values laid out
 // here, then each block of 16 rows), else blocks of 16 rows (head-major) of heads laid out in kb, vb.
-__attribute__((target(AMX_TARGET))) void amx_attention_items(const AmxAttentionArgs &a, bool by_head,
+__attribute__((target(AMX_TARGET))) void bf16_attention_items(const Bf16AttentionArgs &a, bool by_head,
                                                              const std::uint16_t *kb, const std::uint16_t *vb,
                                                              std::int64_t i0, std::int64_t i1) {
     const std::int64_t blocks = (a.rows + kAmxRows - 1) / kAmxRows, chunks = a.padded / kAmxDepth;
@@ -3071,13 +3071,13 @@ __attribute__((target(AMX_TARGET))) void amx_attention_items(const AmxAttentionA
     if (a.tiles) _tile_loadconfig(&config);
     auto rows = [&](int h, std::int64_t r0, const std::uint16_t *hkb, const std::uint16_t *hvb) {
         if (a.tiles)
-            amx_rows_of<true>(a, h, r0, hkb, hvb, logits, probs, terms);
+            bf16_rows_of<true>(a, h, r0, hkb, hvb, logits, probs, terms);
         else
-            amx_rows_of<false>(a, h, r0, hkb, hvb, logits, probs, terms);
+            bf16_rows_of<false>(a, h, r0, hkb, hvb, logits, probs, terms);
     };
     for (std::int64_t i = i0; i < i1; ++i) {
         if (by_head) {
-            amx_layout(a, i, 0, chunks, own_kb, own_vb);
+            bf16_kv_layout(a, i, 0, chunks, own_kb, own_vb);
             for (std::int64_t r0 = 0; r0 < a.rows; r0 += kAmxRows) rows(static_cast<int>(i), r0, own_kb, own_vb);
         } else {
             const std::int64_t h = i / blocks;
@@ -3089,7 +3089,7 @@ __attribute__((target(AMX_TARGET))) void amx_attention_items(const AmxAttentionA
 
 // Runs the attention of `a` (arrays checked; a.tiles: the AMX tiles available, else AVX512-BF16) on up to `threads`
 // threads.
-void amx_attention_run(const AmxAttentionArgs &a, std::int64_t threads) {
+void bf16_attention_run(const Bf16AttentionArgs &a, std::int64_t threads) {
     const std::int64_t chunks = a.padded / kAmxDepth;
     const bool by_head = a.rows <= kAmxHeadItemRows;
     const std::int64_t blocks = (a.rows + kAmxRows - 1) / kAmxRows;
@@ -3106,16 +3106,16 @@ void amx_attention_run(const AmxAttentionArgs &a, std::int64_t threads) {
         py::gil_scoped_release release;
         if (by_head) {
             parallel_for(a.heads, blocks * rows_cost + layout_cost, threads, [&](std::int64_t i0, std::int64_t i1) {
-                amx_attention_items(a, true, kb, vb, i0, i1);
+                bf16_attention_items(a, true, kb, vb, i0, i1);
             });
         } else {
             parallel_for(a.heads * chunks, layout_cost / chunks, threads, [&](std::int64_t u0, std::int64_t u1) {
                 for (std::int64_t u = u0; u < u1; ++u)
-                    amx_layout(a, u / chunks, u % chunks, u % chunks + 1, kb + u / chunks * head_kb,
+                    bf16_kv_layout(a, u / chunks, u % chunks, u % chunks + 1, kb + u / chunks * head_kb,
                                vb + u / chunks * head_vb);
             });
             parallel_for(a.heads * blocks, rows_cost, threads, [&](std::int64_t i0, std::int64_t i1) {
-                amx_attention_items(a, false, kb, vb, i0, i1);
+                bf16_attention_items(a, false, kb, vb, i0, i1);
             });
         }
     }
@@ -3154,10 +3154,10 @@ py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py:
     const std::int64_t padded = (in.pixels + kAmxDepth - 1) / kAmxDepth * kAmxDepth;
     const int kc = static_cast<int>((in.dim + kAmxDepth - 1) / kAmxDepth), vc = static_cast<int>((in.dim + 15) / 16);
     const std::int64_t d = in.dim, h = in.heads;
-    const AmxLayout q_at = heads_first ? AmxLayout{1, in.rows * d, d, 0} : AmxLayout{h, 0, h * d, d};
-    const AmxLayout kv_at = heads_first ? AmxLayout{1, in.pixels * d, d, 0} : AmxLayout{h, 0, h * d, d};
-    const AmxLayout rel_at = heads_first ? AmxLayout{1, in.rows, 1, 0} : AmxLayout{h, 0, h, 1};
-    const AmxAttentionArgs args{static_cast<const float *>(in.q.data()), static_cast<const float *>(in.k.data()),
+    const Bf16KvLayout q_at = heads_first ? Bf16KvLayout{1, in.rows * d, d, 0} : Bf16KvLayout{h, 0, h * d, d};
+    const Bf16KvLayout kv_at = heads_first ? Bf16KvLayout{1, in.pixels * d, d, 0} : Bf16KvLayout{h, 0, h * d, d};
+    const Bf16KvLayout rel_at = heads_first ? Bf16KvLayout{1, in.rows, 1, 0} : Bf16KvLayout{h, 0, h, 1};
+    const Bf16AttentionArgs args{static_cast<const float *>(in.q.data()), static_cast<const float *>(in.k.data()),
                                 static_cast<const float *>(in.v.data()), out.mutable_data(), q_at, kv_at, q_at,
                                 in.rows, in.pixels, padded, static_cast<int>(in.heads), static_cast<int>(in.dim), kc,
                                 vc,
@@ -3165,7 +3165,7 @@ py::array_t<float> shared_attention_bf16(py::handle q_obj, py::handle k_obj, py:
                                 in.kw ? static_cast<const float *>(in.rel_w.data()) : nullptr, rel_at,
                                 static_cast<int>(in.kw), static_cast<float>(scale), nullptr, nullptr, 0, 0, 0,
                                 nullptr, 1, tiles};
-    amx_attention_run(args, threads);
+    bf16_attention_run(args, threads);
     return out;
 }
 
@@ -3210,15 +3210,15 @@ py::array_t<float> window_attention_bf16(py::handle qkv_obj, py::handle table_h_
         for (std::int64_t a = 0; a < kw; ++a)
             for (std::int64_t c = 0; c < d; ++c) tw[(j * d + c) * kw16 + a] = w_src[(j * kw + a) * d + c];
     const auto *q = static_cast<const float *>(qkv.data());
-    const AmxLayout qkv_at{g, length * 3 * g * d, 3 * g * d, d}, out_at{g, length * g * d, g * d, d};
-    const AmxAttentionArgs args{q, q + g * d, q + 2 * g * d, out.mutable_data(), qkv_at, qkv_at, out_at,
+    const Bf16KvLayout qkv_at{g, length * 3 * g * d, 3 * g * d, d}, out_at{g, length * g * d, g * d, d};
+    const Bf16AttentionArgs args{q, q + g * d, q + 2 * g * d, out.mutable_data(), qkv_at, qkv_at, out_at,
                                 length, length, (length + kAmxDepth - 1) / kAmxDepth * kAmxDepth,
                                 static_cast<int>(b * g), static_cast<int>(d),
                                 static_cast<int>((d + kAmxDepth - 1) / kAmxDepth), static_cast<int>((d + 15) / 16),
-                                nullptr, nullptr, AmxLayout{1, 0, 0, 0}, static_cast<int>(kw),
+                                nullptr, nullptr, Bf16KvLayout{1, 0, 0, 0}, static_cast<int>(kw),
                                 static_cast<float>(scale), th, tw, static_cast<int>(qw), kh16, kw16, nullptr, 1,
                                 tiles};
-    amx_attention_run(args, threads);
+    bf16_attention_run(args, threads);
     return out;
 }
 
@@ -3241,14 +3241,14 @@ py::array_t<float> biased_attention_bf16(py::handle qkv_obj, py::handle bias_obj
     const bool tiles = bf16_tiles("biased_attention_bf16", isa);
     if (b * length == 0) return out;
     const auto *q = static_cast<const float *>(qkv.data());
-    const AmxLayout qkv_at{g, length * g * 3 * d, g * 3 * d, 3 * d}, out_at{g, length * g * d, g * d, d};
-    const AmxAttentionArgs args{q, q + d, q + 2 * d, out.mutable_data(), qkv_at, qkv_at, out_at,
+    const Bf16KvLayout qkv_at{g, length * g * 3 * d, g * 3 * d, 3 * d}, out_at{g, length * g * d, g * d, d};
+    const Bf16AttentionArgs args{q, q + d, q + 2 * d, out.mutable_data(), qkv_at, qkv_at, out_at,
                                 length, length, (length + kAmxDepth - 1) / kAmxDepth * kAmxDepth,
                                 static_cast<int>(b * g), static_cast<int>(d),
                                 static_cast<int>((d + kAmxDepth - 1) / kAmxDepth), static_cast<int>((d + 15) / 16),
-                                nullptr, nullptr, AmxLayout{1, 0, 0, 0}, 0, static_cast<float>(scale), nullptr,
+                                nullptr, nullptr, Bf16KvLayout{1, 0, 0, 0}, 0, static_cast<float>(scale), nullptr,
                                 nullptr, 0, 0, 0, static_cast<const float *>(bias.data()), g, tiles};
-    amx_attention_run(args, threads);
+    bf16_attention_run(args, threads);
     return out;
 }
 

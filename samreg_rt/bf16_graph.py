@@ -285,16 +285,39 @@ def _static_shape(infos: dict[str, onnx.ValueInfoProto], name: str) -> tuple[int
     return tuple(d.dim_value for d in dims) if all(d.HasField("dim_value") for d in dims) else None
 
 
-def _graph_maps(graph: onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], set[str], dict[str, int],
-                                                 dict[str, list[int]]]:
-    """A graph's initializers by name, its output names, the index of the node that makes each tensor and the
-    indices of the nodes that take each."""
-    producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
-    consumers: dict[str, list[int]] = {}
-    for i, node in enumerate(graph.node):
-        for name in node.input:
-            consumers.setdefault(name, []).append(i)
-    return {t.name: t for t in graph.initializer}, {o.name for o in graph.output}, producer, consumers
+@dataclass(frozen=True)
+class _Nodes:
+    """A graph as the attention finders walk it: its initializers by name, its output names, the index of the node
+    that makes each tensor and the indices of the nodes that take each."""
+    graph: onnx.GraphProto
+    inits: dict[str, onnx.TensorProto]
+    outputs: set[str]
+    producer: dict[str, int]
+    consumers: dict[str, list[int]]
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> "_Nodes":
+        producer = {name: i for i, node in enumerate(graph.node) for name in node.output}
+        consumers: dict[str, list[int]] = {}
+        for i, node in enumerate(graph.node):
+            for name in node.input:
+                consumers.setdefault(name, []).append(i)
+        return cls(graph, {t.name: t for t in graph.initializer}, {o.name for o in graph.output}, producer, consumers)
+
+    def made(self, name: str, op: str, attr: str | None = None, value: list[int] | None = None,
+             only_use: bool = True) -> int | None:
+        """The index of the node that makes ``name`` if it is an ``op`` (whose integer-list attribute ``attr`` is
+        ``value``, where given) and ``name`` is no graph output and (``only_use``) feeds one node only, else None."""
+        i = self.producer.get(name)
+        if i is None or self.graph.node[i].op_type != op or name in self.outputs:
+            return None
+        if only_use and len(self.consumers.get(name, [])) != 1:
+            return None
+        return i if attr is None or _ints(self.graph.node[i], attr, self.inits) == value else None
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The initializer ``name`` as an array, or None."""
+        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
 
 
 @dataclass(frozen=True)
@@ -339,13 +362,9 @@ def find_attention(graph: onnx.GraphProto,
     Transpose are kept where something else uses them, their outputs then still computed by ONNX Runtime). In a whole
     ViT encoder graph each chunk of queries the exporter traces of a global block has this form too (the chunks share
     k's Transpose)."""
-    inits, outputs, producer, consumers = _graph_maps(graph)
-
-    def only_use(name: str, op: str) -> int | None:
-        """The node that makes ``name`` if it is an ``op`` and ``name`` feeds one node and is no graph output."""
-        i = producer.get(name)
-        ok = i is not None and graph.node[i].op_type == op and len(consumers.get(name, [])) == 1 and name not in outputs
-        return i if ok else None
+    nodes = _Nodes.of(graph)
+    inits, outputs, producer, consumers = nodes.inits, nodes.outputs, nodes.producer, nodes.consumers
+    only_use = nodes.made
 
     def shape(name: str) -> tuple[int, ...] | None:
         info = infos.get(name)
@@ -461,18 +480,9 @@ def find_biased_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInf
     d (q, k, v), MatMul(q, Transpose(k, perm 0 1 3 2)), Mul by a constant scalar, Add of a constant [G, L, L] (either
     operand order), Softmax over the last axis, MatMul by v, Transpose (perm 0 2 1 3), Reshape; every shape static,
     d <= 64, float32, each result used only by the next of these nodes."""
-    inits, outputs, producer, consumers = _graph_maps(graph)
-
-    def only_use(name: str, op: str, attr: str | None = None, value: list[int] | None = None) -> int | None:
-        """The node that makes ``name`` if it is an ``op`` (with ``attr`` == ``value``) and ``name`` feeds one
-        node and is no graph output."""
-        i = producer.get(name)
-        if i is None or graph.node[i].op_type != op or len(consumers.get(name, [])) != 1 or name in outputs:
-            return None
-        return i if attr is None or _ints(graph.node[i], attr, inits) == value else None
-
-    def constant(name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(inits[name]) if name in inits else None
+    nodes = _Nodes.of(graph)
+    inits, outputs, producer, consumers = nodes.inits, nodes.outputs, nodes.producer, nodes.consumers
+    only_use, constant = nodes.made, nodes.constant
 
     found = {}
     for m2, node in enumerate(graph.node):
@@ -563,18 +573,11 @@ def find_window_attention(graph: onnx.GraphProto, infos: dict[str, onnx.ValueInf
     qw, d], a constant [qh, d, kh]); rel_w: Transpose (perm 1 2 0 3) of Reshape [qw, N, qh, kw] of MatMul(Reshape
     [qw, N qh, d] of Transpose (perm 2 0 1 3) of that Reshape of q, a constant [qw, d, kw]); the result: Reshape
     [B, G, qh, qw, d], Transpose (perm 0 2 3 1 4), Reshape; each result used only within these nodes."""
-    inits, outputs, producer, consumers = _graph_maps(graph)
+    nodes = _Nodes.of(graph)
+    outputs, producer, consumers, constant = nodes.outputs, nodes.producer, nodes.consumers, nodes.constant
 
     def made(name: str, op: str, attr: str | None = None, value: list[int] | None = None) -> int | None:
-        i = producer.get(name)
-        if i is None or graph.node[i].op_type != op or name in outputs:
-            return None
-        if attr is not None and _ints(graph.node[i], attr, inits) != value:
-            return None
-        return i
-
-    def constant(name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(inits[name]) if name in inits else None
+        return nodes.made(name, op, attr, value, only_use=False)      # what uses it is checked for the whole chain
 
     found = {}
     for last, (core, replaced) in cores.items():
