@@ -27,9 +27,9 @@ input as uint8 with its own scale and zero point, the weights int8 per output ch
 integer sums exact in float64): what a native int8 kernel with per-token scales would give in place of ONNX
 Runtime's one scale per tensor; each half of that rounding alone (which of weights and activations costs the
 accuracy); and ``int8x2_per_token``, the same activations with each weight as two int8 parts (W / s = hi + lo / 256:
-an int8 kernel with two passes over the weights); ``int8x3``, activations (one symmetric scale per token) and
-weights each as two int8 parts, three integer products (``two_part_int8``: an int8 kernel with about 16-bit
-inputs, at the tile loads of bf16x2 on AMX).
+an int8 kernel with two passes over the weights). ``int8x3`` (CPUs with AVX512-VNNI): the engine of that precision,
+the encoder's weight products from three int8 products of inputs and weights each as two int8 parts
+(``_ext.linear_int8x3``).
 
 Writes ``<name>.md`` and ``<name>.json`` (``--name``, default ``int8_accuracy``).
 """
@@ -120,25 +120,6 @@ def per_token_int8(x: np.ndarray, w_int: np.ndarray, w_scale: np.ndarray) -> np.
     return (q @ w_int) * scale * w_scale
 
 
-def int8_parts(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """v (values in [-127, 127]) -> (hi, lo), both int8 in value: hi = round(v), lo = round(256 (v - hi)) clipped
-    to [-128, 127]; hi + lo / 256 is v to within 1 / 512 (1 / 256 where lo clips)."""
-    hi = np.round(v)
-    return hi, np.clip(np.round(256 * (v - hi)), -128, 127)
-
-
-def two_part_int8(x: np.ndarray, w_hi: np.ndarray, w_lo: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
-    """x [M, K] float -> x @ W [M, N] float64 as an int8 kernel of three integer products would give it: each row
-    of x with its own symmetric scale s = max |x| / 127 as two int8 parts (``int8_parts(x / s)``), W as ``w_hi``,
-    ``w_lo`` [K, N] (``int8_parts(W / w_scale)``); x @ W = s w_scale (hi·w_hi + (hi·w_lo + lo·w_hi) / 256), the
-    lo·w_lo term left out (1 / 256 of the parts' own rounding at most). The integer sums exact."""
-    x = np.asarray(x, dtype=np.float64)
-    scale = np.abs(x).max(axis=1, keepdims=True) / 127
-    scale[scale == 0] = 1
-    hi, lo = int8_parts(x / scale)
-    return (hi @ w_hi + (hi @ w_lo + lo @ w_hi) / 256) * scale * w_scale
-
-
 @dataclasses.dataclass(frozen=True)
 class SimulatedInt8Product(WeightProduct):
     """A weight product of a ``Bf16Graph`` simulated with int8 weights, int8 activations with per-token scales, or
@@ -147,21 +128,15 @@ class SimulatedInt8Product(WeightProduct):
     product (``activation``) in float64."""
     w_scale: np.ndarray | None = None
     activations_int8: bool = True
-    weight_lo: np.ndarray | None = None
 
     @classmethod
     def from_split(cls, step: WeightProduct, weights: str, activations_int8: bool) -> "SimulatedInt8Product":
         """``weights``: "int8", "int8x2" (two int8 parts: W / s = hi + lo / 256, hi = round(W / s),
         lo = round(256 (W / s - hi)), as an int8 kernel with two passes over the weights would take them) or
-        "float"; or "int8x3": the weights' two parts kept apart (``weight`` hi, ``weight_lo`` lo) for
-        ``two_part_int8``, whose activations are two int8 parts too."""
+        "float"."""
         w = unpack_split_weight(step.weight, step.depth, step.bias.shape[0])
         scale = np.abs(w).max(axis=0) / 127 if weights != "float" else np.ones(w.shape[1])
         scale[scale == 0] = 1
-        if weights == "int8x3":
-            hi, lo = int8_parts(w / scale)
-            return cls(step.input, step.output, hi, step.bias, step.depth, activation=step.activation, w_scale=scale,
-                       weight_lo=lo)
         values = {"int8": lambda v: np.round(v), "int8x2": lambda v: np.round(v) + np.round(256 * (v - np.round(v))) / 256,
                   "float": lambda v: v}[weights](w / scale)
         return cls(step.input, step.output, values, step.bias, step.depth, activation=step.activation, w_scale=scale,
@@ -169,19 +144,15 @@ class SimulatedInt8Product(WeightProduct):
 
     def run(self, x: np.ndarray, threads: int, out: np.ndarray | None = None) -> np.ndarray:
         rows = np.asarray(x, dtype=np.float64).reshape(-1, self.depth)
-        if self.weight_lo is not None:
-            y = two_part_int8(rows, self.weight, self.weight_lo, self.w_scale) + self.bias
-        else:
-            y = (per_token_int8(rows, self.weight, self.w_scale) if self.activations_int8
-                 else rows @ self.weight * self.w_scale) + self.bias
+        y = (per_token_int8(rows, self.weight, self.w_scale) if self.activations_int8
+             else rows @ self.weight * self.w_scale) + self.bias
         if self.activation == "gelu":
             y = 0.5 * y * special.erfc(-y / np.sqrt(2))
         return y.astype(np.float32).reshape(*x.shape[:-1], self.bias.shape[0])
 
 
 SIMULATED = {"int8_per_token": ("int8", True), "int8_weights_only": ("int8", False),
-             "int8_activations_only": ("float", True), "int8x2_per_token": ("int8x2", True),
-             "int8x3": ("int8x3", True)}  # (weights, activations int8)
+             "int8_activations_only": ("float", True), "int8x2_per_token": ("int8x2", True)}  # (weights, activations int8)
 
 
 def simulated_engine(model_dir: Path, threads: int, label: str) -> Engine:
@@ -281,10 +252,11 @@ def markdown(report: dict[str, Any]) -> str:
            "channel rounded to nearest, the integer sums exact; everything else float32; int8_weights_only: the "
            "same weights, the activations float; int8_activations_only: the activations as int8_per_token's, the "
            "weights float; int8x2_per_token: the activations as int8_per_token's, each weight as two int8 parts "
-           "(W / s = hi + lo / 256), as an int8 kernel with two passes over the weights would compute it; "
-           "int8x3: activations (a symmetric scale per token) and weights each as two int8 parts, x @ W = "
-           "s_x s_w (hi·hi + (hi·lo + lo·hi) / 256), three integer products. "
-           if set(SIMULATED) & set(variants) else "") +
+           "(W / s = hi + lo / 256), as an int8 kernel with two passes over the weights would compute it. "
+           if set(SIMULATED) & set(variants) else "")
+        + ("int8x3: the fp32 graphs with the encoder's weight products from three int8 products (AVX512-VNNI; "
+           "`_ext.linear_int8x3`): each row of the product's input (a symmetric scale per row) and each weight column "
+           "as two int8 parts, x W = s_x s_w (hi hi + (hi lo + lo hi) / 256). " if "int8x3" in variants else "") +
         f"ROIs count as the same at mask IoU >= {SAME_MASK_IOU}; pairs as kept when both ROIs are the same and "
         "the variant pairs them together. `noise s`: the fp32 engine with Gaussian noise of s times the "
         "embedding's standard deviation added to each embedding (seeded): the loss of a perturbation of that size.",
@@ -324,12 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise", type=float, nargs="*", default=[0.03, 0.1],
                     help="also fp32 with embedding noise of these relative sizes")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=["int8", "bf16", "bf16x2"],
-                    help="engines to compare with fp32 (all but int8 need AVX512-BF16)")
+                    help="engines to compare with fp32 (int8x3 needs AVX512-VNNI, all others but int8 AVX512-BF16)")
     ap.add_argument("--name", default="int8_accuracy", help="the report's file name, without suffix")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
-    if not _ext.has_avx512_bf16() and set(args.variants) - {"int8"}:
-        ap.error(f"--variants {' '.join(sorted(set(args.variants) - {'int8'}))}: this CPU has no AVX512-BF16")
+    if not _ext.has_avx512_bf16() and set(args.variants) - {"int8", "int8x3"}:
+        ap.error(f"--variants {' '.join(sorted(set(args.variants) - {'int8', 'int8x3'}))}: this CPU has no "
+                 "AVX512-BF16")
+    if not _ext.has_avx512_vnni() and "int8x3" in args.variants:
+        ap.error("--variants int8x3: this CPU has no AVX512-VNNI")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export_model(args.model, Path(tmp) / args.model, precisions=("fp32", "int8"), name=args.model)
         note = read_manifest(model_dir)["precisions"]["int8"]
@@ -337,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         int8 = Engine.load(model_dir, threads=args.threads, precision="int8")
         make = {"int8": lambda: int8,
                 **{p: (lambda p=p: Engine.load(model_dir, threads=args.threads, precision=p))
-                   for p in ("bf16", "bf16x2")},
+                   for p in ("bf16", "bf16x2", "int8x3")},
                 **{label: (lambda label=label: simulated_engine(model_dir, args.threads, label))
                    for label in SIMULATED}}
         variants = {label: make[label]() for label in VARIANTS if label in args.variants}
@@ -349,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "benchmarks/int8_accuracy.py", *(argv if argv is not None else sys.argv[1:])]),
         "model": args.model, "int8_note": note, "int8_encoder_attention": int8.encoder_attention,
         "bf16_encoder_attention": next((v.encoder_attention for label, v in variants.items()
-                                        if label in ("bf16", "bf16x2")), None),
+                                        if label in ("bf16", "bf16x2", "int8x3")), None),
         "rows": rows, "summary": summarise(rows),
     }
     write_report(args.out, args.name, report, markdown(report))

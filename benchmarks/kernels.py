@@ -7,7 +7,8 @@ float kernels resize_logits, mask_upscaling (both forms), linear, two_way_pass (
 (both layers), shared_attention and linear_bf16, each in every build this CPU runs (the AVX2 builds of
 mask_upscaling, linear, shared_attention, two_way_pass and two_way_factored where AVX-512 is the default; linear_bf16 with
 plain and split weights, without and with its GELU epilogue, its twin rounding x and W to bfloat16 and summing in
-float64, then GELU by scipy's erfc), whose twins compute in
+float64, then GELU by scipy's erfc; linear_int8x3, precision int8x3's product, where the CPU has AVX512-VNNI), whose
+twins compute in
 float64: within 2e-5 of
 the largest value; shared_attention_bf16 (a ViT-B global block's and, heads first, its windowed blocks'),
 window_attention_bf16 (those blocks from their qkv product) and biased_attention_bf16 (LiteMedSAM's TinyViT blocks
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from samreg_rt import _ext  # noqa: E402
 from samreg_rt.amg import upscale_matrices  # noqa: E402
-from samreg_rt.bf16_graph import aligned_empty, pack_bf16_weight  # noqa: E402
+from samreg_rt.bf16_graph import aligned_empty, pack_bf16_weight, pack_int8x3_weight  # noqa: E402
 from samreg_rt.preprocess import Frame  # noqa: E402
 from samreg_rt.two_way import ImageTokenFactors  # noqa: E402
 from tests import twins  # noqa: E402
@@ -248,6 +249,18 @@ def main() -> None:
                                                                                     isa=isa),
                    lambda twin=twin: twin(fc2_x, fc2_w, fc2_b), 5)
                   for split, twin in (("", twins.linear_bf16), (" split", twins.linear_bf16_split))]
+    int8x3 = ("linear_int8x3", "linear_int8x3 gelu", "linear_int8x3 fc2") if _ext.has_avx512_vnni() else ()
+    if int8x3:          # precision int8x3's product (AVX512-VNNI)
+        mlp_int8x3, fc2_int8x3 = pack_int8x3_weight(mlp_w), pack_int8x3_weight(fc2_w)
+        cases += [(int8x3[0], "4096x768 -> 3072",
+                   lambda: _ext.linear_int8x3(mlp_x, *mlp_int8x3, mlp_b, out=mlp_out),
+                   lambda: twins.linear_int8x3(mlp_x, mlp_w, mlp_b), 5),
+                  (int8x3[1], "4096x768 -> 3072",
+                   lambda: _ext.linear_int8x3(mlp_x, *mlp_int8x3, mlp_b, out=mlp_out, activation="gelu"),
+                   lambda: twins.gelu(twins.linear_int8x3(mlp_x, mlp_w, mlp_b)), 5),
+                  (int8x3[2], "4096x3072 -> 768",
+                   lambda: _ext.linear_int8x3(fc2_x, *fc2_int8x3, fc2_b, out=fc2_out),
+                   lambda: twins.linear_int8x3(fc2_x, fc2_w, fc2_b), 5)]
     if _ext.has_amx_bf16():
         cases += [(MISALIGNED[0], "4096x768 -> 3072",
                    lambda: _ext.linear_bf16(mlp_x, mlp_shifted, mlp_b, out=mlp_out, isa="amx"),
@@ -296,13 +309,16 @@ def main() -> None:
                  for isa in isas},
               **{f"linear_bf16{split} gelu {isa}": (mlp_flop, "2 M K N (the product's; the GELU uncounted)")
                  for isa in isas for split in ("", " split")},
+              **{name: (mlp_flop, "2 M K N (the product's: three int8 products run" + (", the GELU uncounted)"
+                                                                                         if "gelu" in name else ")"))
+                 for name in int8x3},
               MISALIGNED[0]: (mlp_flop, "2 M K N (the product's: twice that run, W's two parts)"),
               MISALIGNED[1]: (mlp_flop, "2 M K N")}
     gflops |= {name + suffix: gflops[name] for name, *_ in with_avx2 for suffix in builds.values()}
     float_kernels = ("resize_logits", "shared_attention ViT",
                      *(name + suffix for name, *_ in with_avx2 for suffix in builds.values()),
                      *(f"linear_bf16{split}{gelu} {isa}" for isa in isas for split in ("", " split")
-                       for gelu in ("", " gelu")), *MISALIGNED)
+                       for gelu in ("", " gelu")), *MISALIGNED, *int8x3)
     bf16_kernels = tuple(f"{name} {isa}" for isa in isas for name in (
         "shared_attention_bf16 ViT", "shared_attention_bf16 windows", "window_attention_bf16",
         *(f"biased_attention_bf16 {b}x{n}" for b, n, _ in tiny_vit)))

@@ -224,7 +224,8 @@ def encoder_rows(key: str, graphs: Path, threads: int, runs: int, work: Path) ->
     native, attention, cosine = {}, {}, {}
     variants = [("fp32", "fp32", "auto"), ("int8", "int8", "auto"), ("int8_fp32_attention", "int8", "fp32")]
     bf16 = [("bf16", "bf16", "auto"), ("bf16x2", "bf16x2", "auto")] if _ext.has_avx512_bf16() else []
-    for label, p, choice in variants + bf16:
+    int8x3 = [("int8x3", "int8x3", "auto")] if _ext.has_avx512_vnni() else []
+    for label, p, choice in variants + bf16 + int8x3:
         engine = Engine.load(graphs, providers="cpu", threads=threads, precision=p, encoder_attention=choice)
         if choice == "fp32" and (not engine.encoder_parts or attention.get("int8") == "fp32"):
             continue
@@ -413,7 +414,8 @@ def markdown(r: dict[str, Any]) -> str:
             ratio, att, cos = f32 / native["int8"], e["native_attention"], e["native_cosine"]
             lines += ["", f"{key} as samreg-rt runs it (a ViT: the graphs `encoder_part<i>` around the native global "
                       "attention, `samreg_rt.split_encoder`; bf16: the fp32 graphs with their weight products in "
-                      f"bfloat16 ({m['bf16_products']}), `samreg_rt.bf16_graph`; wall, median of the "
+                      f"bfloat16 ({m['bf16_products']}), `samreg_rt.bf16_graph`; int8x3: the same graphs with them "
+                      "from three int8 products (AVX512-VNNI); wall, median of the "
                       "runs; embedding cosine to the ORT fp32 graph's):",
                       "", "| encoder | global attention | ms | vs ORT fp32 graph | cosine |", "|---|---|---:|---:|---:|",
                       *(f"| {label} | {att[label]} | {1e3 * native[label]:.0f} | {f32 / native[label]:.2f}x | "
@@ -425,6 +427,11 @@ def markdown(r: dict[str, Any]) -> str:
                 lines += ["", f"bf16 is {f32 / native['bf16']:.2f}x the ORT fp32 graph "
                           f"({'met' if f32 / native['bf16'] >= 3 else 'NOT met'} against issue 6's 3x for int8), "
                           f"embedding cosine {cos['bf16']:.6f} against int8's {cos['int8']:.6f}."]
+            if "int8x3" in native:
+                lines += ["", f"int8x3 (three int8 products of two-part inputs, `_ext.linear_int8x3`) is "
+                          f"{f32 / native['int8x3']:.2f}x the ORT fp32 graph "
+                          f"({'met' if f32 / native['int8x3'] >= 3 else 'NOT met'} against issue 6's 3x for int8), "
+                          f"embedding cosine {cos['int8x3']:.6f}."]
     a, same = r["amg"], r["amg"]["masks"]
     met = "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in r["targets_met"].items())
     lines += ["", f"Mask generation, LiteMedSAM, {a['params']} on {a['image']} ({a['prompts']} prompts): PyTorch "

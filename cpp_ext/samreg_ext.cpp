@@ -2754,7 +2754,9 @@ struct Bf16AttentionArgs {
     bool tiles = true;       // the products on AMX tiles (TDPBF16PS), else with AVX512-BF16's VDPBF16PS
 };
 
-#define BF16_TARGET "avx512bf16,avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
+#define AVX512_TARGET "avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"
+#define BF16_TARGET "avx512bf16," AVX512_TARGET
+#define VNNI_TARGET "avx512vnni," AVX512_TARGET
 #define AMX_TARGET "amx-tile,amx-bf16," BF16_TARGET
 
 // float32 lanes -> their bfloat16 bits (to_bf16's rounding: nearest even) in the low 16 bits of each 32-bit lane.
@@ -2770,7 +2772,7 @@ inline __mmask16 first_lanes(std::int64_t count) {
 }
 
 // The lanes of `count` floats from x (zeros past count; count may be <= 0).
-__attribute__((always_inline, target(BF16_TARGET))) inline __m512 load_first(const float *x, std::int64_t count) {
+__attribute__((always_inline, target(AVX512_TARGET))) inline __m512 load_first(const float *x, std::int64_t count) {
     return _mm512_maskz_loadu_ps(first_lanes(count), x);
 }
 
@@ -3290,7 +3292,7 @@ std::int64_t lb_group(std::int64_t kp, int parts) {
 // t = 1 / (1 + 0.3275911 z) (Abramowitz & Stegun 7.1.26: erf's absolute error below 1.5e-7), and 1 + erf(y / sqrt 2)
 // = 2 - q for y >= 0, q for y < 0 (no cancellation in the negative tail); exp(-z^2) = 2^n p(f), n = round(s),
 // f = s - n, s = -z^2 log2(e), p the degree-6 Taylor polynomial of 2^f (relative error below 2e-7 on |f| <= 1/2).
-__attribute__((always_inline, target(BF16_TARGET))) inline __m512 lb_gelu(__m512 y) {
+__attribute__((always_inline, target(AVX512_TARGET))) inline __m512 lb_gelu(__m512 y) {
     const __m512 z = _mm512_mul_ps(_mm512_abs_ps(y), _mm512_set1_ps(0.70710678118654752f));
     const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f),
                                                                         _mm512_set1_ps(1.f)));
@@ -3536,6 +3538,204 @@ py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bi
     return out;
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// A weight product in int8 with about 16-bit inputs (int8x3): out[M, N] = x[M, K] w[K, N] + bias from three integer
+// products. Each row of x with its own symmetric scale s = max |x row| / 127 as two int8 parts, v = x / s,
+// hi = round(v), lo = round(256 (v - hi)) clipped to [-128, 127]; each column of w likewise with its scale s_w
+// (pack_int8x3_weight); x w = s s_w (hi w_hi + (hi w_lo + lo w_hi) / 256), the lo lo term left out (at most 1/256
+// of the parts' own rounding). AVX512-VNNI's VPDPBUSD multiplies unsigned bytes by signed ones: w's parts come
+// packed as w + 128 (unsigned) against x's signed parts, and the offsets' terms, 128 times each row's sums of hi
+// and lo, come off the int32 sums (exact for K up to kI8MaxDepth); the two sums are combined and scaled in float32.
+// w packed: uint8 [N32 / 32][K4 / 4][2 parts][32 columns][4 of K] (a vector: 16 columns x 4 of K, as VPDPBUSD
+// reads it). Work items: bands of rows, each quantized into a byte copy, then each block of kI8Rows rows against
+// each panel of a group (lb_group's weight budget: the group's panels stay in the core's L2).
+
+// rows of a block: 4 x 2 x 2 accumulators, 4 weight vectors, 2 of x (6 rows spill registers: a ViT-B MLP product
+// at 128 against 225 int8 GMAC/s on one Zen 4 core, near VPDPBUSD's 64 multiply-adds a cycle)
+constexpr int kI8Rows = 4;
+constexpr std::int64_t kI8MaxDepth = 32768;   // K up to this: |hi (w_lo + 128) + lo (w_hi + 128)| sums < 2^31
+constexpr std::int64_t kI8BandRows = 192;     // rows of a band at most
+
+// AVX-512 (F, DQ, VL, BW) with AVX512-VNNI (VPDPBUSD): Cascade Lake, Ice Lake and later Xeons, AMD Zen 4 and later.
+bool has_avx512_vnni() {
+    static const bool has = [] {
+        unsigned a, b, c, d;
+        return best_isa() == Isa::avx512 && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c >> 11 & 1);
+    }();
+    return has;
+}
+
+struct LinearInt8x3Args {
+    const float *x;          // [M, K]
+    const std::uint8_t *w;   // [N32 / 32][K4 / 4][2][32][4]: w's parts + 128
+    const float *w_scale;    // [N32] (zeros past N)
+    const float *bias;       // [N32] (zeros past N)
+    float *out;              // [M, N]
+    std::int64_t m, k, n, kq, ld, panels;  // kq = K4; ld: row stride of a band's byte copies (K rounded up to 64)
+    bool gelu;
+    std::int64_t group;      // panels per group
+};
+
+// A band's quantized rows: hi and lo parts [rows][ld] (zeros past K), per row its scale s (NaN where the row has a
+// value that is not finite: its results are NaN) and 128 times its sums of hi and of hi + lo.
+struct I8Rows {
+    std::int8_t *hi, *lo;
+    float *scale;
+    std::int32_t *offset_hi, *offset_cross;
+};
+
+// Rows [r0, r1) of x into rows (zero rows, scale 0, past r1 up to a multiple of kI8Rows).
+__attribute__((target(VNNI_TARGET))) void li_quantize(const LinearInt8x3Args &a, std::int64_t r0, std::int64_t r1,
+                                                     const I8Rows &rows) {
+    const std::int64_t padded = (r1 - r0 + kI8Rows - 1) / kI8Rows * kI8Rows;
+    for (std::int64_t r = 0; r < padded; ++r) {
+        std::int8_t *hi = rows.hi + r * a.ld, *lo = rows.lo + r * a.ld;
+        if (r0 + r >= r1) {
+            std::memset(hi, 0, a.ld), std::memset(lo, 0, a.ld);
+            rows.scale[r] = 0.f, rows.offset_hi[r] = rows.offset_cross[r] = 0;
+            continue;
+        }
+        const float *src = a.x + (r0 + r) * a.k;
+        __m512 top = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (std::int64_t c = 0; c < a.k; c += 16) {
+            const __m512 v = load_first(src + c, a.k - c);
+            top = _mm512_max_ps(top, _mm512_abs_ps(v));
+            bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_NEQ_UQ);  // inf - inf, NaN
+        }
+        const float amax = _mm512_reduce_max_ps(top);
+        const float s = bad ? std::numeric_limits<float>::quiet_NaN() : amax > 0.f ? amax / 127.f : 1.f;
+        const __m512 sv = _mm512_set1_ps(bad ? 1.f : s);
+        __m512i sum_hi = _mm512_setzero_si512(), sum_lo = _mm512_setzero_si512();
+        for (std::int64_t c = 0; c < a.ld; c += 16) {
+            const __m512 v = _mm512_div_ps(load_first(src + c, a.k - c), sv);
+            const __m512 h = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512 l = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(v, h), _mm512_set1_ps(256.f)),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512i hq = _mm512_cvtps_epi32(h);
+            const __m512i lq = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(l), _mm512_set1_epi32(127)),
+                                                _mm512_set1_epi32(-128));
+            sum_hi = _mm512_add_epi32(sum_hi, hq), sum_lo = _mm512_add_epi32(sum_lo, lq);
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(hi + c), _mm512_cvtepi32_epi8(hq));
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(lo + c), _mm512_cvtepi32_epi8(lq));
+        }
+        const std::int32_t h = _mm512_reduce_add_epi32(sum_hi), l = _mm512_reduce_add_epi32(sum_lo);
+        rows.scale[r] = s, rows.offset_hi[r] = 128 * h, rows.offset_cross[r] = 128 * (h + l);
+    }
+}
+
+// kI8Rows rows of the band (from row i of rows) against panel p; the first `cols` columns of the first `count`
+// rows stored to o (row stride n). Not inlined: inlined into li_items, GCC 12 kept the accumulators on the stack
+// (124 against 210 int8 GMAC/s on one Zen 4 core).
+__attribute__((noinline, target(VNNI_TARGET))) void li_block(const LinearInt8x3Args &a, const I8Rows &rows, std::int64_t i,
+                                                  std::int64_t p, float *o, std::int64_t count, std::int64_t cols) {
+    __m512i hh[kI8Rows][2], cross[kI8Rows][2];
+    for (int r = 0; r < kI8Rows; ++r)
+        for (int t = 0; t < 2; ++t) hh[r][t] = cross[r][t] = _mm512_setzero_si512();
+    const std::uint8_t *wp = a.w + p * a.kq * 64;  // a quad of K: 2 parts x 32 columns x 4 bytes
+    for (std::int64_t q = 0; q < a.kq / 4; ++q, wp += 256) {
+        const __m512i wh0 = _mm512_load_si512(wp), wh1 = _mm512_load_si512(wp + 64);
+        const __m512i wl0 = _mm512_load_si512(wp + 128), wl1 = _mm512_load_si512(wp + 192);
+#pragma GCC unroll 4
+        for (int r = 0; r < kI8Rows; ++r) {
+            std::int32_t hq, lq;
+            std::memcpy(&hq, rows.hi + (i + r) * a.ld + 4 * q, 4);
+            std::memcpy(&lq, rows.lo + (i + r) * a.ld + 4 * q, 4);
+            const __m512i h = _mm512_set1_epi32(hq), l = _mm512_set1_epi32(lq);
+            hh[r][0] = _mm512_dpbusd_epi32(hh[r][0], wh0, h);
+            hh[r][1] = _mm512_dpbusd_epi32(hh[r][1], wh1, h);
+            cross[r][0] = _mm512_dpbusd_epi32(cross[r][0], wl0, h);
+            cross[r][1] = _mm512_dpbusd_epi32(cross[r][1], wl1, h);
+            cross[r][0] = _mm512_dpbusd_epi32(cross[r][0], wh0, l);
+            cross[r][1] = _mm512_dpbusd_epi32(cross[r][1], wh1, l);
+        }
+    }
+    for (int t = 0; t < 2; ++t) {
+        const __m512 w_scale = _mm512_load_ps(a.w_scale + p * 32 + 16 * t), bias = _mm512_load_ps(a.bias + p * 32 + 16 * t);
+        const __mmask16 keep = first_lanes(cols - 16 * t);
+        for (std::int64_t r = 0; r < count; ++r) {
+            const __m512 whole = _mm512_cvtepi32_ps(_mm512_sub_epi32(hh[r][t], _mm512_set1_epi32(rows.offset_hi[i + r])));
+            const __m512 part = _mm512_cvtepi32_ps(_mm512_sub_epi32(cross[r][t], _mm512_set1_epi32(rows.offset_cross[i + r])));
+            const __m512 sum = _mm512_fmadd_ps(part, _mm512_set1_ps(1.f / 256.f), whole);
+            __m512 y = _mm512_fmadd_ps(sum, _mm512_mul_ps(w_scale, _mm512_set1_ps(rows.scale[i + r])), bias);
+            if (a.gelu) y = lb_gelu(y);
+            _mm512_mask_storeu_ps(o + r * a.n + 16 * t, keep, y);
+        }
+    }
+}
+
+// Bands [i0, i1) of `band` rows.
+__attribute__((target(VNNI_TARGET))) void li_items(const LinearInt8x3Args &a, std::int64_t band, std::int64_t i0,
+                                                  std::int64_t i1) {
+    const std::int64_t padded = (band + kI8Rows - 1) / kI8Rows * kI8Rows;
+    std::vector<std::int8_t> bytes(static_cast<std::size_t>(2 * padded * a.ld));
+    std::vector<float> scale(padded);
+    std::vector<std::int32_t> offsets(static_cast<std::size_t>(2 * padded));
+    const I8Rows rows{bytes.data(), bytes.data() + padded * a.ld, scale.data(), offsets.data(), offsets.data() + padded};
+    for (std::int64_t item = i0; item < i1; ++item) {
+        const std::int64_t r0 = item * band, r1 = std::min(a.m, r0 + band);
+        li_quantize(a, r0, r1, rows);
+        for (std::int64_t g0 = 0; g0 < a.panels; g0 += a.group) {
+            const std::int64_t g1 = std::min(a.panels, g0 + a.group);
+            for (std::int64_t m0 = r0; m0 < r1; m0 += kI8Rows) {
+                const std::int64_t count = std::min<std::int64_t>(kI8Rows, r1 - m0);
+                for (std::int64_t p = g0; p < g1; ++p) {
+                    const std::int64_t n0 = p * 32;
+                    li_block(a, rows, m0 - r0, p, a.out + m0 * a.n + n0, count, std::min<std::int64_t>(32, a.n - n0));
+                }
+            }
+        }
+    }
+}
+
+py::array_t<float> linear_int8x3(py::handle x_obj, py::handle w_obj, py::handle w_scale_obj, py::handle bias_obj,
+                                 py::handle out_obj, std::int64_t threads, const std::string &activation) {
+    check_threads("linear_int8x3", threads);
+    if (activation != "none" && activation != "gelu")
+        throw py::value_error("linear_int8x3: activation must be 'none' or 'gelu', got '" + activation + "'");
+    const py::array x = require<float>(x_obj, "x", "float32", 2);
+    const py::array w = require<std::uint8_t>(w_obj, "w", "uint8", 5);
+    const py::array w_scale = require<float>(w_scale_obj, "w_scale", "float32", 1);
+    const py::array bias = require<float>(bias_obj, "bias", "float32", 1);
+    const std::int64_t rows = x.shape(0), depth = x.shape(1), cols = bias.shape(0);
+    if (depth > kI8MaxDepth)
+        throw py::value_error("x: linear_int8x3 takes K up to " + std::to_string(kI8MaxDepth) +
+                              " (its int32 sums), got " + std::to_string(depth));
+    const std::int64_t kq = (depth + 3) / 4 * 4, panels = (cols + 31) / 32;
+    if (w.shape(0) != panels || w.shape(1) != kq / 4 || w.shape(2) != 2 || w.shape(3) != 32 || w.shape(4) != 4)
+        throw py::value_error("w: expected the packing of a (" + std::to_string(depth) + ", " + std::to_string(cols) +
+                              ") weight (pack_int8x3_weight), shape (" + std::to_string(panels) + ", " +
+                              std::to_string(kq / 4) + ", 2, 32, 4); got " + shape_str(w));
+    if (reinterpret_cast<std::uintptr_t>(w.data()) % 64 != 0)
+        throw py::value_error("w: the packing must start on a 64-byte boundary (pack_int8x3_weight's does)");
+    require_shape(w_scale, "w_scale", {cols});
+    py::array_t<float> out = product_out(out_obj, rows, cols, x, w, "w", bias);
+    if (!has_avx512_vnni())
+        throw std::runtime_error("linear_int8x3: this CPU has no AVX512-VNNI (has_avx512_vnni() is False)");
+    if (rows == 0 || cols == 0) return out;
+    std::vector<float> columns(static_cast<std::size_t>(2 * panels * 32 + 16));  // w_scale and bias, padded
+    float *padded = reinterpret_cast<float *>((reinterpret_cast<std::uintptr_t>(columns.data()) + 63) / 64 * 64);
+    std::fill(padded, padded + 2 * panels * 32, 0.f);
+    std::memcpy(padded, w_scale.data(), cols * sizeof(float));
+    std::memcpy(padded + panels * 32, bias.data(), cols * sizeof(float));
+    const std::int64_t ld = (depth + 63) / 64 * 64;
+    const LinearInt8x3Args args{static_cast<const float *>(x.data()), static_cast<const std::uint8_t *>(w.data()),
+                                padded, padded + panels * 32, out.mutable_data(), rows, depth, cols, kq, ld, panels,
+                                activation == "gelu", std::clamp<std::int64_t>(kLbGroupBytes / (kq * 64), 1, kLbGroup)};
+    const std::int64_t limit = threads > 0 ? threads : usable_cpus();
+    const std::int64_t band = std::clamp<std::int64_t>((rows + limit - 1) / limit, kI8Rows, kI8BandRows) /
+                              kI8Rows * kI8Rows;
+    const std::int64_t items = (rows + band - 1) / band;
+    {
+        py::gil_scoped_release release;
+        // cost: the multiply-adds as VPDPBUSD runs them (3 of 64 per product)
+        parallel_for(items, 3.0 * band * kq * panels * 32 / 64, threads,
+                     [&](std::int64_t i0, std::int64_t i1) { li_items(args, band, i0, i1); });
+    }
+    return out;
+}
+
 }  // namespace
 
 // The threads argument of the multi-threaded kernels, in their docstrings.
@@ -3733,6 +3933,21 @@ PYBIND11_MODULE(_ext, m) {
           "(VDPBF16PS, where has_avx512_bf16()) or 'auto' (amx where the tiles are, else avx512); RuntimeError\n"
           "where the CPU lacks them. activation 'gelu': GELU(out) = out (1 + erf(out / sqrt 2)) / 2 applied to each\n"
           "result in float32 before it is stored (erf within 2e-7 absolute: Abramowitz & Stegun 7.1.26)." THREADS_DOC);
+    m.def("linear_int8x3", &linear_int8x3, py::arg("x"), py::arg("w"), py::arg("w_scale"), py::arg("bias"),
+          py::arg("out") = py::none(), py::arg("threads") = 0, py::arg("activation") = "none",
+          "linear_int8x3(x: float32[M, K], w: uint8[N32 / 32, K4 / 4, 2, 32, 4], w_scale: float32[N], bias: float32[N],\n"
+          "    out=None, threads=0, activation='none') -> float32[M, N]\n\n"
+          "x @ W + bias from three int8 products (AVX512-VNNI's VPDPBUSD): w and w_scale are W [K, N] packed by\n"
+          "samreg_rt.bf16_graph.pack_int8x3_weight (each column as two int8 parts, W / w_scale = w_hi + w_lo / 256;\n"
+          "K up to 32768); each row of x with its scale s = max |x row| / 127 (float32) as two int8 parts, v = x / s,\n"
+          "hi = round(v), lo = round(256 (v - hi)) clipped to [-128, 127] (nearest even); out[m, n] = bias[n] +\n"
+          "s w_scale[n] (hi w_hi + (hi w_lo + lo w_hi) / 256)[m, n], the integer sums exact, combined and scaled in\n"
+          "float32. A row with a value that is not finite gives NaN. out: an optional float32[M, N] array (not\n"
+          "overlapping the inputs) to write and return. activation 'gelu': linear_bf16's GELU applied to each result.\n"
+          "RuntimeError where the CPU has no AVX512-VNNI (has_avx512_vnni())." THREADS_DOC);
+    m.def("has_avx512_vnni", &has_avx512_vnni,
+          "has_avx512_vnni() -> whether linear_int8x3 runs here: the CPU has AVX-512 (F, DQ, VL, BW) and\n"
+          "AVX512-VNNI (and SAMREG_RT_CPU_BUILD allows AVX-512).");
     m.def("has_amx_bf16", &has_amx_bf16,
           "has_amx_bf16() -> whether shared_attention_bf16 and linear_bf16(isa='amx') run here: the CPU has AMX-TILE,\n"
           "AMX-BF16 and AVX512-BF16, and the operating system let this process use the tiles.");

@@ -46,7 +46,8 @@ from onnx import numpy_helper
 from samreg_rt import _ext
 from samreg_rt.pages import small_pages
 
-TILE = 32  # _ext.linear_bf16's padding of K and N
+TILE = 32  # _ext.linear_bf16's padding of K and N (and linear_int8x3's of N)
+WEIGHTS = ("bf16", "bf16x2", "int8x3")  # Bf16Graph's weight products
 
 
 def round_bf16(a: np.ndarray) -> np.ndarray:
@@ -94,6 +95,44 @@ def pack_bf16_weight(w: np.ndarray, split: bool = False) -> np.ndarray:
     return packed
 
 
+def int8_parts(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """v float32 (values in [-127, 127]) -> (hi, lo), int32: hi = round(v), lo = round(256 (v - hi)) clipped to
+    [-128, 127] (nearest even, in float32 as ``_ext.linear_int8x3`` rounds x); hi + lo / 256 is v to within 1 / 512
+    (1 / 256 where lo clips)."""
+    v = np.asarray(v, dtype=np.float32)
+    hi = np.rint(v)
+    lo = np.clip(np.rint((v - hi) * np.float32(256)), -128, 127)
+    return hi.astype(np.int32), lo.astype(np.int32)
+
+
+def int8x3_weight_parts(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W float32 [K, N] -> (hi, lo) int32 [K, N] and scale float32 [N]: each column over its scale
+    s = max |W[:, n]| / 127 (1 for a zero column) as two int8 parts (``int8_parts``), W = s (hi + lo / 256) to
+    about 16 significant bits."""
+    w = np.asarray(w, dtype=np.float32)
+    scale = np.abs(w).max(axis=0) / np.float32(127)
+    scale[scale == 0] = 1
+    return (*int8_parts(w / scale), scale.astype(np.float32))
+
+
+def pack_int8x3_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """W float32 [K, N] -> (packed uint8 [N32 / 32, K4 / 4, 2, 32, 4], scale float32 [N]), the layout of
+    ``_ext.linear_int8x3``: ``int8x3_weight_parts`` stored as part + 128 (VPDPBUSD's unsigned operand), K padded
+    to a multiple of 4 and N to one of 32 with zeros (stored 128); element [p, q, t, n, e] is part t (0: hi,
+    1: lo) of W[4 q + e, 32 p + n]. The array starts on a 64-byte boundary (the kernel's aligned loads)."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"pack_int8x3_weight: expected a [K, N] weight, got shape {w.shape}")
+    k, n = w.shape
+    kq, np_ = -(-k // 4) * 4, -(-n // TILE) * TILE
+    hi, lo, scale = int8x3_weight_parts(w)
+    parts = np.zeros((2, kq, np_), np.int32)
+    parts[0, :k, :n], parts[1, :k, :n] = hi, lo
+    packed = aligned_empty((np_ // TILE, kq // 4, 2, TILE, 4), np.uint8)
+    packed[...] = (parts + 128).reshape(2, kq // 4, 4, np_ // TILE, TILE).transpose(3, 1, 0, 4, 2)
+    return packed, scale
+
+
 @dataclass(frozen=True)
 class WeightProduct:
     """output = input @ weight + bias over the last axis of input (then GELU where ``activation`` is "gelu");
@@ -117,8 +156,21 @@ class WeightProduct:
         rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.depth)
         shape = (rows.shape[0], self.bias.shape[0])
         out = aligned_empty(shape, np.float32) if out is None else out.reshape(shape)
-        return _ext.linear_bf16(rows, self.weight, self.bias, out=out, threads=threads,
-                                activation=self.activation).reshape(*x.shape[:-1], self.bias.shape[0])
+        return self._product(rows, out, threads).reshape(*x.shape[:-1], self.bias.shape[0])
+
+    def _product(self, rows: np.ndarray, out: np.ndarray, threads: int) -> np.ndarray:
+        return _ext.linear_bf16(rows, self.weight, self.bias, out=out, threads=threads, activation=self.activation)
+
+
+@dataclass(frozen=True)
+class Int8x3Product(WeightProduct):
+    """A ``WeightProduct`` from three int8 products (``_ext.linear_int8x3``, AVX512-VNNI): weight packed by
+    ``pack_int8x3_weight``, ``w_scale`` its column scales."""
+    w_scale: np.ndarray | None = None   # float32 [N]
+
+    def _product(self, rows: np.ndarray, out: np.ndarray, threads: int) -> np.ndarray:
+        return _ext.linear_int8x3(rows, self.weight, self.w_scale, self.bias, out=out, threads=threads,
+                                  activation=self.activation)
 
 
 @dataclass(frozen=True)
@@ -161,9 +213,9 @@ class Found(NamedTuple):
     edits: dict[int, onnx.NodeProto]
 
 
-def find_products(graph: onnx.GraphProto, split: bool = False) -> dict[int, Found]:
-    """The weight products of a graph, by the index of their first node. ``split``: weights packed as hi + lo
-    (``pack_bf16_weight``).
+def find_products(graph: onnx.GraphProto, weights: str = "bf16") -> dict[int, Found]:
+    """The weight products of a graph, by the index of their first node. ``weights``: "bf16" (``pack_bf16_weight``),
+    "bf16x2" (the same split as hi + lo) or "int8x3" (``pack_int8x3_weight``, ``Int8x3Product``).
 
     Gemm(A, B, C?) with B (and C) initializers, transA 0, alpha and beta 1; MatMul(A, B) with B a 2-D initializer,
     with the bias of the one Add that takes its output when the other term is a 1-D initializer of N values; then
@@ -224,7 +276,12 @@ def find_products(graph: onnx.GraphProto, split: bool = False) -> dict[int, Foun
             edited.CopyFrom(reshape)
             edited.output[0] = gelu[1]
             edits[users[0]] = edited
-        product = WeightProduct(node.input[0], output, pack_bf16_weight(w, split), bias, w.shape[0], activation)
+        if weights == "int8x3":
+            packed, scale = pack_int8x3_weight(w)
+            product = Int8x3Product(node.input[0], output, packed, bias, w.shape[0], activation, w_scale=scale)
+        else:
+            product = WeightProduct(node.input[0], output, pack_bf16_weight(w, weights == "bf16x2"), bias,
+                                    w.shape[0], activation)
         products[i] = Found(product, replaced, edits)
     return products
 
@@ -652,25 +709,32 @@ ATTENTION_STEPS = (AttentionStep, WindowAttentionStep, BiasedAttentionStep)
 class Bf16Graph:
     """A float32 graph run with its weight products in bfloat16 (``_ext.linear_bf16``): ``run`` as
     ``onnxruntime.InferenceSession.run``. ``make_session(model_bytes)`` builds the session of each piece.
-    ``split_weights``: each weight as hi + lo in bfloat16 (twice the products' work, weights to about 16
-    significant bits; x still rounded to bfloat16). ``attention``: the windowed attention runs in bfloat16 too
+    ``weights``: "bf16"; "bf16x2", each weight as hi + lo in bfloat16 (twice the products' work, weights to about
+    16 significant bits; x still rounded to bfloat16); or "int8x3", x and each weight as two int8 parts, three int8
+    products (``_ext.linear_int8x3``, AVX512-VNNI; both to about 16 bits). ``attention``: the windowed attention runs in bfloat16 too
     (q, k, v and the softmax's weights rounded to bfloat16; AMX tiles or VDPBF16PS) instead of as ONNX Runtime's
     float32 passes over the logits: SAM ViT's from its qkv product (``find_window_attention``) or as cores on
     ONNX Runtime's q, k, v and terms (``find_attention``), TinyViT's from its qkv product
     (``find_biased_attention``). Raises ValueError for a graph with subgraphs (If, Loop, Scan) or no weight
-    product, and for ``attention`` on a CPU without AVX512-BF16 (``_ext.has_avx512_bf16``)."""
+    product, for ``attention`` on a CPU without AVX512-BF16 (``_ext.has_avx512_bf16``) and for "int8x3" on one
+    without AVX512-VNNI (``_ext.has_avx512_vnni``)."""
 
     def __init__(self, model: onnx.ModelProto, make_session: Callable[[bytes], ort.InferenceSession],
-                 threads: int = 0, split_weights: bool = False, attention: bool = False):
+                 threads: int = 0, weights: str = "bf16", attention: bool = False):
         graph = model.graph
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node
                for a in n.attribute):
             raise ValueError("Bf16Graph: graphs with subgraphs (If, Loop, Scan) are not supported")
+        if weights not in WEIGHTS:
+            raise ValueError(f"Bf16Graph: weights must be one of {WEIGHTS}, got {weights!r}")
+        if weights == "int8x3" and not _ext.has_avx512_vnni():
+            raise ValueError("Bf16Graph: weights 'int8x3' needs AVX512-VNNI, which this CPU does not have "
+                             "(_ext.has_avx512_vnni() is False)")
         if attention and not _ext.has_avx512_bf16():
             raise ValueError("Bf16Graph: attention=True needs AVX512-BF16 (AMX-BF16 tiles or VDPBF16PS), which this "
                              "CPU does not have (_ext.has_avx512_bf16() is False)")
         with small_pages():
-            products = find_products(graph, split_weights)
+            products = find_products(graph, weights)
         if not products:
             raise ValueError("Bf16Graph: the graph has no product of an activation with a constant weight")
         inferred = onnx.shape_inference.infer_shapes(model)

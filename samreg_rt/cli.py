@@ -254,9 +254,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="litemedsam", help="registry name, exported model dir, HF dir or .pth")
     p.add_argument("--provider", default="auto", help="auto | tensorrt | cuda | cpu")
     p.add_argument("--threads", type=_positive_int, default=None)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "bf16", "bf16x2"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "bf16", "bf16x2", "int8x3"],
                    help="bf16: the fp32 graphs with the encoder's weight products in bfloat16 (CPUs with AVX512-BF16 "
-                        "or AMX); bf16x2: the same with each weight as two bfloat16 parts (closer to fp32, slower)")
+                        "or AMX); bf16x2: the same with each weight as two bfloat16 parts (closer to fp32, slower); "
+                        "int8x3: inputs and weights each as two int8 parts, three int8 products (CPUs with "
+                        "AVX512-VNNI; as close to fp32 as bf16x2)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,9 @@ PROVIDER_ALIASES = {
 }
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROMPT_INPUTS = ("image_embeddings", "point_coords", "point_labels")
-BF16_PRECISIONS = ("bf16", "bf16x2")  # run-time precisions of the fp32 export (samreg_rt.bf16_graph)
+# run-time precisions of the fp32 export, the encoder's weight products native (samreg_rt.bf16_graph), and the CPU
+# feature each needs
+NATIVE_PRECISIONS = {"bf16": "AVX512-BF16", "bf16x2": "AVX512-BF16", "int8x3": "AVX512-VNNI"}
 GRAPH_IO = {  # role -> (inputs, outputs), as docs/contracts.md
     "encoder": (("image",), ("image_embeddings",)),
     "decoder": (PROMPT_INPUTS, ("iou_predictions", "low_res_masks")),
@@ -207,6 +209,10 @@ class Engine:
 
         Every graph file is hashed and checked against the manifest before a session is built
         from those same bytes (``ManifestError`` names the file on mismatch).
+        ``precision``: the export's "fp32", "fp16" or "int8" graphs; or the fp32 graphs with the encoder's weight
+        products native on the CPU (``NATIVE_PRECISIONS``, ModelError on a CPU without the feature): "bf16" and
+        "bf16x2" (bfloat16, each weight as one or two parts) or "int8x3" (x and each weight as two int8 parts,
+        three int8 products: ``_ext.linear_int8x3``).
         ``threads``: ONNX Runtime's intra-op threads and the fused CPU kernels' thread limit (None: the CPUs
         this process may use, ``cpus.usable_cpus``: its affinity mask, at most its cgroup's CPU quota).
         ``fused_upscaling``: upscale kept masks with the fused kernel (``samreg_rt.upscaling``) when the
@@ -219,10 +225,10 @@ class Engine:
         has them for the precision (fp32 and int8 ViT exports since they exist: re-export older ones).
         ``encoder_attention``: the precision of those attention cores: "fp32", "bf16"
         (``_ext.shared_attention_bf16``: AMX tiles, or AVX512-BF16's VDPBF16PS on CPUs without them; ModelError on
-        a CPU with neither, ``_ext.has_avx512_bf16``) or "auto": bf16 for int8, bf16 and bf16x2 on CPUs with
+        a CPU with neither, ``_ext.has_avx512_bf16``) or "auto": bf16 for int8 and the native precisions on CPUs with
         AVX512-BF16 (ViT-B int8: embedding cosine to fp32 0.99967 with either core,
         benchmarks/results/performance.md), fp32 otherwise: fp32 engines keep their float32 results.
-        With "bf16" the bf16 and bf16x2 engines run the windowed blocks' attention in bfloat16 as well, straight
+        With "bf16" the native-precision engines run the windowed blocks' attention in bfloat16 as well, straight
         from the qkv product (SAM ViT: ``samreg_rt.bf16_graph.find_window_attention``, else the cores alone,
         ``find_attention``; TinyViT, LiteMedSAM's encoder: ``find_biased_attention``); with "fp32" ONNX Runtime
         runs them in float32.
@@ -235,13 +241,13 @@ class Engine:
         model_dir = resolve_model_dir(model)
         manifest = read_manifest(model_dir)
         graphs = manifest.get("graphs", {})
-        # bf16 (and bf16x2, its weights as two bfloat16 parts) runs the fp32 graphs, the encoder's weight products
-        # in bfloat16 (samreg_rt.bf16_graph)
-        files = "fp32" if precision in BF16_PRECISIONS else precision
+        # bf16 (and bf16x2, its weights as two bfloat16 parts; int8x3, three int8 products of two-part inputs) runs
+        # the fp32 graphs, the encoder's weight products native (samreg_rt.bf16_graph)
+        files = "fp32" if precision in NATIVE_PRECISIONS else precision
         if files not in graphs:
             raise ModelError(
                 f"{model_dir / 'manifest.json'}: no {files!r} graphs (has {', '.join(sorted(graphs))})"
-                + (f" (precision {precision!r} runs the fp32 graphs)" if precision in BF16_PRECISIONS else "")
+                + (f" (precision {precision!r} runs the fp32 graphs)" if precision in NATIVE_PRECISIONS else "")
             )
         try:
             spec = ModelSpec.from_dict(manifest["spec"])
@@ -249,12 +255,13 @@ class Engine:
             raise ManifestError(f"{model_dir / 'manifest.json'}: invalid model spec ({exc})") from None
         spec = _registry_spec(model, spec, model_dir)
         chosen = select_providers(providers)
-        if precision in BF16_PRECISIONS:
-            if not _ext.has_avx512_bf16():
-                raise ModelError(f"precision {precision!r} needs AVX512-BF16 (or AMX tiles), which this CPU does not "
-                                 "have (_ext.has_avx512_bf16() is False); use 'fp32' or 'int8'")
+        if precision in NATIVE_PRECISIONS:
+            feature = NATIVE_PRECISIONS[precision]
+            if not (_ext.has_avx512_vnni() if precision == "int8x3" else _ext.has_avx512_bf16()):
+                raise ModelError(f"precision {precision!r} needs {feature}, which this CPU does not have "
+                                 f"(_ext.has_{feature.lower().replace('-', '_')}() is False); use 'fp32' or 'int8'")
             if chosen[0] != "CPUExecutionProvider":
-                raise ModelError(f"precision {precision!r} runs on the CPU (AVX512-BF16 or AMX), not on {chosen[0]}: "
+                raise ModelError(f"precision {precision!r} runs on the CPU ({feature}), not on {chosen[0]}: "
                                  "pass providers='cpu', or use 'fp16' on a GPU")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or threads < 1):
@@ -266,7 +273,7 @@ class Engine:
             raise ModelError("encoder_attention 'bf16' needs AVX512-BF16 (or AMX tiles), which this CPU does not "
                              "have (_ext.has_avx512_bf16() is False); use 'fp32' or 'auto'")
         if encoder_attention == "auto":
-            encoder_attention = ("bf16" if precision in ("int8", *BF16_PRECISIONS) and _ext.has_avx512_bf16()
+            encoder_attention = ("bf16" if precision in ("int8", *NATIVE_PRECISIONS) and _ext.has_avx512_bf16()
                                  else "fp32")
         if shared_arena:
             _register_shared_cpu_arena()
@@ -295,10 +302,10 @@ class Engine:
         def load_graph(role: str, inputs: tuple[str, ...], outputs: tuple[str, ...],
                        role_options: ort.SessionOptions = options) -> ort.InferenceSession:
             path = model_dir / graphs[files][role]["file"]
-            if precision in BF16_PRECISIONS and role.startswith("encoder"):
+            if precision in NATIVE_PRECISIONS and role.startswith("encoder"):
                 # its pieces alternate with native products: no spinning threads (part_options)
                 return _bf16_graph(path, reads[role].result(), part_options, chosen, inputs, outputs, threads,
-                                   split_weights=precision == "bf16x2", attention=encoder_attention == "bf16")
+                                   weights=precision, attention=encoder_attention == "bf16")
             return _session(path, reads[role].result(), role_options, chosen, inputs, outputs, model_dir, precision)
 
         try:
@@ -557,10 +564,10 @@ def _session_options(threads: int, shared_arena: bool, spinning: bool) -> ort.Se
 
 
 def _bf16_graph(path: Path, data: bytes, options: ort.SessionOptions, providers: list[str],
-                inputs: tuple[str, ...], outputs: tuple[str, ...], threads: int, split_weights: bool,
+                inputs: tuple[str, ...], outputs: tuple[str, ...], threads: int, weights: str,
                 attention: bool) -> Bf16Graph:
-    """An fp32 encoder graph (or part) with its weight products (and with ``attention`` its windowed attention
-    cores) in bfloat16 (``samreg_rt.bf16_graph``)."""
+    """An fp32 encoder graph (or part) with its weight products native (``weights``: "bf16", "bf16x2" or "int8x3")
+    and with ``attention`` its windowed attention cores in bfloat16 (``samreg_rt.bf16_graph``)."""
     import onnx
 
     from .bf16_graph import Bf16Graph
@@ -569,14 +576,14 @@ def _bf16_graph(path: Path, data: bytes, options: ort.SessionOptions, providers:
         model = onnx.load_from_string(data)
     except Exception as exc:  # protobuf's DecodeError and onnx's own
         raise ModelError(f"{path}: not a loadable ONNX graph ({str(exc)[:300]})") from None
-    weights = {t.name for t in model.graph.initializer}
-    _require_io(path, tuple(i.name for i in model.graph.input if i.name not in weights),
+    initializers = {t.name for t in model.graph.initializer}
+    _require_io(path, tuple(i.name for i in model.graph.input if i.name not in initializers),
                 tuple(o.name for o in model.graph.output), inputs, outputs)
     try:
         return Bf16Graph(model, lambda piece: _session(path, piece, options, providers, None, None, path.parent,
-                                                       "fp32"), threads, split_weights, attention)
+                                                       "fp32"), threads, weights, attention)
     except ValueError as exc:
-        raise ModelError(f"{path}: cannot run in bf16 ({exc})") from None
+        raise ModelError(f"{path}: cannot run in {weights} ({exc})") from None
 
 
 def _session(path: Path, data: bytes, options: ort.SessionOptions, providers: list[str],

@@ -575,8 +575,8 @@ def test_bf16_graph_runs_litemedsam_attention_in_bf16(litemedsam_dir):
     model, _ = _litemedsam_encoder(litemedsam_dir)
     image = np.random.default_rng(5).standard_normal((1, 3, 256, 256)).astype(np.float32)
     want = _session(model.SerializeToString()).run(None, {"image": image})[0]
-    on = Bf16Graph(model, _session, threads=2, split_weights=True, attention=True)
-    off = Bf16Graph(model, _session, threads=2, split_weights=True)
+    on = Bf16Graph(model, _session, threads=2, weights="bf16x2", attention=True)
+    off = Bf16Graph(model, _session, threads=2, weights="bf16x2")
     assert sum(isinstance(step, BiasedAttentionStep) for step in on.steps) == 10
     assert not any(isinstance(step, BiasedAttentionStep) for step in off.steps)
     timings: dict[str, float] = {}
