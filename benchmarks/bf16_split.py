@@ -92,6 +92,8 @@ def markdown(report: dict[str, Any]) -> str:
         "attention steps: SAM ViT's, TinyViT's, where the engine's encoder_attention is bf16); onnxruntime: the "
         "pieces of the fp32 graph between them (fp32, int8: their whole graphs); other: the rest of the wall time (a ViT's global attention cores, in "
         + ", ".join(f"{k}: {v}" for k, v in report["attention"].items()) + ").", "",
+        "vs fp32: the fp32 engine's time over the row's (a ViT's fp32 engine: its parts around the native float32 "
+        "global attention).", "",
         "| model | precision | total ms | vs fp32 | products ms | windowed attention ms | onnxruntime ms | other ms "
         "| embedding cosine to fp32 |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",

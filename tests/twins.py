@@ -288,15 +288,15 @@ def linear_int8x3(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """_ext.linear_int8x3's product of x [M, K] and the float32 weight W [K, N]: W's columns with scales
     s_w = max |W[:, n]| / 127 and x's rows with s = max |x[m]| / 127 (1 where all zero; float32), each as two
     int8 parts of v / scale; bias + s s_w (hi w_hi + (hi w_lo + lo w_hi) / 256) with the integer sums exact
-    (int64) and the rest in float64 (the kernel combines and scales in float32: compare with a tolerance) ->
-    float32 [M, N]."""
+    (float64 products of integers: every partial sum below 2^53) and the rest in float64 (the kernel combines and
+    scales in float32: compare with a tolerance) -> float32 [M, N]."""
     x, w = np.asarray(x, np.float32), np.asarray(w, np.float32)
     s_w = np.abs(w).max(axis=0) / np.float32(127)
     s_w[s_w == 0] = 1
     s = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
     s[s == 0] = 1
-    w_hi, w_lo = int8_parts(w / s_w)
-    hi, lo = int8_parts(x / s)
+    w_hi, w_lo = (p.astype(np.float64) for p in int8_parts(w / s_w))
+    hi, lo = (p.astype(np.float64) for p in int8_parts(x / s))
     whole, part = hi @ w_hi, hi @ w_lo + lo @ w_hi
     y = (whole + part / 256) * s.astype(np.float64) * s_w.astype(np.float64) + bias
     return y.astype(np.float32)
