@@ -3492,11 +3492,17 @@ __attribute__((target(AMX_TARGET))) void lb_items(const LinearBf16Args &a, std::
     if (amx) _tile_release();
 }
 
+// A weight product's threads and activation checked: whether it applies GELU.
+bool product_activation(const std::string &name, std::int64_t threads, const std::string &activation) {
+    check_threads(name.c_str(), threads);
+    if (activation != "none" && activation != "gelu")
+        throw py::value_error(name + ": activation must be 'none' or 'gelu', got '" + activation + "'");
+    return activation == "gelu";
+}
+
 py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bias_obj, py::handle out_obj,
                                const std::string &isa, std::int64_t threads, const std::string &activation) {
-    check_threads("linear_bf16", threads);
-    if (activation != "none" && activation != "gelu")
-        throw py::value_error("linear_bf16: activation must be 'none' or 'gelu', got '" + activation + "'");
+    const bool gelu = product_activation("linear_bf16", threads, activation);
     const py::array x = require<float>(x_obj, "x", "float32", 2);
     const py::array w = require<std::uint16_t>(w_obj, "w", "uint16", 6);
     const py::array bias = require<float>(bias_obj, "bias", "float32", 1);
@@ -3522,7 +3528,7 @@ py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bi
                 }
     const LinearBf16Args args{static_cast<const float *>(x.data()), static_cast<const std::uint16_t *>(w.data()),
                               tiles, out.mutable_data(), rows, depth, cols, kp, panels,
-                              static_cast<int>(w.shape(2)), activation == "gelu",
+                              static_cast<int>(w.shape(2)), gelu,
                               lb_group(kp, static_cast<int>(w.shape(2)))};
     // bands of whole 32-row blocks, at least one per thread where there are enough rows
     const std::int64_t blocks = (rows + kLbBlock - 1) / kLbBlock;
@@ -3691,9 +3697,7 @@ __attribute__((target(VNNI_TARGET))) void li_items(const LinearInt8x3Args &a, st
 
 py::array_t<float> linear_int8x3(py::handle x_obj, py::handle w_obj, py::handle w_scale_obj, py::handle bias_obj,
                                  py::handle out_obj, std::int64_t threads, const std::string &activation) {
-    check_threads("linear_int8x3", threads);
-    if (activation != "none" && activation != "gelu")
-        throw py::value_error("linear_int8x3: activation must be 'none' or 'gelu', got '" + activation + "'");
+    const bool gelu = product_activation("linear_int8x3", threads, activation);
     const py::array x = require<float>(x_obj, "x", "float32", 2);
     const py::array w = require<std::uint8_t>(w_obj, "w", "uint8", 5);
     const py::array w_scale = require<float>(w_scale_obj, "w_scale", "float32", 1);
@@ -3722,7 +3726,7 @@ py::array_t<float> linear_int8x3(py::handle x_obj, py::handle w_obj, py::handle 
     const std::int64_t ld = (depth + 63) / 64 * 64;
     const LinearInt8x3Args args{static_cast<const float *>(x.data()), static_cast<const std::uint8_t *>(w.data()),
                                 padded, padded + panels * 32, out.mutable_data(), rows, depth, cols, kq, ld, panels,
-                                activation == "gelu", std::clamp<std::int64_t>(kLbGroupBytes / (kq * 64), 1, kLbGroup)};
+                                gelu, std::clamp<std::int64_t>(kLbGroupBytes / (kq * 64), 1, kLbGroup)};
     const std::int64_t limit = threads > 0 ? threads : usable_cpus();
     const std::int64_t band = std::clamp<std::int64_t>((rows + limit - 1) / limit, kI8Rows, kI8BandRows) /
                               kI8Rows * kI8Rows;
