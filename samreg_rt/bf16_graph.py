@@ -711,9 +711,9 @@ class Bf16Graph:
     ``onnxruntime.InferenceSession.run``. ``make_session(model_bytes)`` builds the session of each piece.
     ``weights``: "bf16"; "bf16x2", each weight as hi + lo in bfloat16 (twice the products' work, weights to about
     16 significant bits; x still rounded to bfloat16); or "int8x3", x and each weight as two int8 parts, three int8
-    products (``_ext.linear_int8x3``, AVX512-VNNI; both to about 16 bits). ``attention``: the windowed attention runs in bfloat16 too
-    (q, k, v and the softmax's weights rounded to bfloat16; AMX tiles or VDPBF16PS) instead of as ONNX Runtime's
-    float32 passes over the logits: SAM ViT's from its qkv product (``find_window_attention``) or as cores on
+    products (``_ext.linear_int8x3``, AVX512-VNNI; both to about 16 bits). ``attention``: the windowed attention
+    runs in bfloat16 too (q, k, v and the softmax's weights rounded to bfloat16; AMX tiles or VDPBF16PS) instead
+    of as ONNX Runtime's float32 passes over the logits: SAM ViT's from its qkv product (``find_window_attention``) or as cores on
     ONNX Runtime's q, k, v and terms (``find_attention``), TinyViT's from its qkv product
     (``find_biased_attention``). Raises ValueError for a graph with subgraphs (If, Loop, Scan) or no weight
     product, for ``attention`` on a CPU without AVX512-BF16 (``_ext.has_avx512_bf16``) and for "int8x3" on one
