@@ -3282,10 +3282,10 @@ struct LinearBf16Args {
     std::int64_t group;                // panels per group (lb_group)
 };
 
-// Panels per group: as many as kLbGroupBytes of packed weights hold (a panel: K32 / 32 chunks of `parts` 1 KiB
-// tiles), between 1 and kLbGroup.
-std::int64_t lb_group(std::int64_t kp, int parts) {
-    return std::clamp<std::int64_t>(kLbGroupBytes / (kp / kLbBlock * parts * 1024), 1, kLbGroup);
+// Panels per group: as many as kLbGroupBytes of packed weights hold (a panel of linear_bf16: K32 / 32 chunks of
+// `parts` 1 KiB tiles; of linear_int8x3: K4 x 64 bytes), between 1 and kLbGroup.
+std::int64_t lb_group(std::int64_t panel_bytes) {
+    return std::clamp<std::int64_t>(kLbGroupBytes / panel_bytes, 1, kLbGroup);
 }
 
 // GELU(y) = y (1 + erf(y / sqrt 2)) / 2 on 16 lanes. With z = |y| / sqrt 2, q = 1 - erf(z) = poly(t) exp(-z^2),
@@ -3529,7 +3529,7 @@ py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bi
     const LinearBf16Args args{static_cast<const float *>(x.data()), static_cast<const std::uint16_t *>(w.data()),
                               tiles, out.mutable_data(), rows, depth, cols, kp, panels,
                               static_cast<int>(w.shape(2)), gelu,
-                              lb_group(kp, static_cast<int>(w.shape(2)))};
+                              lb_group(kp / kLbBlock * w.shape(2) * 1024)};
     // bands of whole 32-row blocks, at least one per thread where there are enough rows
     const std::int64_t blocks = (rows + kLbBlock - 1) / kLbBlock;
     const std::int64_t limit = threads > 0 ? threads : usable_cpus();
@@ -3557,8 +3557,8 @@ py::array_t<float> linear_bf16(py::handle x_obj, py::handle w_obj, py::handle bi
 // reads it). Work items: bands of rows, each quantized into a byte copy, then each block of kI8Rows rows against
 // each panel of a group (lb_group's weight budget: the group's panels stay in the core's L2).
 
-// rows of a block: 4 x 2 x 2 accumulators, 4 weight vectors, 2 of x (6 rows spill registers: a ViT-B MLP product
-// at 128 against 225 int8 GMAC/s on one Zen 4 core, near VPDPBUSD's 64 multiply-adds a cycle)
+// rows of a block: 4 x 2 x 2 accumulators, 4 weight vectors, 2 of x (6 rows need more than the 32 vector registers,
+// and GCC 12 spilled them)
 constexpr int kI8Rows = 4;
 constexpr std::int64_t kI8MaxDepth = 32768;   // K up to this: |hi (w_lo + 128) + lo (w_hi + 128)| sums < 2^31
 constexpr std::int64_t kI8BandRows = 192;     // rows of a band at most
@@ -3632,8 +3632,7 @@ __attribute__((target(VNNI_TARGET))) void li_quantize(const LinearInt8x3Args &a,
 }
 
 // kI8Rows rows of the band (from row i of rows) against panel p; the first `cols` columns of the first `count`
-// rows stored to o (row stride n). Not inlined: inlined into li_items, GCC 12 kept the accumulators on the stack
-// (124 against 210 int8 GMAC/s on one Zen 4 core).
+// rows stored to o (row stride n). Not inlined: inlined into li_items, GCC 12 kept the accumulators on the stack.
 __attribute__((noinline, target(VNNI_TARGET))) void li_block(const LinearInt8x3Args &a, const I8Rows &rows, std::int64_t i,
                                                   std::int64_t p, float *o, std::int64_t count, std::int64_t cols) {
     __m512i hh[kI8Rows][2], cross[kI8Rows][2];
@@ -3718,15 +3717,14 @@ py::array_t<float> linear_int8x3(py::handle x_obj, py::handle w_obj, py::handle 
     if (!has_avx512_vnni())
         throw std::runtime_error("linear_int8x3: this CPU has no AVX512-VNNI (has_avx512_vnni() is False)");
     if (rows == 0 || cols == 0) return out;
-    std::vector<float> columns(static_cast<std::size_t>(2 * panels * 32 + 16));  // w_scale and bias, padded
-    float *padded = reinterpret_cast<float *>((reinterpret_cast<std::uintptr_t>(columns.data()) + 63) / 64 * 64);
-    std::fill(padded, padded + 2 * panels * 32, 0.f);
+    std::vector<float> columns;  // w_scale and bias, zeros past N
+    float *padded = reinterpret_cast<float *>(aligned_vecs(columns, 2 * panels * 2));
     std::memcpy(padded, w_scale.data(), cols * sizeof(float));
     std::memcpy(padded + panels * 32, bias.data(), cols * sizeof(float));
     const std::int64_t ld = (depth + 63) / 64 * 64;
     const LinearInt8x3Args args{static_cast<const float *>(x.data()), static_cast<const std::uint8_t *>(w.data()),
                                 padded, padded + panels * 32, out.mutable_data(), rows, depth, cols, kq, ld, panels,
-                                gelu, std::clamp<std::int64_t>(kLbGroupBytes / (kq * 64), 1, kLbGroup)};
+                                gelu, lb_group(kq * 64)};
     const std::int64_t limit = threads > 0 ? threads : usable_cpus();
     const std::int64_t band = std::clamp<std::int64_t>((rows + limit - 1) / limit, kI8Rows, kI8BandRows) /
                               kI8Rows * kI8Rows;

@@ -40,9 +40,10 @@ PROVIDER_ALIASES = {
 }
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROMPT_INPUTS = ("image_embeddings", "point_coords", "point_labels")
-# run-time precisions of the fp32 export, the encoder's weight products native (samreg_rt.bf16_graph), and the CPU
-# feature each needs
-NATIVE_PRECISIONS = {"bf16": "AVX512-BF16", "bf16x2": "AVX512-BF16", "int8x3": "AVX512-VNNI"}
+# run-time precisions of the fp32 export, the encoder's weight products native (samreg_rt.bf16_graph): the CPU
+# feature each needs and the _ext function that tells whether this CPU has it
+NATIVE_PRECISIONS = {"bf16": ("AVX512-BF16", "has_avx512_bf16"), "bf16x2": ("AVX512-BF16", "has_avx512_bf16"),
+                     "int8x3": ("AVX512-VNNI", "has_avx512_vnni")}
 GRAPH_IO = {  # role -> (inputs, outputs), as docs/contracts.md
     "encoder": (("image",), ("image_embeddings",)),
     "decoder": (PROMPT_INPUTS, ("iou_predictions", "low_res_masks")),
@@ -256,10 +257,10 @@ class Engine:
         spec = _registry_spec(model, spec, model_dir)
         chosen = select_providers(providers)
         if precision in NATIVE_PRECISIONS:
-            feature = NATIVE_PRECISIONS[precision]
-            if not (_ext.has_avx512_vnni() if precision == "int8x3" else _ext.has_avx512_bf16()):
+            feature, has_feature = NATIVE_PRECISIONS[precision]
+            if not getattr(_ext, has_feature)():
                 raise ModelError(f"precision {precision!r} needs {feature}, which this CPU does not have "
-                                 f"(_ext.has_{feature.lower().replace('-', '_')}() is False); use 'fp32' or 'int8'")
+                                 f"(_ext.{has_feature}() is False); use 'fp32' or 'int8'")
             if chosen[0] != "CPUExecutionProvider":
                 raise ModelError(f"precision {precision!r} runs on the CPU ({feature}), not on {chosen[0]}: "
                                  "pass providers='cpu', or use 'fp16' on a GPU")
