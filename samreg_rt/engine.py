@@ -52,6 +52,23 @@ GRAPH_IO = {  # role -> (inputs, outputs), as docs/contracts.md
 }
 
 
+# the ONNX Runtime device of the decoders' outputs that stay where they are made (DeviceTokens), by provider
+TOKEN_DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceTokens:
+    """The image tokens (B, hw, C) float32 of a ``decode_tokens`` call left where the decoder graphs run: an ONNX
+    Runtime ``OrtValue`` in the decoders' device memory (a GPU's, with the CUDA or TensorRT provider), which
+    ``decode_kept_masks`` binds as ``decoder_masks``' input instead of their being copied to the host and back
+    (4 MB a prompt of a 64x64 embedding each way)."""
+    value: ort.OrtValue
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape())
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageEmbedding:
     """Encoder output for one image: embedding (C, 64, 64) float32 and the image's frame."""
@@ -179,14 +196,16 @@ class Engine:
     ``decode_kept_masks`` upscales only the kept masks. On CPUs with AVX-512 or AVX2 two steps run fused
     CPU kernels instead of graphs: ``decode_tokens`` when ``two_way`` (its weights) is set, the mask
     upscaling when ``mask_upscaling`` is. ``threads``: the thread limit of those kernels and of the ones mask generation
-    runs after them (``Engine.load`` sets it; 0: as many as the CPUs this process may run on).
+    runs after them (``Engine.load`` sets it; 0: as many as the CPUs this process may run on). ``token_device``:
+    the ONNX Runtime device ("cuda", "cpu") in whose memory ``decode_tokens`` leaves the graph's image tokens
+    (``DeviceTokens``), or None: they come back to the host as arrays (``Engine.load``'s ``device_tokens``).
     """
 
     def __init__(self, model_dir: Path, manifest: dict, spec: ModelSpec, precision: str,
                  sessions: dict[str, ort.InferenceSession], providers: list[str],
                  mask_upscaling: UpscalingWeights | None = None, two_way: TwoWayWeights | None = None,
                  threads: int = 0, encoder_parts: list[ort.InferenceSession] | None = None,
-                 encoder_attention: str = "fp32"):
+                 encoder_attention: str = "fp32", token_device: str | None = None):
         self.model_dir = model_dir
         self.manifest = manifest
         self.manifest_sha256 = hashlib.sha256((model_dir / "manifest.json").read_bytes()).hexdigest()
@@ -199,13 +218,14 @@ class Engine:
         self.threads = threads
         self.encoder_parts = encoder_parts or []
         self.encoder_attention = encoder_attention
+        self.token_device = token_device
         self._buffers = threading.local()     # each thread's last factors_buffer
 
     @classmethod
     def load(cls, model: str | os.PathLike, providers: str | Sequence[str] = "auto",
              threads: int | None = None, precision: str = "fp32", fused_upscaling: bool = True,
              fused_tokens: bool = True, fused_encoder: bool = True, shared_arena: bool = True,
-             encoder_attention: str = "auto") -> "Engine":
+             encoder_attention: str = "auto", device_tokens: bool | None = None) -> "Engine":
         """Load and verify a model (see ``resolve_model_dir``) and create its sessions.
 
         Every graph file is hashed and checked against the manifest before a session is built
@@ -236,6 +256,10 @@ class Engine:
         ``shared_arena``: the sessions allocate from one CPU memory arena registered in ONNX Runtime's
         process-wide environment (and shared with the other engines of the process that use it) instead of
         one arena each (benchmarks/results/memory_arena.md).
+        ``device_tokens``: ``decode_tokens`` on the ``decoder_tokens`` graph leaves the image tokens where the graph
+        ran (``DeviceTokens``, by ONNX Runtime's IO binding) for ``decode_kept_masks`` to bind as ``decoder_masks``'
+        input, instead of copying them to the host and back; None (default): where the decoders run on the CUDA or
+        TensorRT provider. True on the CPU provider binds them in host memory (the same path; for tests).
         The spec (preprocessing, prompting defaults) is the manifest's, except for a registry name,
         whose spec is the registry's: a cached export keeps up with changed defaults.
         """
@@ -334,19 +358,27 @@ class Engine:
                 sessions["encoder"] = load_graph("encoder", *GRAPH_IO["encoder"])
         finally:
             reader.shutdown(cancel_futures=True)        # after an error: no read left behind
+        decoder_provider = sessions["decoder_tokens"].get_providers()[0]
+        if device_tokens is None:
+            device_tokens = decoder_provider != "CPUExecutionProvider"
+        if device_tokens and decoder_provider not in TOKEN_DEVICES:
+            raise ModelError(f"device_tokens: the decoders run on {decoder_provider}, whose device memory this engine "
+                             f"does not bind (it binds that of {', '.join(TOKEN_DEVICES)}); pass device_tokens=False")
+        token_device = TOKEN_DEVICES[decoder_provider] if device_tokens else None
         providers_used = (encoder_parts[0] if encoder_parts else sessions["encoder"]).get_providers()
         log.info("loaded %s (%s) with %s%s%s%s", manifest.get("name"), precision, providers_used[0],
                  ", fused two-way transformer" if two_way else "", ", fused mask upscaling" if upscaling else "",
                  f", encoder around the native global attention ({encoder_attention})" if encoder_parts else "")
         return cls(model_dir, manifest, spec, precision, sessions, providers_used, upscaling, two_way,
-                   threads, encoder_parts, encoder_attention)
+                   threads, encoder_parts, encoder_attention, token_device)
 
     def with_spec(self, spec: ModelSpec) -> "Engine":
         """The same sessions with another preprocessing/prompting spec (same input size)."""
         if spec.input_size != self.spec.input_size:
             raise ModelError(f"spec input_size {spec.input_size} differs from the graphs' {self.spec.input_size}")
         return Engine(self.model_dir, self.manifest, spec, self.precision, self.sessions, self.providers,
-                      self.mask_upscaling, self.two_way, self.threads, self.encoder_parts, self.encoder_attention)
+                      self.mask_upscaling, self.two_way, self.threads, self.encoder_parts, self.encoder_attention,
+                      self.token_device)
 
     @property
     def provider(self) -> str:
@@ -430,6 +462,8 @@ class Engine:
         buffer); the graph ignores it.
         ``factors``: a ``factors_buffer``: the fused decoder then returns the image tokens in factored form
         (``ImageTokenFactors``, views of the buffer), which ``decode_kept_masks`` takes; the graph ignores it.
+        With ``token_device`` set (``Engine.load``'s ``device_tokens``) the graph returns them as ``DeviceTokens``,
+        which ``decode_kept_masks`` takes.
         """
         prepared = isinstance(embedding, SharedImage)
         emb, coords, labels = _check_prompts(embedding.embedding if prepared else embedding, point_coords,
@@ -443,9 +477,19 @@ class Engine:
         if self.two_way is not None and coords.shape[1] + 5 <= MAX_TOKENS:
             return fused_decode_tokens(self.two_way, embedding if prepared else emb, coords, labels, out, outputs,
                                        self.threads, factors)
-        iou, hyper_in, image_tokens = self.sessions["decoder_tokens"].run(
-            None, {"image_embeddings": emb, "point_coords": coords, "point_labels": labels})
-        return iou, np.ascontiguousarray(hyper_in[:, list(outputs)]), image_tokens
+        session = self.sessions["decoder_tokens"]
+        if self.token_device is None:
+            iou, hyper_in, image_tokens = session.run(None, dict(zip(PROMPT_INPUTS, (emb, coords, labels))))
+            return iou, np.ascontiguousarray(hyper_in[:, list(outputs)]), image_tokens
+        binding = session.io_binding()
+        for name, array in zip(PROMPT_INPUTS, (emb, coords, labels)):
+            binding.bind_cpu_input(name, array)
+        binding.bind_output("iou_predictions")
+        binding.bind_output("hyper_in")
+        binding.bind_output("image_tokens", self.token_device)
+        session.run_with_iobinding(binding)
+        iou, hyper_in, image_tokens = binding.get_outputs()
+        return iou.numpy(), np.ascontiguousarray(hyper_in.numpy()[:, list(outputs)]), DeviceTokens(image_tokens)
 
     def decode_masks(self, image_tokens: np.ndarray, hyper_in: np.ndarray) -> np.ndarray:
         """Second step of ``decode``: image_tokens (B, 4096, C) and hyper_in (B, K, C/8) from
@@ -470,7 +514,8 @@ class Engine:
         float rounding. low_rows: a multiple of 4 in 4..256; the fused kernels upscale only the token rows that
         make them (each token row makes 4 rows), e.g. not those of an image's padding. Runs the fused kernel when
         ``mask_upscaling`` is set, else ``decoder_masks`` on the prompts with a kept mask. image_tokens may be in
-        factored form (``decode_tokens(factors=...)``)."""
+        factored form (``decode_tokens(factors=...)``) or ``DeviceTokens`` (then ``decoder_masks`` runs on all B
+        prompts: they are where it runs, a subset would be a copy)."""
         keep = np.asarray(keep, bool)
         if keep.ndim != 2 or np.ndim(hyper_in) != 3 or keep.shape != np.shape(hyper_in)[:2]:
             raise InputError(f"decode_kept_masks: expected hyper_in (B, K, C/8) and keep (B, K), got "
@@ -479,6 +524,8 @@ class Engine:
             raise InputError(f"decode_kept_masks: low_rows must be a multiple of 4 in 4..256, got {low_rows!r}")
         if not keep.any():
             return np.zeros((0, low_rows, 256), np.float32)
+        if isinstance(image_tokens, DeviceTokens):
+            return self._kept_masks_on_device(image_tokens, hyper_in, keep, low_rows)
         if isinstance(image_tokens, ImageTokenFactors):
             if self.mask_upscaling is not None:
                 return upscale_kept_factored(image_tokens, hyper_in, keep, self.mask_upscaling,
@@ -491,6 +538,21 @@ class Engine:
         if rows.size < len(keep):          # (image_tokens is 4 MB per prompt: no copy when all are kept)
             image_tokens, hyper_in, keep = image_tokens[rows], hyper_in[rows], keep[rows]
         return np.ascontiguousarray(self.decode_masks(image_tokens, hyper_in)[keep][:, :low_rows])
+
+    def _kept_masks_on_device(self, tokens: DeviceTokens, hyper_in: np.ndarray, keep: np.ndarray,
+                              low_rows: int) -> np.ndarray:
+        """``decode_kept_masks`` of ``DeviceTokens``: ``decoder_masks`` with the tokens bound where they are."""
+        hyper = np.ascontiguousarray(hyper_in, np.float32)
+        if len(tokens.shape) != 3 or tokens.shape[0] != hyper.shape[0]:
+            raise InputError(f"decode_kept_masks: expected image_tokens (B, hw, C) for the B = {hyper.shape[0]} "
+                             f"prompts of hyper_in, got device tokens of shape {tokens.shape}")
+        session = self.sessions["decoder_masks"]
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("image_tokens", tokens.value)
+        binding.bind_cpu_input("hyper_in", hyper)
+        binding.bind_output("low_res_masks")
+        session.run_with_iobinding(binding)
+        return np.ascontiguousarray(binding.get_outputs()[0].numpy()[keep][:, :low_rows])
 
 
 def _register_shared_cpu_arena() -> None:

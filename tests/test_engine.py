@@ -578,6 +578,56 @@ def test_bad_threads_are_input_errors(tiny_dir, threads):
         Engine.load(tiny_dir, threads=threads)
 
 
+def test_device_tokens_give_the_same_tokens_and_masks(tiny_dir):
+    """device_tokens (the GPU path: decoder_tokens' image tokens left in the decoders' device memory, bound as
+    decoder_masks' input) run on the CPU provider's memory here: the same iou, hyper_in, tokens and kept masks
+    as the arrays' path; by default a CPU engine copies the tokens back as arrays."""
+    rng = np.random.default_rng(5)
+    plain = Engine.load(tiny_dir, threads=2, fused_tokens=False, fused_upscaling=False)
+    bound = Engine.load(tiny_dir, threads=2, fused_tokens=False, fused_upscaling=False, device_tokens=True)
+    assert plain.token_device is None and bound.token_device == "cpu"
+    assert Engine.load(tiny_dir, threads=1).token_device is None
+    emb = plain.embed(rng.integers(0, 255, (64, 64), np.uint8)).embedding
+    coords = np.concatenate([rng.uniform(0, 255, (6, 1, 2)), np.zeros((6, 1, 2))], axis=1).astype(np.float32)
+    labels = np.tile([1.0, -1.0], (6, 1)).astype(np.float32)
+    iou, hyper, tokens = plain.decode_tokens(emb, coords, labels, mask_outputs=(3, 1))
+    iou2, hyper2, device = bound.decode_tokens(emb, coords, labels, mask_outputs=(3, 1))
+    assert isinstance(device, engine_module.DeviceTokens) and device.shape == tokens.shape == (6, 4096, 256)
+    np.testing.assert_array_equal(iou2, iou)
+    np.testing.assert_array_equal(hyper2, hyper)
+    np.testing.assert_array_equal(device.value.numpy(), tokens)
+    keep = np.array([[1, 0], [0, 0], [1, 1], [0, 1], [0, 0], [0, 1]], bool)
+    want = plain.decode_kept_masks(tokens, hyper, keep, 120)
+    got = bound.decode_kept_masks(device, hyper, keep, 120)
+    assert got.shape == want.shape == (5, 120, 256) and got.flags.c_contiguous
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+    assert bound.decode_kept_masks(device, hyper, np.zeros((6, 2), bool)).shape == (0, 256, 256)
+    with pytest.raises(InputError, match=r"device tokens of shape \(6, 4096, 256\)"):
+        bound.decode_kept_masks(device, hyper[:5], keep[:5])
+
+
+def test_device_tokens_on_a_provider_without_a_known_device(tiny_dir, monkeypatch):
+    monkeypatch.setattr(engine_module, "TOKEN_DEVICES", {"CUDAExecutionProvider": "cuda"})
+    with pytest.raises(ModelError, match="device_tokens: the decoders run on CPUExecutionProvider"):
+        Engine.load(tiny_dir, threads=1, device_tokens=True)
+    assert Engine.load(tiny_dir, threads=1).token_device is None
+
+
+def test_mask_generation_with_device_tokens(litemedsam_dir, data_dir):
+    """Mask generation (LiteMedSAM, its box grid) on the decoder graphs with the tokens bound in device memory
+    gives the masks of the arrays' path."""
+    image = load_image(data_dir / "cardiac_mr" / "acdc2d_example" / "fixed.png").array
+    params = amg.AmgParams.from_spec(Engine.load(litemedsam_dir, threads=2).spec, points_per_side=6)
+    masks = []
+    for device_tokens in (False, True):
+        engine = Engine.load(litemedsam_dir, threads=2, fused_tokens=False, fused_upscaling=False,
+                             device_tokens=device_tokens)
+        masks.append(amg.generate(engine, engine.embed(image), params))
+    assert len(masks[0]) > 5 and masks[1].counts == masks[0].counts
+    np.testing.assert_array_equal(masks[1].masks, masks[0].masks)
+    np.testing.assert_array_equal(masks[1].prompt_ids, masks[0].prompt_ids)
+
+
 def _factored_both_ways(engine, emb, coords, labels, keep_rule):
     """decode_tokens and decode_kept_masks with the image tokens dense and factored (a factors_buffer
     larger than the batch, used twice) -> (dense tokens, factors, dense masks, factored masks)."""
