@@ -130,8 +130,9 @@ class WholeDecoder:
         rows = np.broadcast_to(np.asarray(mask_outputs, np.float32)[None, :, None], (len(coords), len(mask_outputs), 1))
         return iou, rows, low                       # "hyper_in" carries the output index
 
-    def decode_kept_masks(self, low, rows, keep):
-        return np.take_along_axis(low, rows[:, :, 0].astype(np.int64)[:, :, None, None], axis=1)[keep]
+    def decode_kept_masks(self, low, rows, keep, low_rows=256):
+        kept = np.take_along_axis(low, rows[:, :, 0].astype(np.int64)[:, :, None, None], axis=1)[keep]
+        return np.ascontiguousarray(kept[:, :low_rows])
 
 
 def same_masks(a: amg.MaskSet, b: amg.MaskSet, min_iou: float) -> dict[str, Any]:
