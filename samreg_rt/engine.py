@@ -256,6 +256,8 @@ class Engine:
         ``shared_arena``: the sessions allocate from one CPU memory arena registered in ONNX Runtime's
         process-wide environment (and shared with the other engines of the process that use it) instead of
         one arena each (benchmarks/results/memory_arena.md).
+        A provider asked for by name that ONNX Runtime cannot create (it would run the graph on the CPU instead)
+        is a ``ModelError``; with "auto" it is logged and the next one runs.
         ``device_tokens``: ``decode_tokens`` on the ``decoder_tokens`` graph leaves the image tokens where the graph
         ran (``DeviceTokens``, by ONNX Runtime's IO binding) for ``decode_kept_masks`` to bind as ``decoder_masks``'
         input, instead of copying them to the host and back; None (default): where the decoders run on the CUDA or
@@ -358,6 +360,18 @@ class Engine:
                 sessions["encoder"] = load_graph("encoder", *GRAPH_IO["encoder"])
         finally:
             reader.shutdown(cancel_futures=True)        # after an error: no read left behind
+        # ONNX Runtime runs a graph on the CPU when it cannot create a provider asked for (its libraries missing, or
+        # for another CUDA): a provider asked for by name must be there; "auto" takes what is and logs the rest
+        for role, session in [*sessions.items(), *(("first encoder part", part) for part in encoder_parts[:1])]:
+            got = session.get_providers()
+            lost = [name for name in chosen if name not in got]
+            if lost and providers != "auto":
+                raise ModelError(f"{model_dir}: ONNX Runtime could not create {lost[0]} for the {role} graph (it would "
+                                 f"run on {got[0]}): its libraries are missing or do not match this onnxruntime build "
+                                 "(ONNX Runtime's log names them)")
+            if lost:
+                log.warning("%s: ONNX Runtime could not create %s for the %s graph; it runs on %s", model_dir,
+                            ", ".join(lost), role, got[0])
         decoder_provider = sessions["decoder_tokens"].get_providers()[0]
         if device_tokens is None:
             device_tokens = decoder_provider != "CPUExecutionProvider"

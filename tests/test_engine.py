@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -604,6 +605,21 @@ def test_device_tokens_give_the_same_tokens_and_masks(tiny_dir):
     assert bound.decode_kept_masks(device, hyper, np.zeros((6, 2), bool)).shape == (0, 256, 256)
     with pytest.raises(InputError, match=r"device tokens of shape \(6, 4096, 256\)"):
         bound.decode_kept_masks(device, hyper[:5], keep[:5])
+
+
+def test_a_provider_onnx_runtime_cannot_create_is_a_model_error(tiny_dir, monkeypatch, caplog):
+    """ONNX Runtime runs a graph on the CPU when a provider asked for cannot be created (here: CUDA, which this
+    build lacks; on a GPU machine: its libraries missing): by name that is an error, with "auto" a warning."""
+    monkeypatch.setattr(engine_module, "select_providers",
+                        lambda requested: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ModelError, match="could not create CUDAExecutionProvider for the decoder graph "
+                                         "\\(it would run on CPUExecutionProvider\\)"):
+        Engine.load(tiny_dir, providers="cuda", threads=1)
+    with caplog.at_level("WARNING", logger="samreg_rt"):
+        engine = Engine.load(tiny_dir, providers="auto", threads=1)
+    assert engine.provider == "CPUExecutionProvider" and engine.token_device is None
+    # (the encoder runs as parts around the native attention on AVX-512 CPUs, else as one graph)
+    assert re.search("could not create CUDAExecutionProvider for the (first encoder part|encoder) graph", caplog.text)
 
 
 def test_device_tokens_on_a_provider_without_a_known_device(tiny_dir, monkeypatch):
