@@ -82,7 +82,9 @@ def select_providers(requested: str | Sequence[str] = "auto") -> list[str]:
 
     ``auto`` takes TensorRT > CUDA > CPU from what this ONNX Runtime build offers; otherwise a
     name (``tensorrt``, ``cuda``, ``cpu`` or ORT's own provider names) or a list of them, each of
-    which must be available (``ModelError`` otherwise). CPU is always appended as the fallback.
+    which must be available (``ModelError`` otherwise). TensorRT is followed by CUDA where this build has it (the
+    nodes TensorRT does not take then run on the GPU too, not on the CPU), and CPU is always appended as the
+    fallback.
     """
     available = ort.get_available_providers()
     if requested == "auto":
@@ -98,6 +100,9 @@ def select_providers(requested: str | Sequence[str] = "auto") -> list[str]:
                     f"(available: {', '.join(available)})"
                 )
             chosen.append(full)
+    tensorrt, cuda = "TensorrtExecutionProvider", "CUDAExecutionProvider"
+    if tensorrt in chosen and cuda in available and cuda not in chosen:
+        chosen.insert(chosen.index(tensorrt) + 1, cuda)
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen

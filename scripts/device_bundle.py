@@ -105,10 +105,20 @@ def join(store: Path, index: dict, bundle: Path) -> Path:
     return bundle
 
 
+def source_digest() -> str:
+    """sha256 of what samreg-rt's wheel is built from (setup.py and the packages' and extension's files)."""
+    digest = hashlib.sha256()
+    files = [REPO / "setup.py", *(f for d in ("samreg_rt", "models", "export", "cpp_ext")
+                                  for f in sorted((REPO / d).rglob("*")) if f.is_file() and f.suffix in (".py", ".cpp"))]
+    for path in files:
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def build_wheel(python312: str, work: Path) -> Path:
     """samreg-rt as a wheel for CPython 3.12, its extension compiled by setup.py (in a venv of ``python312`` with
-    setup.py's build requirements) -> the wheel (built once: delete ``work``/dist312 to rebuild)."""
-    dist = work / "dist312"
+    setup.py's build requirements) -> the wheel; kept by its sources' digest (built again when they change)."""
+    dist = work / "dist312" / source_digest()[:16]
     built = sorted(dist.glob("samreg_rt-*-cp312-*.whl"))
     if built:
         return built[-1]

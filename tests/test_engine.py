@@ -516,6 +516,19 @@ def test_unknown_precision_and_provider(tiny_dir):
     assert select_providers("auto")[-1] == "CPUExecutionProvider"
 
 
+def test_providers_of_a_gpu_build(monkeypatch):
+    """As onnxruntime-gpu lists them: TensorRT asked for brings CUDA after it, for the nodes it does not take."""
+    trt, cuda, cpu = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+    monkeypatch.setattr(engine_module.ort, "get_available_providers", lambda: [trt, cuda, cpu])
+    assert select_providers("tensorrt") == [trt, cuda, cpu]
+    assert select_providers(["TensorrtExecutionProvider", "cpu"]) == [trt, cuda, cpu]
+    assert select_providers("auto") == [trt, cuda, cpu]
+    assert select_providers("cuda") == [cuda, cpu]
+    assert select_providers(["cuda", "tensorrt"]) == [cuda, trt, cpu]
+    monkeypatch.setattr(engine_module.ort, "get_available_providers", lambda: [trt, cpu])
+    assert select_providers("tensorrt") == [trt, cpu]
+
+
 def test_resolve_unknown_model(tmp_path):
     with pytest.raises(ModelNotAvailableError, match="unknown model"):
         resolve_model_dir("no_such_model")
