@@ -673,17 +673,9 @@ def _session(path: Path, data: bytes, options: ort.SessionOptions, providers: li
              precision: str) -> ort.InferenceSession:
     """A session of the graph bytes ``data`` (read from ``path``) with these inputs and outputs (None: a piece of a
     graph, whatever it has)."""
-    provider_args = []
-    for name in providers:
-        if name == "TensorrtExecutionProvider":
-            cache = model_dir / "trt_cache"
-            provider_args.append((name, {"trt_engine_cache_enable": True,
-                                         "trt_engine_cache_path": str(cache),
-                                         "trt_fp16_enable": precision == "fp16"}))
-        else:
-            provider_args.append(name)
     try:
-        session = ort.InferenceSession(data, sess_options=options, providers=provider_args)
+        session = ort.InferenceSession(data, sess_options=options,
+                                       providers=[provider_entry(name, precision, model_dir) for name in providers])
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: not a loadable ONNX graph ({first[:300]})") from None
@@ -691,6 +683,18 @@ def _session(path: Path, data: bytes, options: ort.SessionOptions, providers: li
         _require_io(path, tuple(i.name for i in session.get_inputs()), tuple(o.name for o in session.get_outputs()),
                     inputs, outputs)
     return session
+
+
+def provider_entry(name: str, precision: str, model_dir: Path) -> str | tuple[str, dict[str, str]]:
+    """A session's providers entry for ``name``: TensorRT with its engine cache in ``model_dir``/trt_cache and fp16
+    for the fp16 graphs; CUDA without TF32 for the fp32 graphs (TF32 rounds the products' inputs to 10 bits, ONNX
+    Runtime's default; fp32 keeps float32 products, as on the CPU); any other by name."""
+    if name == "TensorrtExecutionProvider":
+        return name, {"trt_engine_cache_enable": "1", "trt_engine_cache_path": str(model_dir / "trt_cache"),
+                      "trt_fp16_enable": "1" if precision == "fp16" else "0"}
+    if name == "CUDAExecutionProvider" and precision == "fp32":
+        return name, {"use_tf32": "0"}
+    return name
 
 
 def _require_io(path: Path, got_in: tuple[str, ...], got_out: tuple[str, ...], inputs: tuple[str, ...],

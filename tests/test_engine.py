@@ -516,6 +516,19 @@ def test_unknown_precision_and_provider(tiny_dir):
     assert select_providers("auto")[-1] == "CPUExecutionProvider"
 
 
+def test_provider_entries(tmp_path):
+    """What the sessions ask of the GPU providers: CUDA keeps float32 products for the fp32 graphs (no TF32),
+    TensorRT caches its engines in the model directory and runs fp16 for the fp16 graphs."""
+    entry = engine_module.provider_entry
+    assert entry("CUDAExecutionProvider", "fp32", tmp_path) == ("CUDAExecutionProvider", {"use_tf32": "0"})
+    assert entry("CUDAExecutionProvider", "fp16", tmp_path) == "CUDAExecutionProvider"
+    for precision, fp16 in (("fp32", "0"), ("fp16", "1")):
+        assert entry("TensorrtExecutionProvider", precision, tmp_path) == (
+            "TensorrtExecutionProvider", {"trt_engine_cache_enable": "1", "trt_fp16_enable": fp16,
+                                          "trt_engine_cache_path": str(tmp_path / "trt_cache")})
+    assert entry("CPUExecutionProvider", "fp32", tmp_path) == "CPUExecutionProvider"
+
+
 def test_providers_of_a_gpu_build(monkeypatch):
     """As onnxruntime-gpu lists them: TensorRT asked for brings CUDA after it, for the nodes it does not take."""
     trt, cuda, cpu = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
