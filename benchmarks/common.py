@@ -41,6 +41,21 @@ def machine() -> dict[str, Any]:
     }
 
 
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two arrays taken as flat vectors (float64)."""
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def best_ious(reference: np.ndarray, other: np.ndarray) -> list[float]:
+    """For each reference ROI (packed masks) its best mask IoU with another run's ROIs (0 when that has none)."""
+    if len(reference) == 0:
+        return []
+    if len(other) == 0:
+        return [0.0] * len(reference)
+    return iou_matrix(reference, other).max(axis=1).astype(float).tolist()
+
+
 def write_report(out: Path, stem: str, report: dict[str, Any], text: str) -> None:
     """``out/<stem>.json`` (the report) and ``out/<stem>.md`` (its text), creating ``out``; the text also on
     stdout."""

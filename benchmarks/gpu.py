@@ -37,13 +37,13 @@ import numpy as np
 import onnxruntime as ort
 
 from samreg_rt import amg
-from samreg_rt.engine import Engine
+from samreg_rt.engine import Engine, ImageEmbedding
 from samreg_rt.errors import ModelError
 from samreg_rt.io import load_image
-from samreg_rt.masks import iou_matrix
 from samreg_rt.pipeline import Registration, register
 
-from common import machine, write_report  # benchmarks/common.py (the script's folder is on sys.path)
+from common import best_ious, cosine, machine, write_report  # benchmarks/common.py (on sys.path as the script's)
+from fast_modes import compare  # benchmarks/fast_modes.py
 
 REPO = Path(__file__).resolve().parents[1]
 PAIR = (REPO / "examples" / "cardiac_2d" / "fixed.png", REPO / "examples" / "cardiac_2d" / "moving.png")
@@ -91,40 +91,27 @@ def stage_seconds(reg: Registration) -> dict[str, float]:
     return {s: float(sum(v for k, v in reg.timings.items() if k == s or k.startswith(f"{s}_"))) for s in STAGES}
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
-
-
 def against(ref: Registration, reg: Registration) -> dict[str, Any]:
-    """This run's ROIs and pairs against the reference run's (module docstring)."""
+    """This run's ROIs and pairs against the reference run's (module docstring): ROIs and pairs kept as
+    ``fast_modes.compare`` counts them, each reference ROI's best IoU (``common.best_ious``)."""
     a, b = ref.correspondence, reg.correspondence
-    best, found = {}, {}
-    for side in ("fixed", "moving"):
-        mine, theirs = getattr(a, side).masks, getattr(b, side).masks
-        ious = iou_matrix(mine, theirs) if len(mine) and len(theirs) else np.zeros((len(mine), len(theirs)))
-        best[side] = ious.max(axis=1) if ious.shape[1] else np.zeros(len(mine))
-        found[side] = np.where(best[side] >= SAME_ROI_IOU, ious.argmax(axis=1) if ious.shape[1] else -1, -1)
-    theirs_pairs = {tuple(p) for p in b.pairs.tolist()}
-    kept = sum((found["fixed"][i], found["moving"][j]) in theirs_pairs for i, j in a.pairs.tolist())
-    all_best = np.concatenate([best["fixed"], best["moving"]])
-    same_counts = all(len(getattr(a, s).masks) == len(getattr(b, s).masks) for s in ("fixed", "moving"))
+    sides = ("fixed", "moving")
+    best = np.array([v for s in sides for v in best_ious(getattr(a, s).masks, getattr(b, s).masks)])
+    kept = compare(ref, reg, SAME_ROI_IOU)
+    same_counts = all(len(getattr(a, s).masks) == len(getattr(b, s).masks) for s in sides)
     return {
-        "masks": [[ref.counts[s]["nms"], reg.counts[s]["nms"]] for s in ("fixed", "moving")],
-        "rois": [[len(getattr(a, s).masks), len(getattr(b, s).masks)] for s in ("fixed", "moving")],
-        "roi_best_iou_mean": float(all_best.mean()) if all_best.size else None,
-        "roi_best_iou_min": float(all_best.min()) if all_best.size else None,
-        "rois_kept": float((all_best >= SAME_ROI_IOU).mean()) if all_best.size else None,
-        "pairs": [int(len(a.pairs)), int(len(b.pairs))],
-        "pairs_kept": float(kept / len(a.pairs)) if len(a.pairs) else None,
-        "identical": bool(same_counts and (not all_best.size or all_best.min() >= IDENTICAL_ROI_IOU)
+        "masks": [[ref.counts[s]["nms"], reg.counts[s]["nms"]] for s in sides],
+        "rois": [[len(getattr(a, s).masks), len(getattr(b, s).masks)] for s in sides],
+        "roi_best_iou_mean": float(best.mean()) if best.size else None,
+        "roi_best_iou_min": float(best.min()) if best.size else None,
+        "rois_kept": kept["rois_kept"], "pairs": kept["pairs"], "pairs_kept": kept["pairs_kept"],
+        "identical": bool(same_counts and (not best.size or best.min() >= IDENTICAL_ROI_IOU)
                           and np.array_equal(a.pairs, b.pairs)),
     }
 
 
-def prompt_rates(engine: Engine, image: np.ndarray, batches: list[int]) -> dict[int, float]:
-    """Prompts/s of mask generation on the image's embedding at each prompt batch size (after a warm-up)."""
-    emb = engine.embed(image)
+def prompt_rates(engine: Engine, emb: ImageEmbedding, batches: list[int]) -> dict[int, float]:
+    """Prompts/s of mask generation on an image's embedding at each prompt batch size (after a warm-up)."""
     rates = {}
     for size in batches:
         params = amg.AmgParams.from_spec(engine.spec, batch_size=size)
@@ -163,12 +150,12 @@ def bench(model: Path, provider: str, precision: str, threads: int | None, pair:
     row["pairs_per_s"] = 1.0 / row["pair_s_mean"]
     row["counts"] = regs[-1].counts
     row["runs_same"] = all(np.array_equal(r.correspondence.pairs, first.correspondence.pairs) for r in regs)
-    images = [load_image(p).array for p in pair]
-    embeddings = [engine.embed(image).embedding for image in images]
+    embedded = [engine.embed(load_image(p).array) for p in pair]
+    embeddings = [e.embedding for e in embedded]
     if ref is not None:
         row["against_cpu_fp32"] = against(ref[0], regs[-1])
         row["embedding_cosine"] = [cosine(a, b) for a, b in zip(ref[1], embeddings)]
-    row["prompts_per_s"] = prompt_rates(engine, images[0], batches)
+    row["prompts_per_s"] = prompt_rates(engine, embedded[0], batches)
     return row, regs[-1], embeddings
 
 

@@ -53,9 +53,8 @@ from samreg_rt.bf16_graph import Bf16Graph, WeightProduct
 from samreg_rt.engine import Engine, ImageEmbedding
 from samreg_rt.io import load_image
 from samreg_rt.manifest import read_manifest
-from samreg_rt.masks import iou_matrix
 
-from common import machine, write_report  # benchmarks/common.py (the script's folder is on sys.path)
+from common import best_ious, cosine, machine, write_report  # benchmarks/common.py (the script's folder is on sys.path)
 from fast_modes import compare, labelled_pairs, run  # benchmarks/fast_modes.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,20 +62,6 @@ SAME_MASK_IOU = 0.95     # issue 6: int8 mask IoU >= 0.95 against fp32
 PAIRS_KEPT = 0.90        # and >= 90% of the fp32 pairs kept
 VARIANTS = ("int8", "bf16", "bf16x2", "int8_per_token", "int8_weights_only", "int8_activations_only",
             "int8x2_per_token", "int8x3")
-
-
-def best_ious(fp32: np.ndarray, int8: np.ndarray) -> list[float]:
-    """For each fp32 ROI (packed masks) its best mask IoU with an int8 ROI (0 when int8 has none)."""
-    if len(fp32) == 0:
-        return []
-    if len(int8) == 0:
-        return [0.0] * len(fp32)
-    return iou_matrix(fp32, int8).max(axis=1).astype(float).tolist()
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
 class NoisyEmbeddings:

@@ -499,16 +499,17 @@ class Engine:
         session = self.sessions["decoder_tokens"]
         if self.token_device is None:
             iou, hyper_in, image_tokens = session.run(None, dict(zip(PROMPT_INPUTS, (emb, coords, labels))))
-            return iou, np.ascontiguousarray(hyper_in[:, list(outputs)]), image_tokens
-        binding = session.io_binding()
-        for name, array in zip(PROMPT_INPUTS, (emb, coords, labels)):
-            binding.bind_cpu_input(name, array)
-        binding.bind_output("iou_predictions")
-        binding.bind_output("hyper_in")
-        binding.bind_output("image_tokens", self.token_device)
-        session.run_with_iobinding(binding)
-        iou, hyper_in, image_tokens = binding.get_outputs()
-        return iou.numpy(), np.ascontiguousarray(hyper_in.numpy()[:, list(outputs)]), DeviceTokens(image_tokens)
+        else:
+            binding = session.io_binding()
+            for name, array in zip(PROMPT_INPUTS, (emb, coords, labels)):
+                binding.bind_cpu_input(name, array)
+            binding.bind_output("iou_predictions")
+            binding.bind_output("hyper_in")
+            binding.bind_output("image_tokens", self.token_device)
+            session.run_with_iobinding(binding)
+            iou, hyper_in, tokens = binding.get_outputs()
+            iou, hyper_in, image_tokens = iou.numpy(), hyper_in.numpy(), DeviceTokens(tokens)
+        return iou, np.ascontiguousarray(hyper_in[:, list(outputs)]), image_tokens
 
     def decode_masks(self, image_tokens: np.ndarray, hyper_in: np.ndarray) -> np.ndarray:
         """Second step of ``decode``: image_tokens (B, 4096, C) and hyper_in (B, K, C/8) from
